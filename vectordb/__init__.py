@@ -1,0 +1,42 @@
+"""vectordb: an embedded vector search engine that keeps its RAM small.
+
+>>> import numpy as np, vectordb as vdb
+>>> x = vdb.make_clustered(2000, 64, seed=1)
+>>> index = vdb.ClusteredIndex.build(x, max_leaf_size=200)
+>>> ids, dists = index.search(x[7], k=3)
+>>> int(ids[0])
+7
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AlreadyUsingMmapError,
+    DimensionMismatchError,
+    IndexClosedError,
+    InvalidIndexFileError,
+    InvalidParameterError,
+    InvalidVectorsError,
+    StorageError,
+    VectorDBError,
+)
+from .index import ClusteredIndex
+from .metrics import Metric
+from .synthetic import make_clustered
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyUsingMmapError",
+    "ClusteredIndex",
+    "DimensionMismatchError",
+    "IndexClosedError",
+    "InvalidIndexFileError",
+    "InvalidParameterError",
+    "InvalidVectorsError",
+    "Metric",
+    "StorageError",
+    "VectorDBError",
+    "__version__",
+    "make_clustered",
+]

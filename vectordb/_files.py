@@ -1,0 +1,76 @@
+"""Crash-safe file writing: temporary name, flush, fsync, rename, fsync the directory.
+
+A crash or an error at any point leaves either the old file or the new one under the final
+name, never a partial file; the temporary is removed on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import StorageError
+
+__all__ = ["atomic_write", "crc32_file", "fsync_dir", "storage_error"]
+
+_CHUNK = 8 << 20
+
+
+def storage_error(exc: OSError, path: Path | str) -> StorageError:
+    """Wrap ``exc`` as a ``StorageError`` naming ``path`` (keeps errno and strerror)."""
+    code = exc.errno if exc.errno is not None else errno.EIO
+    message = exc.strerror or str(exc) or os.strerror(code)
+    return StorageError(code, message, str(path))
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and creations inside it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; on clean exit fsync it and rename it to ``path``.
+
+    Any ``OSError`` becomes a ``StorageError`` naming ``path``; the temporary file is removed.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(exc, path) from exc
+        raise
+
+
+def crc32_file(path: Path, progress: Callable[[int], None] | None = None) -> int:
+    """CRC32 of a whole file, read in 8 MiB chunks."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            if progress is not None:
+                progress(len(chunk))
+    return crc

@@ -1,0 +1,83 @@
+"""Argument checks shared by the public API: every failure is a ``VectorDBError``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import DimensionMismatchError, InvalidParameterError, InvalidVectorsError
+
+__all__ = ["as_matrix", "as_query_matrix", "positive_int"]
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an ``int`` >= 1, or raise ``InvalidParameterError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise InvalidParameterError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _to_float32(data: Any, what: str) -> npt.NDArray[np.float32]:
+    try:
+        arr = np.asarray(data)
+    except ValueError as exc:  # ragged nested sequences
+        raise InvalidVectorsError(
+            f"{what} must be a rectangular array of numbers (rows of equal length): {exc}"
+        ) from None
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise InvalidVectorsError(
+            f"{what} must hold real numbers (float or int), got dtype {arr.dtype}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_finite(arr: npt.NDArray[np.float32], what: str) -> None:
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise InvalidVectorsError(
+            f"{what} contain NaN or infinite values (first at index {tuple(int(i) for i in bad)}),"
+            " or values too large for float32; clean or clip them first"
+        )
+
+
+def as_matrix(data: Any, what: str, dim: int | None = None) -> npt.NDArray[np.float32]:
+    """Convert ``data`` to a C-contiguous ``(n, d)`` float32 array with n >= 1, all finite.
+
+    A copy is made only when the input is not already contiguous float32. Raises
+    ``InvalidVectorsError`` (``DimensionMismatchError`` when ``dim`` is given and differs).
+    """
+    arr = _to_float32(data, what)
+    if arr.ndim != 2:
+        raise InvalidVectorsError(
+            f"{what} must be a 2-D array of shape (n, dim), got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InvalidVectorsError(f"{what} are empty (shape {arr.shape}); pass at least one row")
+    if dim is not None and arr.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"{what} have dimension {arr.shape[1]}, but the index has dimension {dim}"
+        )
+    _check_finite(arr, what)
+    return arr
+
+
+def as_query_matrix(data: Any, dim: int, *, single: bool) -> npt.NDArray[np.float32]:
+    """Queries as ``(nq, dim)`` float32. With ``single``, accept ``(dim,)`` or ``(1, dim)``."""
+    arr = _to_float32(data, "query" if single else "queries")
+    if single:
+        if arr.ndim == 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 1:
+            raise InvalidVectorsError(
+                f"query must be a 1-D array of shape ({dim},), got shape {arr.shape};"
+                " use search_batch() for several queries"
+            )
+        arr = arr[None, :]
+    return as_matrix(arr, "query" if single else "queries", dim)

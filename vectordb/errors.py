@@ -1,0 +1,68 @@
+"""The exception tree of vectordb.
+
+Every error the library raises on purpose derives from :class:`VectorDBError`, so
+``except vdb.VectorDBError`` catches them all. Errors caused by bad arguments are also
+``ValueError`` and I/O failures are also ``OSError``, so code written against the
+built-in exceptions keeps working::
+
+    VectorDBError
+    ├── InvalidParameterError      (also ValueError)  bad k, probes, metric name, ...
+    ├── InvalidVectorsError        (also ValueError)  empty, ragged, NaN/inf, wrong dtype
+    │   └── DimensionMismatchError                    right values, wrong width
+    ├── AlreadyUsingMmapError                         use_mmap_storage() called twice
+    ├── IndexClosedError                              the index was closed
+    ├── InvalidIndexFileError                         a saved index is missing, damaged or foreign
+    └── StorageError               (also OSError)     reading or writing a file failed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyUsingMmapError",
+    "DimensionMismatchError",
+    "IndexClosedError",
+    "InvalidIndexFileError",
+    "InvalidParameterError",
+    "InvalidVectorsError",
+    "StorageError",
+    "VectorDBError",
+]
+
+
+class VectorDBError(Exception):
+    """Base class of every error raised by vectordb."""
+
+
+class InvalidParameterError(VectorDBError, ValueError):
+    """A scalar argument is out of range or of the wrong kind (``k=0``, ``metric="l3"``)."""
+
+
+class InvalidVectorsError(VectorDBError, ValueError):
+    """Vectors or queries cannot be used: empty, ragged, non-numeric, NaN or infinite."""
+
+
+class DimensionMismatchError(InvalidVectorsError):
+    """Vectors or queries do not have the index's dimension."""
+
+
+class AlreadyUsingMmapError(VectorDBError):
+    """``use_mmap_storage`` was called on an index whose vectors are already memory-mapped."""
+
+
+class IndexClosedError(VectorDBError):
+    """The index was closed; its memory-mapped vectors are no longer available."""
+
+
+class InvalidIndexFileError(VectorDBError):
+    """A saved index cannot be opened: a file is missing, malformed, or of the wrong size.
+
+    The message names the file and what was expected versus found.
+    """
+
+
+class StorageError(VectorDBError, OSError):
+    """Reading or writing an index file failed (permissions, disk full, ...).
+
+    Carries ``errno``, ``strerror`` and ``filename`` like any ``OSError``. The in-memory
+    index stays usable and no partial file is left under the final name.
+    """

@@ -1,0 +1,394 @@
+"""Saving and opening an index directory.
+
+Layout of a saved index (format version 1)::
+
+    my_index/
+      manifest.json     format, version, dim, metric, n, build parameters, and the size and
+                        CRC32 of every other file
+      centroids.npy     (n_nodes, bits) float32     tree node centroids, rotated
+      children.npy      (n_nodes, branching) int64  child node ids, -1 padded
+      leaf_of_node.npy  (n_nodes,) int64            leaf number, -1 for inner nodes
+      leaf_offsets.npy  (n_leaves + 1,) int64       storage rows of each leaf
+      codes.npy         (words, n) uint64           word-major residual sign codes
+      norms.npy         (n,) float32                residual norms
+      dots.npy          (n,) float32                <residual, centroid> (metric "ip" only)
+      ids.npy           (n,) int64                  id of every storage row
+      perm.npy          (bits,) int64               rotation: permutation  } only when built
+      blocks.npy        (bits/64, 64, 64) float32   rotation: blocks       } with rotate=True
+      vectors.bin       raw little-endian float32, n * dim * 4 bytes, storage order
+
+All ``.npy`` files are read with ``allow_pickle=False`` after their header was checked
+against the manifest, so a damaged file cannot trigger a huge allocation.
+
+``save`` writes a complete new directory under a temporary name (every file fsynced), then
+swaps it in with one atomic ``renameat2(RENAME_EXCHANGE)`` where the OS offers it (Linux),
+else with two renames; a crash leaves the old index or the new one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+from ._files import crc32_file, fsync_dir, storage_error
+from .codes import BLOCK, Quantizer, cos_table, words_for
+from .errors import InvalidIndexFileError, StorageError
+from .metrics import Metric
+from .scan import CodeTable
+from .storage import InMemoryStorage, MmapStorage, write_vectors
+from .tree import Tree
+
+if TYPE_CHECKING:
+    from .index import ClusteredIndex
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "open_index", "save_index"]
+
+FORMAT_NAME = "vectordb.ClusteredIndex"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VECTORS = "vectors.bin"
+_MAX_MANIFEST_BYTES = 1 << 20
+
+
+class _CrcWriter:
+    """File wrapper that keeps the CRC32 of everything written through it."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.crc = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        return self._fh.write(data)
+
+
+def _write_file(directory: Path, name: str, arr: npt.NDArray[Any]) -> dict[str, int]:
+    """Write ``arr`` as ``directory/name`` (.npy), fsync it; return its size and CRC32."""
+    path = directory / name
+    with open(path, "wb") as fh:
+        writer = _CrcWriter(fh)
+        np.lib.format.write_array(writer, np.ascontiguousarray(arr), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"size": path.stat().st_size, "crc32": writer.crc}
+
+
+def _arrays(index: ClusteredIndex) -> dict[str, npt.NDArray[Any]]:
+    table = index._table
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "centroids.npy": index._tree.centroids,
+        "children.npy": index._tree.children,
+        "leaf_of_node.npy": index._tree.leaf_of_node,
+        "leaf_offsets.npy": table.leaf_offsets,
+        "codes.npy": table.codes,
+        "norms.npy": table.norms,
+        "ids.npy": index._ids,
+    }
+    if table.dots is not None:
+        arrays["dots.npy"] = table.dots
+    if index._quantizer.perm is not None and index._quantizer.blocks is not None:
+        arrays["perm.npy"] = index._quantizer.perm
+        arrays["blocks.npy"] = index._quantizer.blocks
+    return arrays
+
+
+def save_index(index: ClusteredIndex, path: Path) -> None:
+    """Write ``index`` to the directory ``path`` atomically. See the module docstring."""
+    path = Path(path)
+    if path.exists() and not (
+        path.is_dir() and (not any(path.iterdir()) or (path / MANIFEST).is_file())
+    ):
+        raise StorageError(
+            errno.EEXIST,
+            "exists and is not a vectordb index directory; refusing to replace it",
+            str(path),
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp.mkdir()
+        files: dict[str, dict[str, int]] = {}
+        for name, arr in _arrays(index).items():
+            files[name] = _write_file(tmp, name, arr)
+        crc = write_vectors(index._storage.vectors, tmp / VECTORS)
+        files[VECTORS] = {"size": (tmp / VECTORS).stat().st_size, "crc32": crc}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dim": index.dim,
+            "metric": index.metric.value,
+            "n": len(index),
+            "n_nodes": index._tree.n_nodes,
+            "n_leaves": index.n_leaves,
+            "params": index.params,
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        _install(tmp, path, parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(exc, getattr(exc, "filename", None) or path) from exc
+        raise
+
+
+def _renameat2_exchange() -> Any:
+    """libc's ``renameat2`` when it exists (glibc >= 2.28), else ``None``."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _install(tmp: Path, path: Path, parent: Path) -> None:
+    """Put the complete directory ``tmp`` in place of ``path``; the old one is removed."""
+    if not path.exists():
+        os.rename(tmp, path)
+        fsync_dir(parent)
+        return
+    exchange = _renameat2_exchange()
+    if (
+        exchange is not None
+        and exchange(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
+        == 0
+    ):
+        fsync_dir(parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old index
+        return
+    old = parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(path, old)
+    os.rename(tmp, path)
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- open
+
+
+def _bad(path: Path, problem: str) -> InvalidIndexFileError:
+    return InvalidIndexFileError(f"{path}: {problem}")
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise InvalidIndexFileError(f"{directory}: not a directory (expected a saved index)")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise _bad(path, "missing; this directory is not a saved vectordb index") from None
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise _bad(path, f"larger than {_MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _bad(path, f"expected a JSON object, found {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT_NAME:
+        raise _bad(path, f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _bad(
+            path,
+            f"format_version is {version!r}, expected {FORMAT_VERSION} "
+            "(saved by another version of vectordb?)",
+        )
+    for key in ("dim", "n", "n_nodes", "n_leaves"):
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _bad(path, f"{key!r} must be a positive integer, found {value!r}")
+    try:
+        manifest["metric"] = Metric(manifest.get("metric"))
+    except ValueError:
+        raise _bad(path, f"unknown metric {manifest.get('metric')!r}") from None
+    params = manifest.get("params")
+    if not isinstance(params, dict):
+        raise _bad(path, "'params' must be an object")
+    bf = params.get("branching_factor")
+    if isinstance(bf, bool) or not isinstance(bf, int) or bf < 2:
+        raise _bad(path, f"params.branching_factor must be an integer >= 2, found {bf!r}")
+    if not isinstance(params.get("rotate"), bool):
+        raise _bad(path, f"params.rotate must be true or false, found {params.get('rotate')!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _bad(path, "'files' must be an object")
+    for name, entry in files.items():
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(f), int) and not isinstance(entry.get(f), bool) and entry[f] >= 0
+            for f in ("size", "crc32")
+        )
+        if not ok:
+            raise _bad(path, f"files[{name!r}] must have non-negative integer 'size' and 'crc32'")
+    return manifest
+
+
+def _check_file(directory: Path, name: str, files: dict[str, Any], verify: bool) -> Path:
+    path = directory / name
+    if name not in files:
+        raise _bad(directory / MANIFEST, f"does not list {name}")
+    if path.is_symlink() or not path.is_file():
+        raise _bad(path, "missing (or not a regular file)")
+    size = path.stat().st_size
+    if size != files[name]["size"]:
+        raise _bad(path, f"size is {size} bytes, expected {files[name]['size']}")
+    if verify:
+        crc = crc32_file(path)
+        if crc != files[name]["crc32"]:
+            raise _bad(path, f"CRC32 is {crc:#010x}, expected {files[name]['crc32']:#010x}")
+    return path
+
+
+def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    """Load an ``.npy`` whose header must declare exactly ``dtype`` and ``shape``."""
+    try:
+        with open(path, "rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    header = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    header = np.lib.format.read_array_header_2_0(fh)
+            except ValueError as exc:
+                raise _bad(path, f"not a valid .npy file ({exc})") from None
+            found_shape, fortran, found_dtype = header
+            if found_dtype != dtype or tuple(found_shape) != shape or fortran:
+                raise _bad(
+                    path,
+                    f"holds {found_dtype}{list(found_shape)}"
+                    f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}",
+                )
+            arr = np.fromfile(fh, dtype=dtype, count=int(np.prod(shape)))
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+    if arr.size != int(np.prod(shape)):
+        raise _bad(path, f"truncated: {arr.size} values, expected {int(np.prod(shape))}")
+    return arr.reshape(shape)
+
+
+def open_index(
+    cls: type[ClusteredIndex], directory: Path, *, mmap: bool, verify: bool
+) -> ClusteredIndex:
+    """Open a saved index. See ``ClusteredIndex.open``."""
+    manifest = _read_manifest(directory)
+    files = manifest["files"]
+    dim, n = manifest["dim"], manifest["n"]
+    n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
+    metric: Metric = manifest["metric"]
+    params = manifest["params"]
+    bf = params["branching_factor"]
+    bits = words_for(dim) * 64 if params["rotate"] else dim
+    expected: dict[str, tuple[type, tuple[int, ...]]] = {
+        "centroids.npy": (np.float32, (n_nodes, bits)),
+        "children.npy": (np.int64, (n_nodes, bf)),
+        "leaf_of_node.npy": (np.int64, (n_nodes,)),
+        "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
+        "codes.npy": (np.uint64, (words_for(dim), n)),
+        "norms.npy": (np.float32, (n,)),
+        "ids.npy": (np.int64, (n,)),
+    }
+    if metric is Metric.IP:
+        expected["dots.npy"] = (np.float32, (n,))
+    if params["rotate"]:
+        expected["perm.npy"] = (np.int64, (bits,))
+        expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
+    arrays = {
+        name: _load_npy(_check_file(directory, name, files, verify), np.dtype(dt), shape)
+        for name, (dt, shape) in expected.items()
+    }
+    _check_structure(directory, arrays, n, n_nodes, n_leaves)
+    vec_path = _check_file(directory, VECTORS, files, verify)
+    if files[VECTORS]["size"] != n * dim * 4:
+        raise _bad(vec_path, f"size is {files[VECTORS]['size']} bytes, expected {n * dim * 4}")
+
+    tree = Tree(
+        centroids=arrays["centroids.npy"],
+        children=arrays["children.npy"],
+        leaf_of_node=arrays["leaf_of_node.npy"],
+    )
+    quantizer = Quantizer(dim, arrays.get("perm.npy"), arrays.get("blocks.npy"))
+    table = CodeTable(
+        codes=arrays["codes.npy"],
+        norms=arrays["norms.npy"],
+        dots=arrays.get("dots.npy"),
+        leaf_offsets=arrays["leaf_offsets.npy"],
+        centroids=tree.centroids,
+        leaf_nodes=tree.leaf_nodes,
+        cos_lut=cos_table(quantizer.bits),
+        metric=metric,
+    )
+    storage: InMemoryStorage | MmapStorage
+    if mmap:
+        storage = MmapStorage(vec_path, n, dim)
+    else:
+        try:
+            vectors = np.fromfile(vec_path, dtype="<f4").astype(np.float32, copy=False)
+        except OSError as exc:
+            raise storage_error(exc, vec_path) from exc
+        storage = InMemoryStorage(vectors.reshape(n, dim))
+    return cls(
+        tree=tree,
+        table=table,
+        quantizer=quantizer,
+        ids=arrays["ids.npy"],
+        storage=storage,
+        metric=metric,
+        params=params,
+    )
+
+
+def _check_structure(
+    directory: Path, arrays: dict[str, npt.NDArray[Any]], n: int, n_nodes: int, n_leaves: int
+) -> None:
+    """Cheap consistency checks so that a damaged tree cannot index out of bounds."""
+    offsets = arrays["leaf_offsets.npy"]
+    if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+        raise _bad(directory / "leaf_offsets.npy", f"must rise from 0 to n={n}")
+    children = arrays["children.npy"]
+    if ((children < -1) | (children >= n_nodes)).any():
+        raise _bad(directory / "children.npy", f"node ids must lie in [-1, {n_nodes})")
+    leaf_of_node = arrays["leaf_of_node.npy"]
+    leaves = np.sort(leaf_of_node[leaf_of_node >= 0])
+    if not np.array_equal(leaves, np.arange(n_leaves)):
+        raise _bad(
+            directory / "leaf_of_node.npy", f"must number leaves 0..{n_leaves - 1} once each"
+        )
+    is_leaf = leaf_of_node >= 0
+    has_children = (children >= 0).any(axis=1)
+    if (is_leaf & has_children).any() or (~is_leaf & ~has_children).any():
+        raise _bad(directory / "children.npy", "leaves must have no children, inner nodes some")
+    perm = arrays.get("perm.npy")
+    if perm is not None and not np.array_equal(np.sort(perm), np.arange(perm.shape[0])):
+        raise _bad(directory / "perm.npy", "is not a permutation")
+    if not np.isfinite(arrays["centroids.npy"]).all():
+        raise _bad(directory / "centroids.npy", "contains NaN or infinite values")
+    if not np.isfinite(arrays["norms.npy"]).all():
+        raise _bad(directory / "norms.npy", "contains NaN or infinite values")

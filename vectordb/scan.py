@@ -1,0 +1,203 @@
+"""Search stages after routing: score leaf codes, keep the best candidates, rerank exactly.
+
+Pure functions over arrays; the index supplies its arrays and storage. Shapes use ``nq``
+queries, ``L`` leaf slots per query, ``w`` code words, ``d`` dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .backends import NumpyBackend
+from .codes import estimate, pack_signs
+from .metrics import Metric, distances
+
+__all__ = ["CodeTable", "rerank", "select_candidates"]
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+
+#: Entries of the (queries, leaf slots, candidates) buffer per block of queries.
+_CANDIDATE_BLOCK = 1 << 22
+#: Bytes of gathered float32 vectors per rerank block.
+_RERANK_BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class CodeTable:
+    """Everything candidate scoring reads, in storage order.
+
+    Attributes
+    ----------
+    codes : (w, n) uint64, word-major residual codes
+    norms : (n,) float32, residual norms ``|x - c_leaf|``
+    dots : (n,) float32 ``<x - c_leaf, c_leaf>`` for ``Metric.IP``, else ``None``
+    leaf_offsets : (n_leaves + 1,) int64, leaf ``l`` owns rows ``off[l]:off[l+1]``
+    centroids : (n_nodes, bits) float32, the tree's node centroids in the rotated space
+        (shared with the tree, not counted in ``nbytes``)
+    leaf_nodes : (n_leaves,) int64, tree node of every leaf
+    cos_lut : (bits + 1,) float32, ``cos(pi * h / bits)``
+    metric : the index's metric
+    """
+
+    codes: U64
+    norms: F32
+    dots: F32 | None
+    leaf_offsets: I64
+    centroids: F32
+    leaf_nodes: I64
+    cos_lut: F32
+    metric: Metric
+
+    @property
+    def max_leaf_rows(self) -> int:
+        return int(np.diff(self.leaf_offsets).max(initial=0))
+
+    @property
+    def nbytes(self) -> int:
+        arrays: list[npt.NDArray[Any]] = [
+            self.codes,
+            self.norms,
+            self.leaf_offsets,
+            self.leaf_nodes,
+            self.cos_lut,
+        ]
+        if self.dots is not None:
+            arrays.append(self.dots)
+        return sum(int(a.nbytes) for a in arrays)
+
+
+def select_candidates(
+    table: CodeTable, rotated_queries: F32, leaves: I64, m: int, backend: NumpyBackend
+) -> tuple[I64, F32]:
+    """The ``m`` rows of the given leaves with the best estimated distance, per query.
+
+    Work is grouped by leaf: every leaf is scored once against all the queries that probe
+    it, as one (queries x rows) block.
+
+    Parameters
+    ----------
+    table : the index's code arrays
+    rotated_queries : (nq, bits) float32, prepared and rotated queries
+    leaves : (nq, L) int64 leaf numbers per query, ``-1`` padded
+    m : candidates wanted per query
+
+    Returns
+    -------
+    rows : (nq, m') int64 storage rows, ``-1`` where fewer exist; ``m' = min(m, L * max leaf)``
+    estimates : (nq, m') float32, ``inf`` where ``rows`` is ``-1``; not sorted
+    """
+    nq, n_slots = leaves.shape
+    per_slot = max(1, min(m, table.max_leaf_rows))
+    keep = min(m, n_slots * per_slot)
+    rows_out = np.full((nq, keep), -1, dtype=np.int64)
+    est_out = np.full((nq, keep), np.inf, dtype=np.float32)
+    block = max(1, _CANDIDATE_BLOCK // (n_slots * per_slot))
+    for start in range(0, nq, block):
+        stop = min(nq, start + block)
+        rows, est = _score_block(
+            table, rotated_queries[start:stop], leaves[start:stop], per_slot, backend
+        )
+        flat_rows = rows.reshape(stop - start, -1)
+        flat_est = est.reshape(stop - start, -1)
+        if flat_est.shape[1] > keep:
+            pick = np.argpartition(flat_est, keep - 1, axis=1)[:, :keep]
+            flat_rows = np.take_along_axis(flat_rows, pick, axis=1)
+            flat_est = np.take_along_axis(flat_est, pick, axis=1)
+        rows_out[start:stop] = flat_rows
+        est_out[start:stop] = flat_est
+    return rows_out, est_out
+
+
+def _score_block(
+    table: CodeTable, q: F32, leaves: I64, per_slot: int, backend: NumpyBackend
+) -> tuple[I64, F32]:
+    """Best ``per_slot`` rows of each (query, leaf slot), as ``(nq, L, per_slot)`` arrays."""
+    nq, n_slots = leaves.shape
+    rows = np.full((nq, n_slots, per_slot), -1, dtype=np.int64)
+    est = np.full((nq, n_slots, per_slot), np.inf, dtype=np.float32)
+    qi, slot = np.nonzero(leaves >= 0)
+    leaf = leaves[qi, slot]
+    by_leaf = np.argsort(leaf, kind="stable")
+    qi, slot, leaf = qi[by_leaf], slot[by_leaf], leaf[by_leaf]
+    bounds = np.flatnonzero(np.diff(leaf)) + 1
+    for group in np.split(np.arange(leaf.shape[0]), bounds):
+        if group.shape[0] == 0:
+            continue
+        lf = int(leaf[group[0]])
+        a, b = int(table.leaf_offsets[lf]), int(table.leaf_offsets[lf + 1])
+        if a == b:
+            continue
+        gq, gs = qi[group], slot[group]
+        centre = table.centroids[table.leaf_nodes[lf]]
+        residual = q[gq] - centre
+        r_q = np.sqrt(np.einsum("qd,qd->q", residual, residual))
+        hamming = backend.hamming(pack_signs(residual), table.codes[:, a:b])
+        c_q = q[gq] @ centre if table.metric is Metric.IP else None
+        dots = table.dots[a:b] if table.dots is not None else None
+        leaf_est = estimate(hamming, table.norms[a:b], r_q, table.cos_lut, table.metric, dots, c_q)
+        take = min(per_slot, b - a)
+        if take < b - a:
+            pick = np.argpartition(leaf_est, take - 1, axis=1)[:, :take]
+            est[gq, gs, :take] = np.take_along_axis(leaf_est, pick, axis=1)
+            rows[gq, gs, :take] = a + pick
+        else:
+            est[gq, gs, :take] = leaf_est
+            rows[gq, gs, :take] = np.arange(a, b)[None, :]
+    return rows, est
+
+
+def rerank(
+    queries: F32,
+    rows: I64,
+    k: int,
+    take: Callable[[I64], F32],
+    metric: Metric,
+) -> tuple[I64, F32]:
+    """Exact distances to candidate rows, best ``k`` per query.
+
+    Parameters
+    ----------
+    queries : (nq, d) float32, prepared (not rotated) queries
+    rows : (nq, m) int64 candidate storage rows, ``-1`` for none
+    k : results per query
+    take : reads storage rows ``(r,)`` int64 -> ``(r, d)`` float32
+
+    Returns
+    -------
+    rows : (nq, k) int64, best first, ``-1`` padded
+    dists : (nq, k) float32, ascending, ``inf`` padded. Ties are ordered by row.
+    """
+    nq, m = rows.shape
+    d = queries.shape[1]
+    out_rows = np.full((nq, k), -1, dtype=np.int64)
+    out_dist = np.full((nq, k), np.inf, dtype=np.float32)
+    if m == 0:
+        return out_rows, out_dist
+    block = max(1, _RERANK_BLOCK_BYTES // (m * d * 4))
+    for start in range(0, nq, block):
+        stop = min(nq, start + block)
+        r = rows[start:stop]
+        valid = r >= 0
+        vecs = np.zeros((stop - start, m, d), dtype=np.float32)
+        vecs[valid] = take(r[valid])
+        dist = distances(queries[start:stop], vecs, metric)
+        dist[~valid] = np.inf
+        kk = min(k, m)
+        if kk < m:
+            pick = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
+            dist = np.take_along_axis(dist, pick, axis=1)
+            r = np.take_along_axis(r, pick, axis=1)
+        order = np.lexsort((r, dist), axis=1)
+        r = np.take_along_axis(r, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        r = np.where(np.isinf(dist), -1, r)
+        out_rows[start:stop, :kk] = r
+        out_dist[start:stop, :kk] = dist
+    return out_rows, out_dist
