@@ -35,7 +35,8 @@ def _to_float32(data: Any, what: str) -> npt.NDArray[np.float32]:
         raise InvalidVectorsError(
             f"{what} must hold real numbers (float or int), got dtype {arr.dtype}"
         )
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow becomes inf, rejected by _check_finite
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _check_finite(arr: npt.NDArray[np.float32], what: str) -> None:

@@ -33,6 +33,14 @@ class Metric(str, enum.Enum):
     COSINE = "cosine"
     IP = "ip"
 
+    @classmethod
+    def _missing_(cls, value: object) -> Metric | None:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        return None
+
     def __str__(self) -> str:
         return self.value
 
@@ -43,27 +51,51 @@ def parse_metric(metric: Any) -> Metric:
         return metric
     if isinstance(metric, str):
         try:
-            return Metric(metric.lower())
+            return Metric(metric)
         except ValueError:
             pass
     names = ", ".join(repr(m.value) for m in Metric)
     raise InvalidParameterError(f"unknown metric {metric!r}; use one of {names}")
 
 
+#: Longest vector accepted for l2 and ip: twice its length, squared, still fits in float32.
+MAX_NORM = float(np.sqrt(np.finfo(np.float32).max) / 2)
+
+
+def _check_norms(x: F32) -> None:
+    if float(np.abs(x).max()) * np.sqrt(x.shape[1]) <= MAX_NORM:
+        return
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    if (norms > MAX_NORM).any():
+        row = int(np.flatnonzero(norms > MAX_NORM)[0])
+        raise InvalidVectorsError(
+            f"row {row} has length {norms[row]:.3g}; the l2 and ip metrics accept lengths up "
+            f"to {MAX_NORM:.3g} (float32 distances would overflow). Scale the data down, or "
+            "use the cosine metric if only directions matter"
+        )
+
+
 def prepare(x: F32, metric: Metric, *, copy: bool = True) -> F32:
     """Return ``x`` (shape ``(n, d)``, float32) as the index stores it for ``metric``.
 
     Cosine rows are divided by their norm; a zero row has no direction and is rejected.
+    For l2 and ip, rows longer than ``MAX_NORM`` are rejected: their squared distances would
+    overflow float32.
     """
     if metric is not Metric.COSINE:
+        _check_norms(x)
         return x.copy() if copy else x
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
+    # Scale by the largest magnitude first: float32 squares overflow above ~1e19 and
+    # underflow below ~1e-19, and either would turn a real direction into garbage.
+    scale = np.abs(x).max(axis=1, keepdims=True)
+    if (scale == 0).any():
+        row = int(np.flatnonzero(scale[:, 0] == 0)[0])
         raise InvalidVectorsError(
             f"row {row} is a zero vector, which has no direction for the cosine metric"
         )
-    return (x / norms).astype(np.float32, copy=False)
+    scaled = x / scale
+    norms = np.sqrt(np.einsum("nd,nd->n", scaled, scaled))[:, None]
+    return (scaled / norms).astype(np.float32, copy=False)
 
 
 def distances(q: F32, x: F32, metric: Metric) -> F32:

@@ -106,6 +106,8 @@ def _arrays(index: ClusteredIndex) -> dict[str, npt.NDArray[Any]]:
 def save_index(index: ClusteredIndex, path: Path) -> None:
     """Write ``index`` to the directory ``path`` atomically. See the module docstring."""
     path = Path(path)
+    if path.is_symlink():  # replace what the link points to, and keep the link
+        path = path.resolve()
     if path.exists() and not (
         path.is_dir() and (not any(path.iterdir()) or (path / MANIFEST).is_file())
     ):
@@ -177,14 +179,17 @@ def _install(tmp: Path, path: Path, parent: Path) -> None:
         and exchange(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
         == 0
     ):
+        old = tmp  # tmp now holds the old index
+    else:
+        old = parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+    # The new index is complete and in place from here on. Should the fsync below fail, the
+    # error is raised (the switch may not be durable yet), but the old copy goes regardless.
+    try:
         fsync_dir(parent)
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old index
-        return
-    old = parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-    os.rename(path, old)
-    os.rename(tmp, path)
-    fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- open
@@ -216,7 +221,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT_NAME:
         raise _bad(path, f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise _bad(
             path,
             f"format_version is {version!r}, expected {FORMAT_VERSION} "

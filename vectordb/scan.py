@@ -25,6 +25,7 @@ U64 = npt.NDArray[np.uint64]
 
 #: Entries of the (queries, leaf slots, candidates) buffer per block of queries.
 _CANDIDATE_BLOCK = 1 << 22
+_FMAX = float(np.finfo(np.float32).max)
 #: Bytes of gathered float32 vectors per rerank block.
 _RERANK_BLOCK_BYTES = 64 << 20
 
@@ -141,7 +142,12 @@ def _score_block(
         hamming = backend.hamming(pack_signs(residual), table.codes[:, a:b])
         c_q = q[gq] @ centre if table.metric is Metric.IP else None
         dots = table.dots[a:b] if table.dots is not None else None
-        leaf_est = estimate(hamming, table.norms[a:b], r_q, table.cos_lut, table.metric, dots, c_q)
+        with np.errstate(over="ignore", invalid="ignore"):
+            leaf_est = estimate(
+                hamming, table.norms[a:b], r_q, table.cos_lut, table.metric, dots, c_q
+            )
+        # Huge vectors overflow float32 estimates; keep them ordered and distinct from padding.
+        np.nan_to_num(leaf_est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
         take = min(per_slot, b - a)
         if take < b - a:
             pick = np.argpartition(leaf_est, take - 1, axis=1)[:, :take]

@@ -1,0 +1,280 @@
+"""Memory-mapped vectors, and saving / opening index directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vectordb as vdb
+
+K = 10
+
+
+def assert_same_results(
+    a: vdb.ClusteredIndex, b: vdb.ClusteredIndex, queries: np.ndarray, **search
+) -> None:
+    for got, want in zip(
+        a.search_batch(queries, K, **search), b.search_batch(queries, K, **search), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def assert_same_index(a: vdb.ClusteredIndex, b: vdb.ClusteredIndex, queries: np.ndarray) -> None:
+    assert (len(a), a.dim, a.metric, a.n_leaves, a.params) == (
+        len(b),
+        b.dim,
+        b.metric,
+        b.n_leaves,
+        b.params,
+    )
+    assert_same_results(a, b, queries)
+    assert_same_results(a, b, queries, probes=1, rerank_factor=1)
+    assert_same_results(a, b, queries, probes=a.n_leaves, rerank_factor=50)
+
+
+@pytest.fixture
+def fresh_index(small, metric):
+    """An index of its own (tests below move its vectors or close it)."""
+    return vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200)
+
+
+def leftovers(directory: Path, *expected: str) -> list[str]:
+    """Entries of ``directory`` other than ``expected`` (temporary files, old copies)."""
+    return sorted(set(os.listdir(directory)) - set(expected))
+
+
+# --------------------------------------------------------------------------- mmap storage
+
+
+def test_mmap_and_ram_modes_give_identical_results(small, fresh_index, tmp_path, metric):
+    ram = vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200)
+    assert not fresh_index.is_using_mmap and fresh_index.mmap_path is None
+    path = tmp_path / "vectors.f32"
+    fresh_index.use_mmap_storage(path)
+    assert fresh_index.is_using_mmap
+    assert Path(fresh_index.mmap_path) == path
+    assert path.stat().st_size == len(small.vectors) * small.dim * 4
+    assert_same_index(fresh_index, ram, small.queries)
+    assert leftovers(tmp_path, "vectors.f32") == []
+
+
+def test_use_mmap_storage_replaces_an_existing_file(small, tmp_path):
+    path = tmp_path / "vectors.f32"
+    path.write_bytes(b"old contents")
+    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index.use_mmap_storage(str(path))  # a str path works too
+    assert path.stat().st_size == len(small.vectors) * small.dim * 4
+    assert index.search(small.vectors[3], 1)[0][0] == 3
+
+
+def test_memory_usage_falls_95_percent_with_mmap(tmp_path):
+    n, dim = 5_000, 768
+    index = vdb.ClusteredIndex.build(vdb.make_clustered(n, dim, seed=4), max_leaf_size=1000)
+    in_ram = index.memory_usage_bytes()
+    assert in_ram >= n * dim * 4
+    index.use_mmap_storage(tmp_path / "vectors.f32")
+    mapped = index.memory_usage_bytes()
+    assert 0 < mapped <= 0.05 * in_ram
+    index.close()
+
+
+def test_close_ram_index_keeps_it_searchable(small):
+    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    before = index.search(small.queries[0], K)
+    index.close()
+    index.close()
+    after = index.search(small.queries[0], K)
+    np.testing.assert_array_equal(before[0], after[0])
+
+
+def test_context_manager_closes_a_mapped_index(small, tmp_path):
+    with vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200) as index:
+        index.use_mmap_storage(tmp_path / "v.f32")
+        assert index.search(small.vectors[5], 1)[0][0] == 5
+    with pytest.raises(vdb.IndexClosedError):
+        index.search(small.queries[0], K)
+    index.close()  # idempotent
+    assert len(index) == len(small.vectors)  # metadata stays available
+
+
+# --------------------------------------------------------------------------- save / open
+
+
+@pytest.mark.parametrize("source", ["ram", "mmap"])
+@pytest.mark.parametrize("open_mmap", [True, False])
+def test_save_open_round_trip(small, fresh_index, tmp_path, source, open_mmap):
+    reference = vdb.ClusteredIndex.build(
+        small.vectors, metric=fresh_index.metric, max_leaf_size=200
+    )
+    if source == "mmap":
+        fresh_index.use_mmap_storage(tmp_path / "source.f32")
+    fresh_index.save(tmp_path / "index")
+    with vdb.ClusteredIndex.open(tmp_path / "index", mmap=open_mmap) as opened:
+        assert opened.is_using_mmap is open_mmap
+        if open_mmap:
+            assert Path(opened.mmap_path) == tmp_path / "index" / "vectors.bin"
+        assert_same_index(opened, reference, small.queries)
+        assert isinstance(opened.metric, vdb.Metric)
+    # The saved index did not disturb the one it was saved from.
+    assert_same_results(fresh_index, reference, small.queries)
+
+
+def test_open_with_verify_passes_on_a_good_index(small, saved_index, shared_index):
+    with vdb.ClusteredIndex.open(saved_index, verify=True) as opened:
+        assert_same_results(opened, shared_index(small, max_leaf_size=200), small.queries)
+
+
+def test_opened_in_ram_can_move_to_mmap(small, saved_index, tmp_path):
+    opened = vdb.ClusteredIndex.open(saved_index, mmap=False)
+    expected = opened.search_batch(small.queries, K)
+    opened.use_mmap_storage(tmp_path / "v.f32")
+    for got, want in zip(opened.search_batch(small.queries, K), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_save_accepts_str_relative_and_empty_directory_paths(
+    small, shared_index, tmp_path, monkeypatch
+):
+    index = shared_index(small, max_leaf_size=200)
+    monkeypatch.chdir(tmp_path)
+    index.save("relative")
+    (tmp_path / "empty").mkdir()
+    index.save(str(tmp_path / "empty"))
+    for path in ("relative", tmp_path / "empty"):
+        assert_same_results(vdb.ClusteredIndex.open(path), index, small.queries)
+    assert leftovers(tmp_path, "relative", "empty") == []
+
+
+def test_save_overwrites_an_existing_index(small, tmp_path):
+    target = tmp_path / "index"
+    first = vdb.ClusteredIndex.build(small.vectors, metric="l2", max_leaf_size=200)
+    second = vdb.ClusteredIndex.build(
+        small.vectors[:1000], metric="ip", max_leaf_size=100, rotate=False
+    )
+    first.save(target)
+    second.save(target)
+    assert leftovers(tmp_path, "index") == []
+    with vdb.ClusteredIndex.open(target, verify=True) as opened:
+        assert_same_index(opened, second, small.queries)
+    # Files of the first index that the second does not have are gone.
+    assert not (target / "perm.npy").exists()
+    first.save(target)
+    with vdb.ClusteredIndex.open(target, verify=True) as opened:
+        assert_same_index(opened, first, small.queries)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_save_onto_the_directory_it_is_mapped_from(small, tmp_path, metric):
+    target = tmp_path / "index"
+    built = vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200)
+    built.save(target)
+    mapped = vdb.ClusteredIndex.open(target, mmap=True)
+    expected = mapped.search_batch(small.queries, K)
+
+    mapped.save(target)
+    mapped.save(target)  # twice: the second save reads from the replaced, deleted file
+
+    for got, want in zip(mapped.search_batch(small.queries, K), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert leftovers(tmp_path, "index") == []
+    with vdb.ClusteredIndex.open(target, verify=True) as reopened:
+        assert_same_index(reopened, built, small.queries)
+    mapped.close()
+
+
+def test_save_through_a_symlink_leaves_no_temporary_entries(small, shared_index, tmp_path):
+    index = shared_index(small, max_leaf_size=200)
+    index.save(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    index.save(tmp_path / "link")
+    assert_same_results(vdb.ClusteredIndex.open(tmp_path / "link"), index, small.queries)
+    assert leftovers(tmp_path, "real", "link") == []
+
+
+def test_save_a_mapped_index_to_another_directory(small, tmp_path):
+    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index.use_mmap_storage(tmp_path / "v.f32")
+    index.save(tmp_path / "copy")
+    with vdb.ClusteredIndex.open(tmp_path / "copy", mmap=False, verify=True) as opened:
+        assert_same_index(opened, index, small.queries)
+
+
+# --------------------------------------------------------------------------- the on-disk format
+
+
+def _expected_files(metric: str, rotate: bool) -> set[str]:
+    names = {
+        "manifest.json",
+        "centroids.npy",
+        "children.npy",
+        "leaf_of_node.npy",
+        "leaf_offsets.npy",
+        "codes.npy",
+        "norms.npy",
+        "ids.npy",
+        "vectors.bin",
+    }
+    if metric == "ip":
+        names.add("dots.npy")
+    if rotate:
+        names |= {"perm.npy", "blocks.npy"}
+    return names
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
+    index = vdb.ClusteredIndex.build(
+        small.vectors, metric=metric, max_leaf_size=200, rotate=rotate, seed=5
+    )
+    index.save(tmp_path / "index")
+    directory = tmp_path / "index"
+    assert {p.name for p in directory.iterdir()} == _expected_files(metric, rotate)
+
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["format_version"] == 1
+    assert manifest["format"] == "vectordb.ClusteredIndex"
+    assert manifest["dim"] == small.dim
+    assert manifest["n"] == len(small.vectors)
+    assert manifest["metric"] == metric
+    assert manifest["n_leaves"] == index.n_leaves
+    assert (
+        manifest["params"]
+        == index.params
+        == {
+            "branching_factor": 10,
+            "max_leaf_size": 200,
+            "max_iterations": 20,
+            "seed": 5,
+            "rotate": rotate,
+        }
+    )
+    assert set(manifest["files"]) == _expected_files(metric, rotate) - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        data = (directory / name).read_bytes()
+        assert entry["size"] == len(data), name
+        assert entry["crc32"] == zlib.crc32(data), name
+    assert (directory / "vectors.bin").stat().st_size == len(small.vectors) * small.dim * 4
+
+
+def test_vectors_bin_holds_the_prepared_vectors_in_storage_order(small, tmp_path, metric):
+    vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200).save(tmp_path / "i")
+    ids = np.load(tmp_path / "i" / "ids.npy")
+    assert sorted(ids) == list(range(len(small.vectors)))
+    stored = np.fromfile(tmp_path / "i" / "vectors.bin", dtype="<f4").reshape(-1, small.dim)
+    expected = small.vectors[ids].astype(np.float64)
+    if metric == "cosine":
+        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(stored, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_use_mmap_storage_file_format(small, tmp_path):
+    """The mapped file has the same raw format as a saved index's vectors.bin."""
+    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index.save(tmp_path / "i")
+    index.use_mmap_storage(tmp_path / "v.f32")
+    assert (tmp_path / "v.f32").read_bytes() == (tmp_path / "i" / "vectors.bin").read_bytes()
