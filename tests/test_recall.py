@@ -111,6 +111,20 @@ def test_search_batch_equals_search(clustered, shared_index, metric):
         np.testing.assert_array_equal(dists, batch_dists[i])
 
 
+def test_results_do_not_depend_on_the_batch_a_query_is_in(clustered, shared_index, metric):
+    # The async engine batches whatever queries arrive together; a query's answer must not
+    # change with its companions (BLAS products round differently for different batch sizes).
+    index = shared_index(clustered, metric)
+    queries = clustered.queries
+    whole_ids, whole_dists = index.search_batch(queries, K)
+    rng = np.random.default_rng(11)
+    cuts = np.sort(rng.choice(np.arange(1, len(queries)), 12, replace=False))
+    for part in np.split(np.arange(len(queries)), cuts):
+        ids, dists = index.search_batch(queries[part], K)
+        np.testing.assert_array_equal(ids, whole_ids[part])
+        np.testing.assert_array_equal(dists, whole_dists[part])
+
+
 def test_query_of_shape_1_by_d_equals_1_d_query(small, shared_index):
     index = shared_index(small)
     a = index.search(small.queries[0], 5)

@@ -126,9 +126,12 @@ class Quantizer:
         n = x.shape[0]
         padded = np.zeros((n, self.bits), dtype=np.float32)
         padded[:, : self.dim] = x
-        grouped = padded[:, self.perm].reshape(n, -1, BLOCK).transpose(1, 0, 2)
+        grouped = padded[:, self.perm].reshape(n, -1, 1, BLOCK)
+        # A stack of (1 x 64) @ (64 x 64) products: every row goes through the same BLAS call
+        # shape whatever n is, so a query rotates to the same bits alone or in a batch (one
+        # (n x 64) product per block rounds differently for different n).
         out = np.matmul(grouped, self.blocks.transpose(0, 2, 1))
-        return np.ascontiguousarray(out.transpose(1, 0, 2).reshape(n, self.bits))
+        return out.reshape(n, self.bits)
 
     def encode(self, rotated_residuals: F32) -> U64:
         """Word-major codes ``(words, n)`` uint64 of already rotated residuals ``(n, bits)``."""

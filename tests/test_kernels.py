@@ -1,0 +1,130 @@
+"""The array kernels alone: bit packing, Hamming scoring, rotation, k-means, routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vectordb as vdb
+from vectordb.backends import NumpyBackend
+from vectordb.codes import Quantizer, cos_table, estimate, pack_signs
+from vectordb.kmeans import kmeans
+from vectordb.metrics import Metric
+
+
+def naive_hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(nq, n) Hamming distances of boolean rows, the slow obvious way."""
+    return (a[:, None, :] != b[None, :, :]).sum(axis=2)
+
+
+@pytest.mark.parametrize("dim", [1, 50, 64, 65, 128, 784])
+def test_pack_signs_sets_bit_j_for_positive_coordinate_j(dim):
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((7, dim)).astype(np.float32)
+    x[0] = 0.0  # zero is not positive
+    packed = pack_signs(x)
+    assert packed.dtype == np.uint64
+    assert packed.shape == (7, (dim + 63) // 64)
+    for i in range(7):
+        for j in range(dim):
+            bit = (int(packed[i, j // 64]) >> (j % 64)) & 1
+            assert bit == int(x[i, j] > 0)
+        for j in range(dim, packed.shape[1] * 64):  # padding bits stay zero
+            assert (int(packed[i, j // 64]) >> (j % 64)) & 1 == 0
+
+
+@pytest.mark.parametrize(("nq", "n"), [(1, 10), (3, 500), (40, 1000), (200, 300)])
+def test_hamming_matches_naive_count_on_both_paths(nq, n):
+    # Small blocks take the one-shot path, large ones the per-word loop; both must agree.
+    rng = np.random.default_rng(nq * 1000 + n)
+    dim = 200
+    qbits = rng.standard_normal((nq, dim)).astype(np.float32)
+    xbits = rng.standard_normal((n, dim)).astype(np.float32)
+    got = NumpyBackend.hamming(pack_signs(qbits), np.ascontiguousarray(pack_signs(xbits).T))
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, naive_hamming(qbits > 0, xbits > 0))
+
+
+def test_hamming_on_a_column_slice_of_word_major_codes():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((100, 130)).astype(np.float32)
+    codes = np.ascontiguousarray(pack_signs(x).T)
+    q = pack_signs(x[:2])
+    np.testing.assert_array_equal(
+        NumpyBackend.hamming(q, codes[:, 40:70]), naive_hamming(x[:2] > 0, x[40:70] > 0)
+    )
+
+
+@pytest.mark.parametrize("dim", [3, 64, 100, 384])
+def test_rotation_is_an_isometry_into_the_padded_space(dim):
+    rng = np.random.default_rng(dim)
+    quantizer = Quantizer.create(dim, rotate=True, rng=rng)
+    assert quantizer.bits == 64 * ((dim + 63) // 64)
+    x = rng.standard_normal((20, dim)).astype(np.float32)
+    rx = quantizer.rotate(x)
+    assert rx.shape == (20, quantizer.bits)
+    np.testing.assert_allclose(rx @ rx.T, x @ x.T, rtol=1e-4, atol=1e-4)
+
+
+def test_rotation_of_a_row_does_not_depend_on_the_batch():
+    rng = np.random.default_rng(0)
+    quantizer = Quantizer.create(300, rotate=True, rng=rng)
+    x = rng.standard_normal((257, 300)).astype(np.float32)
+    whole = quantizer.rotate(x)
+    for start, stop in [(0, 1), (5, 6), (10, 74), (100, 257)]:
+        np.testing.assert_array_equal(quantizer.rotate(x[start:stop]), whole[start:stop])
+
+
+def test_without_rotation_vectors_pass_through():
+    quantizer = Quantizer.create(10, rotate=False, rng=np.random.default_rng(0))
+    x = np.ones((2, 10), dtype=np.float32)
+    assert quantizer.rotate(x) is x
+    assert quantizer.bits == 10 and quantizer.nbytes == 0
+
+
+def test_estimate_is_exact_for_equal_and_opposite_residual_directions():
+    lut = cos_table(64)
+    r_x = np.array([1.0, 2.0], dtype=np.float32)
+    r_q = np.array([3.0], dtype=np.float32)
+    same = estimate(np.array([[0, 0]]), r_x, r_q, lut, Metric.L2)  # h=0: cos=1
+    np.testing.assert_allclose(same, [[(3 - 1) ** 2, (3 - 2) ** 2]], rtol=1e-6)
+    opposite = estimate(np.array([[64, 64]]), r_x, r_q, lut, Metric.L2)  # h=d: cos=-1
+    np.testing.assert_allclose(opposite, [[(3 + 1) ** 2, (3 + 2) ** 2]], rtol=1e-6)
+
+
+def test_kmeans_is_deterministic_and_separates_clear_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 10], [-10, 10]], dtype=np.float32)
+    x = np.concatenate([c + rng.standard_normal((200, 2)).astype(np.float32) for c in centres])
+    c1, l1 = kmeans(x, 3, max_iterations=20, rng=np.random.default_rng(5))
+    c2, l2 = kmeans(x, 3, max_iterations=20, rng=np.random.default_rng(5))
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(l1, l2)
+    for block in range(3):  # each true cluster ends up in exactly one k-means cluster
+        assert len(set(l1[block * 200 : (block + 1) * 200].tolist())) == 1
+    assert len(set(l1.tolist())) == 3
+
+
+def test_kmeans_with_fewer_distinct_points_than_clusters():
+    x = np.repeat(np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), 50, axis=0)
+    centroids, labels = kmeans(x, 5, max_iterations=10, rng=np.random.default_rng(0))
+    assert centroids.shape == (5, 2) and np.isfinite(centroids).all()
+    assert len(set(labels.tolist())) == 2
+
+
+def test_routing_returns_distinct_leaves_and_respects_probes():
+    x = vdb.make_clustered(3000, 16, seed=2)
+    index = vdb.ClusteredIndex.build(x, branching_factor=3, max_leaf_size=20)
+    tree = index._tree
+    q = index._quantizer.rotate(x[:50])
+    for probes in (1, 2, 5):
+        leaves = tree.route(q, probes, Metric.L2)
+        for row in leaves:
+            found = row[row >= 0]
+            assert len(found) == len(set(found.tolist())) >= 1
+            assert (found < index.n_leaves).all()
+            depth = leaves.shape[1] // probes  # at most `probes` kept per level
+            assert len(found) <= probes * max(depth, 1)
+    everything = tree.route(q, tree.n_nodes, Metric.L2)
+    for row in everything:
+        assert sorted(row[row >= 0].tolist()) == list(range(index.n_leaves))
