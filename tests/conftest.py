@@ -183,6 +183,9 @@ def shared_index() -> Callable[..., vdb.ClusteredIndex]:
     cache: dict[tuple[Any, ...], vdb.ClusteredIndex] = {}
 
     def get(data: Dataset, metric: str = "l2", **params: Any) -> vdb.ClusteredIndex:
+        # The 1-bit code path unless a test asks otherwise ("auto" would pick full-vector
+        # scans below 128 dimensions); tests/test_leaf_scan.py covers both.
+        params.setdefault("leaf_scan", "codes")
         key = (data.name, metric, tuple(sorted(params.items())))
         if key not in cache:
             cache[key] = vdb.ClusteredIndex.build(data.vectors, metric=metric, **params)
@@ -208,5 +211,5 @@ def truth() -> Callable[[Dataset, str], npt.NDArray[np.float64]]:
 def saved_index(tmp_path_factory: pytest.TempPathFactory, small: Dataset) -> Path:
     """A saved l2 index (with rotation files) over ``small``. Copy it before changing it."""
     path = tmp_path_factory.mktemp("saved") / "index"
-    vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200).save(path)
+    vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200).save(path)
     return path

@@ -149,6 +149,7 @@ def test_index_properties(small, shared_index):
         "max_iterations": 20,
         "seed": 9,
         "rotate": True,
+        "leaf_scan": "codes",
     }
     assert not index.is_using_mmap and index.mmap_path is None
     text = repr(index)

@@ -24,7 +24,7 @@ K = 10
 @pytest.fixture
 def index(small):
     """A small in-RAM l2 index of the test's own."""
-    return vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    return vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -55,7 +55,7 @@ def index(small):
 )
 def test_bad_build_parameters(small, params, fragment):
     with pytest.raises(vdb.InvalidParameterError, match=fragment) as info:
-        vdb.ClusteredIndex.build(small.vectors[:100], **params)
+        vdb.ClusteredIndex.build(small.vectors[:100], leaf_scan="codes", **params)
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, vdb.VectorDBError)
 
@@ -87,7 +87,10 @@ def test_bad_search_parameters(small, shared_index, params, fragment, batch):
 
 def test_numpy_integers_are_accepted_as_parameters(small):
     index = vdb.ClusteredIndex.build(
-        small.vectors[:300], branching_factor=np.int64(4), seed=np.uint8(3)
+        small.vectors[:300],
+        branching_factor=np.int64(4),
+        seed=np.uint8(3),
+        leaf_scan="codes",
     )
     assert index.params["branching_factor"] == 4 and type(index.params["seed"]) is int
     ids, _ = index.search(
@@ -221,7 +224,7 @@ def test_searching_a_closed_mapped_index(small, saved_index, tmp_path, how):
     if how == "open":
         closed = vdb.ClusteredIndex.open(saved_index, mmap=True)
     else:
-        closed = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+        closed = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200)
         closed.use_mmap_storage(tmp_path / "v.f32")
     closed.close()
     with pytest.raises(vdb.IndexClosedError, match="closed") as info:
@@ -615,8 +618,8 @@ def count_fsyncs(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) ->
 @pytest.fixture
 def old_and_new(small, tmp_path):
     """An index saved at ``tmp_path/work/index`` (``old``), and a different one (``new``)."""
-    old = vdb.ClusteredIndex.build(small.vectors, metric="l2", max_leaf_size=200)
-    new = vdb.ClusteredIndex.build(small.vectors, metric="ip", max_leaf_size=100)
+    old = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", metric="l2", max_leaf_size=200)
+    new = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", metric="ip", max_leaf_size=100)
     parent = tmp_path / "work"
     parent.mkdir()
     old.save(parent / "index")

@@ -40,7 +40,9 @@ def assert_same_index(a: vdb.ClusteredIndex, b: vdb.ClusteredIndex, queries: np.
 @pytest.fixture
 def fresh_index(small, metric):
     """An index of its own (tests below move its vectors or close it)."""
-    return vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200)
+    return vdb.ClusteredIndex.build(
+        small.vectors, leaf_scan="codes", metric=metric, max_leaf_size=200
+    )
 
 
 def leftovers(directory: Path, *expected: str) -> list[str]:
@@ -52,7 +54,9 @@ def leftovers(directory: Path, *expected: str) -> list[str]:
 
 
 def test_mmap_and_ram_modes_give_identical_results(small, fresh_index, tmp_path, metric):
-    ram = vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200)
+    ram = vdb.ClusteredIndex.build(
+        small.vectors, leaf_scan="codes", metric=metric, max_leaf_size=200
+    )
     assert not fresh_index.is_using_mmap and fresh_index.mmap_path is None
     path = tmp_path / "vectors.f32"
     fresh_index.use_mmap_storage(path)
@@ -66,7 +70,7 @@ def test_mmap_and_ram_modes_give_identical_results(small, fresh_index, tmp_path,
 def test_use_mmap_storage_replaces_an_existing_file(small, tmp_path):
     path = tmp_path / "vectors.f32"
     path.write_bytes(b"old contents")
-    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200)
     index.use_mmap_storage(str(path))  # a str path works too
     assert path.stat().st_size == len(small.vectors) * small.dim * 4
     assert index.search(small.vectors[3], 1)[0][0] == 3
@@ -84,7 +88,7 @@ def test_memory_usage_falls_95_percent_with_mmap(tmp_path):
 
 
 def test_close_ram_index_keeps_it_searchable(small):
-    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200)
     before = index.search(small.queries[0], K)
     index.close()
     index.close()
@@ -93,7 +97,7 @@ def test_close_ram_index_keeps_it_searchable(small):
 
 
 def test_context_manager_closes_a_mapped_index(small, tmp_path):
-    with vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200) as index:
+    with vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200) as index:
         index.use_mmap_storage(tmp_path / "v.f32")
         assert index.search(small.vectors[5], 1)[0][0] == 5
     with pytest.raises(vdb.IndexClosedError):
@@ -109,7 +113,10 @@ def test_context_manager_closes_a_mapped_index(small, tmp_path):
 @pytest.mark.parametrize("open_mmap", [True, False])
 def test_save_open_round_trip(small, fresh_index, tmp_path, source, open_mmap):
     reference = vdb.ClusteredIndex.build(
-        small.vectors, metric=fresh_index.metric, max_leaf_size=200
+        small.vectors,
+        metric=fresh_index.metric,
+        max_leaf_size=200,
+        leaf_scan="codes",
     )
     if source == "mmap":
         fresh_index.use_mmap_storage(tmp_path / "source.f32")
@@ -152,9 +159,15 @@ def test_save_accepts_str_relative_and_empty_directory_paths(
 
 def test_save_overwrites_an_existing_index(small, tmp_path):
     target = tmp_path / "index"
-    first = vdb.ClusteredIndex.build(small.vectors, metric="l2", max_leaf_size=200)
+    first = vdb.ClusteredIndex.build(
+        small.vectors, leaf_scan="codes", metric="l2", max_leaf_size=200
+    )
     second = vdb.ClusteredIndex.build(
-        small.vectors[:1000], metric="ip", max_leaf_size=100, rotate=False
+        small.vectors[:1000],
+        metric="ip",
+        max_leaf_size=100,
+        rotate=False,
+        leaf_scan="codes",
     )
     first.save(target)
     second.save(target)
@@ -171,7 +184,9 @@ def test_save_overwrites_an_existing_index(small, tmp_path):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_save_onto_the_directory_it_is_mapped_from(small, tmp_path, metric):
     target = tmp_path / "index"
-    built = vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200)
+    built = vdb.ClusteredIndex.build(
+        small.vectors, leaf_scan="codes", metric=metric, max_leaf_size=200
+    )
     built.save(target)
     mapped = vdb.ClusteredIndex.open(target, mmap=True)
     expected = mapped.search_batch(small.queries, K)
@@ -197,7 +212,7 @@ def test_save_through_a_symlink_leaves_no_temporary_entries(small, shared_index,
 
 
 def test_save_a_mapped_index_to_another_directory(small, tmp_path):
-    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200)
     index.use_mmap_storage(tmp_path / "v.f32")
     index.save(tmp_path / "copy")
     with vdb.ClusteredIndex.open(tmp_path / "copy", mmap=False, verify=True) as opened:
@@ -229,7 +244,12 @@ def _expected_files(metric: str, rotate: bool) -> set[str]:
 @pytest.mark.parametrize("rotate", [True, False])
 def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
     index = vdb.ClusteredIndex.build(
-        small.vectors, metric=metric, max_leaf_size=200, rotate=rotate, seed=5
+        small.vectors,
+        metric=metric,
+        max_leaf_size=200,
+        rotate=rotate,
+        seed=5,
+        leaf_scan="codes",
     )
     index.save(tmp_path / "index")
     directory = tmp_path / "index"
@@ -251,6 +271,7 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
             "max_iterations": 20,
             "seed": 5,
             "rotate": rotate,
+            "leaf_scan": "codes",
         }
     )
     assert set(manifest["files"]) == _expected_files(metric, rotate) - {"manifest.json"}
@@ -262,7 +283,9 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
 
 
 def test_vectors_bin_holds_the_prepared_vectors_in_storage_order(small, tmp_path, metric):
-    vdb.ClusteredIndex.build(small.vectors, metric=metric, max_leaf_size=200).save(tmp_path / "i")
+    vdb.ClusteredIndex.build(
+        small.vectors, leaf_scan="codes", metric=metric, max_leaf_size=200
+    ).save(tmp_path / "i")
     ids = np.load(tmp_path / "i" / "ids.npy")
     assert sorted(ids) == list(range(len(small.vectors)))
     stored = np.fromfile(tmp_path / "i" / "vectors.bin", dtype="<f4").reshape(-1, small.dim)
@@ -274,7 +297,7 @@ def test_vectors_bin_holds_the_prepared_vectors_in_storage_order(small, tmp_path
 
 def test_use_mmap_storage_file_format(small, tmp_path):
     """The mapped file has the same raw format as a saved index's vectors.bin."""
-    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200)
+    index = vdb.ClusteredIndex.build(small.vectors, leaf_scan="codes", max_leaf_size=200)
     index.save(tmp_path / "i")
     index.use_mmap_storage(tmp_path / "v.f32")
     assert (tmp_path / "v.f32").read_bytes() == (tmp_path / "i" / "vectors.bin").read_bytes()

@@ -9,9 +9,9 @@ Layout of a saved index (format version 1)::
       children.npy      (n_nodes, branching) int64  child node ids, -1 padded
       leaf_of_node.npy  (n_nodes,) int64            leaf number, -1 for inner nodes
       leaf_offsets.npy  (n_leaves + 1,) int64       storage rows of each leaf
-      codes.npy         (words, n) uint64           word-major residual sign codes
-      norms.npy         (n,) float32                residual norms
-      dots.npy          (n,) float32                <residual, centroid> (metric "ip" only)
+      codes.npy         (words, n) uint64           word-major residual sign codes  } only with
+      norms.npy         (n,) float32                residual norms                  } leaf_scan
+      dots.npy          (n,) float32                <residual, centroid> (ip only)  } "codes"
       ids.npy           (n,) int64                  id of every storage row
       perm.npy          (bits,) int64               rotation: permutation  } only when built
       blocks.npy        (bits/64, 64, 64) float32   rotation: blocks       } with rotate=True
@@ -90,12 +90,13 @@ def _arrays(index: ClusteredIndex) -> dict[str, npt.NDArray[Any]]:
         "centroids.npy": index._tree.centroids,
         "children.npy": index._tree.children,
         "leaf_of_node.npy": index._tree.leaf_of_node,
-        "leaf_offsets.npy": table.leaf_offsets,
-        "codes.npy": table.codes,
-        "norms.npy": table.norms,
+        "leaf_offsets.npy": index._leaf_offsets,
         "ids.npy": index._ids,
     }
-    if table.dots is not None:
+    if table is not None:
+        arrays["codes.npy"] = table.codes
+        arrays["norms.npy"] = table.norms
+    if table is not None and table.dots is not None:
         arrays["dots.npy"] = table.dots
     if index._quantizer.perm is not None and index._quantizer.blocks is not None:
         arrays["perm.npy"] = index._quantizer.perm
@@ -243,6 +244,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise _bad(path, f"params.branching_factor must be an integer >= 2, found {bf!r}")
     if not isinstance(params.get("rotate"), bool):
         raise _bad(path, f"params.rotate must be true or false, found {params.get('rotate')!r}")
+    if params.get("leaf_scan") not in ("codes", "vectors"):
+        raise _bad(
+            path,
+            f"params.leaf_scan must be 'codes' or 'vectors', found {params.get('leaf_scan')!r}",
+        )
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise _bad(path, "'files' must be an object")
@@ -316,11 +322,13 @@ def open_index(
         "children.npy": (np.int64, (n_nodes, bf)),
         "leaf_of_node.npy": (np.int64, (n_nodes,)),
         "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
-        "codes.npy": (np.uint64, (words_for(dim), n)),
-        "norms.npy": (np.float32, (n,)),
         "ids.npy": (np.int64, (n,)),
     }
-    if metric is Metric.IP:
+    codes = params["leaf_scan"] == "codes"
+    if codes:
+        expected["codes.npy"] = (np.uint64, (words_for(bits), n))
+        expected["norms.npy"] = (np.float32, (n,))
+    if codes and metric is Metric.IP:
         expected["dots.npy"] = (np.float32, (n,))
     if params["rotate"]:
         expected["perm.npy"] = (np.int64, (bits,))
@@ -340,15 +348,18 @@ def open_index(
         leaf_of_node=arrays["leaf_of_node.npy"],
     )
     quantizer = Quantizer(dim, arrays.get("perm.npy"), arrays.get("blocks.npy"))
-    table = CodeTable(
-        codes=arrays["codes.npy"],
-        norms=arrays["norms.npy"],
-        dots=arrays.get("dots.npy"),
-        leaf_offsets=arrays["leaf_offsets.npy"],
-        centroids=tree.centroids,
-        leaf_nodes=tree.leaf_nodes,
-        cos_lut=cos_table(quantizer.bits),
-        metric=metric,
+    table = (
+        CodeTable(
+            codes=arrays["codes.npy"],
+            norms=arrays["norms.npy"],
+            dots=arrays.get("dots.npy"),
+            centroids=tree.centroids,
+            leaf_nodes=tree.leaf_nodes,
+            cos_lut=cos_table(quantizer.bits),
+            metric=metric,
+        )
+        if codes
+        else None
     )
     storage: InMemoryStorage | MmapStorage
     if mmap:
@@ -362,6 +373,7 @@ def open_index(
     return cls(
         tree=tree,
         table=table,
+        leaf_offsets=arrays["leaf_offsets.npy"],
         quantizer=quantizer,
         ids=arrays["ids.npy"],
         storage=storage,
@@ -395,5 +407,5 @@ def _check_structure(
         raise _bad(directory / "perm.npy", "is not a permutation")
     if not np.isfinite(arrays["centroids.npy"]).all():
         raise _bad(directory / "centroids.npy", "contains NaN or infinite values")
-    if not np.isfinite(arrays["norms.npy"]).all():
+    if "norms.npy" in arrays and not np.isfinite(arrays["norms.npy"]).all():
         raise _bad(directory / "norms.npy", "contains NaN or infinite values")
