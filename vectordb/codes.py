@@ -163,10 +163,19 @@ def estimate(
     -------
     (nq, m) float32 estimated distances, smaller is better.
     """
-    cos = cos_lut[hamming]
-    cross = (r_q[:, None] * r_x[None, :]) * cos
+    # In place on one (nq, m) array: this runs for every scanned code, and temporaries of
+    # that size cost more than the arithmetic.
+    out = cos_lut[hamming]
     if metric is Metric.IP:
         if s_x is None or c_q is None:
             raise TypeError("the ip estimate needs s_x and c_q")
-        return -(cross + s_x[None, :] + c_q[:, None])
-    return (r_x * r_x)[None, :] + (r_q * r_q)[:, None] - 2.0 * cross
+        out *= -r_q[:, None]
+        out *= r_x[None, :]
+        out -= s_x[None, :]
+        out -= c_q[:, None]
+        return out
+    out *= np.float32(-2.0) * r_q[:, None]
+    out *= r_x[None, :]
+    out += (r_x * r_x)[None, :]
+    out += (r_q * r_q)[:, None]
+    return out
