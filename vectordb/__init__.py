@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+from .engine import AsyncEngine, EngineState, EngineStats
 from .errors import (
     AlreadyUsingMmapError,
     DimensionMismatchError,
+    EngineClosedError,
+    EngineOverloadedError,
     IndexClosedError,
     InvalidIndexFileError,
     InvalidParameterError,
@@ -28,8 +31,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyUsingMmapError",
+    "AsyncEngine",
     "ClusteredIndex",
     "DimensionMismatchError",
+    "EngineClosedError",
+    "EngineOverloadedError",
+    "EngineState",
+    "EngineStats",
     "IndexClosedError",
     "InvalidIndexFileError",
     "InvalidParameterError",

@@ -11,6 +11,8 @@ built-in exceptions keeps working::
     │   └── DimensionMismatchError                    right values, wrong width
     ├── AlreadyUsingMmapError                         use_mmap_storage() called twice
     ├── IndexClosedError                              the index was closed
+    ├── EngineClosedError                             the async engine was closed
+    ├── EngineOverloadedError                         too many queued queries (overload="raise")
     ├── InvalidIndexFileError                         a saved index is missing, damaged or foreign
     └── StorageError               (also OSError)     reading or writing a file failed
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 __all__ = [
     "AlreadyUsingMmapError",
     "DimensionMismatchError",
+    "EngineClosedError",
+    "EngineOverloadedError",
     "IndexClosedError",
     "InvalidIndexFileError",
     "InvalidParameterError",
@@ -51,6 +55,14 @@ class AlreadyUsingMmapError(VectorDBError):
 
 class IndexClosedError(VectorDBError):
     """The index was closed; its memory-mapped vectors are no longer available."""
+
+
+class EngineClosedError(VectorDBError):
+    """The ``AsyncEngine`` was closed (or is closing); it accepts no more calls."""
+
+
+class EngineOverloadedError(VectorDBError):
+    """More than ``max_pending`` queries are queued and the engine was told to refuse, not wait."""
 
 
 class InvalidIndexFileError(VectorDBError):

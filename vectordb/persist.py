@@ -52,13 +52,22 @@ from .tree import Tree
 if TYPE_CHECKING:
     from .index import ClusteredIndex
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "open_index", "save_index"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "SaveJob",
+    "manifest_path",
+    "open_index",
+    "parse_manifest",
+    "save_index",
+]
 
 FORMAT_NAME = "vectordb.ClusteredIndex"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VECTORS = "vectors.bin"
-_MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class _CrcWriter:
@@ -104,28 +113,48 @@ def _arrays(index: ClusteredIndex) -> dict[str, npt.NDArray[Any]]:
     return arrays
 
 
-def save_index(index: ClusteredIndex, path: Path) -> None:
-    """Write ``index`` to the directory ``path`` atomically. See the module docstring."""
-    path = Path(path)
-    if path.is_symlink():  # replace what the link points to, and keep the link
-        path = path.resolve()
-    if path.exists() and not (
-        path.is_dir() and (not any(path.iterdir()) or (path / MANIFEST).is_file())
-    ):
-        raise StorageError(
-            errno.EEXIST,
-            "exists and is not a vectordb index directory; refusing to replace it",
-            str(path),
-        )
-    parent = path.parent if str(path.parent) else Path(".")
-    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.mkdir()
-        files: dict[str, dict[str, int]] = {}
-        for name, arr in _arrays(index).items():
-            files[name] = _write_file(tmp, name, arr)
-        crc = write_vectors(index._storage.vectors, tmp / VECTORS)
-        files[VECTORS] = {"size": (tmp / VECTORS).stat().st_size, "crc32": crc}
+class SaveJob:
+    """One save, in steps, so that the async engine can run each where it belongs.
+
+    ``start`` -> ``write_data`` -> ``manifest_bytes`` written to ``manifest_path`` and fsynced
+    -> ``commit``; on any failure ``abort``. :func:`save_index` runs them in order.
+    """
+
+    def __init__(self, index: ClusteredIndex, path: Path) -> None:
+        path = Path(path)
+        if path.is_symlink():  # replace what the link points to, and keep the link
+            path = path.resolve()
+        if path.exists() and not (
+            path.is_dir() and (not any(path.iterdir()) or (path / MANIFEST).is_file())
+        ):
+            raise StorageError(
+                errno.EEXIST,
+                "exists and is not a vectordb index directory; refusing to replace it",
+                str(path),
+            )
+        self.index = index
+        self.path = path
+        self.parent = path.parent if str(path.parent) else Path(".")
+        self.tmp = self.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.files: dict[str, dict[str, int]] = {}
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise storage_error(exc, self.tmp) from exc
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.tmp / MANIFEST
+
+    def write_data(self) -> None:
+        """Write and fsync every array and the vector file into the temporary directory."""
+        for name, arr in _arrays(self.index).items():
+            self.files[name] = _write_file(self.tmp, name, arr)
+        crc = write_vectors(self.index._storage.vectors, self.tmp / VECTORS)
+        self.files[VECTORS] = {"size": (self.tmp / VECTORS).stat().st_size, "crc32": crc}
+
+    def manifest_bytes(self) -> bytes:
+        index = self.index
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -135,19 +164,41 @@ def save_index(index: ClusteredIndex, path: Path) -> None:
             "n_nodes": index._tree.n_nodes,
             "n_leaves": index.n_leaves,
             "params": index.params,
-            "files": files,
+            "files": self.files,
         }
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
+        return json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+
+    def commit(self) -> None:
+        """fsync the temporary directory and swap it in for the target."""
+        fsync_dir(self.tmp)
+        _install(self.tmp, self.path, self.parent)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def error(self, exc: BaseException) -> BaseException:
+        """The exception to raise for ``exc``: ``OSError``s become ``StorageError``s."""
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            return storage_error(exc, getattr(exc, "filename", None) or self.path)
+        return exc
+
+
+def save_index(index: ClusteredIndex, path: Path) -> None:
+    """Write ``index`` to the directory ``path`` atomically. See the module docstring."""
+    job = SaveJob(index, path)
+    try:
+        job.write_data()
+        with open(job.manifest_path, "wb") as fh:
+            fh.write(job.manifest_bytes())
             fh.flush()
             os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        _install(tmp, path, parent)
+        job.commit()
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            raise storage_error(exc, getattr(exc, "filename", None) or path) from exc
-        raise
+        job.abort()
+        err = job.error(exc)
+        if err is exc:
+            raise
+        raise err from exc
 
 
 def _renameat2_exchange() -> Any:
@@ -201,18 +252,28 @@ def _bad(path: Path, problem: str) -> InvalidIndexFileError:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise InvalidIndexFileError(f"{directory}: not a directory (expected a saved index)")
+    path = manifest_path(directory)
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(_MAX_MANIFEST_BYTES + 1)
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise _bad(path, "missing; this directory is not a saved vectordb index") from None
     except OSError as exc:
         raise storage_error(exc, path) from exc
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise _bad(path, f"larger than {_MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
+    return parse_manifest(raw, path)
+
+
+def manifest_path(directory: Path) -> Path:
+    """``directory/manifest.json``, after checking that ``directory`` is a directory."""
+    if not directory.is_dir():
+        raise InvalidIndexFileError(f"{directory}: not a directory (expected a saved index)")
+    return directory / MANIFEST
+
+
+def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
+    """Validate the manifest's bytes (read from ``path``, at most ``MAX_MANIFEST_BYTES + 1``)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _bad(path, f"larger than {MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -306,10 +367,16 @@ def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.N
 
 
 def open_index(
-    cls: type[ClusteredIndex], directory: Path, *, mmap: bool, verify: bool
+    cls: type[ClusteredIndex],
+    directory: Path,
+    *,
+    mmap: bool,
+    verify: bool,
+    manifest: dict[str, Any] | None = None,
 ) -> ClusteredIndex:
-    """Open a saved index. See ``ClusteredIndex.open``."""
-    manifest = _read_manifest(directory)
+    """Open a saved index. See ``ClusteredIndex.open``. ``manifest``: already parsed."""
+    if manifest is None:
+        manifest = _read_manifest(directory)
     files = manifest["files"]
     dim, n = manifest["dim"], manifest["n"]
     n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
