@@ -128,3 +128,31 @@ def test_routing_returns_distinct_leaves_and_respects_probes():
     everything = tree.route(q, tree.n_nodes, Metric.L2)
     for row in everything:
         assert sorted(row[row >= 0].tolist()) == list(range(index.n_leaves))
+
+
+def test_keys_sort_like_scores_then_rows():
+    from vectordb.topk import NO_KEY, keys_of, rows_of, smallest
+
+    rng = np.random.default_rng(4)
+    scores = rng.choice(np.array([-3.5, -0.0, 0.0, 1e-30, 2.0, 7.0], np.float32), size=(5, 40))
+    rows = rng.permutation(1000)[:40]
+    keys = keys_of(scores, rows)
+    for i in range(5):
+        want = sorted(range(40), key=lambda j: (float(scores[i, j]), int(rows[j])))
+        np.testing.assert_array_equal(rows_of(np.sort(keys[i])), rows[want])
+        best = rows_of(smallest(keys[i : i + 1], 7))[0]
+        assert sorted(best.tolist()) == sorted(rows[want[:7]].tolist())
+    padded = np.full((1, 3), NO_KEY, dtype=np.uint64)
+    padded[0, 0] = keys[0, 0]
+    assert rows_of(padded).tolist() == [[rows[0], -1, -1]]
+
+
+def test_duplicate_vectors_at_the_candidate_boundary_resolve_to_the_lower_row():
+    # Eight copies of one vector and m = 3 candidates: which copies survive must not depend
+    # on scan order, so that every backend and batch picks the same rows.
+    x = np.repeat(vdb.make_clustered(1, 32, seed=0), 8, axis=0)
+    x = np.concatenate([x, vdb.make_clustered(200, 32, seed=1)])
+    index = vdb.ClusteredIndex.build(x, max_leaf_size=1000, leaf_scan="codes")
+    ids, _ = index.search(x[0], k=3, probes=1, rerank_factor=1)
+    rows = np.flatnonzero(np.isin(index._ids, np.arange(8)))
+    assert sorted(ids.tolist()) == sorted(index._ids[np.sort(rows)[:3]].tolist())

@@ -318,7 +318,7 @@ class ClusteredIndex:
         q = prepare(q, self._metric)
         rotated = self._quantizer.rotate(q)
         leaves = self._route(rotated, probes, min(k, len(self)))
-        rows, _ = select_candidates(self._scorer, rotated, leaves, k * rerank_factor)
+        rows = select_candidates(self._scorer, rotated, leaves, k * rerank_factor)
         rows, dists = rerank(q, rows, k, self._storage.take, self._metric)
         ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
         return ids, dists

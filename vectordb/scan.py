@@ -16,6 +16,7 @@ import numpy.typing as npt
 from .backends import NumpyBackend
 from .codes import estimate, pack_signs
 from .metrics import Metric, distances
+from .topk import NO_KEY, keys_of, rows_of, smallest
 
 __all__ = [
     "CodeScorer",
@@ -129,11 +130,12 @@ class VectorScorer:
 LeafScorer = CodeScorer | VectorScorer
 
 
-def select_candidates(scorer: LeafScorer, queries: F32, leaves: I64, m: int) -> tuple[I64, F32]:
+def select_candidates(scorer: LeafScorer, queries: F32, leaves: I64, m: int) -> I64:
     """The ``m`` rows of the given leaves with the best scores, per query.
 
     Work is grouped by leaf: every leaf is scored once against all the queries that probe
-    it, as one (queries x rows) block.
+    it, as one (queries x rows) block. Selection is exact and tie-free (see ``topk``): the
+    ``m`` smallest scores, ties to the lower row.
 
     Parameters
     ----------
@@ -144,35 +146,26 @@ def select_candidates(scorer: LeafScorer, queries: F32, leaves: I64, m: int) -> 
 
     Returns
     -------
-    rows : (nq, m') int64 storage rows, ``-1`` where fewer exist; ``m' = min(m, L * max leaf)``
-    scores : (nq, m') float32, ``inf`` where ``rows`` is ``-1``; not sorted
+    (nq, m') int64 storage rows, ``-1`` where fewer exist, unsorted;
+    ``m' = min(m, L * max leaf size)``
     """
     nq, n_slots = leaves.shape
     max_leaf_rows = int(np.diff(scorer.leaf_offsets).max(initial=0))
     per_slot = max(1, min(m, max_leaf_rows))
     keep = min(m, n_slots * per_slot)
-    rows_out = np.full((nq, keep), -1, dtype=np.int64)
-    est_out = np.full((nq, keep), np.inf, dtype=np.float32)
+    out = np.empty((nq, keep), dtype=np.int64)
     block = max(1, _CANDIDATE_BLOCK // (n_slots * per_slot))
     for start in range(0, nq, block):
         stop = min(nq, start + block)
-        rows, est = _score_block(scorer, queries[start:stop], leaves[start:stop], per_slot)
-        flat_rows = rows.reshape(stop - start, -1)
-        flat_est = est.reshape(stop - start, -1)
-        if flat_est.shape[1] > keep:
-            pick = np.argpartition(flat_est, keep - 1, axis=1)[:, :keep]
-            flat_rows = np.take_along_axis(flat_rows, pick, axis=1)
-            flat_est = np.take_along_axis(flat_est, pick, axis=1)
-        rows_out[start:stop] = flat_rows
-        est_out[start:stop] = flat_est
-    return rows_out, est_out
+        keys = _score_block(scorer, queries[start:stop], leaves[start:stop], per_slot)
+        out[start:stop] = rows_of(smallest(keys.reshape(stop - start, -1), keep))
+    return out
 
 
-def _score_block(scorer: LeafScorer, q: F32, leaves: I64, per_slot: int) -> tuple[I64, F32]:
-    """Best ``per_slot`` rows of each (query, leaf slot), as ``(nq, L, per_slot)`` arrays."""
+def _score_block(scorer: LeafScorer, q: F32, leaves: I64, per_slot: int) -> U64:
+    """Keys of the best ``per_slot`` rows of each (query, leaf slot): ``(nq, L, per_slot)``."""
     nq, n_slots = leaves.shape
-    rows = np.full((nq, n_slots, per_slot), -1, dtype=np.int64)
-    est = np.full((nq, n_slots, per_slot), np.inf, dtype=np.float32)
+    keys = np.full((nq, n_slots, per_slot), NO_KEY, dtype=np.uint64)
     qi, slot = np.nonzero(leaves >= 0)
     leaf = leaves[qi, slot]
     by_leaf = np.argsort(leaf, kind="stable")
@@ -190,15 +183,9 @@ def _score_block(scorer: LeafScorer, q: F32, leaves: I64, per_slot: int) -> tupl
         leaf_est = scorer.score(q[gq], lf, a, b)
         # Huge vectors overflow float32 scores; keep them ordered and distinct from padding.
         np.nan_to_num(leaf_est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
-        take = min(per_slot, b - a)
-        if take < b - a:
-            pick = np.argpartition(leaf_est, take - 1, axis=1)[:, :take]
-            est[gq, gs, :take] = np.take_along_axis(leaf_est, pick, axis=1)
-            rows[gq, gs, :take] = a + pick
-        else:
-            est[gq, gs, :take] = leaf_est
-            rows[gq, gs, :take] = np.arange(a, b)[None, :]
-    return rows, est
+        best = smallest(keys_of(leaf_est, np.arange(a, b)), per_slot)
+        keys[gq, gs, : best.shape[1]] = best
+    return keys
 
 
 def rerank(
