@@ -70,7 +70,7 @@ class VectorDB(Runner):
 
     def points(self) -> list[dict[str, Any]]:
         if self.quick:
-            grid = [(1, 2), (2, 4), (4, 5), (8, 10), (16, 20), (32, 40)]
+            grid = [(1, 2), (2, 4), (4, 5), (8, 10), (16, 20), (32, 40), (64, 10)]
         else:
             grid = [
                 (1, 2),

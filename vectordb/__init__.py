@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+from .backends import available_backends
 from .engine import AsyncEngine, EngineState, EngineStats
 from .errors import (
     AlreadyUsingMmapError,
+    BackendUnavailableError,
     DimensionMismatchError,
     EngineClosedError,
     EngineOverloadedError,
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyUsingMmapError",
     "AsyncEngine",
+    "BackendUnavailableError",
     "ClusteredIndex",
     "DimensionMismatchError",
     "EngineClosedError",
@@ -46,5 +49,6 @@ __all__ = [
     "StorageError",
     "VectorDBError",
     "__version__",
+    "available_backends",
     "make_clustered",
 ]

@@ -21,16 +21,27 @@ against different centroids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .metrics import Metric
 
-__all__ = ["Quantizer", "cos_table", "estimate", "pack_signs", "words_for"]
+__all__ = [
+    "CodeTable",
+    "Quantizer",
+    "QuerySide",
+    "cos_table",
+    "estimate",
+    "pack_signs",
+    "query_side",
+    "words_for",
+]
 
 F32 = npt.NDArray[np.float32]
 U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
 
 
 def words_for(dim: int) -> int:
@@ -179,3 +190,71 @@ def estimate(
     out += (r_x * r_x)[None, :]
     out += (r_q * r_q)[:, None]
     return out
+
+
+@dataclass(frozen=True)
+class CodeTable:
+    """Everything candidate scoring reads, in storage order.
+
+    Attributes
+    ----------
+    codes : (w, n) uint64, word-major residual codes
+    norms : (n,) float32, residual norms ``|x - c_leaf|``
+    dots : (n,) float32 ``<x - c_leaf, c_leaf>`` for ``Metric.IP``, else ``None``
+    centroids : (n_nodes, bits) float32, the tree's node centroids in the rotated space
+        (shared with the tree, not counted in ``nbytes``)
+    leaf_nodes : (n_leaves,) int64, tree node of every leaf
+    cos_lut : (bits + 1,) float32, ``cos(pi * h / bits)``
+    metric : the index's metric
+    """
+
+    codes: U64
+    norms: F32
+    dots: F32 | None
+    centroids: F32
+    leaf_nodes: I64
+    cos_lut: F32
+    metric: Metric
+
+    @property
+    def nbytes(self) -> int:
+        arrays: list[npt.NDArray[Any]] = [
+            self.codes,
+            self.norms,
+            self.leaf_nodes,
+            self.cos_lut,
+        ]
+        if self.dots is not None:
+            arrays.append(self.dots)
+        return sum(int(a.nbytes) for a in arrays)
+
+
+@dataclass(frozen=True)
+class QuerySide:
+    """What scoring needs of the queries against their leaves, one row per (query, leaf) pair.
+
+    Computed on the CPU for every backend, so that all of them score identical inputs.
+
+    Attributes
+    ----------
+    codes : (P, w) uint64 sign codes of the rotated query residuals
+    r_q : (P,) float32 residual norms
+    c_q : (P,) float32 ``<c_leaf, q>`` for ``Metric.IP``, else ``None``
+    """
+
+    codes: U64
+    r_q: F32
+    c_q: F32 | None
+
+
+def query_side(table: CodeTable, q: F32, leaves: I64) -> QuerySide:
+    """Query codes and norms of rotated queries ``q`` ``(P, bits)`` against ``leaves`` ``(P,)``.
+
+    Row by row the same arithmetic whatever P is (no BLAS), so a query scores the same alone
+    or in a batch.
+    """
+    centres = table.centroids[table.leaf_nodes[leaves]]
+    residual = q - centres
+    r_q = np.sqrt(np.einsum("qd,qd->q", residual, residual))
+    c_q = np.einsum("qd,qd->q", q, centres) if table.metric is Metric.IP else None
+    return QuerySide(pack_signs(residual), r_q, c_q)

@@ -13,6 +13,7 @@ built-in exceptions keeps working::
     ├── IndexClosedError                              the index was closed
     ├── EngineClosedError                             the async engine was closed
     ├── EngineOverloadedError                         too many queued queries (overload="raise")
+    ├── BackendUnavailableError                       backend="cupy" but CuPy or a GPU is missing
     ├── InvalidIndexFileError                         a saved index is missing, damaged or foreign
     └── StorageError               (also OSError)     reading or writing a file failed
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyUsingMmapError",
+    "BackendUnavailableError",
     "DimensionMismatchError",
     "EngineClosedError",
     "EngineOverloadedError",
@@ -63,6 +65,10 @@ class EngineClosedError(VectorDBError):
 
 class EngineOverloadedError(VectorDBError):
     """More than ``max_pending`` queries are queued and the engine was told to refuse, not wait."""
+
+
+class BackendUnavailableError(VectorDBError):
+    """The requested backend cannot run here; the message names the cause and the fix."""
 
 
 class InvalidIndexFileError(VectorDBError):

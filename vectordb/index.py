@@ -12,11 +12,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ._validation import as_matrix, as_query_matrix, positive_int
-from .backends import NumpyBackend, get_backend
-from .codes import Quantizer, cos_table
+from .backends import Backend, CodeSelector, resolve_backend
+from .codes import CodeTable, Quantizer, cos_table
 from .errors import AlreadyUsingMmapError, InvalidParameterError, InvalidVectorsError
+from .leafscan import select_candidates
 from .metrics import Metric, parse_metric, prepare
-from .scan import CodeScorer, CodeTable, LeafScorer, VectorScorer, rerank, select_candidates
+from .scan import VectorScorer, rerank
 from .storage import InMemoryStorage, MmapStorage, write_vectors
 from .tree import Tree, build_tree
 
@@ -84,6 +85,7 @@ class ClusteredIndex:
         storage: InMemoryStorage | MmapStorage,
         metric: Metric,
         params: dict[str, Any],
+        backend: Backend,
     ) -> None:
         """Internal: use :meth:`build` or :meth:`open`."""
         self._tree = tree
@@ -93,13 +95,13 @@ class ClusteredIndex:
         self._storage = storage
         self._metric = metric
         self._params = dict(params)
-        self._backend: NumpyBackend = get_backend("numpy")
+        self._backend = backend
         self._leaf_offsets = leaf_offsets
         self._leaf_sizes = np.diff(leaf_offsets)
-        self._scorer: LeafScorer = (
-            CodeScorer(table, leaf_offsets, self._backend)
+        self._selector: CodeSelector = (
+            backend.code_selector(table, leaf_offsets)
             if table is not None
-            else VectorScorer(lambda: self._storage.vectors, leaf_offsets, metric)
+            else _VectorSelector(VectorScorer(lambda: self._storage.vectors, leaf_offsets, metric))
         )
 
     # ------------------------------------------------------------------ construction
@@ -115,6 +117,7 @@ class ClusteredIndex:
         seed: int = 0,
         rotate: bool = True,
         leaf_scan: str = "auto",
+        backend: str = "auto",
     ) -> ClusteredIndex:
         """Build an index over ``vectors``; ids are their row numbers ``0..n-1``.
 
@@ -144,6 +147,9 @@ class ClusteredIndex:
             the full vectors (no codes; in mmap mode every probed leaf is read from the
             file), for low dimensions where 1-bit codes cannot rank. ``auto`` picks
             ``vectors`` below ``AUTO_CODES_MIN_DIM`` dimensions, else ``codes``.
+        backend : {"auto", "numpy", "cupy"}
+            Where codes are scored: ``auto`` uses a CUDA GPU through CuPy when one is
+            usable, else NumPy (see :mod:`vectordb.backends`). Results are identical.
 
         Raises
         ------
@@ -151,8 +157,11 @@ class ClusteredIndex:
             Empty, ragged, non-numeric or non-finite vectors; zero rows with cosine.
         InvalidParameterError
             Any parameter out of range, or an unknown metric.
+        BackendUnavailableError
+            ``backend="cupy"`` where CuPy or a CUDA device cannot be used.
         """
         metric = parse_metric(metric)
+        chosen = resolve_backend(backend)
         branching_factor = positive_int("branching_factor", branching_factor)
         if branching_factor < 2:
             raise InvalidParameterError(f"branching_factor must be >= 2, got {branching_factor}")
@@ -209,6 +218,7 @@ class ClusteredIndex:
             storage=InMemoryStorage(stored),
             metric=metric,
             params=params,
+            backend=chosen,
         )
 
     # ------------------------------------------------------------------ properties
@@ -229,6 +239,21 @@ class ClusteredIndex:
     def n_leaves(self) -> int:
         """Number of leaves of the tree."""
         return int(self._leaf_sizes.shape[0])
+
+    @property
+    def backend(self) -> str:
+        """``"numpy"`` or ``"cupy"``: the backend really in use."""
+        return self._backend.name
+
+    def use_backend(self, backend: str) -> None:
+        """Switch the scoring backend (``"auto"``, ``"numpy"``, ``"cupy"``) without a rebuild.
+
+        Results do not change. Not thread-safe with searches running.
+        """
+        chosen = resolve_backend(backend)
+        if self._table is not None:
+            self._selector = chosen.code_selector(self._table, self._leaf_offsets)
+        self._backend = chosen
 
     @property
     def leaf_scan(self) -> str:
@@ -318,7 +343,7 @@ class ClusteredIndex:
         q = prepare(q, self._metric)
         rotated = self._quantizer.rotate(q)
         leaves = self._route(rotated, probes, min(k, len(self)))
-        rows = select_candidates(self._scorer, rotated, leaves, k * rerank_factor)
+        rows = self._selector.select(rotated, leaves, k * rerank_factor)
         rows, dists = rerank(q, rows, k, self._storage.take, self._metric)
         ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
         return ids, dists
@@ -388,7 +413,12 @@ class ClusteredIndex:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, mmap: bool = True, verify: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        mmap: bool = True,
+        verify: bool = False,
+        backend: str = "auto",
     ) -> ClusteredIndex:
         """Open an index saved with :meth:`save`, without rebuilding.
 
@@ -398,6 +428,7 @@ class ClusteredIndex:
         mmap : map ``vectors.bin`` instead of reading it into RAM
         verify : check every file's CRC32 (reads everything once); sizes, dtypes and
             shapes are always checked
+        backend : as for :meth:`build`
 
         Raises
         ------
@@ -407,4 +438,16 @@ class ClusteredIndex:
         """
         from .persist import open_index
 
-        return open_index(cls, Path(path), mmap=mmap, verify=verify)
+        return open_index(
+            cls, Path(path), mmap=mmap, verify=verify, backend=resolve_backend(backend)
+        )
+
+
+class _VectorSelector:
+    """``leaf_scan="vectors"``: candidates by exact distances on the full vectors (CPU)."""
+
+    def __init__(self, scorer: VectorScorer) -> None:
+        self.scorer = scorer
+
+    def select(self, queries: F32, leaves: I64, m: int) -> I64:
+        return select_candidates(self.scorer, queries, leaves, m)

@@ -42,14 +42,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ._files import crc32_file, fsync_dir, storage_error
-from .codes import BLOCK, Quantizer, cos_table, words_for
+from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
 from .errors import InvalidIndexFileError, StorageError
 from .metrics import Metric
-from .scan import CodeTable
 from .storage import InMemoryStorage, MmapStorage, write_vectors
 from .tree import Tree
 
 if TYPE_CHECKING:
+    from .backends import Backend
     from .index import ClusteredIndex
 
 __all__ = [
@@ -372,6 +372,7 @@ def open_index(
     *,
     mmap: bool,
     verify: bool,
+    backend: Backend,
     manifest: dict[str, Any] | None = None,
 ) -> ClusteredIndex:
     """Open a saved index. See ``ClusteredIndex.open``. ``manifest``: already parsed."""
@@ -446,6 +447,7 @@ def open_index(
         storage=storage,
         metric=metric,
         params=params,
+        backend=backend,
     )
 
 

@@ -1,4 +1,4 @@
-"""Search stages after routing: score leaf codes, keep the best candidates, rerank exactly.
+"""Search stages on the full vectors: scoring whole leaves, and the exact rerank.
 
 Pure functions over arrays; the index supplies its arrays and storage. Shapes use ``nq``
 queries, ``L`` leaf slots per query, ``w`` code words, ``d`` dimensions.
@@ -7,95 +7,22 @@ queries, ``L`` leaf slots per query, ``w`` code words, ``d`` dimensions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .backends import NumpyBackend
-from .codes import estimate, pack_signs
 from .metrics import Metric, distances
-from .topk import NO_KEY, keys_of, rows_of, smallest
 
-__all__ = [
-    "CodeScorer",
-    "CodeTable",
-    "LeafScorer",
-    "VectorScorer",
-    "rerank",
-    "select_candidates",
-]
+__all__ = ["VectorScorer", "rerank"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 
-#: Entries of the (queries, leaf slots, candidates) buffer per block of queries.
-_CANDIDATE_BLOCK = 1 << 22
 _FMAX = float(np.finfo(np.float32).max)
 #: Bytes of gathered float32 vectors per rerank block: small enough to stay in the CPU's
 #: cache while the distances are taken (64 MiB blocks ran 2x slower end to end).
 _RERANK_BLOCK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class CodeTable:
-    """Everything candidate scoring reads, in storage order.
-
-    Attributes
-    ----------
-    codes : (w, n) uint64, word-major residual codes
-    norms : (n,) float32, residual norms ``|x - c_leaf|``
-    dots : (n,) float32 ``<x - c_leaf, c_leaf>`` for ``Metric.IP``, else ``None``
-    centroids : (n_nodes, bits) float32, the tree's node centroids in the rotated space
-        (shared with the tree, not counted in ``nbytes``)
-    leaf_nodes : (n_leaves,) int64, tree node of every leaf
-    cos_lut : (bits + 1,) float32, ``cos(pi * h / bits)``
-    metric : the index's metric
-    """
-
-    codes: U64
-    norms: F32
-    dots: F32 | None
-    centroids: F32
-    leaf_nodes: I64
-    cos_lut: F32
-    metric: Metric
-
-    @property
-    def nbytes(self) -> int:
-        arrays: list[npt.NDArray[Any]] = [
-            self.codes,
-            self.norms,
-            self.leaf_nodes,
-            self.cos_lut,
-        ]
-        if self.dots is not None:
-            arrays.append(self.dots)
-        return sum(int(a.nbytes) for a in arrays)
-
-
-class CodeScorer:
-    """Estimated distances from a leaf's binary codes (the default, for d >= 128)."""
-
-    def __init__(self, table: CodeTable, leaf_offsets: I64, backend: NumpyBackend) -> None:
-        self.table = table
-        self.backend = backend
-        self.leaf_offsets = leaf_offsets
-
-    def score(self, q: F32, leaf: int, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 estimates for rotated queries ``q`` ``(nq, bits)``."""
-        table = self.table
-        centre = table.centroids[table.leaf_nodes[leaf]]
-        residual = q - centre
-        r_q = np.sqrt(np.einsum("qd,qd->q", residual, residual))
-        hamming = self.backend.hamming(pack_signs(residual), table.codes[:, a:b])
-        # einsum, not a BLAS product: per-row results must not depend on the batch's size.
-        c_q = np.einsum("qd,d->q", q, centre) if table.metric is Metric.IP else None
-        dots = table.dots[a:b] if table.dots is not None else None
-        with np.errstate(over="ignore", invalid="ignore"):
-            return estimate(hamming, table.norms[a:b], r_q, table.cos_lut, table.metric, dots, c_q)
 
 
 class VectorScorer:
@@ -125,67 +52,6 @@ class VectorScorer:
                 + np.einsum("qd,qd->q", q, q)[:, None]
             )
         return np.float32(1.0) - dots if self.metric is Metric.COSINE else -dots
-
-
-LeafScorer = CodeScorer | VectorScorer
-
-
-def select_candidates(scorer: LeafScorer, queries: F32, leaves: I64, m: int) -> I64:
-    """The ``m`` rows of the given leaves with the best scores, per query.
-
-    Work is grouped by leaf: every leaf is scored once against all the queries that probe
-    it, as one (queries x rows) block. Selection is exact and tie-free (see ``topk``): the
-    ``m`` smallest scores, ties to the lower row.
-
-    Parameters
-    ----------
-    scorer : scores one leaf for several queries
-    queries : (nq, d') float32, in the space the scorer expects (rotated for codes)
-    leaves : (nq, L) int64 leaf numbers per query, ``-1`` padded
-    m : candidates wanted per query
-
-    Returns
-    -------
-    (nq, m') int64 storage rows, ``-1`` where fewer exist, unsorted;
-    ``m' = min(m, L * max leaf size)``
-    """
-    nq, n_slots = leaves.shape
-    max_leaf_rows = int(np.diff(scorer.leaf_offsets).max(initial=0))
-    per_slot = max(1, min(m, max_leaf_rows))
-    keep = min(m, n_slots * per_slot)
-    out = np.empty((nq, keep), dtype=np.int64)
-    block = max(1, _CANDIDATE_BLOCK // (n_slots * per_slot))
-    for start in range(0, nq, block):
-        stop = min(nq, start + block)
-        keys = _score_block(scorer, queries[start:stop], leaves[start:stop], per_slot)
-        out[start:stop] = rows_of(smallest(keys.reshape(stop - start, -1), keep))
-    return out
-
-
-def _score_block(scorer: LeafScorer, q: F32, leaves: I64, per_slot: int) -> U64:
-    """Keys of the best ``per_slot`` rows of each (query, leaf slot): ``(nq, L, per_slot)``."""
-    nq, n_slots = leaves.shape
-    keys = np.full((nq, n_slots, per_slot), NO_KEY, dtype=np.uint64)
-    qi, slot = np.nonzero(leaves >= 0)
-    leaf = leaves[qi, slot]
-    by_leaf = np.argsort(leaf, kind="stable")
-    qi, slot, leaf = qi[by_leaf], slot[by_leaf], leaf[by_leaf]
-    bounds = np.flatnonzero(np.diff(leaf)) + 1
-    offsets = scorer.leaf_offsets
-    for group in np.split(np.arange(leaf.shape[0]), bounds):
-        if group.shape[0] == 0:
-            continue
-        lf = int(leaf[group[0]])
-        a, b = int(offsets[lf]), int(offsets[lf + 1])
-        if a == b:
-            continue
-        gq, gs = qi[group], slot[group]
-        leaf_est = scorer.score(q[gq], lf, a, b)
-        # Huge vectors overflow float32 scores; keep them ordered and distinct from padding.
-        np.nan_to_num(leaf_est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
-        best = smallest(keys_of(leaf_est, np.arange(a, b)), per_slot)
-        keys[gq, gs, : best.shape[1]] = best
-    return keys
 
 
 def rerank(

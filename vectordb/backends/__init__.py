@@ -1,18 +1,121 @@
-"""Hamming-scoring backends. ``numpy`` is always available."""
+"""Scoring backends: ``numpy`` (always) and ``cupy`` (a CUDA GPU, when usable).
+
+A backend scores binary codes and picks each query's candidates. The index picks one at
+build or open time and never branches on it afterwards::
+
+    backend="auto"   CuPy when it imports, sees a device and runs a test kernel; else NumPy,
+                     with one log line (logger "vectordb") saying why
+    backend="cupy"   CuPy, or BackendUnavailableError naming the cause
+    backend="numpy"  NumPy
+
+With ``backend="auto"``, the environment variable ``VECTORDB_BACKEND`` (``numpy``, ``cupy``
+or ``auto``) decides instead. Importing vectordb never imports CuPy.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..codes import CodeTable
+from ..errors import BackendUnavailableError, InvalidParameterError
 from .numpy_backend import NumpyBackend
 
-__all__ = ["Backend", "NumpyBackend", "get_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "CodeSelector",
+    "NumpyBackend",
+    "available_backends",
+    "resolve_backend",
+]
 
-Backend = NumpyBackend
+log = logging.getLogger("vectordb")
+
+BACKEND_NAMES = ("auto", "numpy", "cupy")
+ENV_VAR = "VECTORDB_BACKEND"
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 
 
-def get_backend(name: str = "numpy") -> NumpyBackend:
-    """Return the backend called ``name``; only ``"numpy"`` exists so far."""
-    if name != "numpy":
-        from ..errors import InvalidParameterError
+class CodeSelector(Protocol):
+    """Picks candidates from an index's codes (held wherever the backend keeps them)."""
 
-        raise InvalidParameterError(f"unknown backend {name!r}; available: 'numpy'")
+    def select(self, rotated_queries: F32, leaves: I64, m: int) -> I64:
+        """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row)."""
+        ...
+
+
+class Backend(Protocol):
+    """What an index needs of a backend."""
+
+    name: str
+
+    def hamming(self, queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
+        """(nq, w) query codes x (w, m) word-major codes -> (nq, m) uint16 distances."""
+        ...
+
+    def code_selector(self, table: CodeTable, leaf_offsets: I64) -> CodeSelector:
+        """A selector over ``table`` (uploaded to the device, where there is one)."""
+        ...
+
+
+@functools.cache
+def _probe_cupy() -> tuple[Any, str | None]:
+    from .cupy_backend import probe
+
+    return probe()
+
+
+@functools.cache
+def _cupy_backend() -> Any:
+    from .cupy_backend import CupyBackend
+
+    cupy, _ = _probe_cupy()
+    return CupyBackend(cupy)
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: ``["numpy"]`` or ``["numpy", "cupy"]``."""
+    return ["numpy"] + (["cupy"] if _probe_cupy()[0] is not None else [])
+
+
+def resolve_backend(name: str = "auto") -> Backend:
+    """The backend called ``name`` (see the module docstring for ``"auto"``).
+
+    Raises
+    ------
+    InvalidParameterError
+        ``name`` (or ``$VECTORDB_BACKEND``) is not one of ``BACKEND_NAMES``.
+    BackendUnavailableError
+        ``"cupy"`` was asked for and CuPy cannot be used; the message says why.
+    """
+    source = "backend"
+    if name == "auto" and os.environ.get(ENV_VAR):
+        name, source = os.environ[ENV_VAR].strip().lower(), f"${ENV_VAR}"
+    if name not in BACKEND_NAMES:
+        raise InvalidParameterError(
+            f"{source} must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}"
+        )
+    if name == "numpy":
+        return NumpyBackend()
+    cupy, reason = _probe_cupy()
+    if cupy is not None:
+        backend: Backend = _cupy_backend()
+        return backend
+    if name == "cupy":
+        raise BackendUnavailableError(f"the cupy backend is unavailable: {reason}")
+    if reason not in _logged:  # one line per process and cause, not one per index
+        _logged.add(reason)
+        log.info("vectordb: using the numpy backend (cupy unavailable: %s)", reason)
     return NumpyBackend()
+
+
+_logged: set[str | None] = set()

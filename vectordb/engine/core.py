@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from .._files import storage_error
 from .._validation import as_query_matrix, positive_int
+from ..backends import resolve_backend
 from ..errors import EngineClosedError, InvalidIndexFileError, InvalidParameterError
 from ..index import ClusteredIndex
 from ..persist import MAX_MANIFEST_BYTES, SaveJob, manifest_path, open_index, parse_manifest
@@ -112,6 +113,7 @@ class AsyncEngine:
         *,
         mmap: bool = True,
         verify: bool = False,
+        backend: str = "auto",
         **options: Any,
     ) -> AsyncEngine:
         """Open a saved index without blocking the loop, and serve it.
@@ -136,10 +138,16 @@ class AsyncEngine:
             except OSError as exc:
                 raise storage_error(exc, manifest_file) from exc
             manifest = parse_manifest(raw, manifest_file)
+            chosen = resolve_backend(backend)
             index = await loop.run_in_executor(
                 executor,
                 lambda: open_index(
-                    ClusteredIndex, directory, mmap=mmap, verify=verify, manifest=manifest
+                    ClusteredIndex,
+                    directory,
+                    mmap=mmap,
+                    verify=verify,
+                    backend=chosen,
+                    manifest=manifest,
                 ),
             )
         finally:

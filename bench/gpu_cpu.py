@@ -1,0 +1,189 @@
+"""GPU (CuPy) versus CPU (NumPy) backends, side by side on the same index and queries.
+
+    python bench/gpu_cpu.py [--sizes 100000 1000000] [--dim 768] [--kernel-codes 10000000]
+
+1. The Hamming kernel alone over ``--kernel-codes`` random codes: codes scanned per second,
+   and GB/s of code words read (each query reads every code once).
+2. End to end, for each size: one index (vectors memory-mapped and warm), both backends,
+   batched QPS and recall@10 at batch sizes 1, 64, 1024 and 10,000.
+
+Without a usable CuPy only the NumPy columns are filled. Figures are medians of 3 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import vectordb as vdb
+from vectordb import backends
+from vectordb.backends import numpy_backend
+
+
+def timed(fn: Any, repeats: int = 3, sync: Any = None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    if sync:
+        sync()
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
+def kernel_bench(n: int, words: int, cupy: Any) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2**63, size=(words, n), dtype=np.int64).view(np.uint64)
+    out = []
+    for name, nq in (("numpy", 4), ("cupy", 64)):
+        if name == "cupy" and cupy is None:
+            continue
+        queries = rng.integers(0, 2**63, size=(nq, words), dtype=np.int64).view(np.uint64)
+        if name == "numpy":
+            seconds = timed(functools.partial(numpy_backend.hamming, queries, codes))
+        else:
+            gpu = backends.resolve_backend("cupy")
+            dq, dc = cupy.asarray(queries), cupy.asarray(codes)
+            kernel = functools.partial(gpu.hamming_device, dq, dc)
+            seconds = timed(kernel, sync=cupy.cuda.Device().synchronize)
+        out.append(
+            {
+                "backend": name,
+                "codes": n,
+                "queries": nq,
+                "codes_per_s": n * nq / seconds,
+                "gb_per_s": n * nq * words * 8 / seconds / 1e9,
+            }
+        )
+    return out
+
+
+def truth(x: np.ndarray, q: np.ndarray, cupy: Any, k: int = 10) -> np.ndarray:
+    """Exact cosine top-k, on the GPU when there is one."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    out = np.empty((len(q), k), dtype=np.int64)
+    for s in range(0, len(q), 1000):
+        if cupy is not None:
+            sims = cupy.asarray(qn[s : s + 1000]) @ cupy.asarray(xn).T
+            out[s : s + 1000] = cupy.argsort(-sims, axis=1)[:, :k].get()
+        else:
+            sims = qn[s : s + 1000] @ xn.T
+            part = np.argpartition(-sims, k, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+            out[s : s + 1000] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, Any]]:
+    data = vdb.make_clustered(n + n_queries, dim, seed=0)
+    x, queries = data[:n], data[n:]
+    t = time.perf_counter()
+    index = vdb.ClusteredIndex.build(x, metric="cosine", backend="numpy")
+    build_s = time.perf_counter() - t
+    gt = truth(x, queries, cupy)
+    del data, x
+    tmp = tempfile.TemporaryDirectory()
+    index.use_mmap_storage(Path(tmp.name) / "vectors.bin")
+    index.search_batch(queries, 10)  # warm the pages both backends will read
+    rows = []
+    for name in ("numpy", "cupy"):
+        if name == "cupy" and cupy is None:
+            continue
+        index.use_backend(name)
+        for batch in (1, 64, 1024, 10_000):
+            count = min(len(queries), max(batch, 256 if batch == 1 else batch * 4))
+            sel = queries[:count]
+
+            def run(sel: np.ndarray = sel, batch: int = batch) -> np.ndarray:
+                return np.concatenate(
+                    [
+                        index.search_batch(sel[s : s + batch], 10)[0]
+                        for s in range(0, len(sel), batch)
+                    ]
+                )
+
+            seconds = timed(run)
+            ids = run()
+            recall = float(
+                np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, gt[:count], strict=True)])
+            )
+            rows.append(
+                {
+                    "backend": name,
+                    "n": n,
+                    "dim": dim,
+                    "batch": batch,
+                    "qps": count / seconds,
+                    "recall": recall,
+                    "build_s": build_s,
+                }
+            )
+    index.close()
+    tmp.cleanup()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--kernel-codes", type=int, default=10_000_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    cupy, reason = backends._probe_cupy()
+    device = "none"
+    if cupy is not None:
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        device = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    else:
+        print(f"cupy unavailable ({reason}): NumPy only")
+    words = (args.dim + 63) // 64
+    kernel = kernel_bench(args.kernel_codes, words, cupy)
+    print(f"device: {device}\n\nHamming kernel, {args.kernel_codes:,} codes of {words * 64} bits\n")
+    print("| backend | queries | codes scanned / s | GB/s of codes read |")
+    print("|---|---|---|---|")
+    for r in kernel:
+        print(f"| {r['backend']} | {r['queries']} | {r['codes_per_s']:.3g} | {r['gb_per_s']:.1f} |")
+    e2e = []
+    for n in args.sizes:
+        e2e += end_to_end(n, args.dim, cupy, args.queries)
+    print("\nEnd to end, cosine, k=10, probes=4, rerank_factor=5, vectors memory-mapped (warm)\n")
+    print("| n | batch | numpy QPS | cupy QPS | cupy / numpy | recall@10 numpy | recall@10 cupy |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for batch in (1, 64, 1024, 10_000):
+            cpu = next(
+                r for r in e2e if r["n"] == n and r["batch"] == batch and r["backend"] == "numpy"
+            )
+            gpu = next(
+                (r for r in e2e if r["n"] == n and r["batch"] == batch and r["backend"] == "cupy"),
+                None,
+            )
+            print(
+                f"| {n:,} | {batch:,} | {cpu['qps']:,.0f} | "
+                + (f"{gpu['qps']:,.0f} | {gpu['qps'] / cpu['qps']:.2f}x | " if gpu else "- | - | ")
+                + f"{cpu['recall']:.3f} | "
+                + (f"{gpu['recall']:.3f} |" if gpu else "- |")
+            )
+    if args.out:
+        args.out.write_text(
+            json.dumps({"device": device, "kernel": kernel, "end_to_end": e2e}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Backends: one test body per backend, and the choice of backend when CuPy is unusable.
+
+The CuPy cases skip where CuPy or a CUDA device is missing; the dispatch and error paths
+are tested everywhere by simulating an unusable CuPy.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import vectordb as vdb
+from vectordb import backends
+from vectordb.backends import numpy_backend
+from vectordb.codes import pack_signs
+
+K = 10
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    """Forget the cached CuPy probe (tests below fake its outcome)."""
+    backends._probe_cupy.cache_clear()
+    backends._cupy_backend.cache_clear()
+    backends._logged.clear()
+    yield
+    backends._probe_cupy.cache_clear()
+    backends._cupy_backend.cache_clear()
+
+
+def cupy_or_skip() -> None:
+    cupy, reason = backends._probe_cupy()
+    if cupy is None:
+        pytest.skip(f"cupy backend unavailable: {reason}")
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend_name(request):
+    if request.param == "cupy":
+        cupy_or_skip()
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = vdb.make_clustered(6_000, 192, seed=5)
+    return x[:5_000], x[5_000:]
+
+
+# ---------------------------------------------------------------------- one body per backend
+
+
+def test_hamming_matches_numpy(backend_name):
+    backend = backends.resolve_backend(backend_name)
+    assert backend.name == backend_name
+    rng = np.random.default_rng(0)
+    q = pack_signs(rng.standard_normal((37, 300)).astype(np.float32))
+    codes = np.ascontiguousarray(pack_signs(rng.standard_normal((5000, 300)).astype(np.float32)).T)
+    got = backend.hamming(q, codes)
+    assert got.dtype == np.uint16 and got.shape == (37, 5000)
+    np.testing.assert_array_equal(got, numpy_backend.hamming(q, codes))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_search_results_equal_the_numpy_backend(data, backend_name, metric):
+    x, queries = data
+    reference = vdb.ClusteredIndex.build(x, metric=metric, max_leaf_size=300, backend="numpy")
+    index = vdb.ClusteredIndex.build(x, metric=metric, max_leaf_size=300, backend=backend_name)
+    assert index.backend == backend_name
+    for probes, rerank_factor in [(1, 1), (4, 5), (16, 2)]:
+        want = reference.search_batch(queries, K, probes=probes, rerank_factor=rerank_factor)
+        got = index.search_batch(queries, K, probes=probes, rerank_factor=rerank_factor)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        single = index.search(queries[3], K, probes=probes, rerank_factor=rerank_factor)
+        np.testing.assert_array_equal(single[0], want[0][3])
+
+
+def test_open_with_a_backend_and_mmap(data, backend_name, tmp_path):
+    x, queries = data
+    vdb.ClusteredIndex.build(x, max_leaf_size=300, backend="numpy").save(tmp_path / "i")
+    with vdb.ClusteredIndex.open(tmp_path / "i", mmap=True, backend=backend_name) as index:
+        assert index.backend == backend_name and index.is_using_mmap
+        got = index.search_batch(queries, K)
+    with vdb.ClusteredIndex.open(tmp_path / "i", backend="numpy") as reference:
+        want = reference.search_batch(queries, K)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.asyncio
+async def test_engine_on_a_backend(data, backend_name):
+    x, queries = data
+    index = vdb.ClusteredIndex.build(x, max_leaf_size=300, backend=backend_name)
+    async with vdb.AsyncEngine(index, max_workers=2) as engine:
+        import asyncio
+
+        got = await asyncio.gather(*(engine.search(q, K) for q in queries))
+    want = index.search_batch(queries, K)[0]
+    np.testing.assert_array_equal(np.stack([g[0] for g in got]), want)
+
+
+# ---------------------------------------------------------------------- choosing a backend
+
+
+def fake_cupy(monkeypatch, *, devices: int = 1, compile_error: bool = False) -> None:
+    def raw_module(**kwargs):
+        raise RuntimeError("nvrtc: error: failed to compile (simulated)")
+
+    module = types.ModuleType("cupy")
+    module.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: devices)
+    )
+    module.RawModule = raw_module if compile_error else None
+    monkeypatch.setitem(sys.modules, "cupy", module)
+
+
+def no_cupy(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+
+
+@pytest.mark.parametrize(
+    ("simulate", "cause"),
+    [
+        (no_cupy, "CuPy is not installed; pip install 'vectordb[gpu-cuda12]'"),
+        (lambda mp: fake_cupy(mp, devices=0), "no CUDA device found"),
+        (lambda mp: fake_cupy(mp, compile_error=True), "failed to compile or run"),
+    ],
+)
+def test_unusable_cupy(monkeypatch, caplog, data, simulate, cause):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    simulate(monkeypatch)
+    assert vdb.available_backends() == ["numpy"]
+    with pytest.raises(vdb.BackendUnavailableError, match="cupy backend is unavailable") as info:
+        vdb.ClusteredIndex.build(data[0][:500], backend="cupy")
+    assert cause in str(info.value)
+    with caplog.at_level(logging.INFO, logger="vectordb"):
+        a = vdb.ClusteredIndex.build(data[0][:500], backend="auto")
+        b = vdb.ClusteredIndex.build(data[0][:500])
+    assert a.backend == b.backend == "numpy"
+    lines = [r.getMessage() for r in caplog.records if "numpy backend" in r.getMessage()]
+    assert len(lines) == 1 and cause in lines[0]  # one line, saying why
+
+
+def test_device_count_failure_is_reported(monkeypatch):
+    def broken():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    fake_cupy(monkeypatch)
+    sys.modules["cupy"].cuda.runtime.getDeviceCount = broken
+    cupy, reason = backends._probe_cupy()
+    assert cupy is None and "no usable CUDA device" in reason
+    assert "cudaErrorInsufficientDriver" in reason
+
+
+def test_environment_decides_for_auto(monkeypatch, data):
+    no_cupy(monkeypatch)
+    monkeypatch.setenv(backends.ENV_VAR, "numpy")
+    assert vdb.ClusteredIndex.build(data[0][:300]).backend == "numpy"
+    monkeypatch.setenv(backends.ENV_VAR, "cupy")
+    with pytest.raises(vdb.BackendUnavailableError):
+        vdb.ClusteredIndex.build(data[0][:300])
+    # an explicit argument wins over the environment
+    assert vdb.ClusteredIndex.build(data[0][:300], backend="numpy").backend == "numpy"
+    monkeypatch.setenv(backends.ENV_VAR, "tpu")
+    with pytest.raises(vdb.InvalidParameterError, match=r"\$VECTORDB_BACKEND"):
+        vdb.ClusteredIndex.build(data[0][:300])
+
+
+def test_unknown_backend_name(data):
+    with pytest.raises(vdb.InvalidParameterError, match="backend"):
+        vdb.ClusteredIndex.build(data[0][:300], backend="metal")
+
+
+def test_importing_and_using_vectordb_never_imports_cupy():
+    code = (
+        "import sys, numpy as np, vectordb as vdb\n"
+        "x = vdb.make_clustered(300, 16, seed=1)\n"
+        "vdb.ClusteredIndex.build(x, backend='numpy').search(x[0])\n"
+        "assert 'cupy' not in sys.modules, 'cupy was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
