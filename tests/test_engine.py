@@ -268,7 +268,8 @@ async def test_open_save_and_warm(index, data, tmp_path):
         assert all(a[0] < b[0] for a, b in itertools.pairwise(progress))
         await engine.save(tmp_path / "b")
         ids, _ = await engine.search(data[1][0], K)
-    assert engine.index._storage._vectors is None  # the engine owned and closed its index
+    with pytest.raises(vdb.IndexClosedError):  # the engine owned and closed its index
+        engine.index.search(data[1][0], K)
     with vdb.ClusteredIndex.open(tmp_path / "b", verify=True) as copy:
         np.testing.assert_array_equal(copy.search(data[1][0], K)[0], ids)
     np.testing.assert_array_equal(ids, index.search(data[1][0], K)[0])

@@ -154,5 +154,5 @@ def test_duplicate_vectors_at_the_candidate_boundary_resolve_to_the_lower_row():
     x = np.concatenate([x, vdb.make_clustered(200, 32, seed=1)])
     index = vdb.ClusteredIndex.build(x, max_leaf_size=1000, leaf_scan="codes")
     ids, _ = index.search(x[0], k=3, probes=1, rerank_factor=1)
-    rows = np.flatnonzero(np.isin(index._ids, np.arange(8)))
-    assert sorted(ids.tolist()) == sorted(index._ids[np.sort(rows)[:3]].tolist())
+    rows = np.flatnonzero(np.isin(index._state.row_id, np.arange(8)))
+    assert sorted(ids.tolist()) == sorted(index._state.row_id[np.sort(rows)[:3]].tolist())

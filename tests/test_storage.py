@@ -77,7 +77,7 @@ def test_use_mmap_storage_replaces_an_existing_file(small, tmp_path):
 
 
 def test_memory_usage_falls_95_percent_with_mmap(tmp_path):
-    n, dim = 5_000, 768
+    n, dim = 20_000, 768
     index = vdb.ClusteredIndex.build(vdb.make_clustered(n, dim, seed=4), max_leaf_size=1000)
     in_ram = index.memory_usage_bytes()
     assert in_ram >= n * dim * 4
@@ -233,6 +233,7 @@ def _expected_files(metric: str, rotate: bool) -> set[str]:
         "norms.npy",
         "ids.npy",
         "vectors.bin",
+        "metadata.sqlite",
     }
     if metric == "ip":
         names.add("dots.npy")

@@ -16,6 +16,7 @@ from .errors import (
     AlreadyUsingMmapError,
     BackendUnavailableError,
     DimensionMismatchError,
+    DuplicateIdError,
     EngineClosedError,
     EngineOverloadedError,
     IndexClosedError,
@@ -23,6 +24,7 @@ from .errors import (
     InvalidParameterError,
     InvalidVectorsError,
     StorageError,
+    UnknownIdError,
     VectorDBError,
 )
 from .index import ClusteredIndex
@@ -37,6 +39,7 @@ __all__ = [
     "BackendUnavailableError",
     "ClusteredIndex",
     "DimensionMismatchError",
+    "DuplicateIdError",
     "EngineClosedError",
     "EngineOverloadedError",
     "EngineState",
@@ -47,6 +50,7 @@ __all__ = [
     "InvalidVectorsError",
     "Metric",
     "StorageError",
+    "UnknownIdError",
     "VectorDBError",
     "__version__",
     "available_backends",

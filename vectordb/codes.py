@@ -21,7 +21,6 @@ against different centroids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -194,13 +193,10 @@ def estimate(
 
 @dataclass(frozen=True)
 class CodeTable:
-    """Everything candidate scoring reads, in storage order.
+    """What scoring codes needs besides the codes themselves (which live in ``parts``).
 
     Attributes
     ----------
-    codes : (w, n) uint64, word-major residual codes
-    norms : (n,) float32, residual norms ``|x - c_leaf|``
-    dots : (n,) float32 ``<x - c_leaf, c_leaf>`` for ``Metric.IP``, else ``None``
     centroids : (n_nodes, bits) float32, the tree's node centroids in the rotated space
         (shared with the tree, not counted in ``nbytes``)
     leaf_nodes : (n_leaves,) int64, tree node of every leaf
@@ -208,9 +204,6 @@ class CodeTable:
     metric : the index's metric
     """
 
-    codes: U64
-    norms: F32
-    dots: F32 | None
     centroids: F32
     leaf_nodes: I64
     cos_lut: F32
@@ -218,15 +211,7 @@ class CodeTable:
 
     @property
     def nbytes(self) -> int:
-        arrays: list[npt.NDArray[Any]] = [
-            self.codes,
-            self.norms,
-            self.leaf_nodes,
-            self.cos_lut,
-        ]
-        if self.dots is not None:
-            arrays.append(self.dots)
-        return sum(int(a.nbytes) for a in arrays)
+        return int(self.leaf_nodes.nbytes + self.cos_lut.nbytes)
 
 
 @dataclass(frozen=True)

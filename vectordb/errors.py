@@ -9,6 +9,8 @@ built-in exceptions keeps working::
     ├── InvalidParameterError      (also ValueError)  bad k, probes, metric name, ...
     ├── InvalidVectorsError        (also ValueError)  empty, ragged, NaN/inf, wrong dtype
     │   └── DimensionMismatchError                    right values, wrong width
+    ├── DuplicateIdError           (also ValueError)  add() of an id already there
+    ├── UnknownIdError             (also KeyError)    delete() or get_metadata() of a missing id
     ├── AlreadyUsingMmapError                         use_mmap_storage() called twice
     ├── IndexClosedError                              the index was closed
     ├── EngineClosedError                             the async engine was closed
@@ -24,6 +26,7 @@ __all__ = [
     "AlreadyUsingMmapError",
     "BackendUnavailableError",
     "DimensionMismatchError",
+    "DuplicateIdError",
     "EngineClosedError",
     "EngineOverloadedError",
     "IndexClosedError",
@@ -31,6 +34,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidVectorsError",
     "StorageError",
+    "UnknownIdError",
     "VectorDBError",
 ]
 
@@ -49,6 +53,17 @@ class InvalidVectorsError(VectorDBError, ValueError):
 
 class DimensionMismatchError(InvalidVectorsError):
     """Vectors or queries do not have the index's dimension."""
+
+
+class DuplicateIdError(InvalidParameterError):
+    """``add`` (or ``build``) got an id that is already taken; ``upsert`` replaces instead."""
+
+
+class UnknownIdError(VectorDBError, KeyError):
+    """No vector has this id."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 class AlreadyUsingMmapError(VectorDBError):

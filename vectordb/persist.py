@@ -44,9 +44,14 @@ import numpy.typing as npt
 from ._files import crc32_file, fsync_dir, storage_error
 from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
 from .errors import InvalidIndexFileError, StorageError
+from .living import compacted
+from .metadata import MetadataStore
 from .metrics import Metric
-from .storage import InMemoryStorage, MmapStorage, write_vectors
+from .parts import Part
+from .storage import InMemoryStorage, MmapStorage, write_rows
 from .tree import Tree
+
+I64 = npt.NDArray[np.int64]
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -67,6 +72,7 @@ FORMAT_NAME = "vectordb.ClusteredIndex"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VECTORS = "vectors.bin"
+METADATA = "metadata.sqlite"
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -93,20 +99,19 @@ def _write_file(directory: Path, name: str, arr: npt.NDArray[Any]) -> dict[str, 
     return {"size": path.stat().st_size, "crc32": writer.crc}
 
 
-def _arrays(index: ClusteredIndex) -> dict[str, npt.NDArray[Any]]:
-    table = index._table
+def _arrays(index: ClusteredIndex, base: Part, ids: I64) -> dict[str, npt.NDArray[Any]]:
     arrays: dict[str, npt.NDArray[Any]] = {
         "centroids.npy": index._tree.centroids,
         "children.npy": index._tree.children,
         "leaf_of_node.npy": index._tree.leaf_of_node,
-        "leaf_offsets.npy": index._leaf_offsets,
-        "ids.npy": index._ids,
+        "leaf_offsets.npy": base.offsets,
+        "ids.npy": ids,
     }
-    if table is not None:
-        arrays["codes.npy"] = table.codes
-        arrays["norms.npy"] = table.norms
-    if table is not None and table.dots is not None:
-        arrays["dots.npy"] = table.dots
+    if base.codes is not None and base.norms is not None:
+        arrays["codes.npy"] = base.codes
+        arrays["norms.npy"] = base.norms
+    if base.dots is not None:
+        arrays["dots.npy"] = base.dots
     if index._quantizer.perm is not None and index._quantizer.blocks is not None:
         arrays["perm.npy"] = index._quantizer.perm
         arrays["blocks.npy"] = index._quantizer.blocks
@@ -133,6 +138,11 @@ class SaveJob:
                 str(path),
             )
         self.index = index
+        # One consistent state, taken now: writes may go on while the files are written.
+        state = index._state
+        self.base, self.order = compacted(state.base, state.delta, state.row_ok)
+        self.ids = state.row_id[self.order]
+        self.metadata = index._metadata.copy()
         self.path = path
         self.parent = path.parent if str(path.parent) else Path(".")
         self.tmp = self.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -148,10 +158,14 @@ class SaveJob:
 
     def write_data(self) -> None:
         """Write and fsync every array and the vector file into the temporary directory."""
-        for name, arr in _arrays(self.index).items():
+        for name, arr in _arrays(self.index, self.base, self.ids).items():
             self.files[name] = _write_file(self.tmp, name, arr)
-        crc = write_vectors(self.index._storage.vectors, self.tmp / VECTORS)
+        index = self.index
+        crc = write_rows(index._storage.take, self.order, index.dim, self.tmp / VECTORS)
         self.files[VECTORS] = {"size": (self.tmp / VECTORS).stat().st_size, "crc32": crc}
+        meta = self.tmp / METADATA
+        self.metadata.save(meta)
+        self.files[METADATA] = {"size": meta.stat().st_size, "crc32": crc32_file(meta)}
 
     def manifest_bytes(self) -> bytes:
         index = self.index
@@ -160,7 +174,7 @@ class SaveJob:
             "format_version": FORMAT_VERSION,
             "dim": index.dim,
             "metric": index.metric.value,
-            "n": len(index),
+            "n": int(self.order.shape[0]),
             "n_nodes": index._tree.n_nodes,
             "n_leaves": index.n_leaves,
             "params": index.params,
@@ -418,9 +432,6 @@ def open_index(
     quantizer = Quantizer(dim, arrays.get("perm.npy"), arrays.get("blocks.npy"))
     table = (
         CodeTable(
-            codes=arrays["codes.npy"],
-            norms=arrays["norms.npy"],
-            dots=arrays.get("dots.npy"),
             centroids=tree.centroids,
             leaf_nodes=tree.leaf_nodes,
             cos_lut=cos_table(quantizer.bits),
@@ -429,6 +440,19 @@ def open_index(
         if codes
         else None
     )
+    base = Part(
+        offsets=arrays["leaf_offsets.npy"],
+        rows=None,
+        codes=arrays.get("codes.npy"),
+        norms=arrays.get("norms.npy"),
+        dots=arrays.get("dots.npy"),
+    )
+    ids = arrays["ids.npy"]
+    if np.unique(ids).shape[0] != n or (ids < 0).any():
+        raise _bad(directory / "ids.npy", "ids must be distinct and >= 0")
+    metadata = None
+    if METADATA in files:
+        metadata = MetadataStore.load(_check_file(directory, METADATA, files, verify))
     storage: InMemoryStorage | MmapStorage
     if mmap:
         storage = MmapStorage(vec_path, n, dim)
@@ -441,13 +465,14 @@ def open_index(
     return cls(
         tree=tree,
         table=table,
-        leaf_offsets=arrays["leaf_offsets.npy"],
+        base=base,
         quantizer=quantizer,
-        ids=arrays["ids.npy"],
+        ids=ids,
         storage=storage,
         metric=metric,
         params=params,
         backend=backend,
+        metadata=metadata,
     )
 
 

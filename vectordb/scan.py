@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .metrics import Metric, distances
+from .parts import Part
 
 __all__ = ["VectorScorer", "rerank"]
 
@@ -29,18 +30,23 @@ class VectorScorer:
     """Exact distances from a leaf's full vectors, for low dimensions where 1-bit codes
     cannot rank (GloVe-50: recall@10 0.42 by codes at the defaults).
 
-    Leaves are contiguous rows of the vector file, so in mmap mode this reads whole pages
-    in order.
+    A leaf's rows are contiguous in storage after a build, an open or a compaction, so in
+    mmap mode this usually reads whole pages in order.
     """
 
-    def __init__(self, vectors: Callable[[], F32], leaf_offsets: I64, metric: Metric) -> None:
-        self.vectors = vectors
-        self.leaf_offsets = leaf_offsets
+    def __init__(
+        self, take: Callable[[I64], F32], slice_: Callable[[int, int], F32], metric: Metric
+    ) -> None:
+        self.take = take
+        self.slice = slice_
         self.metric = metric
 
-    def score(self, q: F32, leaf: int, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 distances for prepared queries ``q`` ``(nq, d)``."""
-        x = self.vectors()[a:b]
+    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
+        """``(nq, b - a)`` float32 distances of slots ``a:b`` for prepared queries ``q``."""
+        rows = part.row_range(a, b)
+        first, last = int(rows[0]), int(rows[-1])
+        contiguous = last - first == b - a - 1 and bool((np.diff(rows) == 1).all())
+        x = self.slice(first, last + 1) if contiguous else self.take(rows)
         # A BLAS product, 5-10x faster than einsum here. Its rounding depends on the batch
         # size, but these scores only pick candidates: the rerank recomputes their distances
         # batch-independently, so only a tie at the last candidate's score could differ.

@@ -1,8 +1,8 @@
 """Full-precision vector stores: in RAM, or in a memory-mapped file.
 
 The vector file format is raw little-endian float32, row-major, ``n * dim * 4`` bytes, no
-header. Rows are in the index's storage order (leaf by leaf); the index keeps the id of
-every row.
+header. Stores are append-only: rows never move or change once written, so a search that
+read ``n`` rows can go on while more are appended.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,47 +21,73 @@ import numpy.typing as npt
 from ._files import atomic_write, storage_error
 from .errors import IndexClosedError, InvalidIndexFileError
 
-__all__ = ["InMemoryStorage", "MmapStorage", "Storage", "write_vectors"]
+__all__ = ["InMemoryStorage", "MmapStorage", "Storage", "write_rows", "write_vectors"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
-_ROWS_PER_WRITE_BYTES = 8 << 20
+_WRITE_BYTES = 8 << 20
 
 
-def write_vectors(vectors: F32, path: Path) -> int:
-    """Write ``vectors`` ``(n, d)`` float32 to ``path`` atomically; return the file's CRC32."""
-    rows = max(1, _ROWS_PER_WRITE_BYTES // max(1, vectors.shape[1] * 4))
+def write_rows(take: Callable[[I64], F32], order: I64, dim: int, path: Path) -> int:
+    """Write rows ``order`` (read through ``take``) to ``path`` atomically; return the CRC32."""
+    rows = max(1, _WRITE_BYTES // max(1, dim * 4))
     crc = 0
     with atomic_write(path) as fh:
-        for start in range(0, vectors.shape[0], rows):
-            chunk = np.ascontiguousarray(vectors[start : start + rows], dtype="<f4").tobytes()
+        for start in range(0, order.shape[0], rows):
+            chunk = np.ascontiguousarray(take(order[start : start + rows]), dtype="<f4").tobytes()
             crc = zlib.crc32(chunk, crc)
             fh.write(chunk)
     return crc
 
 
+def write_vectors(vectors: F32, path: Path) -> int:
+    """Write ``vectors`` ``(n, d)`` float32 to ``path`` atomically; return the file's CRC32."""
+    order = np.arange(vectors.shape[0], dtype=np.int64)
+    return write_rows(lambda r: vectors[r[0] : r[-1] + 1], order, vectors.shape[1], path)
+
+
 class InMemoryStorage:
-    """Vectors held in process memory as one ``(n, d)`` float32 array."""
+    """Vectors held in process memory, in one growable ``(capacity, d)`` float32 array."""
 
     is_mmap = False
     path: Path | None = None
 
     def __init__(self, vectors: F32) -> None:
-        self._vectors = vectors
+        self._buf = vectors
+        self._n = int(vectors.shape[0])
+
+    @property
+    def n(self) -> int:
+        return self._n
 
     @property
     def vectors(self) -> F32:
-        """(n, d) float32, read-only use."""
-        return self._vectors
+        """(n, d) float32 view, read-only use."""
+        return self._buf[: self._n]
 
     @property
     def ram_bytes(self) -> int:
-        return int(self._vectors.nbytes)
+        return int(self._buf.nbytes)
 
     def take(self, rows: I64) -> F32:
         """Rows ``(m,)`` int64 -> ``(m, d)`` float32 copy."""
-        return self._vectors[rows]
+        return self._buf[rows]
+
+    def slice(self, a: int, b: int) -> F32:
+        """Rows ``a:b`` as ``(b - a, d)`` float32 (a view)."""
+        return self._buf[a:b]
+
+    def append(self, x: F32) -> int:
+        """Append rows ``(m, d)``; return the row number of the first."""
+        first, m = self._n, x.shape[0]
+        if first + m > self._buf.shape[0]:
+            grown = np.empty((max(2 * self._buf.shape[0], first + m), x.shape[1]), np.float32)
+            grown[:first] = self._buf[:first]
+            self._buf = grown  # readers holding the old array still see their rows
+        self._buf[first : first + m] = x
+        self._n = first + m
+        return first
 
     def close(self) -> None:
         """Nothing to release; vectors stay usable."""
@@ -69,13 +97,21 @@ class MmapStorage:
     """Vectors in a read-only memory-mapped file; the OS pages them in on demand.
 
     Only pages that searches touch occupy RAM, and they are page cache: shared between
-    processes mapping the same file, and reclaimable under memory pressure.
+    processes mapping the same file, and reclaimable under memory pressure. Appended rows go
+    to a second file beside the first (``.<name>.append-<id>``), so a saved index's own
+    vector file is never modified; ``save`` writes both into the new index, ``close``
+    removes the append file.
     """
 
     is_mmap = True
 
-    def __init__(self, path: Path, n: int, dim: int) -> None:
+    def __init__(self, path: Path, n: int, dim: int, *, owned: bool = False) -> None:
+        """Map ``path`` (``n`` rows of ``dim`` float32). ``owned``: a working file of the
+        index's own, removed by :meth:`close`."""
         self.path = Path(path)
+        self.dim = dim
+        self._owned = owned
+        self._n_base = n
         expected = n * dim * 4
         try:
             with open(self.path, "rb") as fh:
@@ -85,19 +121,27 @@ class MmapStorage:
                         f"{self.path}: size is {found} bytes, expected {expected} "
                         f"(n={n} x dim={dim} x 4 bytes of float32)"
                     )
-                self._mmap: mmap.mmap | None = mmap.mmap(
-                    fh.fileno(), expected, access=mmap.ACCESS_READ
+                self._mmap: mmap.mmap | None = (
+                    mmap.mmap(fh.fileno(), expected, access=mmap.ACCESS_READ) if expected else None
                 )
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
-        self._vectors: F32 | None = np.frombuffer(self._mmap, dtype="<f4").reshape(n, dim)
+        base = np.frombuffer(self._mmap, dtype="<f4") if self._mmap else np.empty(0, "<f4")
+        self._base: F32 | None = base.reshape(n, dim)
+        self._closed = False
+        self._append_path: Path | None = None
+        self._append: F32 = np.empty((0, dim), np.float32)
+
+    @property
+    def n(self) -> int:
+        return self._n_base + int(self._append.shape[0])
 
     @property
     def vectors(self) -> F32:
-        """(n, d) float32 view of the mapping (read-only)."""
-        if self._vectors is None:
+        """(n, d) float32 view of the mapped file (rows appended since open excluded)."""
+        if self._base is None:
             raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
-        return self._vectors
+        return self._base
 
     @property
     def ram_bytes(self) -> int:
@@ -106,13 +150,47 @@ class MmapStorage:
 
     def take(self, rows: I64) -> F32:
         """Rows ``(m,)`` int64 -> ``(m, d)`` float32 copy, read in ascending file order."""
-        vectors = self.vectors
-        if rows.shape[0] < 2:
-            return vectors[rows]
+        base = self.vectors
+        if rows.shape[0] < 2 and (rows.shape[0] == 0 or rows[0] < self._n_base):
+            return base[rows]
         order = np.argsort(rows, kind="stable")
-        out = np.empty((rows.shape[0], vectors.shape[1]), dtype=np.float32)
-        out[order] = vectors[rows[order]]
+        sorted_rows = rows[order]
+        out = np.empty((rows.shape[0], self.dim), dtype=np.float32)
+        split = int(np.searchsorted(sorted_rows, self._n_base))
+        out[order[:split]] = base[sorted_rows[:split]]
+        if split < rows.shape[0]:
+            out[order[split:]] = self._append[sorted_rows[split:] - self._n_base]
         return out
+
+    def slice(self, a: int, b: int) -> F32:
+        """Rows ``a:b`` as ``(b - a, d)`` float32 (a view when in one file)."""
+        base, nb = self.vectors, self._n_base
+        if b <= nb:
+            return base[a:b]
+        if a >= nb:
+            return self._append[a - nb : b - nb]
+        return np.concatenate([base[a:], self._append[: b - nb]])
+
+    def append(self, x: F32) -> int:
+        """Append rows ``(m, d)`` to the append file and remap it; return the first row."""
+        first = self.n
+        if self._closed:
+            raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
+        if self._append_path is None:
+            self._append_path = (
+                self.path.parent / f".{self.path.name}.append-{uuid.uuid4().hex[:12]}"
+            )
+        try:
+            with open(self._append_path, "ab") as fh:
+                fh.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
+                fh.flush()
+                size = fh.tell()
+                mapped = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise storage_error(exc, self._append_path) from exc
+        # Searches still holding the old mapping keep it alive until they finish.
+        self._append = np.frombuffer(mapped, dtype="<f4").reshape(-1, self.dim)
+        return first
 
     def advise(self, advice: int) -> None:
         """Pass an ``mmap.MADV_*`` hint for the whole mapping (no-op where unsupported)."""
@@ -135,14 +213,23 @@ class MmapStorage:
                 os.close(fd)
 
     def close(self) -> None:
-        """Unmap the file. Later access raises ``IndexClosedError``; idempotent."""
-        self._vectors = None
+        """Unmap the file and remove the append file. Later access raises
+        ``IndexClosedError``; idempotent."""
+        self._closed = True
+        self._base = None
+        self._append = np.empty((0, self.dim), np.float32)
         if self._mmap is not None:
             # Views handed out earlier may still point into the mapping (BufferError); it is
             # then unmapped when the last of them is garbage collected.
             with contextlib.suppress(BufferError):
                 self._mmap.close()
             self._mmap = None
+        for path in (self._append_path, self.path if self._owned else None):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        self._append_path = None
+        self._owned = False
 
 
 Storage = InMemoryStorage | MmapStorage

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy.typing as npt
 
 from ..codes import CodeTable
 from ..errors import BackendUnavailableError, InvalidParameterError
+from ..parts import Part
 from .numpy_backend import NumpyBackend
 
 __all__ = [
@@ -43,13 +45,15 @@ ENV_VAR = "VECTORDB_BACKEND"
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+B = npt.NDArray[np.bool_]
 
 
 class CodeSelector(Protocol):
     """Picks candidates from an index's codes (held wherever the backend keeps them)."""
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int) -> I64:
-        """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row)."""
+    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+        """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row),
+        among rows with ``row_ok`` (``(R,)`` bool over storage rows; ``None``: all)."""
         ...
 
 
@@ -62,8 +66,8 @@ class Backend(Protocol):
         """(nq, w) query codes x (w, m) word-major codes -> (nq, m) uint16 distances."""
         ...
 
-    def code_selector(self, table: CodeTable, leaf_offsets: I64) -> CodeSelector:
-        """A selector over ``table`` (uploaded to the device, where there is one)."""
+    def code_selector(self, table: CodeTable, parts: Sequence[Part]) -> CodeSelector:
+        """A selector over the codes of ``parts`` (uploaded to the device, if any)."""
         ...
 
 

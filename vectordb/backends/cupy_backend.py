@@ -13,6 +13,7 @@ order, compiled without fused multiply-add, so both backends select the same can
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,14 @@ import numpy.typing as npt
 
 from ..codes import CodeTable, query_side
 from ..metrics import Metric
+from ..parts import Part
 
 __all__ = ["CupyBackend", "CupyCodeSelector", "probe"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+B = npt.NDArray[np.bool_]
 
 #: Most bytes of score keys held on the device per chunk of queries.
 _KEY_BYTES = 512 << 20
@@ -46,9 +49,13 @@ extern "C" __global__ void hamming_u16(
     out[t] = (unsigned short)h;
 }
 
+/* Slots of leaf l: base[l]..base[l+1], then delta[l]..delta[l+1] (delta offsets already
+   shifted past the base). Slot s holds storage row rows[s]; row_ok (may be null) masks rows. */
 extern "C" __global__ void score_keys(
     const unsigned long long* codes, const long long n, const int w,
-    const float* norms, const float* dots, const long long* offsets,
+    const float* norms, const float* dots, const long long* rows,
+    const long long* base, const long long* delta,
+    const unsigned char* row_ok, const int use_ok,
     const long long* pair_leaf, const unsigned long long* qcodes,
     const float* a_term, const float* b_term, const float* lut, const int ip,
     const int max_rows, const long long pairs, unsigned long long* keys)
@@ -58,17 +65,25 @@ extern "C" __global__ void score_keys(
     const long long p = t / max_rows;
     const long long leaf = pair_leaf[p];
     if (leaf < 0) { keys[t] = 0xFFFFFFFFFFFFFFFFULL; return; }
-    const long long row = offsets[leaf] + (t % max_rows);
-    if (row >= offsets[leaf + 1]) { keys[t] = 0xFFFFFFFFFFFFFFFFULL; return; }
+    const long long j = t % max_rows;
+    const long long in_base = base[leaf + 1] - base[leaf];
+    long long slot;
+    if (j < in_base) slot = base[leaf] + j;
+    else {
+        slot = delta[leaf] + (j - in_base);
+        if (slot >= delta[leaf + 1]) { keys[t] = 0xFFFFFFFFFFFFFFFFULL; return; }
+    }
+    const long long row = rows[slot];
+    if (use_ok && !row_ok[row]) { keys[t] = 0xFFFFFFFFFFFFFFFFULL; return; }
     int h = 0;
-    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + row] ^ qcodes[p * w + k]);
-    const float rx = norms[row];
+    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] ^ qcodes[p * w + k]);
+    const float rx = norms[slot];
     float out = lut[h];
     /* The same float32 steps, in the same order, as codes.estimate. */
     if (ip) {
         out = out * a_term[p];      /* -r_q */
         out = out * rx;
-        out = out - dots[row];
+        out = out - dots[slot];
         out = out - b_term[p];      /* c_q */
     } else {
         out = out * a_term[p];      /* -2 r_q */
@@ -133,25 +148,35 @@ def probe() -> tuple[Any, str | None]:
 
 
 class CupyCodeSelector:
-    """Candidate selection over codes resident on the GPU."""
+    """Candidate selection over codes resident on the GPU (both parts, uploaded once)."""
 
-    def __init__(self, cupy: Any, table: CodeTable, leaf_offsets: I64) -> None:
+    def __init__(self, cupy: Any, table: CodeTable, parts: Sequence[Part]) -> None:
         self._cp = cupy
         self.table = table
-        self.leaf_offsets = leaf_offsets
+        base, delta = parts
+        if base.codes is None or delta.codes is None or base.norms is None:
+            raise TypeError("these parts hold no codes")
         self._kernel = _module(cupy).get_function("score_keys")
-        self._codes = cupy.asarray(table.codes)
-        self._norms = cupy.asarray(table.norms)
-        self._dots = cupy.asarray(table.dots if table.dots is not None else np.zeros(1, np.float32))
-        self._offsets = cupy.asarray(leaf_offsets)
+        self._codes = cupy.asarray(np.concatenate([base.codes, delta.codes], axis=1))
+        self._norms = cupy.asarray(np.concatenate([base.norms, delta.norms]))
+        dots = (
+            np.concatenate([base.dots, delta.dots])
+            if base.dots is not None
+            else np.zeros(1, np.float32)
+        )
+        self._dots = cupy.asarray(dots)
+        self._rows = cupy.asarray(np.concatenate([base.all_rows, delta.all_rows]))
+        self._base = cupy.asarray(base.offsets)
+        self._delta = cupy.asarray(delta.offsets + base.size)
         self._lut = cupy.asarray(table.cos_lut)
-        self._max_rows = max(1, int(np.diff(leaf_offsets).max(initial=0)))
+        self._max_rows = max(1, int((np.diff(base.offsets) + np.diff(delta.offsets)).max()))
+        self._no_mask = cupy.zeros(1, dtype=cupy.uint8)
         self._local = threading.local()
         cupy.cuda.runtime.deviceSynchronize()
 
     @property
     def device_bytes(self) -> int:
-        arrays = (self._codes, self._norms, self._dots, self._offsets, self._lut)
+        arrays = (self._codes, self._norms, self._dots, self._rows, self._base, self._lut)
         return sum(int(a.nbytes) for a in arrays)
 
     def _stream(self) -> Any:
@@ -161,7 +186,7 @@ class CupyCodeSelector:
             stream = self._local.stream = self._cp.cuda.Stream(non_blocking=True)
         return stream
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int) -> I64:
+    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
         """``(nq, m')`` int64 rows, the same set ``NumpyCodeSelector.select`` returns."""
         nq, n_slots = leaves.shape
         per_slot = max(1, min(m, self._max_rows))
@@ -170,15 +195,16 @@ class CupyCodeSelector:
         width = n_slots * self._max_rows
         block = max(1, _KEY_BYTES // (8 * width))
         with self._stream() as stream:
+            ok = None if row_ok is None else self._cp.asarray(row_ok.view(np.uint8))
             for start in range(0, nq, block):
                 stop = min(nq, start + block)
                 out[start:stop] = self._select_block(
-                    rotated_queries[start:stop], leaves[start:stop], keep
+                    rotated_queries[start:stop], leaves[start:stop], keep, ok
                 )
             stream.synchronize()
         return out
 
-    def _select_block(self, q: F32, leaves: I64, keep: int) -> I64:
+    def _select_block(self, q: F32, leaves: I64, keep: int, ok: Any) -> I64:
         cp, table = self._cp, self.table
         nq, n_slots = leaves.shape
         flat = leaves.reshape(-1)
@@ -186,7 +212,7 @@ class CupyCodeSelector:
         qi = np.repeat(np.arange(nq), n_slots)[valid]
         side = query_side(table, q[qi], flat[valid])
         pairs = nq * n_slots
-        qcodes = np.zeros((pairs, table.codes.shape[0]), dtype=np.uint64)
+        qcodes = np.zeros((pairs, self._codes.shape[0]), dtype=np.uint64)
         qcodes[valid] = side.codes
         a_term = np.zeros(pairs, dtype=np.float32)
         b_term = np.zeros(pairs, dtype=np.float32)
@@ -207,7 +233,11 @@ class CupyCodeSelector:
                 np.int32(self._codes.shape[0]),
                 self._norms,
                 self._dots,
-                self._offsets,
+                self._rows,
+                self._base,
+                self._delta,
+                ok if ok is not None else self._no_mask,
+                np.int32(ok is not None),
                 cp.asarray(flat),
                 cp.asarray(qcodes),
                 cp.asarray(a_term),
@@ -257,6 +287,6 @@ class CupyBackend:
             )
         return out
 
-    def code_selector(self, table: CodeTable, leaf_offsets: I64) -> CupyCodeSelector:
-        """Upload ``table``'s codes once and return a selector over them."""
-        return CupyCodeSelector(self._cp, table, leaf_offsets)
+    def code_selector(self, table: CodeTable, parts: Sequence[Part]) -> CupyCodeSelector:
+        """Upload the codes of ``parts`` once and return a selector over them."""
+        return CupyCodeSelector(self._cp, table, parts)

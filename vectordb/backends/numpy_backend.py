@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
 from ..codes import CodeTable, estimate, query_side
 from ..leafscan import select_candidates
+from ..parts import Part
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
+B = npt.NDArray[np.bool_]
 
 #: Below this many (query, code) pairs one broadcast XOR beats a loop over words: the loop
 #: costs ~3 NumPy calls per word, which dominates small blocks (measured on x86-64, w=12).
@@ -45,19 +49,21 @@ def hamming(queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
 class NumpyCodeSelector:
     """Picks candidates from binary codes on the CPU, leaf by leaf (see ``leafscan``)."""
 
-    def __init__(self, table: CodeTable, leaf_offsets: I64) -> None:
+    def __init__(self, table: CodeTable, parts: Sequence[Part]) -> None:
         self.table = table
-        self.leaf_offsets = leaf_offsets
+        self.parts = tuple(parts)
 
-    def score(self, q: F32, leaf: int, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 estimates for rotated queries ``q`` ``(nq, bits)``."""
+    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
+        """``(nq, b - a)`` float32 estimates of slots ``a:b`` for rotated queries ``q``."""
         table = self.table
+        if part.codes is None or part.norms is None:
+            raise TypeError("this part holds no codes")
         side = query_side(table, q, np.full(q.shape[0], leaf, dtype=np.int64))
-        dots = table.dots[a:b] if table.dots is not None else None
+        dots = part.dots[a:b] if part.dots is not None else None
         with np.errstate(over="ignore", invalid="ignore"):
             return estimate(
-                hamming(side.codes, table.codes[:, a:b]),
-                table.norms[a:b],
+                hamming(side.codes, part.codes[:, a:b]),
+                part.norms[a:b],
                 side.r_q,
                 table.cos_lut,
                 table.metric,
@@ -65,9 +71,9 @@ class NumpyCodeSelector:
                 side.c_q,
             )
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int) -> I64:
+    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
         """``(nq, m')`` int64 rows: see ``leafscan.select_candidates``."""
-        return select_candidates(self, rotated_queries, leaves, m)
+        return select_candidates(self, self.parts, rotated_queries, leaves, m, row_ok)
 
 
 class NumpyBackend:
@@ -76,6 +82,6 @@ class NumpyBackend:
     name = "numpy"
     hamming = staticmethod(hamming)
 
-    def code_selector(self, table: CodeTable, leaf_offsets: I64) -> NumpyCodeSelector:
-        """A candidate selector over ``table``'s codes (nothing to copy on the CPU)."""
-        return NumpyCodeSelector(table, leaf_offsets)
+    def code_selector(self, table: CodeTable, parts: Sequence[Part]) -> NumpyCodeSelector:
+        """A candidate selector over the codes of ``parts`` (nothing to copy on the CPU)."""
+        return NumpyCodeSelector(table, parts)
