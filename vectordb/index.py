@@ -85,6 +85,7 @@ class _State:
     row_id: I64
     row_ok: B | None
     idmap: IdMap
+    storage: InMemoryStorage | MmapStorage
     live_sizes: I64
     selector: CodeSelector
 
@@ -126,7 +127,6 @@ class ClusteredIndex:
         self._tree = tree
         self._table = table
         self._quantizer = quantizer
-        self._storage = storage
         self._metric = metric
         self._params = dict(params)
         self._backend = backend
@@ -135,24 +135,43 @@ class ClusteredIndex:
         words = None if base.codes is None else base.codes.shape[0]
         delta = Part.empty(tree.n_leaves, words, base.dots is not None)
         idmap = IdMap.from_rows(ids, np.arange(ids.shape[0], dtype=np.int64))
-        self._state = self._make_state(base, delta, ids, None, idmap)
+        self._state = self._make_state(base, delta, ids, None, idmap, storage)
 
     def _make_state(
-        self, base: Part, delta: Part, row_id: I64, row_ok: B | None, idmap: IdMap
+        self,
+        base: Part,
+        delta: Part,
+        row_id: I64,
+        row_ok: B | None,
+        idmap: IdMap,
+        storage: InMemoryStorage | MmapStorage,
     ) -> _State:
         parts = (base, delta)
         if self._table is not None:
             selector = self._backend.code_selector(self._table, parts)
         else:
-            scorer = VectorScorer(self._take, self._slice, self._metric)
+            scorer = VectorScorer(storage.take, storage.slice, self._metric)
             selector = _VectorSelector(scorer, parts)
-        return _State(base, delta, row_id, row_ok, idmap, leaf_sizes(parts, row_ok), selector)
+        sizes = leaf_sizes(parts, row_ok)
+        return _State(base, delta, row_id, row_ok, idmap, storage, sizes, selector)
 
-    def _take(self, rows: I64) -> F32:
-        return self._storage.take(rows)
+    def _replace(self, **changes: Any) -> None:
+        """Publish the current state with ``changes`` (keyword names of ``_State``)."""
+        st = self._state
+        fields: dict[str, Any] = {
+            "base": st.base,
+            "delta": st.delta,
+            "row_id": st.row_id,
+            "row_ok": st.row_ok,
+            "idmap": st.idmap,
+            "storage": st.storage,
+        }
+        fields.update(changes)
+        self._state = self._make_state(**fields)
 
-    def _slice(self, a: int, b: int) -> F32:
-        return self._storage.slice(a, b)
+    @property
+    def _storage(self) -> InMemoryStorage | MmapStorage:
+        return self._state.storage
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -324,8 +343,7 @@ class ClusteredIndex:
         chosen = resolve_backend(backend)
         with self._write_lock:
             self._backend = chosen
-            st = self._state
-            self._state = self._make_state(st.base, st.delta, st.row_id, st.row_ok, st.idmap)
+            self._replace()
 
     @property
     def leaf_scan(self) -> str:
@@ -445,7 +463,9 @@ class ClusteredIndex:
             if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
                 # Few matches: score them all exactly, like a brute force.
                 cand = np.broadcast_to(rows, (q.shape[0], allowed))
-                found, dists = rerank(q, np.ascontiguousarray(cand), k, self._take, self._metric)
+                found, dists = rerank(
+                    q, np.ascontiguousarray(cand), k, st.storage.take, self._metric
+                )
                 return _ids_of(st, found), dists
             row_ok = np.zeros(st.row_id.shape[0], dtype=bool)
             row_ok[rows] = True
@@ -455,7 +475,7 @@ class ClusteredIndex:
         rotated = self._quantizer.rotate(q)
         leaves = self._route(rotated, probes, min(k, allowed), sizes)
         rows = st.selector.select(rotated, leaves, k * rerank_factor, row_ok)
-        found, dists = rerank(q, rows, k, self._take, self._metric)
+        found, dists = rerank(q, rows, k, st.storage.take, self._metric)
         return _ids_of(st, found), dists
 
     def _route(self, q: F32, probes: int, need: int, sizes: I64) -> I64:
@@ -521,7 +541,7 @@ class ClusteredIndex:
             if not replace and (old_rows >= 0).any():
                 taken = new_ids[old_rows >= 0][:5].tolist()
                 raise DuplicateIdError(f"ids already in the index: {taken}; use upsert()")
-            first = self._storage.append(x)
+            first = st.storage.append(x)
             rows = np.arange(first, first + n, dtype=np.int64)
             part = encode_part(
                 self._tree,
@@ -552,7 +572,7 @@ class ClusteredIndex:
                 self._metadata.put(new_ids, docs)
             elif not replace:
                 self._metadata.delete(new_ids)  # ids reused after a delete start bare
-            self._state = self._make_state(base, delta, row_id, row_ok, idmap)
+            self._state = self._make_state(base, delta, row_id, row_ok, idmap, st.storage)
             self._last_id = (
                 max(self._next_id(st), int(new_ids.max()) + 1) if n else self._next_id(st)
             )
@@ -582,9 +602,7 @@ class ClusteredIndex:
             row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
             row_ok[rows] = False
             gone = st.row_id[rows]
-            self._state = self._make_state(
-                st.base, st.delta, st.row_id, row_ok, st.idmap.without(gone)
-            )
+            self._replace(row_ok=row_ok, idmap=st.idmap.without(gone))
             self._metadata.delete(gone)
         return int(rows.size)
 
@@ -604,18 +622,20 @@ class ClusteredIndex:
         with self._write_lock:
             st = self._state
             base, order = compacted(st.base, st.delta, st.row_ok)
-            old = self._storage
+            old = st.storage
+            storage: InMemoryStorage | MmapStorage
             if isinstance(old, MmapStorage):
                 path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
                 write_rows(old.take, order, self.dim, path)
-                self._storage = MmapStorage(path, order.shape[0], self.dim, owned=True)
+                storage = MmapStorage(path, order.shape[0], self.dim, owned=True)
             else:
-                self._storage = InMemoryStorage(np.ascontiguousarray(old.take(order)))
+                storage = InMemoryStorage(np.ascontiguousarray(old.take(order)))
             row_id = st.row_id[order]
             idmap = IdMap.from_rows(row_id, np.arange(row_id.shape[0], dtype=np.int64))
             words = None if base.codes is None else base.codes.shape[0]
             delta = Part.empty(self._tree.n_leaves, words, base.dots is not None)
-            self._state = self._make_state(base, delta, row_id, None, idmap)
+            self._state = self._make_state(base, delta, row_id, None, idmap, storage)
+            old.discard()  # searches still reading the old storage keep its mapping
 
     # ------------------------------------------------------------------ storage
     def use_mmap_storage(self, path: str | os.PathLike[str]) -> None:
@@ -642,7 +662,7 @@ class ClusteredIndex:
         with self._write_lock:
             vectors = self._storage.vectors
             write_vectors(vectors, target)
-            self._storage = MmapStorage(target, vectors.shape[0], self.dim)
+            self._replace(storage=MmapStorage(target, vectors.shape[0], self.dim))
 
     def close(self) -> None:
         """Release the memory-mapped file, if any. Searching afterwards raises

@@ -59,7 +59,7 @@ class Part:
 
     @property
     def size(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.offsets[-1] if self.rows is None else self.rows.shape[0])
 
     def row_range(self, a: int, b: int) -> I64:
         """Storage rows of slots ``a:b``."""

@@ -142,6 +142,7 @@ class SaveJob:
         state = index._state
         self.base, self.order = compacted(state.base, state.delta, state.row_ok)
         self.ids = state.row_id[self.order]
+        self.storage = state.storage
         self.metadata = index._metadata.copy()
         self.path = path
         self.parent = path.parent if str(path.parent) else Path(".")
@@ -161,7 +162,7 @@ class SaveJob:
         for name, arr in _arrays(self.index, self.base, self.ids).items():
             self.files[name] = _write_file(self.tmp, name, arr)
         index = self.index
-        crc = write_rows(index._storage.take, self.order, index.dim, self.tmp / VECTORS)
+        crc = write_rows(self.storage.take, self.order, index.dim, self.tmp / VECTORS)
         self.files[VECTORS] = {"size": (self.tmp / VECTORS).stat().st_size, "crc32": crc}
         meta = self.tmp / METADATA
         self.metadata.save(meta)

@@ -92,6 +92,9 @@ class InMemoryStorage:
     def close(self) -> None:
         """Nothing to release; vectors stay usable."""
 
+    def discard(self) -> None:
+        """Nothing to remove."""
+
 
 class MmapStorage:
     """Vectors in a read-only memory-mapped file; the OS pages them in on demand.
@@ -181,7 +184,7 @@ class MmapStorage:
                 self.path.parent / f".{self.path.name}.append-{uuid.uuid4().hex[:12]}"
             )
         try:
-            with open(self._append_path, "ab") as fh:
+            with open(self._append_path, "a+b") as fh:
                 fh.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
                 fh.flush()
                 size = fh.tell()
@@ -212,6 +215,16 @@ class MmapStorage:
             finally:
                 os.close(fd)
 
+    def discard(self) -> None:
+        """Remove the files this store created (append file, owned file); keep the mapping
+        for searches still reading it (Linux keeps unlinked mapped files alive)."""
+        for path in (self._append_path, self.path if self._owned else None):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        self._append_path = None
+        self._owned = False
+
     def close(self) -> None:
         """Unmap the file and remove the append file. Later access raises
         ``IndexClosedError``; idempotent."""
@@ -224,12 +237,7 @@ class MmapStorage:
             with contextlib.suppress(BufferError):
                 self._mmap.close()
             self._mmap = None
-        for path in (self._append_path, self.path if self._owned else None):
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        self._append_path = None
-        self._owned = False
+        self.discard()
 
 
 Storage = InMemoryStorage | MmapStorage

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
+import json
 import mmap
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -22,6 +25,7 @@ from .._validation import as_query_matrix, positive_int
 from ..backends import resolve_backend
 from ..errors import EngineClosedError, InvalidIndexFileError, InvalidParameterError
 from ..index import ClusteredIndex
+from ..metadata import Filter, check_filter
 from ..persist import MAX_MANIFEST_BYTES, SaveJob, manifest_path, open_index, parse_manifest
 from .batcher import MicroBatcher
 from .stats import EngineStats, StatsRecorder
@@ -33,6 +37,32 @@ I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 
 _WARM_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class _FilterKey:
+    """A filter as part of a batch key: equal dict filters batch together."""
+
+    value: Filter | None
+
+    def _identity(self) -> Any:
+        if self.value is None or callable(self.value):
+            return id(self.value) if self.value is not None else None
+        return json.dumps(self.value, sort_keys=True, default=repr)
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FilterKey) and self._identity() == other._identity()
+
+
+@dataclass(frozen=True)
+class _Key:
+    k: int
+    probes: int
+    rerank_factor: int
+    filter: _FilterKey
 
 
 class EngineState(enum.Enum):
@@ -102,6 +132,7 @@ class AsyncEngine:
         )
         self._stats = StatsRecorder()
         self._batcher: MicroBatcher | None = None
+        self._write_lock: asyncio.Lock | None = None
         self._state = EngineState.OPEN
         self._closed: asyncio.Event | None = None
 
@@ -227,6 +258,7 @@ class AsyncEngine:
         *,
         probes: int = 4,
         rerank_factor: int = 5,
+        filter: Filter | None = None,
         timeout: float | None = None,
     ) -> tuple[I64, F32]:
         """The ``k`` nearest neighbours of one query, batched with concurrent calls.
@@ -237,7 +269,7 @@ class AsyncEngine:
         """
         self._check_open()
         q = as_query_matrix(query, self._index.dim, single=True)
-        key = self._key(k, probes, rerank_factor)
+        key = self._key(k, probes, rerank_factor, filter)
         ids, dists = await self._submit(q, key, timeout)
         return ids[0], dists[0]
 
@@ -248,25 +280,25 @@ class AsyncEngine:
         *,
         probes: int = 4,
         rerank_factor: int = 5,
+        filter: Filter | None = None,
         timeout: float | None = None,
     ) -> tuple[I64, F32]:
         """``search`` for each row of ``queries`` ``(nq, d)``: ``(nq, k)`` ids and distances."""
         self._check_open()
         q = as_query_matrix(queries, self._index.dim, single=False)
-        key = self._key(k, probes, rerank_factor)
+        key = self._key(k, probes, rerank_factor, filter)
         return await self._submit(q, key, timeout)
 
     @staticmethod
-    def _key(k: Any, probes: Any, rerank_factor: Any) -> tuple[int, int, int]:
-        return (
+    def _key(k: Any, probes: Any, rerank_factor: Any, filt: Any) -> _Key:
+        return _Key(
             positive_int("k", k),
             positive_int("probes", probes),
             positive_int("rerank_factor", rerank_factor),
+            _FilterKey(check_filter(filt)),
         )
 
-    async def _submit(
-        self, q: F32, key: tuple[int, int, int], timeout: float | None
-    ) -> tuple[I64, F32]:
+    async def _submit(self, q: F32, key: _Key, timeout: float | None) -> tuple[I64, F32]:
         if self._batcher is None:
             self._batcher = MicroBatcher(
                 self._run_batch,
@@ -282,9 +314,55 @@ class AsyncEngine:
             return await self._batcher.submit(q, key)
         return await asyncio.wait_for(self._batcher.submit(q, key), timeout)
 
-    def _run_batch(self, queries: F32, key: tuple[int, int, int]) -> tuple[I64, F32]:
-        k, probes, rerank_factor = key
-        return self._index.search_batch(queries, k, probes=probes, rerank_factor=rerank_factor)
+    def _run_batch(self, queries: F32, key: _Key) -> tuple[I64, F32]:
+        return self._index.search_batch(
+            queries,
+            key.k,
+            probes=key.probes,
+            rerank_factor=key.rerank_factor,
+            filter=key.filter.value,
+        )
+
+    # ------------------------------------------------------------------ writes
+    async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one write on the executor; writes run one at a time, searches go on."""
+        self._check_open()
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        async with self._write_lock:
+            return await self._call(functools.partial(fn, *args, **kwargs))
+
+    async def add(
+        self,
+        vectors: Any,
+        ids: Any = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> I64:
+        """:meth:`ClusteredIndex.add` on the executor. Searches meanwhile see the index
+        before or after the add, never half of it."""
+        return await self._write(self._index.add, vectors, ids, metadata)
+
+    async def upsert(
+        self,
+        vectors: Any,
+        ids: Any,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> I64:
+        """:meth:`ClusteredIndex.upsert` on the executor."""
+        return await self._write(self._index.upsert, vectors, ids, metadata)
+
+    async def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
+        """:meth:`ClusteredIndex.delete` on the executor."""
+        return await self._write(self._index.delete, ids, missing_ok=missing_ok)
+
+    async def compact(self) -> None:
+        """:meth:`ClusteredIndex.compact` on the executor."""
+        await self._write(self._index.compact)
+
+    async def get_metadata(self, id_: int) -> dict[str, Any] | None:
+        """:meth:`ClusteredIndex.get_metadata` on the executor."""
+        self._check_open()
+        return await self._call(self._index.get_metadata, id_)
 
     def stats(self) -> EngineStats:
         """Queries served, batches run, mean batch size, queue depth, p50/p99 latency."""
@@ -302,7 +380,13 @@ class AsyncEngine:
         """``index.save(path)`` without blocking the loop: arrays and the vector file on the
         executor, the manifest through aiofiles; the same atomic swap."""
         self._check_open()
-        job = await self._call(SaveJob, self._index, Path(path))
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        async with self._write_lock:  # a consistent snapshot: no write between its steps
+            await self._save(Path(path))
+
+    async def _save(self, path: Path) -> None:
+        job = await self._call(SaveJob, self._index, path)
         try:
             await self._call(job.write_data)
             async with aiofiles.open(job.manifest_path, "wb", executor=self._executor) as fh:

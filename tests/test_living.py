@@ -1,0 +1,284 @@
+"""A living index: ids, add / upsert / delete, metadata filters, compaction, persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+import vectordb as vdb
+from vectordb.persist import VECTORS
+
+K = 10
+DIM = 128  # codes (leaf_scan="auto" picks codes from 128 dimensions)
+
+
+def true_ids(vectors: dict[int, np.ndarray], q: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
+    """Brute force over the live set: (ids by distance, sorted squared distances), float64."""
+    ids = np.array(sorted(vectors), dtype=np.int64)
+    x = np.stack([vectors[int(i)] for i in ids]).astype(np.float64)
+    d = ((x - q.astype(np.float64)) ** 2).sum(axis=1)
+    order = np.argsort(d, kind="stable")[:k]
+    return ids[order].tolist(), d[order]
+
+
+def assert_exact(index: vdb.ClusteredIndex, live: dict[int, np.ndarray], queries: np.ndarray):
+    exact = {"probes": 10_000, "rerank_factor": max(1, -(-len(live) // K))}
+    ids, dists = index.search_batch(queries, K, **exact)
+    for q, got_ids, got_d in zip(queries, ids, dists, strict=True):
+        want_ids, want_d = true_ids(live, q, K)
+        n = min(K, len(live))
+        assert (got_ids[n:] == -1).all()
+        np.testing.assert_allclose(got_d[:n], want_d[:n], rtol=1e-4, atol=1e-3)
+        assert set(got_ids[:n].tolist()) <= set(live)
+        # ties aside, the same ids
+        limit = want_d[n - 1] * (1 + 1e-4) + 1e-3
+        assert all(np.sum((live[int(i)] - q) ** 2) <= limit for i in got_ids[:n])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return vdb.make_clustered(6_000, DIM, seed=3)
+
+
+@pytest.mark.parametrize("mode", ["ram", "mmap"])
+def test_random_add_delete_upsert_against_brute_force(pool, mode, tmp_path):
+    rng = np.random.default_rng(7)
+    start = 1_500
+    ids = rng.permutation(100_000)[:start] * 3 + 5  # sparse, unordered external ids
+    live = {int(i): pool[j] for j, i in enumerate(ids)}
+    index = vdb.ClusteredIndex.build(pool[:start], ids=ids, max_leaf_size=100)
+    if mode == "mmap":
+        index.use_mmap_storage(tmp_path / "v.f32")
+    cursor = start
+    queries = pool[-20:] + 0.01
+    for step in range(12):
+        action = step % 3
+        if action == 0:  # add a batch with assigned ids
+            n = int(rng.integers(1, 300))
+            new = index.add(pool[cursor : cursor + n])
+            assert len(set(new.tolist()) & set(live)) == 0
+            live.update({int(i): pool[cursor + j] for j, i in enumerate(new)})
+            cursor += n
+        elif action == 1:  # delete some
+            gone = rng.choice(np.array(sorted(live)), size=int(rng.integers(1, 200)), replace=False)
+            assert index.delete(gone) == len(gone)
+            for i in gone:
+                del live[int(i)]
+        else:  # upsert: replace some, add some
+            old = rng.choice(np.array(sorted(live)), size=50, replace=False)
+            fresh = np.arange(50) + 10_000_000 + step * 100
+            targets = np.concatenate([old, fresh])
+            index.upsert(pool[cursor : cursor + 100], targets)
+            live.update({int(i): pool[cursor + j] for j, i in enumerate(targets)})
+            cursor += 100
+        assert len(index) == len(live)
+        assert sorted(index.ids.tolist()) == sorted(live)
+        assert_exact(index, live, queries)
+        found, _ = index.search_batch(queries, K)  # default parameters: only live ids
+        assert set(found[found >= 0].tolist()) <= set(live)
+    index.compact()
+    assert_exact(index, live, queries)
+    index.save(tmp_path / "saved")
+    with vdb.ClusteredIndex.open(tmp_path / "saved", mmap=True, verify=True) as reopened:
+        assert len(reopened) == len(live)
+        assert_exact(reopened, live, queries)
+    index.close()
+
+
+def recall(index, queries, truth):
+    ids, _ = index.search_batch(queries, K)
+    return np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, truth, strict=True)])
+
+
+def test_recall_after_half_the_data_was_added_incrementally(pool):
+    data, queries = pool[:5_000], pool[5_000:5_200]
+    d = ((queries[:, None, :] - data[None]) ** 2).sum(-1)
+    truth = np.argsort(d, axis=1)[:, :K]
+    fresh = vdb.ClusteredIndex.build(data, max_leaf_size=200)
+    grown = vdb.ClusteredIndex.build(data[:2_500], max_leaf_size=200)
+    for start in range(2_500, 5_000, 250):
+        grown.add(data[start : start + 250], ids=np.arange(start, start + 250))
+    r_fresh, r_grown = recall(fresh, queries, truth), recall(grown, queries, truth)
+    assert r_grown >= r_fresh - 0.02, (r_fresh, r_grown)
+
+
+@pytest.fixture(scope="module")
+def tagged(pool):
+    n = 4_000
+    meta = [
+        {"user": ["ann", "bob", "cid", "dee"][i % 4], "ts": i, "rare": i % 250 == 0}
+        for i in range(n)
+    ]
+    index = vdb.ClusteredIndex.build(pool[:n], metadata=meta, max_leaf_size=200)
+    return index, pool[:n], meta
+
+
+def brute_filtered(x, meta, q, pred, k):
+    rows = np.array([i for i, m in enumerate(meta) if pred(m)], dtype=np.int64)
+    d = ((x[rows] - q) ** 2).sum(axis=1)
+    return rows[np.argsort(d)[:k]].tolist(), np.sort(d)[:k]
+
+
+@pytest.mark.parametrize(
+    ("filt", "pred"),
+    [
+        ({"user": "ann"}, lambda m: m["user"] == "ann"),
+        ({"user": {"$in": ["bob", "dee"]}}, lambda m: m["user"] in ("bob", "dee")),
+        ({"ts": {"$gte": 1000, "$lt": 1400}}, lambda m: 1000 <= m["ts"] < 1400),
+        ({"user": "cid", "ts": {"$gt": 3000}}, lambda m: m["user"] == "cid" and m["ts"] > 3000),
+        ({"rare": True}, lambda m: m["rare"]),  # 16 of 4,000 rows: 0.4%
+        (
+            {"user": {"$nin": ["ann"]}, "ts": {"$ne": 5}},
+            lambda m: m["user"] != "ann" and m["ts"] != 5,
+        ),
+        (lambda m: m["ts"] % 7 == 0, lambda m: m["ts"] % 7 == 0),
+    ],
+)
+def test_filters_return_only_matches_and_k_of_them(tagged, pool, filt, pred):
+    index, x, meta = tagged
+    queries = pool[-30:]
+    ids, dists = index.search_batch(queries, K, filter=filt)
+    exact_ids, exact_d = index.search_batch(
+        queries, K, filter=filt, probes=10_000, rerank_factor=500
+    )
+    hits = 0
+    for q, got, got_exact, d_exact in zip(queries, ids, exact_ids, exact_d, strict=True):
+        want, want_d = brute_filtered(x, meta, q, pred, K)
+        assert (got >= 0).sum() == min(K, len(want)) == (got_exact >= 0).sum()  # k when k exist
+        assert all(pred(meta[i]) for i in got[got >= 0])
+        np.testing.assert_allclose(d_exact[: len(want)], want_d, rtol=1e-4, atol=1e-3)
+        hits += len(set(got.tolist()) & set(want))
+    assert hits / (len(queries) * min(K, len(want))) >= 0.8
+
+
+def test_filter_matching_nothing_and_bad_filters(tagged, pool):
+    index, _, _ = tagged
+    ids, dists = index.search(pool[-1], K, filter={"user": "nobody"})
+    assert (ids == -1).all() and np.isinf(dists).all()
+    for bad, match in [
+        ({"ts": {"$regex": "x"}}, "unknown operator"),
+        ({"ts": {"$in": 3}}, "needs a list"),
+        ({'a"b': 1}, "quotes"),
+        ({"ts": [1, 2]}, "filter values"),
+        ({"ts": {"$gt": None}}, "None"),
+        ("user=ann", "dict of conditions"),
+    ]:
+        with pytest.raises(vdb.InvalidParameterError, match=match):
+            index.search(pool[-1], K, filter=bad)
+
+
+def test_metadata_round_trip_and_updates(pool, tmp_path):
+    index = vdb.ClusteredIndex.build(pool[:500], ids=np.arange(500) + 1000, max_leaf_size=100)
+    new = index.add(pool[500:502], ids=[7, 8], metadata=[{"user": "ann", "ts": 1}, None])
+    assert new.tolist() == [7, 8]
+    assert index.get_metadata(7) == {"user": "ann", "ts": 1}
+    assert index.get_metadata(8) is None and index.get_metadata(1000) is None
+    index.upsert(pool[502:503], ids=[7])  # no metadata given: kept
+    assert index.get_metadata(7) == {"user": "ann", "ts": 1}
+    index.upsert(pool[503:504], ids=[7], metadata=[{"user": "bob"}])
+    assert index.get_metadata(7) == {"user": "bob"}
+    ids, _ = index.search(pool[503], 1, filter={"user": "bob"})
+    assert ids.tolist() == [7]
+    index.save(tmp_path / "i")
+    with vdb.ClusteredIndex.open(tmp_path / "i") as reopened:
+        assert reopened.get_metadata(7) == {"user": "bob"}
+        assert sorted(reopened.ids.tolist()) == sorted(index.ids.tolist())
+    index.delete([7])
+    with pytest.raises(vdb.UnknownIdError, match="7"):
+        index.get_metadata(7)
+    assert 7 not in index and 8 in index
+
+
+def test_write_errors(pool):
+    index = vdb.ClusteredIndex.build(pool[:300], max_leaf_size=100)
+    with pytest.raises(vdb.DuplicateIdError, match="upsert"):
+        index.add(pool[:2], ids=[5, 100_000])
+    with pytest.raises(vdb.DuplicateIdError, match="twice"):
+        index.add(pool[:2], ids=[9_000, 9_000])
+    with pytest.raises(vdb.InvalidParameterError, match=">= 0"):
+        index.add(pool[:1], ids=[-3])
+    with pytest.raises(vdb.InvalidParameterError, match="2 ids for 1"):
+        index.add(pool[:1], ids=[1_000, 1_001])
+    with pytest.raises(vdb.InvalidParameterError, match="metadata"):
+        index.add(pool[:2], metadata=[{"a": 1}])
+    with pytest.raises(vdb.InvalidParameterError, match="JSON"):
+        index.add(pool[:1], metadata=[{"a": object()}])
+    with pytest.raises(vdb.DimensionMismatchError):
+        index.add(np.zeros((1, 3)))
+    with pytest.raises(vdb.UnknownIdError, match="12345"):
+        index.delete([12345])
+    assert index.delete([12345], missing_ok=True) == 0
+    with pytest.raises(vdb.InvalidParameterError, match="upsert needs ids"):
+        index.upsert(pool[:1], None)
+    assert len(index) == 300  # nothing half-done by the failures
+    assert isinstance(vdb.UnknownIdError("x"), KeyError)
+
+
+def test_adding_to_an_opened_mmap_index_leaves_its_files_intact(pool, tmp_path):
+    vdb.ClusteredIndex.build(pool[:1_000], max_leaf_size=100).save(tmp_path / "i")
+    before = (tmp_path / "i" / VECTORS).read_bytes()
+    with vdb.ClusteredIndex.open(tmp_path / "i", mmap=True) as index:
+        index.add(pool[1_000:1_300])
+        index.delete(np.arange(100))
+        assert (tmp_path / "i" / VECTORS).read_bytes() == before
+        vdb.ClusteredIndex.open(tmp_path / "i", verify=True).close()  # still the old index
+        ids, _ = index.search(pool[1_200], 1)
+        assert ids[0] == 1_200
+        index.save(tmp_path / "i")  # now the directory holds the new version
+    with vdb.ClusteredIndex.open(tmp_path / "i", verify=True) as again:
+        assert len(again) == 1_200 and again.search(pool[1_200], 1)[0][0] == 1_200
+    assert [p.name for p in (tmp_path / "i").iterdir() if p.name.startswith(".")] == []
+
+
+def test_compact_reclaims_deleted_rows_and_keeps_answers(pool, tmp_path):
+    index = vdb.ClusteredIndex.build(pool[:2_000], max_leaf_size=200)
+    index.add(pool[2_000:3_000])
+    index.delete(np.arange(0, 3_000, 3))
+    queries = pool[-10:]
+    exact = {"probes": 10_000, "rerank_factor": 300}
+    want = index.search_batch(queries, K, **exact)
+    ram_before = index.memory_usage_bytes()
+    index.compact()
+    got = index.search_batch(queries, K, **exact)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert index.memory_usage_bytes() < ram_before
+    index.use_mmap_storage(tmp_path / "v.f32")
+    index.add(pool[3_000:3_100])
+    index.compact()  # mmap: a fresh working file beside the mapped one
+    assert index.search(pool[3_050], 1)[0][0] == 3_050
+    index.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.f32"]
+
+
+@pytest.mark.asyncio
+async def test_engine_writes_while_searching(pool):
+    index = vdb.ClusteredIndex.build(pool[:2_000], max_leaf_size=200)
+    queries = pool[-50:]
+    live = set(range(2_000))
+    seen_bad = []
+
+    async def reader():
+        for _ in range(20):
+            results = await asyncio.gather(*(engine.search(q, K) for q in queries))
+            for ids, _ in results:
+                # a search sees the index before or after a write: ids are ever-added ones
+                seen_bad.extend(i for i in ids.tolist() if i >= 0 and i >= 4_000)
+
+    async with vdb.AsyncEngine(index) as engine:
+        task = asyncio.ensure_future(reader())
+        for start in range(2_000, 4_000, 250):
+            await engine.add(pool[start : start + 250], ids=np.arange(start, start + 250))
+            live |= set(range(start, start + 250))
+            await engine.delete(np.arange(start - 2_000, start - 1_900))
+            live -= set(range(start - 2_000, start - 1_900))
+        await task
+        await engine.compact()
+        ids, _ = await engine.search(pool[3_999], 1)
+        assert ids.tolist() == [3_999]
+        got = await engine.search_batch(queries, K, filter=None)
+        assert set(got[0][got[0] >= 0].tolist()) <= live
+    assert not seen_bad
+    assert sorted(index.ids.tolist()) == sorted(live)
