@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from .errors import DimensionMismatchError, InvalidParameterError, InvalidVectorsError
 
-__all__ = ["as_matrix", "as_query_matrix", "positive_int"]
+__all__ = ["as_matrix", "as_query_matrix", "build_params", "positive_int"]
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -82,3 +82,33 @@ def as_query_matrix(data: Any, dim: int, *, single: bool) -> npt.NDArray[np.floa
             )
         arr = arr[None, :]
     return as_matrix(arr, "query" if single else "queries", dim)
+
+
+def build_params(
+    branching_factor: Any,
+    max_leaf_size: Any,
+    max_iterations: Any,
+    seed: Any,
+    rotate: Any,
+    leaf_scan: Any,
+) -> dict[str, Any]:
+    """Checked build parameters of ``ClusteredIndex.build``, as its ``params`` dict."""
+    branching_factor = positive_int("branching_factor", branching_factor)
+    if branching_factor < 2:
+        raise InvalidParameterError(f"branching_factor must be >= 2, got {branching_factor}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise InvalidParameterError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(rotate, bool):
+        raise InvalidParameterError(f"rotate must be True or False, got {rotate!r}")
+    if leaf_scan not in ("auto", "codes", "vectors"):
+        raise InvalidParameterError(
+            f"leaf_scan must be 'auto', 'codes' or 'vectors', got {leaf_scan!r}"
+        )
+    return {
+        "branching_factor": branching_factor,
+        "max_leaf_size": positive_int("max_leaf_size", max_leaf_size),
+        "max_iterations": positive_int("max_iterations", max_iterations),
+        "seed": int(seed),
+        "rotate": rotate,
+        "leaf_scan": leaf_scan,
+    }

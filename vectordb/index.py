@@ -6,34 +6,31 @@ import dataclasses
 import numbers
 import os
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import as_matrix, as_query_matrix, positive_int
-from .backends import Backend, CodeSelector, resolve_backend
-from .codes import CodeTable, Quantizer, cos_table
+from ._validation import as_matrix, as_query_matrix, build_params, positive_int
+from .backends import Backend, resolve_backend
+from .codes import CodeTable, Quantizer
 from .errors import (
     AlreadyUsingMmapError,
-    DuplicateIdError,
     InvalidParameterError,
     InvalidVectorsError,
-    UnknownIdError,
 )
-from .idmap import IdMap, as_ids
-from .leafscan import leaf_sizes, select_candidates
-from .living import add_to_parts, assign_leaves, compacted, encode_part
+from .idmap import IdMap
+from .leafscan import leaf_sizes
 from .metadata import Filter, MetadataStore, check_filter
 from .metrics import Metric, parse_metric, prepare
 from .parts import Part
 from .scan import VectorScorer, rerank
-from .storage import InMemoryStorage, MmapStorage, write_rows, write_vectors
+from .state import IndexState, VectorSelector, build_part, code_table, ids_of
+from .storage import InMemoryStorage, MmapStorage, write_vectors
 from .tree import Tree, build_tree
+from .writes import Writes, check_new_ids, encode_metadata
 
 __all__ = ["ClusteredIndex"]
 
@@ -49,52 +46,7 @@ AUTO_CODES_MIN_DIM = 128
 EXACT_FILTER_ROWS = 4096
 
 
-def _build_part(
-    x: F32, tree: Tree, leaf_offsets: I64, quantizer: Quantizer, metric: Metric, codes: bool
-) -> Part:
-    """The base part of storage-ordered ``x`` ``(n, d)``: codes, residual norms (and ip
-    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``."""
-    n = x.shape[0]
-    rows = None  # slot i is storage row i
-    if not codes:
-        return Part(offsets=leaf_offsets, rows=rows)
-    words = np.empty((quantizer.words, n), dtype=np.uint64)
-    norms = np.empty(n, dtype=np.float32)
-    dots = np.empty(n, dtype=np.float32) if metric is Metric.IP else None
-    for leaf, node in enumerate(tree.leaf_nodes):
-        a, b = int(leaf_offsets[leaf]), int(leaf_offsets[leaf + 1])
-        centre = tree.centroids[node]
-        residual = quantizer.rotate(x[a:b]) - centre
-        norms[a:b] = np.sqrt(np.einsum("nd,nd->n", residual, residual))
-        if dots is not None:
-            dots[a:b] = np.einsum("nd,d->n", residual, centre)
-        words[:, a:b] = quantizer.encode(residual)
-    return Part(offsets=leaf_offsets, rows=rows, codes=words, norms=norms, dots=dots)
-
-
-@dataclass(frozen=True)
-class _State:
-    """One consistent state: a search takes it whole, a write publishes a new one.
-
-    ``row_id``/``row_ok`` are over storage rows (``row_ok`` is ``None`` while nothing was
-    deleted); ``live_sizes`` counts live rows per leaf.
-    """
-
-    base: Part
-    delta: Part
-    row_id: I64
-    row_ok: B | None
-    idmap: IdMap
-    storage: InMemoryStorage | MmapStorage
-    live_sizes: I64
-    selector: CodeSelector
-
-    @property
-    def parts(self) -> tuple[Part, Part]:
-        return self.base, self.delta
-
-
-class ClusteredIndex:
+class ClusteredIndex(Writes):
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
     A hierarchical k-means tree routes each query to a few leaves; 1-bit codes of the
@@ -145,18 +97,18 @@ class ClusteredIndex:
         row_ok: B | None,
         idmap: IdMap,
         storage: InMemoryStorage | MmapStorage,
-    ) -> _State:
+    ) -> IndexState:
         parts = (base, delta)
         if self._table is not None:
             selector = self._backend.code_selector(self._table, parts)
         else:
             scorer = VectorScorer(storage.take, storage.slice, self._metric)
-            selector = _VectorSelector(scorer, parts)
+            selector = VectorSelector(scorer, parts)
         sizes = leaf_sizes(parts, row_ok)
-        return _State(base, delta, row_id, row_ok, idmap, storage, sizes, selector)
+        return IndexState(base, delta, row_id, row_ok, idmap, storage, sizes, selector)
 
     def _replace(self, **changes: Any) -> None:
-        """Publish the current state with ``changes`` (keyword names of ``_State``)."""
+        """Publish the current state with ``changes`` (keyword names of ``IndexState``)."""
         st = self._state
         fields: dict[str, Any] = {
             "base": st.base,
@@ -237,25 +189,17 @@ class ClusteredIndex:
         """
         metric = parse_metric(metric)
         chosen = resolve_backend(backend)
-        branching_factor = positive_int("branching_factor", branching_factor)
-        if branching_factor < 2:
-            raise InvalidParameterError(f"branching_factor must be >= 2, got {branching_factor}")
-        max_leaf_size = positive_int("max_leaf_size", max_leaf_size)
-        max_iterations = positive_int("max_iterations", max_iterations)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise InvalidParameterError(f"seed must be an integer >= 0, got {seed!r}")
-        if not isinstance(rotate, bool):
-            raise InvalidParameterError(f"rotate must be True or False, got {rotate!r}")
-        if leaf_scan not in ("auto", "codes", "vectors"):
-            raise InvalidParameterError(
-                f"leaf_scan must be 'auto', 'codes' or 'vectors', got {leaf_scan!r}"
-            )
+        params = build_params(
+            branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan
+        )
+        branching_factor, max_leaf_size = params["branching_factor"], params["max_leaf_size"]
+        max_iterations, seed = params["max_iterations"], params["seed"]
         x = as_matrix(vectors, "vectors")
         if x.shape[1] > MAX_DIM:
             raise InvalidVectorsError(f"dimension {x.shape[1]} exceeds the maximum {MAX_DIM}")
         n = x.shape[0]
-        user_ids = np.arange(n, dtype=np.int64) if ids is None else _new_ids(ids, n)
-        docs = _encode_metadata(metadata, n)
+        user_ids = np.arange(n, dtype=np.int64) if ids is None else check_new_ids(ids, n)
+        docs = encode_metadata(metadata, n)
         x = prepare(x, metric, copy=False)
         if leaf_scan == "auto":
             leaf_scan = "vectors" if x.shape[1] < AUTO_CODES_MIN_DIM else "codes"
@@ -275,21 +219,14 @@ class ClusteredIndex:
         )
         tree = dataclasses.replace(tree, centroids=quantizer.rotate(tree.centroids))
         codes = leaf_scan == "codes"
-        base = _build_part(stored, tree, leaf_offsets, quantizer, metric, codes)
+        base = build_part(stored, tree, leaf_offsets, quantizer, metric, codes)
         store = MetadataStore()
         if docs is not None:
             store.put(user_ids, docs)
-        params = {
-            "branching_factor": branching_factor,
-            "max_leaf_size": max_leaf_size,
-            "max_iterations": max_iterations,
-            "seed": int(seed),
-            "rotate": rotate,
-            "leaf_scan": leaf_scan,
-        }
+        params.update(rotate=rotate, leaf_scan=leaf_scan)
         return cls(
             tree=tree,
-            table=_table(tree, quantizer, metric) if codes else None,
+            table=code_table(tree, quantizer, metric) if codes else None,
             base=base,
             quantizer=quantizer,
             ids=user_ids[order],
@@ -466,176 +403,17 @@ class ClusteredIndex:
                 found, dists = rerank(
                     q, np.ascontiguousarray(cand), k, st.storage.take, self._metric
                 )
-                return _ids_of(st, found), dists
+                return ids_of(st, found), dists
             row_ok = np.zeros(st.row_id.shape[0], dtype=bool)
             row_ok[rows] = True
             sizes = leaf_sizes(st.parts, row_ok)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(self._tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
         rotated = self._quantizer.rotate(q)
-        leaves = self._route(rotated, probes, min(k, allowed), sizes)
+        leaves = self._tree.route_for(rotated, probes, min(k, allowed), sizes, self._metric)
         rows = st.selector.select(rotated, leaves, k * rerank_factor, row_ok)
         found, dists = rerank(q, rows, k, st.storage.take, self._metric)
-        return _ids_of(st, found), dists
-
-    def _route(self, q: F32, probes: int, need: int, sizes: I64) -> I64:
-        """Leaves per query ``(nq, L)``; widens the beam for queries whose leaves hold < need."""
-        leaves = self._tree.route(q, probes, self._metric)
-        short = _count(leaves, sizes) < need
-        wider = probes
-        while short.any() and wider < self._tree.n_nodes:
-            wider *= 2
-            idx = np.flatnonzero(short)
-            more = self._tree.route(q[idx], wider, self._metric)
-            if more.shape[1] > leaves.shape[1]:
-                pad = np.full((leaves.shape[0], more.shape[1] - leaves.shape[1]), -1, np.int64)
-                leaves = np.concatenate([leaves, pad], axis=1)
-            leaves[idx] = -1
-            leaves[idx, : more.shape[1]] = more
-            short[idx] = _count(more, sizes) < need
-        return leaves
-
-    # ------------------------------------------------------------------ writes
-    def add(
-        self,
-        vectors: Any,
-        ids: Any = None,
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> I64:
-        """Add vectors; return their ids ``(n,)`` int64.
-
-        ``ids``: distinct integers >= 0 not in the index (``DuplicateIdError`` otherwise);
-        default: consecutive ids after the largest ever used. ``metadata``: one dict (or
-        None) per vector. Each vector goes to its nearest leaf; no rebuild. In mmap mode
-        the vectors are appended to a file beside the mapped one and written into the
-        index by the next :meth:`save`.
-        """
-        return self._write(vectors, ids, metadata, replace=False)
-
-    def upsert(
-        self,
-        vectors: Any,
-        ids: Any,
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> I64:
-        """Add vectors, replacing those whose ids exist (and their metadata, when given;
-        without ``metadata`` an existing id keeps its metadata). Returns the ids."""
-        if ids is None:
-            raise InvalidParameterError("upsert needs ids")
-        return self._write(vectors, ids, metadata, replace=True)
-
-    def _write(self, vectors: Any, ids: Any, metadata: Any, *, replace: bool) -> I64:
-        x = as_matrix(vectors, "vectors", self.dim)
-        n = x.shape[0]
-        docs = _encode_metadata(metadata, n)
-        x = prepare(x, self._metric, copy=False)
-        rotated = self._quantizer.rotate(x)
-        leaves = assign_leaves(self._tree, rotated, self._metric)
-        with self._write_lock:
-            st = self._state
-            if ids is None:
-                new_ids = np.arange(n, dtype=np.int64) + self._next_id(st)
-            else:
-                new_ids = _new_ids(ids, n)
-            old_rows = st.idmap.rows(new_ids)
-            if not replace and (old_rows >= 0).any():
-                taken = new_ids[old_rows >= 0][:5].tolist()
-                raise DuplicateIdError(f"ids already in the index: {taken}; use upsert()")
-            first = st.storage.append(x)
-            rows = np.arange(first, first + n, dtype=np.int64)
-            part = encode_part(
-                self._tree,
-                self._quantizer,
-                rotated,
-                leaves,
-                rows,
-                self._metric,
-                self._table is not None,
-            )
-            row_ok = st.row_ok
-            replaced = old_rows[old_rows >= 0]
-            if row_ok is not None or replaced.size:
-                row_ok = (
-                    np.ones(first + n, dtype=bool)
-                    if row_ok is None
-                    else np.concatenate([row_ok, np.ones(first + n - row_ok.shape[0], dtype=bool)])
-                )
-                row_ok[replaced] = False
-            base, delta = add_to_parts(
-                st.base, st.delta, part, leaves, row_ok, self._params["max_leaf_size"]
-            )
-            row_id = np.concatenate(
-                [st.row_id, np.full(first - st.row_id.shape[0], -1, np.int64), new_ids]
-            )
-            idmap = st.idmap.without(new_ids[old_rows >= 0]).with_added(row_id, rows)
-            if docs is not None:
-                self._metadata.put(new_ids, docs)
-            elif not replace:
-                self._metadata.delete(new_ids)  # ids reused after a delete start bare
-            self._state = self._make_state(base, delta, row_id, row_ok, idmap, st.storage)
-            self._last_id = (
-                max(self._next_id(st), int(new_ids.max()) + 1) if n else self._next_id(st)
-            )
-        return new_ids
-
-    def _next_id(self, st: _State) -> int:
-        return max(
-            getattr(self, "_last_id", 0), st.idmap.max_id + 1, int(st.row_id.max(initial=-1)) + 1
-        )
-
-    def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
-        """Delete vectors by id, at once for every later search; return how many.
-
-        Unknown ids raise ``UnknownIdError`` unless ``missing_ok``. The rows stay in
-        storage until :meth:`compact` (or are left out by the next :meth:`save`).
-        """
-        wanted = as_ids(ids)
-        with self._write_lock:
-            st = self._state
-            rows = st.idmap.rows(wanted)
-            if not missing_ok and (rows < 0).any():
-                missing = wanted[rows < 0][:5].tolist()
-                raise UnknownIdError(f"ids not in the index: {missing}")
-            rows = np.unique(rows[rows >= 0])
-            if rows.size == 0:
-                return 0
-            row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
-            row_ok[rows] = False
-            gone = st.row_id[rows]
-            self._replace(row_ok=row_ok, idmap=st.idmap.without(gone))
-            self._metadata.delete(gone)
-        return int(rows.size)
-
-    def get_metadata(self, id_: int) -> dict[str, Any] | None:
-        """The metadata of ``id_`` (``None`` if it has none); ``UnknownIdError`` if absent."""
-        if id_ not in self:
-            raise UnknownIdError(f"id {id_!r} is not in the index")
-        return self._metadata.get(int(id_))
-
-    def compact(self) -> None:
-        """Rewrite storage without deleted rows, leaf by leaf, and fold added vectors in.
-
-        In RAM the vectors are copied; in mmap mode a new vector file is written beside the
-        mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
-        the index directory). Searches may run meanwhile.
-        """
-        with self._write_lock:
-            st = self._state
-            base, order = compacted(st.base, st.delta, st.row_ok)
-            old = st.storage
-            storage: InMemoryStorage | MmapStorage
-            if isinstance(old, MmapStorage):
-                path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
-                write_rows(old.take, order, self.dim, path)
-                storage = MmapStorage(path, order.shape[0], self.dim, owned=True)
-            else:
-                storage = InMemoryStorage(np.ascontiguousarray(old.take(order)))
-            row_id = st.row_id[order]
-            idmap = IdMap.from_rows(row_id, np.arange(row_id.shape[0], dtype=np.int64))
-            words = None if base.codes is None else base.codes.shape[0]
-            delta = Part.empty(self._tree.n_leaves, words, base.dots is not None)
-            self._state = self._make_state(base, delta, row_id, None, idmap, storage)
-            old.discard()  # searches still reading the old storage keep its mapping
+        return ids_of(st, found), dists
 
     # ------------------------------------------------------------------ storage
     def use_mmap_storage(self, path: str | os.PathLike[str]) -> None:
@@ -716,51 +494,3 @@ class ClusteredIndex:
         return open_index(
             cls, Path(path), mmap=mmap, verify=verify, backend=resolve_backend(backend)
         )
-
-
-def _table(tree: Tree, quantizer: Quantizer, metric: Metric) -> CodeTable:
-    return CodeTable(
-        centroids=tree.centroids,
-        leaf_nodes=tree.leaf_nodes,
-        cos_lut=cos_table(quantizer.bits),
-        metric=metric,
-    )
-
-
-def _new_ids(ids: Any, n: int) -> I64:
-    arr = as_ids(ids)
-    if arr.shape[0] != n:
-        raise InvalidParameterError(f"got {arr.shape[0]} ids for {n} vectors")
-    if np.unique(arr).shape[0] != n:
-        dup = arr[np.flatnonzero(np.diff(np.sort(arr)) == 0)[0]]
-        raise DuplicateIdError(f"id {int(dup)} appears twice")
-    return arr
-
-
-def _encode_metadata(metadata: Any, n: int) -> list[str | None] | None:
-    if metadata is None:
-        return None
-    if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
-        raise InvalidParameterError("metadata must be a list with one dict (or None) per vector")
-    if len(metadata) != n:
-        raise InvalidParameterError(f"got {len(metadata)} metadata entries for {n} vectors")
-    return [None if d is None else MetadataStore.encode([d])[0] for d in metadata]
-
-
-def _ids_of(st: _State, rows: I64) -> I64:
-    return np.where(rows >= 0, st.row_id[np.maximum(rows, 0)], -1)
-
-
-def _count(leaves: I64, sizes: I64) -> I64:
-    return np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
-
-
-class _VectorSelector:
-    """``leaf_scan="vectors"``: candidates by exact distances on the full vectors (CPU)."""
-
-    def __init__(self, scorer: VectorScorer, parts: tuple[Part, Part]) -> None:
-        self.scorer = scorer
-        self.parts = parts
-
-    def select(self, queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
-        return select_candidates(self.scorer, self.parts, queries, leaves, m, row_ok)

@@ -42,19 +42,26 @@ import numpy as np
 import numpy.typing as npt
 
 from ._files import crc32_file, fsync_dir, storage_error
-from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
-from .errors import InvalidIndexFileError, StorageError
+from .errors import StorageError
 from .living import compacted
-from .metadata import MetadataStore
-from .metrics import Metric
 from .parts import Part
-from .storage import InMemoryStorage, MmapStorage, write_rows
-from .tree import Tree
+from .reader import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    METADATA,
+    VECTORS,
+    manifest_path,
+    open_index,
+    parse_manifest,
+)
+from .storage import write_rows
 
 I64 = npt.NDArray[np.int64]
 
+
 if TYPE_CHECKING:
-    from .backends import Backend
     from .index import ClusteredIndex
 
 __all__ = [
@@ -67,13 +74,6 @@ __all__ = [
     "parse_manifest",
     "save_index",
 ]
-
-FORMAT_NAME = "vectordb.ClusteredIndex"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-VECTORS = "vectors.bin"
-METADATA = "metadata.sqlite"
-MAX_MANIFEST_BYTES = 1 << 20
 
 
 class _CrcWriter:
@@ -257,250 +257,3 @@ def _install(tmp: Path, path: Path, parent: Path) -> None:
         fsync_dir(parent)
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------- open
-
-
-def _bad(path: Path, problem: str) -> InvalidIndexFileError:
-    return InvalidIndexFileError(f"{path}: {problem}")
-
-
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = manifest_path(directory)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise _bad(path, "missing; this directory is not a saved vectordb index") from None
-    except OSError as exc:
-        raise storage_error(exc, path) from exc
-    return parse_manifest(raw, path)
-
-
-def manifest_path(directory: Path) -> Path:
-    """``directory/manifest.json``, after checking that ``directory`` is a directory."""
-    if not directory.is_dir():
-        raise InvalidIndexFileError(f"{directory}: not a directory (expected a saved index)")
-    return directory / MANIFEST
-
-
-def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
-    """Validate the manifest's bytes (read from ``path``, at most ``MAX_MANIFEST_BYTES + 1``)."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise _bad(path, f"larger than {MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise _bad(path, f"expected a JSON object, found {type(manifest).__name__}")
-    if manifest.get("format") != FORMAT_NAME:
-        raise _bad(path, f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise _bad(
-            path,
-            f"format_version is {version!r}, expected {FORMAT_VERSION} "
-            "(saved by another version of vectordb?)",
-        )
-    for key in ("dim", "n", "n_nodes", "n_leaves"):
-        value = manifest.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _bad(path, f"{key!r} must be a positive integer, found {value!r}")
-    try:
-        manifest["metric"] = Metric(manifest.get("metric"))
-    except ValueError:
-        raise _bad(path, f"unknown metric {manifest.get('metric')!r}") from None
-    params = manifest.get("params")
-    if not isinstance(params, dict):
-        raise _bad(path, "'params' must be an object")
-    bf = params.get("branching_factor")
-    if isinstance(bf, bool) or not isinstance(bf, int) or bf < 2:
-        raise _bad(path, f"params.branching_factor must be an integer >= 2, found {bf!r}")
-    if not isinstance(params.get("rotate"), bool):
-        raise _bad(path, f"params.rotate must be true or false, found {params.get('rotate')!r}")
-    if params.get("leaf_scan") not in ("codes", "vectors"):
-        raise _bad(
-            path,
-            f"params.leaf_scan must be 'codes' or 'vectors', found {params.get('leaf_scan')!r}",
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise _bad(path, "'files' must be an object")
-    for name, entry in files.items():
-        ok = isinstance(entry, dict) and all(
-            isinstance(entry.get(f), int) and not isinstance(entry.get(f), bool) and entry[f] >= 0
-            for f in ("size", "crc32")
-        )
-        if not ok:
-            raise _bad(path, f"files[{name!r}] must have non-negative integer 'size' and 'crc32'")
-    return manifest
-
-
-def _check_file(directory: Path, name: str, files: dict[str, Any], verify: bool) -> Path:
-    path = directory / name
-    if name not in files:
-        raise _bad(directory / MANIFEST, f"does not list {name}")
-    if path.is_symlink() or not path.is_file():
-        raise _bad(path, "missing (or not a regular file)")
-    size = path.stat().st_size
-    if size != files[name]["size"]:
-        raise _bad(path, f"size is {size} bytes, expected {files[name]['size']}")
-    if verify:
-        crc = crc32_file(path)
-        if crc != files[name]["crc32"]:
-            raise _bad(path, f"CRC32 is {crc:#010x}, expected {files[name]['crc32']:#010x}")
-    return path
-
-
-def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
-    """Load an ``.npy`` whose header must declare exactly ``dtype`` and ``shape``."""
-    try:
-        with open(path, "rb") as fh:
-            try:
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    header = np.lib.format.read_array_header_1_0(fh)
-                else:
-                    header = np.lib.format.read_array_header_2_0(fh)
-            except ValueError as exc:
-                raise _bad(path, f"not a valid .npy file ({exc})") from None
-            found_shape, fortran, found_dtype = header
-            if found_dtype != dtype or tuple(found_shape) != shape or fortran:
-                raise _bad(
-                    path,
-                    f"holds {found_dtype}{list(found_shape)}"
-                    f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}",
-                )
-            arr = np.fromfile(fh, dtype=dtype, count=int(np.prod(shape)))
-    except OSError as exc:
-        raise storage_error(exc, path) from exc
-    if arr.size != int(np.prod(shape)):
-        raise _bad(path, f"truncated: {arr.size} values, expected {int(np.prod(shape))}")
-    return arr.reshape(shape)
-
-
-def open_index(
-    cls: type[ClusteredIndex],
-    directory: Path,
-    *,
-    mmap: bool,
-    verify: bool,
-    backend: Backend,
-    manifest: dict[str, Any] | None = None,
-) -> ClusteredIndex:
-    """Open a saved index. See ``ClusteredIndex.open``. ``manifest``: already parsed."""
-    if manifest is None:
-        manifest = _read_manifest(directory)
-    files = manifest["files"]
-    dim, n = manifest["dim"], manifest["n"]
-    n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
-    metric: Metric = manifest["metric"]
-    params = manifest["params"]
-    bf = params["branching_factor"]
-    bits = words_for(dim) * 64 if params["rotate"] else dim
-    expected: dict[str, tuple[type, tuple[int, ...]]] = {
-        "centroids.npy": (np.float32, (n_nodes, bits)),
-        "children.npy": (np.int64, (n_nodes, bf)),
-        "leaf_of_node.npy": (np.int64, (n_nodes,)),
-        "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
-        "ids.npy": (np.int64, (n,)),
-    }
-    codes = params["leaf_scan"] == "codes"
-    if codes:
-        expected["codes.npy"] = (np.uint64, (words_for(bits), n))
-        expected["norms.npy"] = (np.float32, (n,))
-    if codes and metric is Metric.IP:
-        expected["dots.npy"] = (np.float32, (n,))
-    if params["rotate"]:
-        expected["perm.npy"] = (np.int64, (bits,))
-        expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
-    arrays = {
-        name: _load_npy(_check_file(directory, name, files, verify), np.dtype(dt), shape)
-        for name, (dt, shape) in expected.items()
-    }
-    _check_structure(directory, arrays, n, n_nodes, n_leaves)
-    vec_path = _check_file(directory, VECTORS, files, verify)
-    if files[VECTORS]["size"] != n * dim * 4:
-        raise _bad(vec_path, f"size is {files[VECTORS]['size']} bytes, expected {n * dim * 4}")
-
-    tree = Tree(
-        centroids=arrays["centroids.npy"],
-        children=arrays["children.npy"],
-        leaf_of_node=arrays["leaf_of_node.npy"],
-    )
-    quantizer = Quantizer(dim, arrays.get("perm.npy"), arrays.get("blocks.npy"))
-    table = (
-        CodeTable(
-            centroids=tree.centroids,
-            leaf_nodes=tree.leaf_nodes,
-            cos_lut=cos_table(quantizer.bits),
-            metric=metric,
-        )
-        if codes
-        else None
-    )
-    base = Part(
-        offsets=arrays["leaf_offsets.npy"],
-        rows=None,
-        codes=arrays.get("codes.npy"),
-        norms=arrays.get("norms.npy"),
-        dots=arrays.get("dots.npy"),
-    )
-    ids = arrays["ids.npy"]
-    if np.unique(ids).shape[0] != n or (ids < 0).any():
-        raise _bad(directory / "ids.npy", "ids must be distinct and >= 0")
-    metadata = None
-    if METADATA in files:
-        metadata = MetadataStore.load(_check_file(directory, METADATA, files, verify))
-    storage: InMemoryStorage | MmapStorage
-    if mmap:
-        storage = MmapStorage(vec_path, n, dim)
-    else:
-        try:
-            vectors = np.fromfile(vec_path, dtype="<f4").astype(np.float32, copy=False)
-        except OSError as exc:
-            raise storage_error(exc, vec_path) from exc
-        storage = InMemoryStorage(vectors.reshape(n, dim))
-    return cls(
-        tree=tree,
-        table=table,
-        base=base,
-        quantizer=quantizer,
-        ids=ids,
-        storage=storage,
-        metric=metric,
-        params=params,
-        backend=backend,
-        metadata=metadata,
-    )
-
-
-def _check_structure(
-    directory: Path, arrays: dict[str, npt.NDArray[Any]], n: int, n_nodes: int, n_leaves: int
-) -> None:
-    """Cheap consistency checks so that a damaged tree cannot index out of bounds."""
-    offsets = arrays["leaf_offsets.npy"]
-    if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
-        raise _bad(directory / "leaf_offsets.npy", f"must rise from 0 to n={n}")
-    children = arrays["children.npy"]
-    if ((children < -1) | (children >= n_nodes)).any():
-        raise _bad(directory / "children.npy", f"node ids must lie in [-1, {n_nodes})")
-    leaf_of_node = arrays["leaf_of_node.npy"]
-    leaves = np.sort(leaf_of_node[leaf_of_node >= 0])
-    if not np.array_equal(leaves, np.arange(n_leaves)):
-        raise _bad(
-            directory / "leaf_of_node.npy", f"must number leaves 0..{n_leaves - 1} once each"
-        )
-    is_leaf = leaf_of_node >= 0
-    has_children = (children >= 0).any(axis=1)
-    if (is_leaf & has_children).any() or (~is_leaf & ~has_children).any():
-        raise _bad(directory / "children.npy", "leaves must have no children, inner nodes some")
-    perm = arrays.get("perm.npy")
-    if perm is not None and not np.array_equal(np.sort(perm), np.arange(perm.shape[0])):
-        raise _bad(directory / "perm.npy", "is not a permutation")
-    if not np.isfinite(arrays["centroids.npy"]).all():
-        raise _bad(directory / "centroids.npy", "contains NaN or infinite values")
-    if "norms.npy" in arrays and not np.isfinite(arrays["norms.npy"]).all():
-        raise _bad(directory / "norms.npy", "contains NaN or infinite values")

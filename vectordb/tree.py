@@ -108,6 +108,24 @@ class Tree:
             frontier = nxt[:, (nxt >= 0).any(axis=0)]
         return np.concatenate(found, axis=1)
 
+    def route_for(self, q: F32, probes: int, need: int, sizes: I64, metric: Metric) -> I64:
+        """:meth:`route`, widening the beam (doubling ``probes``) for queries whose leaves
+        hold fewer than ``need`` rows, by ``sizes`` ``(n_leaves,)`` rows per leaf."""
+        leaves = self.route(q, probes, metric)
+        short = _count(leaves, sizes) < need
+        wider = probes
+        while short.any() and wider < self.n_nodes:
+            wider *= 2
+            idx = np.flatnonzero(short)
+            more = self.route(q[idx], wider, metric)
+            if more.shape[1] > leaves.shape[1]:
+                pad = np.full((leaves.shape[0], more.shape[1] - leaves.shape[1]), -1, np.int64)
+                leaves = np.concatenate([leaves, pad], axis=1)
+            leaves[idx] = -1
+            leaves[idx, : more.shape[1]] = more
+            short[idx] = _count(more, sizes) < need
+        return leaves
+
     def _node_scores(self, q: F32, nodes: I64, c_sq: F32, metric: Metric) -> F32:
         """(nq, f) float32 routing scores of ``nodes`` (``-1`` -> inf), smaller is better."""
         nq, f = nodes.shape
@@ -122,6 +140,10 @@ class Tree:
             out[sl] = -dots if metric is Metric.IP else c_sq[safe[sl]] - 2.0 * dots
         out[nodes < 0] = np.inf
         return out
+
+
+def _count(leaves: I64, sizes: I64) -> I64:
+    return np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
 
 
 def build_tree(

@@ -1,0 +1,97 @@
+"""The state a search reads: parts, ids, tombstones, storage, and the selector over them.
+
+A write never changes a published state; it publishes a new one. So a search that took the
+state at its start sees the index before or after any write, never half of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .backends import CodeSelector
+from .codes import CodeTable, Quantizer, cos_table
+from .idmap import IdMap
+from .leafscan import select_candidates
+from .metrics import Metric
+from .parts import Part
+from .scan import VectorScorer
+from .storage import InMemoryStorage, MmapStorage
+from .tree import Tree
+
+__all__ = ["IndexState", "VectorSelector", "build_part", "code_table", "ids_of"]
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+B = npt.NDArray[np.bool_]
+
+
+def build_part(
+    x: F32, tree: Tree, leaf_offsets: I64, quantizer: Quantizer, metric: Metric, codes: bool
+) -> Part:
+    """The base part of storage-ordered ``x`` ``(n, d)``: codes, residual norms (and ip
+    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``."""
+    n = x.shape[0]
+    rows = None  # slot i is storage row i
+    if not codes:
+        return Part(offsets=leaf_offsets, rows=rows)
+    words = np.empty((quantizer.words, n), dtype=np.uint64)
+    norms = np.empty(n, dtype=np.float32)
+    dots = np.empty(n, dtype=np.float32) if metric is Metric.IP else None
+    for leaf, node in enumerate(tree.leaf_nodes):
+        a, b = int(leaf_offsets[leaf]), int(leaf_offsets[leaf + 1])
+        centre = tree.centroids[node]
+        residual = quantizer.rotate(x[a:b]) - centre
+        norms[a:b] = np.sqrt(np.einsum("nd,nd->n", residual, residual))
+        if dots is not None:
+            dots[a:b] = np.einsum("nd,d->n", residual, centre)
+        words[:, a:b] = quantizer.encode(residual)
+    return Part(offsets=leaf_offsets, rows=rows, codes=words, norms=norms, dots=dots)
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """One consistent state: a search takes it whole, a write publishes a new one.
+
+    ``row_id``/``row_ok`` are over storage rows (``row_ok`` is ``None`` while nothing was
+    deleted); ``live_sizes`` counts live rows per leaf.
+    """
+
+    base: Part
+    delta: Part
+    row_id: I64
+    row_ok: B | None
+    idmap: IdMap
+    storage: InMemoryStorage | MmapStorage
+    live_sizes: I64
+    selector: CodeSelector
+
+    @property
+    def parts(self) -> tuple[Part, Part]:
+        return self.base, self.delta
+
+
+def code_table(tree: Tree, quantizer: Quantizer, metric: Metric) -> CodeTable:
+    return CodeTable(
+        centroids=tree.centroids,
+        leaf_nodes=tree.leaf_nodes,
+        cos_lut=cos_table(quantizer.bits),
+        metric=metric,
+    )
+
+
+def ids_of(st: IndexState, rows: I64) -> I64:
+    return np.where(rows >= 0, st.row_id[np.maximum(rows, 0)], -1)
+
+
+class VectorSelector:
+    """``leaf_scan="vectors"``: candidates by exact distances on the full vectors (CPU)."""
+
+    def __init__(self, scorer: VectorScorer, parts: tuple[Part, Part]) -> None:
+        self.scorer = scorer
+        self.parts = parts
+
+    def select(self, queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+        return select_candidates(self.scorer, self.parts, queries, leaves, m, row_ok)

@@ -1,0 +1,225 @@
+"""Writes of a living index: add, upsert, delete, compact, metadata lookups.
+
+A mixin of ``ClusteredIndex``, kept apart to keep modules small. Every write runs under the
+index's write lock and ends by publishing a new ``IndexState``.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._validation import as_matrix
+from .codes import CodeTable, Quantizer
+from .errors import DuplicateIdError, InvalidParameterError, UnknownIdError
+from .idmap import IdMap, as_ids
+from .living import add_to_parts, assign_leaves, compacted, encode_part
+from .metadata import MetadataStore
+from .metrics import Metric, prepare
+from .parts import Part
+from .state import IndexState
+from .storage import InMemoryStorage, MmapStorage, write_rows
+from .tree import Tree
+
+__all__ = ["Writes", "check_new_ids", "encode_metadata"]
+
+I64 = npt.NDArray[np.int64]
+B = npt.NDArray[np.bool_]
+
+
+class Writes:
+    """``add``, ``upsert``, ``delete``, ``get_metadata``, ``compact``."""
+
+    if TYPE_CHECKING:  # provided by ClusteredIndex
+        _state: IndexState
+        _write_lock: threading.RLock
+        _tree: Tree
+        _quantizer: Quantizer
+        _metric: Metric
+        _table: CodeTable | None
+        _params: dict[str, Any]
+        _metadata: MetadataStore
+        _last_id: int
+
+        @property
+        def dim(self) -> int: ...
+
+        def __contains__(self, id_: object) -> bool: ...
+
+        def _make_state(
+            self,
+            base: Part,
+            delta: Part,
+            row_id: I64,
+            row_ok: B | None,
+            idmap: IdMap,
+            storage: InMemoryStorage | MmapStorage,
+        ) -> IndexState: ...
+
+        def _replace(self, **changes: Any) -> None: ...
+
+    def add(
+        self,
+        vectors: Any,
+        ids: Any = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> I64:
+        """Add vectors; return their ids ``(n,)`` int64.
+
+        ``ids``: distinct integers >= 0 not in the index (``DuplicateIdError`` otherwise);
+        default: consecutive ids after the largest ever used. ``metadata``: one dict (or
+        None) per vector. Each vector goes to its nearest leaf; no rebuild. In mmap mode
+        the vectors are appended to a file beside the mapped one and written into the
+        index by the next :meth:`save`.
+        """
+        return self._write(vectors, ids, metadata, replace=False)
+
+    def upsert(
+        self,
+        vectors: Any,
+        ids: Any,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> I64:
+        """Add vectors, replacing those whose ids exist (and their metadata, when given;
+        without ``metadata`` an existing id keeps its metadata). Returns the ids."""
+        if ids is None:
+            raise InvalidParameterError("upsert needs ids")
+        return self._write(vectors, ids, metadata, replace=True)
+
+    def _write(self, vectors: Any, ids: Any, metadata: Any, *, replace: bool) -> I64:
+        x = as_matrix(vectors, "vectors", self.dim)
+        n = x.shape[0]
+        docs = encode_metadata(metadata, n)
+        x = prepare(x, self._metric, copy=False)
+        rotated = self._quantizer.rotate(x)
+        leaves = assign_leaves(self._tree, rotated, self._metric)
+        with self._write_lock:
+            st = self._state
+            if ids is None:
+                new_ids = np.arange(n, dtype=np.int64) + self._next_id(st)
+            else:
+                new_ids = check_new_ids(ids, n)
+            old_rows = st.idmap.rows(new_ids)
+            if not replace and (old_rows >= 0).any():
+                taken = new_ids[old_rows >= 0][:5].tolist()
+                raise DuplicateIdError(f"ids already in the index: {taken}; use upsert()")
+            first = st.storage.append(x)
+            rows = np.arange(first, first + n, dtype=np.int64)
+            part = encode_part(
+                self._tree,
+                self._quantizer,
+                rotated,
+                leaves,
+                rows,
+                self._metric,
+                self._table is not None,
+            )
+            row_ok = st.row_ok
+            replaced = old_rows[old_rows >= 0]
+            if row_ok is not None or replaced.size:
+                row_ok = (
+                    np.ones(first + n, dtype=bool)
+                    if row_ok is None
+                    else np.concatenate([row_ok, np.ones(first + n - row_ok.shape[0], dtype=bool)])
+                )
+                row_ok[replaced] = False
+            base, delta = add_to_parts(
+                st.base, st.delta, part, leaves, row_ok, self._params["max_leaf_size"]
+            )
+            row_id = np.concatenate(
+                [st.row_id, np.full(first - st.row_id.shape[0], -1, np.int64), new_ids]
+            )
+            idmap = st.idmap.without(new_ids[old_rows >= 0]).with_added(row_id, rows)
+            if docs is not None:
+                self._metadata.put(new_ids, docs)
+            elif not replace:
+                self._metadata.delete(new_ids)  # ids reused after a delete start bare
+            self._state = self._make_state(base, delta, row_id, row_ok, idmap, st.storage)
+            self._last_id = (
+                max(self._next_id(st), int(new_ids.max()) + 1) if n else self._next_id(st)
+            )
+        return new_ids
+
+    def _next_id(self, st: IndexState) -> int:
+        return max(
+            getattr(self, "_last_id", 0), st.idmap.max_id + 1, int(st.row_id.max(initial=-1)) + 1
+        )
+
+    def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
+        """Delete vectors by id, at once for every later search; return how many.
+
+        Unknown ids raise ``UnknownIdError`` unless ``missing_ok``. The rows stay in
+        storage until :meth:`compact` (or are left out by the next :meth:`save`).
+        """
+        wanted = as_ids(ids)
+        with self._write_lock:
+            st = self._state
+            rows = st.idmap.rows(wanted)
+            if not missing_ok and (rows < 0).any():
+                missing = wanted[rows < 0][:5].tolist()
+                raise UnknownIdError(f"ids not in the index: {missing}")
+            rows = np.unique(rows[rows >= 0])
+            if rows.size == 0:
+                return 0
+            row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
+            row_ok[rows] = False
+            gone = st.row_id[rows]
+            self._replace(row_ok=row_ok, idmap=st.idmap.without(gone))
+            self._metadata.delete(gone)
+        return int(rows.size)
+
+    def get_metadata(self, id_: int) -> dict[str, Any] | None:
+        """The metadata of ``id_`` (``None`` if it has none); ``UnknownIdError`` if absent."""
+        if id_ not in self:
+            raise UnknownIdError(f"id {id_!r} is not in the index")
+        return self._metadata.get(int(id_))
+
+    def compact(self) -> None:
+        """Rewrite storage without deleted rows, leaf by leaf, and fold added vectors in.
+
+        In RAM the vectors are copied; in mmap mode a new vector file is written beside the
+        mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
+        the index directory). Searches may run meanwhile.
+        """
+        with self._write_lock:
+            st = self._state
+            base, order = compacted(st.base, st.delta, st.row_ok)
+            old = st.storage
+            storage: InMemoryStorage | MmapStorage
+            if isinstance(old, MmapStorage):
+                path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
+                write_rows(old.take, order, self.dim, path)
+                storage = MmapStorage(path, order.shape[0], self.dim, owned=True)
+            else:
+                storage = InMemoryStorage(np.ascontiguousarray(old.take(order)))
+            row_id = st.row_id[order]
+            idmap = IdMap.from_rows(row_id, np.arange(row_id.shape[0], dtype=np.int64))
+            words = None if base.codes is None else base.codes.shape[0]
+            delta = Part.empty(self._tree.n_leaves, words, base.dots is not None)
+            self._state = self._make_state(base, delta, row_id, None, idmap, storage)
+            old.discard()  # searches still reading the old storage keep its mapping
+
+
+def check_new_ids(ids: Any, n: int) -> I64:
+    arr = as_ids(ids)
+    if arr.shape[0] != n:
+        raise InvalidParameterError(f"got {arr.shape[0]} ids for {n} vectors")
+    if np.unique(arr).shape[0] != n:
+        dup = arr[np.flatnonzero(np.diff(np.sort(arr)) == 0)[0]]
+        raise DuplicateIdError(f"id {int(dup)} appears twice")
+    return arr
+
+
+def encode_metadata(metadata: Any, n: int) -> list[str | None] | None:
+    if metadata is None:
+        return None
+    if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
+        raise InvalidParameterError("metadata must be a list with one dict (or None) per vector")
+    if len(metadata) != n:
+        raise InvalidParameterError(f"got {len(metadata)} metadata entries for {n} vectors")
+    return [None if d is None else MetadataStore.encode([d])[0] for d in metadata]
