@@ -286,6 +286,11 @@ def main() -> None:
         help="comma-separated subset of: vectordb, faiss-flat, faiss-ivfflat, hnswlib, usearch",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the measured (data set, library, threads) rows of --out's results",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -295,6 +300,15 @@ def main() -> None:
     info = machine()
     rows = run_all(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "results.json"
+    if args.merge and previous.is_file():
+        measured = {(r["dataset"], r["library"], r["threads"]) for r in rows}
+        kept = [
+            r
+            for r in json.loads(previous.read_text())["rows"]
+            if (r["dataset"], r["library"], r["threads"]) not in measured
+        ]
+        rows = kept + rows
     (args.out / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     md = markdown(rows, info)
     (args.out / "results.md").write_text(md)

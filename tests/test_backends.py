@@ -184,3 +184,24 @@ def test_importing_and_using_vectordb_never_imports_cupy():
         "assert 'cupy' not in sys.modules, 'cupy was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mutations_filters_and_deletions_equal_the_numpy_backend(data, backend_name):
+    """Tombstones, the delta part and filter masks go through the backend's own kernel."""
+    x, queries = data
+    meta = [{"even": i % 2 == 0} for i in range(3_000)]
+    indexes = {
+        name: vdb.ClusteredIndex.build(x[:3_000], metadata=meta, max_leaf_size=300, backend=name)
+        for name in {"numpy", backend_name}
+    }
+    for index in indexes.values():
+        index.add(x[3_000:3_400], metadata=[{"even": i % 2 == 0} for i in range(400)])
+        index.delete(np.arange(0, 3_000, 5))
+        index.upsert(x[3_400:3_450], ids=np.arange(100, 150))
+    want = indexes["numpy"]
+    got = indexes[backend_name]
+    for kwargs in ({}, {"filter": {"even": True}}, {"probes": 16, "rerank_factor": 2}):
+        a = want.search_batch(queries, K, **kwargs)
+        b = got.search_batch(queries, K, **kwargs)
+        np.testing.assert_array_equal(b[0], a[0])
+        np.testing.assert_array_equal(b[1], a[1])

@@ -282,3 +282,30 @@ async def test_engine_writes_while_searching(pool):
         assert set(got[0][got[0] >= 0].tolist()) <= live
     assert not seen_bad
     assert sorted(index.ids.tolist()) == sorted(live)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_a_leaf_that_outgrows_twice_max_leaf_size_splits_locally(pool, metric, tmp_path):
+    index = vdb.ClusteredIndex.build(pool[:600], max_leaf_size=50, metric=metric)
+    leaves_before = index.n_leaves
+    # 600 new vectors around one existing vector: they all land in (about) one leaf.
+    rng = np.random.default_rng(2)
+    burst = (pool[7] + 0.05 * rng.standard_normal((600, DIM))).astype(np.float32)
+    for start in range(0, 600, 50):
+        index.add(burst[start : start + 50], ids=np.arange(10_000 + start, 10_050 + start))
+        sizes = index._state.live_sizes
+        assert sizes.max() <= 2 * 50 + 50  # split as soon as a leaf passes 2 * max_leaf_size
+    assert index.n_leaves > leaves_before
+    live = {i: pool[i] for i in range(600)} | {10_000 + j: burst[j] for j in range(600)}
+    queries = np.concatenate([burst[::60] + 0.01, pool[-5:]])
+    if metric == "l2":
+        assert_exact(index, live, queries)
+    exact = {"probes": 10_000, "rerank_factor": 200}
+    want = index.search_batch(queries, K, **exact)
+    index.save(tmp_path / "grown")
+    with vdb.ClusteredIndex.open(tmp_path / "grown", verify=True) as reopened:
+        assert reopened.n_leaves == index.n_leaves
+        got = reopened.search_batch(queries, K, **exact)
+        np.testing.assert_array_equal(got[0], want[0])
+    index.compact()
+    np.testing.assert_array_equal(index.search_batch(queries, K, **exact)[0], want[0])

@@ -76,8 +76,6 @@ class ClusteredIndex(Writes):
         metadata: MetadataStore | None = None,
     ) -> None:
         """Internal: use :meth:`build` or :meth:`open`."""
-        self._tree = tree
-        self._table = table
         self._quantizer = quantizer
         self._metric = metric
         self._params = dict(params)
@@ -87,10 +85,12 @@ class ClusteredIndex(Writes):
         words = None if base.codes is None else base.codes.shape[0]
         delta = Part.empty(tree.n_leaves, words, base.dots is not None)
         idmap = IdMap.from_rows(ids, np.arange(ids.shape[0], dtype=np.int64))
-        self._state = self._make_state(base, delta, ids, None, idmap, storage)
+        self._state = self._make_state(tree, table, base, delta, ids, None, idmap, storage)
 
     def _make_state(
         self,
+        tree: Tree,
+        table: CodeTable | None,
         base: Part,
         delta: Part,
         row_id: I64,
@@ -99,18 +99,20 @@ class ClusteredIndex(Writes):
         storage: InMemoryStorage | MmapStorage,
     ) -> IndexState:
         parts = (base, delta)
-        if self._table is not None:
-            selector = self._backend.code_selector(self._table, parts)
+        if table is not None:
+            selector = self._backend.code_selector(table, parts)
         else:
             scorer = VectorScorer(storage.take, storage.slice, self._metric)
             selector = VectorSelector(scorer, parts)
         sizes = leaf_sizes(parts, row_ok)
-        return IndexState(base, delta, row_id, row_ok, idmap, storage, sizes, selector)
+        return IndexState(tree, table, base, delta, row_id, row_ok, idmap, storage, sizes, selector)
 
     def _replace(self, **changes: Any) -> None:
         """Publish the current state with ``changes`` (keyword names of ``IndexState``)."""
         st = self._state
         fields: dict[str, Any] = {
+            "tree": st.tree,
+            "table": st.table,
             "base": st.base,
             "delta": st.delta,
             "row_id": st.row_id,
@@ -124,6 +126,14 @@ class ClusteredIndex(Writes):
     @property
     def _storage(self) -> InMemoryStorage | MmapStorage:
         return self._state.storage
+
+    @property
+    def _tree(self) -> Tree:
+        return self._state.tree
+
+    @property
+    def _table(self) -> CodeTable | None:
+        return self._state.table
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -265,7 +275,7 @@ class ClusteredIndex(Writes):
     @property
     def n_leaves(self) -> int:
         """Number of leaves of the tree."""
-        return self._tree.n_leaves
+        return self._state.tree.n_leaves
 
     @property
     def backend(self) -> str:
@@ -319,8 +329,8 @@ class ClusteredIndex(Writes):
         """
         st = self._state
         return (
-            self._tree.nbytes
-            + (self._table.nbytes if self._table is not None else 0)
+            st.tree.nbytes
+            + (st.table.nbytes if st.table is not None else 0)
             + st.base.nbytes
             + st.delta.nbytes
             + int(st.row_id.nbytes)
@@ -408,9 +418,9 @@ class ClusteredIndex(Writes):
             row_ok[rows] = True
             sizes = leaf_sizes(st.parts, row_ok)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
-            probes = min(self._tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
+            probes = min(st.tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
         rotated = self._quantizer.rotate(q)
-        leaves = self._tree.route_for(rotated, probes, min(k, allowed), sizes, self._metric)
+        leaves = st.tree.route_for(rotated, probes, min(k, allowed), sizes, self._metric)
         rows = st.selector.select(rotated, leaves, k * rerank_factor, row_ok)
         found, dists = rerank(q, rows, k, st.storage.take, self._metric)
         return ids_of(st, found), dists

@@ -6,15 +6,26 @@ publishes their results as one new state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
 from .codes import Quantizer
+from .kmeans import kmeans
 from .metrics import Metric
 from .parts import Part, concat_by_leaf, merge_threshold
 from .tree import Tree
 
-__all__ = ["add_to_parts", "assign_leaves", "compacted", "encode_part"]
+__all__ = [
+    "Splitter",
+    "add_to_parts",
+    "assign_leaves",
+    "compacted",
+    "encode_part",
+    "split_big_leaves",
+]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -57,35 +68,125 @@ def encode_part(
     )
 
 
-def add_to_parts(
-    base: Part, delta: Part, new: Part, new_leaves: I64, row_ok: B | None, max_leaf_size: int
-) -> tuple[Part, Part]:
-    """New ``(base, delta)`` with ``new`` (rows on ``new_leaves``) added.
+@dataclass(frozen=True)
+class Splitter:
+    """What splitting a leaf needs: the tree's space, k-means settings, the vectors."""
 
-    The delta is re-sorted by leaf (cost: the delta's size); when it outgrows
-    ``merge_threshold`` it is folded into the base, dropping rows without ``row_ok``.
+    quantizer: Quantizer
+    metric: Metric
+    take: Callable[[I64], F32]
+    max_leaf_size: int
+    branching_factor: int
+    max_iterations: int
+    seed: int
+
+
+def add_to_parts(
+    tree: Tree,
+    base: Part,
+    delta: Part,
+    new: Part,
+    new_leaves: I64,
+    row_ok: B | None,
+    splitter: Splitter,
+) -> tuple[Tree, Part, Part]:
+    """New ``(tree, base, delta)`` with ``new`` (rows on ``new_leaves``) added.
+
+    The delta is re-sorted by leaf (cost: the delta's size). When it outgrows
+    ``merge_threshold``, or a leaf grows past ``2 * max_leaf_size``, the delta is folded
+    into the base (dropping rows without ``row_ok``) and such leaves are split.
     """
     delta = concat_by_leaf([delta, new], [delta.leaf_of_slot, new_leaves])
-    if delta.size <= merge_threshold(base.size, max_leaf_size):
-        return base, delta
+    sizes = np.diff(base.offsets) + np.diff(delta.offsets)
+    big = bool((sizes > 2 * splitter.max_leaf_size).any())
+    if not big and delta.size <= merge_threshold(base.size, splitter.max_leaf_size):
+        return tree, base, delta
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
     merged = concat_by_leaf([base, delta], [base.leaf_of_slot, delta.leaf_of_slot], keep)
-    empty = Part.empty(
-        base.offsets.shape[0] - 1,
-        None if base.codes is None else base.codes.shape[0],
-        base.dots is not None,
+    tree, merged = split_big_leaves(tree, merged, splitter)
+    return tree, merged, _empty_like(merged, tree.n_leaves)
+
+
+def _empty_like(part: Part, n_leaves: int) -> Part:
+    words = None if part.codes is None else part.codes.shape[0]
+    return Part.empty(n_leaves, words, part.dots is not None)
+
+
+def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, Part]:
+    """Split every leaf of ``part`` (leaf-sorted) holding over ``2 * max_leaf_size`` slots.
+
+    Each such leaf becomes an inner node whose children come from k-means on its vectors
+    (in the rotated space, like the tree), and its slots are re-coded against their new
+    leaf's centroid. Only those leaves are touched: no global rebuild. Leaves k-means
+    cannot split (identical vectors) stay as they are.
+    """
+    sizes = np.diff(part.offsets)
+    big = np.flatnonzero(sizes > 2 * splitter.max_leaf_size)
+    if big.size == 0:
+        return tree, part
+    centroids = [tree.centroids]
+    children = [tree.children.copy()]
+    leaf_of_node = [tree.leaf_of_node.copy()]
+    n_nodes, n_leaves = tree.n_nodes, tree.n_leaves
+    slot_leaf = part.leaf_of_slot
+    codes = None if part.codes is None else part.codes.copy()
+    norms = None if part.norms is None else part.norms.copy()
+    dots = None if part.dots is None else part.dots.copy()
+    leaf_nodes = tree.leaf_nodes
+    for leaf in big:
+        a, b = int(part.offsets[leaf]), int(part.offsets[leaf + 1])
+        node = int(leaf_nodes[leaf])
+        rotated = splitter.quantizer.rotate(splitter.take(part.row_range(a, b)))
+        rng = np.random.default_rng([splitter.seed, node, n_nodes])
+        _, labels = kmeans(
+            rotated, splitter.branching_factor, max_iterations=splitter.max_iterations, rng=rng
+        )
+        groups = [j for j in range(splitter.branching_factor) if (labels == j).any()]
+        if len(groups) < 2:
+            continue
+        means = np.stack([rotated[labels == j].mean(axis=0) for j in groups]).astype(np.float32)
+        new_nodes = np.arange(n_nodes, n_nodes + len(groups))
+        new_leaves = np.concatenate([[leaf], np.arange(n_leaves, n_leaves + len(groups) - 1)])
+        children[0][node, : len(groups)] = new_nodes
+        leaf_of_node[0][node] = -1
+        centroids.append(means)
+        children.append(np.full((len(groups), tree.children.shape[1]), -1, dtype=np.int64))
+        leaf_of_node.append(new_leaves.astype(np.int64))
+        index_of = np.full(splitter.branching_factor, -1, dtype=np.int64)
+        index_of[groups] = np.arange(len(groups))
+        local = index_of[labels]
+        slot_leaf = slot_leaf.copy()
+        slot_leaf[a:b] = new_leaves[local]
+        if codes is not None and norms is not None:
+            residual = rotated - means[local]
+            codes[:, a:b] = splitter.quantizer.encode(residual)
+            norms[a:b] = np.sqrt(np.einsum("nd,nd->n", residual, residual))
+            if dots is not None:
+                dots[a:b] = np.einsum("nd,nd->n", residual, means[local])
+        n_nodes += len(groups)
+        n_leaves += len(groups) - 1
+    new_tree = Tree(
+        centroids=np.ascontiguousarray(np.concatenate(centroids), dtype=np.float32),
+        children=np.concatenate(children),
+        leaf_of_node=np.concatenate(leaf_of_node),
     )
-    return merged, empty
+    recoded = Part(offsets=part.offsets, rows=part.all_rows, codes=codes, norms=norms, dots=dots)
+    return new_tree, concat_by_leaf([recoded], [slot_leaf], n_leaves=n_leaves)
 
 
-def compacted(base: Part, delta: Part, row_ok: B | None) -> tuple[Part, I64]:
+def compacted(
+    tree: Tree, base: Part, delta: Part, row_ok: B | None, splitter: Splitter | None = None
+) -> tuple[Tree, Part, I64]:
     """The live slots of both parts as one part, leaf by leaf, with rows renumbered.
 
-    Returns the part (its ``rows`` are ``0..n_live-1``) and ``order``: the old storage row
-    of each new row, i.e. the vectors to write, in that order.
+    With a ``splitter``, oversized leaves are split first. Returns the tree, the part (its
+    rows are ``0..n_live-1``) and ``order``: the old storage row of each new row, i.e. the
+    vectors to write, in that order.
     """
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
     merged = concat_by_leaf([base, delta], [base.leaf_of_slot, delta.leaf_of_slot], keep)
+    if splitter is not None:
+        tree, merged = split_big_leaves(tree, merged, splitter)
     order = merged.all_rows
     renumbered = Part(
         offsets=merged.offsets,
@@ -94,4 +195,4 @@ def compacted(base: Part, delta: Part, row_ok: B | None) -> tuple[Part, I64]:
         norms=merged.norms,
         dots=merged.dots,
     )
-    return renumbered, order
+    return tree, renumbered, order

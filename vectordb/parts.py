@@ -81,13 +81,16 @@ class Part:
         return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
-def concat_by_leaf(parts: list[Part], leaves: list[I64], keep: list[B] | None = None) -> Part:
+def concat_by_leaf(
+    parts: list[Part], leaves: list[I64], keep: list[B] | None = None, n_leaves: int | None = None
+) -> Part:
     """One part holding the slots of ``parts`` (with leaf labels ``leaves``), leaf by leaf.
 
     Within a leaf, slots keep the order of ``parts`` and of their slots. ``keep`` masks
     slots out (deleted rows). Cost: linear in the slots concatenated.
     """
-    n_leaves = parts[0].offsets.shape[0] - 1
+    if n_leaves is None:
+        n_leaves = parts[0].offsets.shape[0] - 1
     masks = keep if keep is not None else [np.ones(p.size, dtype=bool) for p in parts]
     leaf = np.concatenate([lf[m] for lf, m in zip(leaves, masks, strict=True)])
     order = np.argsort(leaf, kind="stable")

@@ -63,6 +63,7 @@ I64 = npt.NDArray[np.int64]
 
 if TYPE_CHECKING:
     from .index import ClusteredIndex
+    from .tree import Tree
 
 __all__ = [
     "FORMAT_NAME",
@@ -99,11 +100,11 @@ def _write_file(directory: Path, name: str, arr: npt.NDArray[Any]) -> dict[str, 
     return {"size": path.stat().st_size, "crc32": writer.crc}
 
 
-def _arrays(index: ClusteredIndex, base: Part, ids: I64) -> dict[str, npt.NDArray[Any]]:
+def _arrays(index: ClusteredIndex, tree: Tree, base: Part, ids: I64) -> dict[str, npt.NDArray[Any]]:
     arrays: dict[str, npt.NDArray[Any]] = {
-        "centroids.npy": index._tree.centroids,
-        "children.npy": index._tree.children,
-        "leaf_of_node.npy": index._tree.leaf_of_node,
+        "centroids.npy": tree.centroids,
+        "children.npy": tree.children,
+        "leaf_of_node.npy": tree.leaf_of_node,
         "leaf_offsets.npy": base.offsets,
         "ids.npy": ids,
     }
@@ -140,7 +141,9 @@ class SaveJob:
         self.index = index
         # One consistent state, taken now: writes may go on while the files are written.
         state = index._state
-        self.base, self.order = compacted(state.base, state.delta, state.row_ok)
+        self.tree, self.base, self.order = compacted(
+            state.tree, state.base, state.delta, state.row_ok
+        )
         self.ids = state.row_id[self.order]
         self.storage = state.storage
         self.metadata = index._metadata.copy()
@@ -159,7 +162,7 @@ class SaveJob:
 
     def write_data(self) -> None:
         """Write and fsync every array and the vector file into the temporary directory."""
-        for name, arr in _arrays(self.index, self.base, self.ids).items():
+        for name, arr in _arrays(self.index, self.tree, self.base, self.ids).items():
             self.files[name] = _write_file(self.tmp, name, arr)
         index = self.index
         crc = write_rows(self.storage.take, self.order, index.dim, self.tmp / VECTORS)
@@ -176,8 +179,8 @@ class SaveJob:
             "dim": index.dim,
             "metric": index.metric.value,
             "n": int(self.order.shape[0]),
-            "n_nodes": index._tree.n_nodes,
-            "n_leaves": index.n_leaves,
+            "n_nodes": self.tree.n_nodes,
+            "n_leaves": self.tree.n_leaves,
             "params": index.params,
             "files": self.files,
         }

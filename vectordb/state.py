@@ -59,6 +59,8 @@ class IndexState:
     deleted); ``live_sizes`` counts live rows per leaf.
     """
 
+    tree: Tree
+    table: CodeTable | None
     base: Part
     delta: Part
     row_id: I64

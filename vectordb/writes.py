@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,17 +18,18 @@ from ._validation import as_matrix
 from .codes import CodeTable, Quantizer
 from .errors import DuplicateIdError, InvalidParameterError, UnknownIdError
 from .idmap import IdMap, as_ids
-from .living import add_to_parts, assign_leaves, compacted, encode_part
+from .living import Splitter, add_to_parts, assign_leaves, compacted, encode_part
 from .metadata import MetadataStore
 from .metrics import Metric, prepare
 from .parts import Part
-from .state import IndexState
+from .state import IndexState, code_table
 from .storage import InMemoryStorage, MmapStorage, write_rows
 from .tree import Tree
 
 __all__ = ["Writes", "check_new_ids", "encode_metadata"]
 
 I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
 B = npt.NDArray[np.bool_]
 
 
@@ -38,10 +39,8 @@ class Writes:
     if TYPE_CHECKING:  # provided by ClusteredIndex
         _state: IndexState
         _write_lock: threading.RLock
-        _tree: Tree
         _quantizer: Quantizer
         _metric: Metric
-        _table: CodeTable | None
         _params: dict[str, Any]
         _metadata: MetadataStore
         _last_id: int
@@ -53,6 +52,8 @@ class Writes:
 
         def _make_state(
             self,
+            tree: Tree,
+            table: CodeTable | None,
             base: Part,
             delta: Part,
             row_id: I64,
@@ -97,9 +98,9 @@ class Writes:
         docs = encode_metadata(metadata, n)
         x = prepare(x, self._metric, copy=False)
         rotated = self._quantizer.rotate(x)
-        leaves = assign_leaves(self._tree, rotated, self._metric)
         with self._write_lock:
             st = self._state
+            leaves = assign_leaves(st.tree, rotated, self._metric)
             if ids is None:
                 new_ids = np.arange(n, dtype=np.int64) + self._next_id(st)
             else:
@@ -111,13 +112,13 @@ class Writes:
             first = st.storage.append(x)
             rows = np.arange(first, first + n, dtype=np.int64)
             part = encode_part(
-                self._tree,
+                st.tree,
                 self._quantizer,
                 rotated,
                 leaves,
                 rows,
                 self._metric,
-                self._table is not None,
+                st.table is not None,
             )
             row_ok = st.row_ok
             replaced = old_rows[old_rows >= 0]
@@ -128,9 +129,10 @@ class Writes:
                     else np.concatenate([row_ok, np.ones(first + n - row_ok.shape[0], dtype=bool)])
                 )
                 row_ok[replaced] = False
-            base, delta = add_to_parts(
-                st.base, st.delta, part, leaves, row_ok, self._params["max_leaf_size"]
+            tree, base, delta = add_to_parts(
+                st.tree, st.base, st.delta, part, leaves, row_ok, self._splitter(st.storage.take)
             )
+            table = st.table if tree is st.tree or st.table is None else self._code_table(tree)
             row_id = np.concatenate(
                 [st.row_id, np.full(first - st.row_id.shape[0], -1, np.int64), new_ids]
             )
@@ -139,11 +141,27 @@ class Writes:
                 self._metadata.put(new_ids, docs)
             elif not replace:
                 self._metadata.delete(new_ids)  # ids reused after a delete start bare
-            self._state = self._make_state(base, delta, row_id, row_ok, idmap, st.storage)
+            self._state = self._make_state(
+                tree, table, base, delta, row_id, row_ok, idmap, st.storage
+            )
             self._last_id = (
                 max(self._next_id(st), int(new_ids.max()) + 1) if n else self._next_id(st)
             )
         return new_ids
+
+    def _splitter(self, take: Callable[[I64], F32]) -> Splitter:
+        return Splitter(
+            quantizer=self._quantizer,
+            metric=self._metric,
+            take=take,
+            max_leaf_size=self._params["max_leaf_size"],
+            branching_factor=self._params["branching_factor"],
+            max_iterations=self._params["max_iterations"],
+            seed=self._params["seed"],
+        )
+
+    def _code_table(self, tree: Tree) -> CodeTable:
+        return code_table(tree, self._quantizer, self._metric)
 
     def _next_id(self, st: IndexState) -> int:
         return max(
@@ -180,7 +198,8 @@ class Writes:
         return self._metadata.get(int(id_))
 
     def compact(self) -> None:
-        """Rewrite storage without deleted rows, leaf by leaf, and fold added vectors in.
+        """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
+        split leaves that grew past ``2 * max_leaf_size``.
 
         In RAM the vectors are copied; in mmap mode a new vector file is written beside the
         mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
@@ -188,8 +207,11 @@ class Writes:
         """
         with self._write_lock:
             st = self._state
-            base, order = compacted(st.base, st.delta, st.row_ok)
             old = st.storage
+            tree, base, order = compacted(
+                st.tree, st.base, st.delta, st.row_ok, self._splitter(old.take)
+            )
+            table = st.table if tree is st.tree or st.table is None else self._code_table(tree)
             storage: InMemoryStorage | MmapStorage
             if isinstance(old, MmapStorage):
                 path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
@@ -200,8 +222,8 @@ class Writes:
             row_id = st.row_id[order]
             idmap = IdMap.from_rows(row_id, np.arange(row_id.shape[0], dtype=np.int64))
             words = None if base.codes is None else base.codes.shape[0]
-            delta = Part.empty(self._tree.n_leaves, words, base.dots is not None)
-            self._state = self._make_state(base, delta, row_id, None, idmap, storage)
+            delta = Part.empty(tree.n_leaves, words, base.dots is not None)
+            self._state = self._make_state(tree, table, base, delta, row_id, None, idmap, storage)
             old.discard()  # searches still reading the old storage keep its mapping
 
 
