@@ -119,8 +119,9 @@ def _score_block(
             if a == b:
                 continue
             est = scorer.score(q[gq], lf, part, a, b)
-            # Huge vectors overflow float32 scores; keep them ordered and apart from padding.
-            np.nan_to_num(est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
+            if not np.isfinite(est).all():
+                # Huge vectors overflow float32 scores; keep them ordered, apart from padding.
+                np.nan_to_num(est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
             rows = part.row_range(a, b)
             part_keys = keys_of(est, rows)
             if row_ok is not None:

@@ -7,7 +7,10 @@ cancelled or timed out), so one caller going away never disturbs the others.
 
 Up to ``max_concurrent`` batches run at once (one per executor thread). A worker slot is
 taken *before* a batch is collected, so under load queries pile up while the workers are
-busy and the next batch is larger: batching adapts to the load with no tuning.
+busy and the next batch is larger: batching adapts to the load with no tuning. Two more
+adaptations: a query that arrives while no batch is running goes at once (nobody is around
+to batch with, so waiting ``max_wait`` would only add latency), and a queue long enough for
+several batches is shared among the free workers instead of filling one batch.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from ..errors import EngineClosedError, EngineOverloadedError
 from .stats import StatsRecorder
 
 __all__ = ["MicroBatcher"]
+
+#: Smallest batch a long queue is split into for several free workers.
+_MIN_SPLIT = 32
 
 F32 = npt.NDArray[np.float32]
 Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
@@ -73,6 +79,7 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._space = asyncio.Condition()
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._free_slots = max_concurrent
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._closing = False
         self._loop = asyncio.get_running_loop()
@@ -135,9 +142,10 @@ class MicroBatcher:
     async def _dispatch_forever(self) -> None:
         while True:
             await self._slots.acquire()
+            self._free_slots -= 1
             batch = await self._collect()
             if not batch:
-                self._slots.release()
+                self._release_slot()
                 if self._closing and not self._queue:
                     return
                 continue
@@ -157,8 +165,13 @@ class MicroBatcher:
             await self._arrived.wait()
         batch: list[_Request] = []
         rows = 0
-        deadline = self._loop.time() + self._max_wait
-        while rows < self._max_batch_size:
+        # Nothing running: nobody to batch with, go now. Else wait up to max_wait.
+        deadline = self._loop.time() + (self._max_wait if self._in_flight else 0.0)
+        # Split a long queue among this worker and the other free ones, but never into
+        # batches so small that their fixed cost dominates.
+        share = -(-self._queued_rows // (self._free_slots + 1))
+        limit = min(self._max_batch_size, max(share, _MIN_SPLIT))
+        while rows < limit:
             if not self._queue:
                 remaining = deadline - self._loop.time()
                 if remaining <= 0 or self._closing:
@@ -174,7 +187,7 @@ class MicroBatcher:
                 self._queue.popleft()
                 self._queued_rows -= request.rows
                 continue
-            if batch and rows + request.rows > self._max_batch_size:
+            if batch and rows + request.rows > limit:
                 break
             self._queue.popleft()
             batch.append(request)
@@ -208,7 +221,11 @@ class MicroBatcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._slots.release()
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        self._free_slots += 1
+        self._slots.release()
 
     def _scatter(self, group: list[_Request], outcome: Result | BaseException) -> None:
         now = time.perf_counter()
