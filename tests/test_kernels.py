@@ -156,3 +156,22 @@ def test_duplicate_vectors_at_the_candidate_boundary_resolve_to_the_lower_row():
     ids, _ = index.search(x[0], k=3, probes=1, rerank_factor=1)
     rows = np.flatnonzero(np.isin(index._state.row_id, np.arange(8)))
     assert sorted(ids.tolist()) == sorted(index._state.row_id[np.sort(rows)[:3]].tolist())
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
+    from vectordb.leafscan import select_candidates
+
+    x = vdb.make_clustered(3_000, 128, seed=9)
+    index = vdb.ClusteredIndex.build(x[:2_500], max_leaf_size=100, metric=metric, backend="numpy")
+    index.add(x[2_500:2_900])  # a delta part
+    index.delete(np.arange(0, 2_500, 7))  # tombstones
+    st = index._state
+    selector = st.selector
+    q = index._quantizer.rotate(x[2_900:])
+    for probes, m in [(1, 5), (4, 50), (16, 500)]:
+        leaves = st.tree.route(q, probes, index.metric)
+        flat = selector._select_flat(q, leaves, m, st.row_ok)
+        grouped = select_candidates(selector, selector.parts, q, leaves, m, st.row_ok)
+        assert flat.shape == grouped.shape
+        np.testing.assert_array_equal(np.sort(flat, axis=1), np.sort(grouped, axis=1))

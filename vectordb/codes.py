@@ -33,6 +33,7 @@ __all__ = [
     "QuerySide",
     "cos_table",
     "estimate",
+    "estimate_broadcast",
     "pack_signs",
     "query_side",
     "words_for",
@@ -173,21 +174,46 @@ def estimate(
     -------
     (nq, m) float32 estimated distances, smaller is better.
     """
-    # In place on one (nq, m) array: this runs for every scanned code, and temporaries of
-    # that size cost more than the arithmetic.
+    return estimate_broadcast(
+        hamming,
+        r_x[None, :],
+        r_q[:, None],
+        cos_lut,
+        metric,
+        None if s_x is None else s_x[None, :],
+        None if c_q is None else c_q[:, None],
+    )
+
+
+def estimate_broadcast(
+    hamming: npt.NDArray[np.integer],
+    r_x: F32,
+    r_q: F32,
+    cos_lut: F32,
+    metric: Metric,
+    s_x: F32 | None = None,
+    c_q: F32 | None = None,
+) -> F32:
+    """:func:`estimate` with operands already shaped to broadcast against ``hamming``.
+
+    The same float32 steps in the same order for every element, whatever the shapes, so
+    the grid and the per-pair forms give bit-identical estimates.
+    """
+    # In place on one array: this runs for every scanned code, and temporaries of that size
+    # cost more than the arithmetic.
     out = cos_lut[hamming]
     if metric is Metric.IP:
         if s_x is None or c_q is None:
             raise TypeError("the ip estimate needs s_x and c_q")
-        out *= -r_q[:, None]
-        out *= r_x[None, :]
-        out -= s_x[None, :]
-        out -= c_q[:, None]
+        out *= -r_q
+        out *= r_x
+        out -= s_x
+        out -= c_q
         return out
-    out *= np.float32(-2.0) * r_q[:, None]
-    out *= r_x[None, :]
-    out += (r_x * r_x)[None, :]
-    out += (r_q * r_q)[:, None]
+    out *= np.float32(-2.0) * r_q
+    out *= r_x
+    out += r_x * r_x
+    out += r_q * r_q
     return out
 
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..codes import CodeTable, estimate, query_side
-from ..leafscan import select_candidates
+from ..codes import CodeTable, estimate, estimate_broadcast, query_side
+from ..leafscan import leaf_sizes, select_candidates
 from ..parts import Part
+from ..topk import NO_KEY, keys_of, rows_of, smallest
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
 
@@ -17,6 +18,12 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 B = npt.NDArray[np.bool_]
+
+#: Leaf by leaf pays off once leaves are shared by this many queries on average.
+_FLAT_MAX_QUERIES_PER_LEAF = 4
+#: Probed slots per block of the pair-by-pair path (bounds its temporaries).
+_FLAT_ROWS = 1 << 18
+_FMAX = float(np.finfo(np.float32).max)
 
 #: Below this many (query, code) pairs one broadcast XOR beats a loop over words: the loop
 #: costs ~3 NumPy calls per word, which dominates small blocks (measured on x86-64, w=12).
@@ -72,8 +79,80 @@ class NumpyCodeSelector:
             )
 
     def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
-        """``(nq, m')`` int64 rows: see ``leafscan.select_candidates``."""
+        """``(nq, m')`` int64 rows: see ``leafscan.select_candidates``.
+
+        Batches whose queries mostly probe different leaves (single queries, small batches
+        on many leaves) are scored pair by pair in one pass instead of leaf by leaf: the
+        per-leaf loop would pay ~20 NumPy calls for one or two queries per leaf. Both ways
+        compute the same estimates and pick the same rows.
+        """
+        pairs = int((leaves >= 0).sum())
+        distinct = np.unique(leaves[leaves >= 0]).shape[0]
+        if pairs < _FLAT_MAX_QUERIES_PER_LEAF * max(distinct, 1):
+            return self._select_flat(rotated_queries, leaves, m, row_ok)
         return select_candidates(self, self.parts, rotated_queries, leaves, m, row_ok)
+
+    def _select_flat(self, q: F32, leaves: I64, m: int, row_ok: B | None) -> I64:
+        nq, n_slots = leaves.shape
+        sizes = leaf_sizes(self.parts)
+        keep = min(m, n_slots * max(1, min(m, int(sizes.max(initial=0)))))
+        out = np.empty((nq, keep), dtype=np.int64)
+        # Blocks of queries holding about _FLAT_ROWS probed slots each.
+        per_query = np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
+        cuts = np.searchsorted(
+            np.cumsum(per_query), np.arange(_FLAT_ROWS, per_query.sum(), _FLAT_ROWS)
+        )
+        for rows in np.split(np.arange(nq), np.unique(cuts[(cuts > 0) & (cuts < nq)])):
+            keys = self._flat_keys(q[rows], leaves[rows], row_ok)
+            out[rows] = rows_of(smallest(keys, keep))
+        return out
+
+    def _flat_keys(self, q: F32, leaves: I64, row_ok: B | None) -> U64:
+        """Keys of every probed slot, ``(nq, n)`` with ``NO_KEY`` padding."""
+        table = self.table
+        nq = leaves.shape[0]
+        qi, slot = np.nonzero(leaves >= 0)  # pairs, grouped by query
+        leaf = leaves[qi, slot]
+        side = query_side(table, q[qi], leaf)
+        blocks = [np.full((nq, 0), NO_KEY, dtype=np.uint64)]
+        for part in self.parts:
+            if part.codes is None or part.norms is None:
+                raise TypeError("this part holds no codes")
+            first = part.offsets[leaf]
+            lens = part.offsets[leaf + 1] - first
+            total = int(lens.sum())
+            if total == 0:
+                continue
+            pair = np.repeat(np.arange(leaf.shape[0]), lens)
+            slots = np.arange(total) - np.repeat(np.cumsum(lens) - lens - first, lens)
+            # Word by word over 1-D gathers: 2x faster than an (n, w) block summed along
+            # its short axis.
+            h = np.zeros(total, dtype=np.uint16)
+            for j in range(part.codes.shape[0]):
+                h += np.bitwise_count(part.codes[j][slots] ^ side.codes[pair, j])
+            with np.errstate(over="ignore", invalid="ignore"):
+                est = estimate_broadcast(
+                    h,
+                    part.norms[slots],
+                    side.r_q[pair],
+                    table.cos_lut,
+                    table.metric,
+                    None if part.dots is None else part.dots[slots],
+                    None if side.c_q is None else side.c_q[pair],
+                )
+            if not np.isfinite(est).all():
+                np.nan_to_num(est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
+            rows = slots if part.rows is None else part.rows[slots]
+            keys = keys_of(est, rows)
+            if row_ok is not None:
+                keys[~row_ok[rows]] = NO_KEY
+            query = qi[pair]
+            counts = np.bincount(query, minlength=nq)
+            position = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            dense = np.full((nq, int(counts.max())), NO_KEY, dtype=np.uint64)
+            dense[query, position] = keys
+            blocks.append(dense)
+        return np.concatenate(blocks, axis=1)
 
 
 class NumpyBackend:
