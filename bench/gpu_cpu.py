@@ -43,11 +43,11 @@ def timed(fn: Any, repeats: int = 3, sync: Any = None) -> float:
     return statistics.median(runs)
 
 
-def kernel_bench(n: int, words: int, cupy: Any) -> list[dict[str, Any]]:
+def kernel_bench(n: int, words: int, cupy: Any, gpu_queries: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2**63, size=(words, n), dtype=np.int64).view(np.uint64)
     out = []
-    for name, nq in (("numpy", 4), ("cupy", 64)):
+    for name, nq in (("numpy", 4), ("cupy", gpu_queries)):
         if name == "cupy" and cupy is None:
             continue
         queries = rng.integers(0, 2**63, size=(nq, words), dtype=np.int64).view(np.uint64)
@@ -140,11 +140,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--kernel-codes", type=int, default=10_000_000)
+    parser.add_argument(
+        "--kernel",
+        default="10000000x64,1000000x1024",
+        help="code counts x GPU query batch for the kernel alone, comma-separated",
+    )
+    parser.add_argument("--backend", choices=["both", "numpy", "cupy"], default="both")
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     cupy, reason = backends._probe_cupy()
+    if args.backend == "numpy":
+        cupy, reason = None, "--backend numpy"
+    elif args.backend == "cupy" and cupy is None:
+        raise SystemExit(f"--backend cupy: {reason}")
     device = "none"
     if cupy is not None:
         props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -152,12 +161,18 @@ def main() -> None:
     else:
         print(f"cupy unavailable ({reason}): NumPy only")
     words = (args.dim + 63) // 64
-    kernel = kernel_bench(args.kernel_codes, words, cupy)
-    print(f"device: {device}\n\nHamming kernel, {args.kernel_codes:,} codes of {words * 64} bits\n")
-    print("| backend | queries | codes scanned / s | GB/s of codes read |")
-    print("|---|---|---|---|")
+    kernel = []
+    for spec in args.kernel.split(","):
+        n_codes, gpu_queries = (int(v) for v in spec.split("x"))
+        kernel += kernel_bench(n_codes, words, cupy, gpu_queries)
+    print(f"device: {device}\n\nHamming kernel alone, codes of {words * 64} bits\n")
+    print("| backend | codes | queries | codes scanned / s | GB/s of codes read |")
+    print("|---|---|---|---|---|")
     for r in kernel:
-        print(f"| {r['backend']} | {r['queries']} | {r['codes_per_s']:.3g} | {r['gb_per_s']:.1f} |")
+        print(
+            f"| {r['backend']} | {r['codes']:,} | {r['queries']} | {r['codes_per_s']:.3g} "
+            f"| {r['gb_per_s']:.1f} |"
+        )
     e2e = []
     for n in args.sizes:
         e2e += end_to_end(n, args.dim, cupy, args.queries)
