@@ -320,13 +320,9 @@ class ClusteredIndex(Writes):
         )
 
     def memory_usage_bytes(self) -> int:
-        """Bytes of process memory held by the index.
-
-        Counts tree centroids and links, codes, residual norms, ids, leaf offsets, the
-        rotation, tombstones, the metadata database, and the full vectors when they are in
-        RAM. Memory-mapped vectors count 0: their pages are page cache, shared and
-        reclaimable (they still appear in RSS as file-backed pages once touched).
-        """
+        """Bytes of process memory held by the index: tree, codes, norms, ids, tombstones,
+        rotation, metadata database, and the full vectors when in RAM. Memory-mapped vectors
+        count 0: page cache, shared and reclaimable (shown in RSS as file-backed pages)."""
         st = self._state
         return (
             st.tree.nbytes
@@ -431,14 +427,8 @@ class ClusteredIndex(Writes):
 
         The file is written to a temporary name, fsynced and renamed (an existing file at
         ``path`` is replaced). Format: raw little-endian float32, ``n * dim * 4`` bytes,
-        rows in storage order.
-
-        Raises
-        ------
-        AlreadyUsingMmapError
-            The vectors are already memory-mapped.
-        StorageError
-            Writing failed (the index keeps its vectors in RAM and stays usable).
+        rows in storage order. Raises ``AlreadyUsingMmapError`` if already mapped, and
+        ``StorageError`` if writing fails (the vectors then stay in RAM, usable).
         """
         if self._storage.is_mmap:
             raise AlreadyUsingMmapError(
