@@ -150,6 +150,7 @@ def test_index_properties(small, shared_index):
         "seed": 9,
         "rotate": True,
         "leaf_scan": "codes",
+        "leaf_target": index.params["leaf_target"],
     }
     assert not index.is_using_mmap and index.mmap_path is None
     text = repr(index)

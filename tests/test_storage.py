@@ -273,6 +273,7 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
             "seed": 5,
             "rotate": rotate,
             "leaf_scan": "codes",
+            "leaf_target": index.params["leaf_target"],
         }
     )
     assert set(manifest["files"]) == _expected_files(metric, rotate) - {"manifest.json"}

@@ -233,7 +233,11 @@ class ClusteredIndex(Writes):
         store = MetadataStore()
         if docs is not None:
             store.put(user_ids, docs)
-        params.update(rotate=rotate, leaf_scan=leaf_scan)
+        params.update(
+            rotate=rotate,
+            leaf_scan=leaf_scan,
+            leaf_target=max(1, round(n / (leaf_offsets.shape[0] - 1))),
+        )
         return cls(
             tree=tree,
             table=code_table(tree, quantizer, metric) if codes else None,

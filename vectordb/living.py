@@ -76,6 +76,7 @@ class Splitter:
     metric: Metric
     take: Callable[[I64], F32]
     max_leaf_size: int
+    split_above: int
     branching_factor: int
     max_iterations: int
     seed: int
@@ -93,12 +94,12 @@ def add_to_parts(
     """New ``(tree, base, delta)`` with ``new`` (rows on ``new_leaves``) added.
 
     The delta is re-sorted by leaf (cost: the delta's size). When it outgrows
-    ``merge_threshold``, or a leaf grows past ``2 * max_leaf_size``, the delta is folded
+    ``merge_threshold``, or a leaf grows past ``split_above``, the delta is folded
     into the base (dropping rows without ``row_ok``) and such leaves are split.
     """
     delta = concat_by_leaf([delta, new], [delta.leaf_of_slot, new_leaves])
     sizes = np.diff(base.offsets) + np.diff(delta.offsets)
-    big = bool((sizes > 2 * splitter.max_leaf_size).any())
+    big = bool((sizes > splitter.split_above).any())
     if not big and delta.size <= merge_threshold(base.size, splitter.max_leaf_size):
         return tree, base, delta
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
@@ -113,7 +114,7 @@ def _empty_like(part: Part, n_leaves: int) -> Part:
 
 
 def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, Part]:
-    """Split every leaf of ``part`` (leaf-sorted) holding over ``2 * max_leaf_size`` slots.
+    """Split every leaf of ``part`` (leaf-sorted) holding over ``split_above`` slots.
 
     Each such leaf becomes an inner node whose children come from k-means on its vectors
     (in the rotated space, like the tree), and its slots are re-coded against their new
@@ -121,7 +122,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
     cannot split (identical vectors) stay as they are.
     """
     sizes = np.diff(part.offsets)
-    big = np.flatnonzero(sizes > 2 * splitter.max_leaf_size)
+    big = np.flatnonzero(sizes > splitter.split_above)
     if big.size == 0:
         return tree, part
     centroids = [tree.centroids]
@@ -138,10 +139,11 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
         node = int(leaf_nodes[leaf])
         rotated = splitter.quantizer.rotate(splitter.take(part.row_range(a, b)))
         rng = np.random.default_rng([splitter.seed, node, n_nodes])
-        _, labels = kmeans(
-            rotated, splitter.branching_factor, max_iterations=splitter.max_iterations, rng=rng
-        )
-        groups = [j for j in range(splitter.branching_factor) if (labels == j).any()]
+        # Children about the size leaves were built at (split_above / 2), not a full fan-out
+        # of tiny leaves that `probes` would then cover too little of.
+        k = min(splitter.branching_factor, max(2, -(-(b - a) * 2 // splitter.split_above)))
+        _, labels = kmeans(rotated, k, max_iterations=splitter.max_iterations, rng=rng)
+        groups = [j for j in range(k) if (labels == j).any()]
         if len(groups) < 2:
             continue
         means = np.stack([rotated[labels == j].mean(axis=0) for j in groups]).astype(np.float32)
@@ -152,7 +154,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
         centroids.append(means)
         children.append(np.full((len(groups), tree.children.shape[1]), -1, dtype=np.int64))
         leaf_of_node.append(new_leaves.astype(np.int64))
-        index_of = np.full(splitter.branching_factor, -1, dtype=np.int64)
+        index_of = np.full(k, -1, dtype=np.int64)
         index_of[groups] = np.arange(len(groups))
         local = index_of[labels]
         slot_leaf = slot_leaf.copy()

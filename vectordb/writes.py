@@ -155,6 +155,13 @@ class Writes:
             metric=self._metric,
             take=take,
             max_leaf_size=self._params["max_leaf_size"],
+            # Twice the leaf size the build made (at most 2 * max_leaf_size): k-means splits
+            # leave leaves far below max_leaf_size, and letting them all double before a
+            # split halves the share of the index that `probes` leaves cover.
+            split_above=2 * min(
+                self._params["max_leaf_size"],
+                self._params.get("leaf_target", self._params["max_leaf_size"]),
+            ),
             branching_factor=self._params["branching_factor"],
             max_iterations=self._params["max_iterations"],
             seed=self._params["seed"],
@@ -199,7 +206,7 @@ class Writes:
 
     def compact(self) -> None:
         """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
-        split leaves that grew past ``2 * max_leaf_size``.
+        split leaves that grew past twice their size at build (at most ``2 * max_leaf_size``).
 
         In RAM the vectors are copied; in mmap mode a new vector file is written beside the
         mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
