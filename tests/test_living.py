@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ def assert_exact(index: vdb.ClusteredIndex, live: dict[int, np.ndarray], queries
     exact = {"probes": 10_000, "rerank_factor": max(1, -(-len(live) // K))}
     ids, dists = index.search_batch(queries, K, **exact)
     for q, got_ids, got_d in zip(queries, ids, dists, strict=True):
-        want_ids, want_d = true_ids(live, q, K)
+        _, want_d = true_ids(live, q, K)
         n = min(K, len(live))
         assert (got_ids[n:] == -1).all()
         np.testing.assert_allclose(got_d[:n], want_d[:n], rtol=1e-4, atol=1e-3)
@@ -140,7 +139,7 @@ def brute_filtered(x, meta, q, pred, k):
 def test_filters_return_only_matches_and_k_of_them(tagged, pool, filt, pred):
     index, x, meta = tagged
     queries = pool[-30:]
-    ids, dists = index.search_batch(queries, K, filter=filt)
+    ids, _ = index.search_batch(queries, K, filter=filt)
     exact_ids, exact_d = index.search_batch(
         queries, K, filter=filt, probes=10_000, rerank_factor=500
     )

@@ -158,7 +158,8 @@ class Writes:
             # Twice the leaf size the build made (at most 2 * max_leaf_size): k-means splits
             # leave leaves far below max_leaf_size, and letting them all double before a
             # split halves the share of the index that `probes` leaves cover.
-            split_above=2 * min(
+            split_above=2
+            * min(
                 self._params["max_leaf_size"],
                 self._params.get("leaf_target", self._params["max_leaf_size"]),
             ),
