@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .parts import Part
-from .topk import NO_KEY, keys_of, rows_of, smallest
+from .topk import NO_KEY, candidate_keys, rows_of, smallest
 
 __all__ = ["LeafScorer", "leaf_sizes", "select_candidates"]
 
@@ -25,7 +25,6 @@ B = npt.NDArray[np.bool_]
 
 #: Entries of the (queries, leaf slots, candidates) buffer per block of queries.
 _CANDIDATE_BLOCK = 1 << 22
-_FMAX = float(np.finfo(np.float32).max)
 
 
 class LeafScorer(Protocol):
@@ -119,13 +118,7 @@ def _score_block(
             if a == b:
                 continue
             est = scorer.score(q[gq], lf, part, a, b)
-            if not np.isfinite(est).all():
-                # Huge vectors overflow float32 scores; keep them ordered, apart from padding.
-                np.nan_to_num(est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
-            rows = part.row_range(a, b)
-            part_keys = keys_of(est, rows)
-            if row_ok is not None:
-                part_keys[:, ~row_ok[rows]] = NO_KEY
+            part_keys = candidate_keys(est, part.row_range(a, b), row_ok)
             found.append(smallest(part_keys, per_slot))
         if found:
             best = smallest(np.concatenate(found, axis=1), per_slot)

@@ -20,7 +20,6 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 
-_FMAX = float(np.finfo(np.float32).max)
 #: Bytes of gathered float32 vectors per rerank block: small enough to stay in the CPU's
 #: cache while the distances are taken (64 MiB blocks ran 2x slower end to end).
 _RERANK_BLOCK_BYTES = 1 << 20

@@ -11,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["NO_KEY", "keys_of", "rows_of", "smallest"]
+__all__ = ["FMAX", "NO_KEY", "candidate_keys", "keys_of", "rows_of", "smallest"]
 
 U64 = npt.NDArray[np.uint64]
 #: Key of an empty slot: larger than any real candidate's.
 NO_KEY = np.uint64(np.iinfo(np.uint64).max)
+#: Largest float32: stands in for overflowed scores.
+FMAX = float(np.finfo(np.float32).max)
 _ROW_MASK = np.uint64(0xFFFFFFFF)
 _SIGN = np.uint32(0x80000000)
 
@@ -40,3 +42,22 @@ def rows_of(keys: U64) -> npt.NDArray[np.int64]:
     rows = (keys & _ROW_MASK).astype(np.int64)
     rows[keys == NO_KEY] = -1
     return rows
+
+
+def candidate_keys(
+    scores: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.integer],
+    row_ok: npt.NDArray[np.bool_] | None = None,
+) -> U64:
+    """Keys of scanned candidates: ``scores`` ``(..., m)`` at storage ``rows`` ``(m,)``.
+
+    Non-finite scores (float32 overflow of huge vectors) are clamped in place so that they
+    stay ordered and apart from padding; rows without ``row_ok`` (deleted or filtered out)
+    get ``NO_KEY``.
+    """
+    if not np.isfinite(scores).all():
+        np.nan_to_num(scores, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
+    keys = keys_of(scores, rows)
+    if row_ok is not None:
+        keys[..., ~row_ok[rows]] = NO_KEY
+    return keys

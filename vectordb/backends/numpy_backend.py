@@ -10,7 +10,7 @@ import numpy.typing as npt
 from ..codes import CodeTable, estimate, estimate_broadcast, query_side
 from ..leafscan import leaf_sizes, select_candidates
 from ..parts import Part
-from ..topk import NO_KEY, keys_of, rows_of, smallest
+from ..topk import NO_KEY, candidate_keys, rows_of, smallest
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
 
@@ -23,7 +23,6 @@ B = npt.NDArray[np.bool_]
 _FLAT_MAX_QUERIES_PER_LEAF = 4
 #: Probed slots per block of the pair-by-pair path (bounds its temporaries).
 _FLAT_ROWS = 1 << 18
-_FMAX = float(np.finfo(np.float32).max)
 
 #: Below this many (query, code) pairs one broadcast XOR beats a loop over words: the loop
 #: costs ~3 NumPy calls per word, which dominates small blocks (measured on x86-64, w=12).
@@ -140,12 +139,8 @@ class NumpyCodeSelector:
                     None if part.dots is None else part.dots[slots],
                     None if side.c_q is None else side.c_q[pair],
                 )
-            if not np.isfinite(est).all():
-                np.nan_to_num(est, copy=False, nan=_FMAX, posinf=_FMAX, neginf=-_FMAX)
             rows = slots if part.rows is None else part.rows[slots]
-            keys = keys_of(est, rows)
-            if row_ok is not None:
-                keys[~row_ok[rows]] = NO_KEY
+            keys = candidate_keys(est, rows, row_ok)
             query = qi[pair]
             counts = np.bincount(query, minlength=nq)
             position = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
