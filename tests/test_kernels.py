@@ -175,3 +175,56 @@ def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
         grouped = select_candidates(selector, selector.parts, q, leaves, m, st.row_ok)
         assert flat.shape == grouped.shape
         np.testing.assert_array_equal(np.sort(flat, axis=1), np.sort(grouped, axis=1))
+
+
+@pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])
+def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
+    from vectordb.tree import _approx_scores, _rounding_bound
+
+    x = vdb.make_clustered(4000, 96, seed=3) * np.float32(37.0)
+    index = vdb.ClusteredIndex.build(x, branching_factor=8, max_leaf_size=50, backend="numpy")
+    tree = index._tree
+    rng = np.random.default_rng(2)
+    q = index._quantizer.rotate(x[rng.integers(0, 4000, 300)] + rng.normal(0, 3, (300, 96)))
+    q = q.astype(np.float32)
+    nodes = rng.integers(-1, tree.n_nodes, (300, 40))
+    fast = _approx_scores(q, nodes, tree.centroids, tree.centroid_sq_norms, metric)
+    exact = tree._exact_scores(q, nodes, metric)
+    np.testing.assert_array_equal(np.isinf(fast), nodes < 0)
+    q_norms = np.sqrt(np.einsum("qd,qd->q", q, q))
+    bound = _rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
+    ok = nodes >= 0
+    gap = np.abs(np.where(ok, fast, 0) - np.where(ok, exact, 0))
+    assert (gap <= bound[:, None] / 2).all()
+    assert (gap > 0).any(), "the two ways should round differently somewhere"
+
+
+def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypatch):
+    # Sibling centroids one float32 step apart (and exactly equal): the fast scores cannot
+    # order them reliably, so such queries must be rescored the reference way.
+    from vectordb.tree import Tree
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1, 64)).astype(np.float32)
+    leaves = np.repeat(base, 9, axis=0)
+    leaves[1::2] = np.nextafter(leaves[1::2], np.float32(np.inf))
+    centroids = np.concatenate([base, leaves]).astype(np.float32)
+    children = np.full((10, 9), -1, dtype=np.int64)
+    children[0] = np.arange(1, 10)
+    tree = Tree(centroids, children, np.array([-1, *range(9)], dtype=np.int64))
+    calls: list[int] = []
+    exact = Tree._exact_scores
+
+    def counting(self, q, nodes, metric):
+        calls.append(q.shape[0])
+        return exact(self, q, nodes, metric)
+
+    monkeypatch.setattr(Tree, "_exact_scores", counting)
+    q = (base + rng.normal(0, 1e-3, (257, 64))).astype(np.float32)
+    for probes in (1, 3, 8):
+        together = tree.route(q, probes, Metric.L2)
+        assert sum(calls) > 0
+        for i in range(0, 257, 16):
+            alone = tree.route(q[i : i + 1], probes, Metric.L2)
+            np.testing.assert_array_equal(alone, together[i : i + 1])
+        calls.clear()

@@ -70,12 +70,28 @@ class Tree:
         arrays = (self.centroids, self.children, self.leaf_of_node, self.centroid_sq_norms)
         return sum(int(a.nbytes) for a in arrays)
 
+    @functools.cached_property
+    def max_centroid_norm(self) -> float:
+        """Largest centroid norm, for the rounding bound of routing."""
+        return float(np.sqrt(self.centroid_sq_norms.max(initial=0.0)))
+
+    @functools.cached_property
+    def _children_or_none(self) -> I64:
+        """``children`` with one more row of ``-1`` (at index ``n_nodes``) for "no node"."""
+        none = np.full((1, self.children.shape[1]), -1, dtype=np.int64)
+        return np.concatenate([self.children, none])
+
     def route(self, queries: F32, probes: int, metric: Metric) -> I64:
         """Leaves to search for each query, by a beam search over the tree.
 
         At every level the ``probes`` best nodes of the frontier (by full-precision distance to
         their centroids) are kept; kept leaves are final candidates, kept inner nodes are
         expanded. A level that mixes leaves and inner nodes therefore loses neither.
+
+        Scores come from one matrix product per level over the nodes the batch reaches
+        (:func:`_approx_scores`); a query whose kept set the product's rounding could change
+        is rescored exactly (:meth:`_exact_scores`), so a query is routed the same alone or
+        in any batch.
 
         Parameters
         ----------
@@ -90,22 +106,21 @@ class Tree:
         nq = queries.shape[0]
         if self.leaf_of_node[0] >= 0:  # the root is the only leaf
             return np.zeros((nq, 1), dtype=np.int64)
-        c_sq = self.centroid_sq_norms
+        q_norms = np.sqrt(np.einsum("qd,qd->q", queries, queries))
         frontier = np.broadcast_to(self.children[0], (nq, self.children.shape[1]))
         found: list[I64] = []
         while frontier.shape[1] and (frontier >= 0).any():
-            scores = self._node_scores(queries, frontier, c_sq, metric)
             keep = min(probes, frontier.shape[1])
             if keep < frontier.shape[1]:
-                pick = np.argpartition(scores, keep - 1, axis=1)[:, :keep]
-                frontier = np.take_along_axis(frontier, pick, axis=1)
+                frontier = self._keep_best(queries, q_norms, frontier, keep, metric)
             valid = frontier >= 0
             node = np.where(valid, frontier, 0)
             leaf = np.where(valid, self.leaf_of_node[node], -1)
             found.append(leaf)
-            inner = valid & (leaf < 0)
-            nxt = np.where(inner[:, :, None], self.children[node], -1).reshape(nq, -1)
-            frontier = nxt[:, (nxt >= 0).any(axis=0)]
+            expand = np.where(valid & (leaf < 0), frontier, self.n_nodes)
+            nxt = self._children_or_none[expand].reshape(nq, -1)
+            used = np.flatnonzero((nxt >= 0).any(axis=0))
+            frontier = nxt if used.shape[0] == nxt.shape[1] else nxt.take(used, axis=1)
         return np.concatenate(found, axis=1)
 
     def route_for(self, q: F32, probes: int, need: int, sizes: I64, metric: Metric) -> I64:
@@ -126,10 +141,37 @@ class Tree:
             short[idx] = _count(more, sizes) < need
         return leaves
 
-    def _node_scores(self, q: F32, nodes: I64, c_sq: F32, metric: Metric) -> F32:
-        """(nq, f) float32 routing scores of ``nodes`` (``-1`` -> inf), smaller is better."""
+    def _keep_best(self, q: F32, q_norms: F32, nodes: I64, keep: int, metric: Metric) -> I64:
+        """The ``keep`` best of ``nodes`` ``(nq, f)`` per query, ``(nq, keep)`` ascending ids.
+
+        The same set as ranking by :meth:`_exact_scores`: a row is trusted to the fast
+        scores only when its ``keep``-th and ``keep + 1``-th best stay apart by more than
+        twice the rounding bound of both ways of computing them; other rows are rescored.
+        """
+        approx = _approx_scores(q, nodes, self.centroids, self.centroid_sq_norms, metric)
+        pick = np.argpartition(approx, (keep - 1, keep), axis=1)
+        last_kept = np.take_along_axis(approx, pick[:, keep - 1 : keep], axis=1)[:, 0]
+        first_dropped = np.take_along_axis(approx, pick[:, keep : keep + 1], axis=1)[:, 0]
+        bound = _rounding_bound(q_norms, self.max_centroid_norm, q.shape[1], metric)
+        with np.errstate(invalid="ignore"):
+            apart = last_kept + 2.0 * bound < first_dropped
+        unsure = np.flatnonzero(np.isfinite(first_dropped) & ~apart)
+        kept = np.take_along_axis(nodes, pick[:, :keep], axis=1)
+        if unsure.shape[0]:
+            exact = self._exact_scores(q[unsure], nodes[unsure], metric)
+            redo = np.argpartition(exact, keep - 1, axis=1)[:, :keep]
+            kept[unsure] = np.take_along_axis(nodes[unsure], redo, axis=1)
+        # A canonical order, so that later levels see the same rows whichever way this
+        # level was scored.
+        kept.sort(axis=1)
+        return kept
+
+    def _exact_scores(self, q: F32, nodes: I64, metric: Metric) -> F32:
+        """(nq, f) float32 reference routing scores of ``nodes`` (``-1`` -> inf), smaller is
+        better: row by row the same arithmetic whatever the batch (no BLAS)."""
         nq, f = nodes.shape
         d = q.shape[1]
+        c_sq = self.centroid_sq_norms
         safe = np.where(nodes >= 0, nodes, 0)
         out = np.empty((nq, f), dtype=np.float32)
         rows = max(1, _ROUTE_BLOCK_BYTES // max(1, f * d * 4))
@@ -140,6 +182,58 @@ class Tree:
             out[sl] = -dots if metric is Metric.IP else c_sq[safe[sl]] - 2.0 * dots
         out[nodes < 0] = np.inf
         return out
+
+
+#: float32 unit roundoff.
+_U = float(np.finfo(np.float32).eps) / 2
+
+
+def _approx_scores(q: F32, nodes: I64, centroids: F32, c_sq: F32, metric: Metric) -> F32:
+    """(nq, f) float32 routing scores of ``nodes`` (``-1`` -> inf) by one BLAS product per
+    block of queries against the distinct nodes of the block.
+
+    Within :func:`_rounding_bound` of :meth:`Tree._exact_scores`. Gathering every query's
+    own centroids costs ``f * d`` float reads per query outside BLAS; the batch's distinct
+    nodes are few next to ``nq * f`` once a batch has more than a handful of queries.
+    """
+    nq, f = nodes.shape
+    out = np.empty((nq, f), dtype=np.float32)
+    rows = max(1, _ROUTE_BLOCK_BYTES // (4 * centroids.shape[0]))
+    for start in range(0, nq, rows):
+        block = nodes[start : start + rows]
+        # Column of every node in the product; column 0 is an inf column for -1 padding.
+        present = np.zeros(centroids.shape[0] + 1, dtype=bool)
+        present[block.ravel() + 1] = True
+        present[0] = True
+        distinct = np.flatnonzero(present[1:])
+        column = np.cumsum(present) - 1
+        dots = q[start : start + rows] @ centroids[distinct].T
+        scores = np.empty((dots.shape[0], distinct.shape[0] + 1), dtype=np.float32)
+        scores[:, 0] = np.inf
+        if metric is Metric.IP:
+            np.negative(dots, out=scores[:, 1:])
+        else:
+            np.subtract(c_sq[distinct][None, :], 2.0 * dots, out=scores[:, 1:])
+        out[start : start + rows] = np.take_along_axis(scores, column[block + 1], axis=1)
+    return out
+
+
+def _rounding_bound(q_norms: F32, c_max: float, d: int, metric: Metric) -> F32:
+    """(nq,) float32: how far two float32 evaluations of a query's routing scores may differ.
+
+    A float32 dot product over ``d`` terms, summed in any order, errs by at most
+    ``gamma_d * sum|q_i c_i| <= gamma_d |q| |c|`` with ``gamma_d = d u / (1 - d u)``
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1); the l2 score adds
+    ``|c|^2 - 2 q.c`` with two more roundings. ``c_max`` bounds every ``|c|``. Doubled for
+    the two evaluations, doubled again as a margin.
+    """
+    gamma = d * _U / (1.0 - d * _U)
+    qc = q_norms * np.float32(c_max)
+    if metric is Metric.IP:
+        err = gamma * qc
+    else:
+        err = 2.0 * gamma * qc + 2.0 * _U * (c_max * c_max + 2.0 * qc)
+    return (4.0 * err).astype(np.float32)
 
 
 def _count(leaves: I64, sizes: I64) -> I64:
