@@ -228,3 +228,21 @@ def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypa
             alone = tree.route(q[i : i + 1], probes, Metric.L2)
             np.testing.assert_array_equal(alone, together[i : i + 1])
         calls.clear()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_keys_equal_the_keys_of_every_candidate_then_the_smallest(seed):
+    from vectordb.topk import best_keys, candidate_keys, smallest
+
+    rng = np.random.default_rng(seed)
+    g, s = 30, 200
+    # Few distinct values, so that ties at the m-th place are common; some inf and NaN.
+    values = np.array([-2.0, -0.0, 0.0, 0.5, 1.0, 3.0, np.inf, np.nan], np.float32)
+    scores = rng.choice(values, size=(g, s), p=[0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.05, 0.05])
+    scores[: g // 2] += rng.standard_normal((g // 2, s)).astype(np.float32)  # mostly distinct
+    rows = rng.permutation(5 * s)[:s].astype(np.int64)
+    row_ok = rng.random(5 * s) > 0.3 if seed % 2 else None
+    for m in (1, 7, 50, s - 1, s, s + 3):
+        want = smallest(candidate_keys(scores.copy(), rows, row_ok), m)
+        got = best_keys(scores.copy(), rows, m, row_ok)
+        np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))

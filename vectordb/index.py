@@ -421,6 +421,7 @@ class ClusteredIndex(Writes):
             probes = min(st.tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
         rotated = self._quantizer.rotate(q)
         leaves = st.tree.route_for(rotated, probes, min(k, allowed), sizes, self._metric)
+        leaves = st.tree.nearest_first(rotated, leaves, self._metric)
         rows = st.selector.select(rotated, leaves, k * rerank_factor, row_ok)
         found, dists = rerank(q, rows, k, st.storage.take, self._metric)
         return ids_of(st, found), dists

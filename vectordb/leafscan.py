@@ -3,18 +3,27 @@
 Pure array code over a *scorer*: anything with
 ``score(queries, leaf, part, a, b) -> (nq, b - a) float32`` for slots ``a:b`` of a ``Part``. Used
 with binary codes by the NumPy backend and with full vectors by ``leaf_scan="vectors"``.
+
+Most scanned rows cannot make a query's top ``m``, and sorting them out one leaf at a
+time would cost a partition per (query, leaf). Instead each query first scores its
+*seed* leaf (``leaves[:, 0]``, the nearest one after routing): the ``m``-th best score
+there bounds the ``m``-th best over all its leaves from above. Every other leaf keeps
+only the rows at or under that bound, by one comparison per row, and the survivors of
+each query are ranked by ``topk`` keys at the end. The bound only prunes rows that cannot
+be chosen, so the result is the exact top ``m`` (ties to the lower row), whichever leaf
+seeded it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from .parts import Part
-from .topk import NO_KEY, candidate_keys, rows_of, smallest
+from .topk import FMAX, NO_KEY, keys_of, rows_of, smallest
 
 __all__ = ["LeafScorer", "leaf_sizes", "select_candidates"]
 
@@ -23,8 +32,10 @@ I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 B = npt.NDArray[np.bool_]
 
-#: Entries of the (queries, leaf slots, candidates) buffer per block of queries.
-_CANDIDATE_BLOCK = 1 << 22
+#: Scores held at once per block of queries (one leaf's rows times the block's queries).
+_SCORE_BLOCK = 1 << 22
+#: Queries probing at least this many leaves get a seed pass (see the module docstring).
+_SEED_MIN_LEAVES = 8
 
 
 class LeafScorer(Protocol):
@@ -67,7 +78,8 @@ def select_candidates(
     scorer : scores slots of a part for several queries
     parts : the index's parts (base, delta)
     queries : (nq, d') float32, in the space the scorer expects (rotated for codes)
-    leaves : (nq, L) int64 leaf numbers per query, ``-1`` padded
+    leaves : (nq, L) int64 leaf numbers per query, ``-1`` padded; column 0, when valid,
+        is the query's seed leaf (any leaf gives the same result; the nearest prunes most)
     m : candidates wanted per query
     row_ok : (R,) bool over storage rows, or ``None`` for all
 
@@ -78,49 +90,144 @@ def select_candidates(
     """
     nq, n_slots = leaves.shape
     max_leaf_rows = int(leaf_sizes(parts).max(initial=0))
-    per_slot = max(1, min(m, max_leaf_rows))
-    keep = min(m, n_slots * per_slot)
-    out = np.empty((nq, keep), dtype=np.int64)
-    block = max(1, _CANDIDATE_BLOCK // (n_slots * per_slot))
+    keep = min(m, n_slots * max(1, min(m, max_leaf_rows)))
+    out = np.full((nq, keep), -1, dtype=np.int64)
+    block = max(1, _SCORE_BLOCK // max(1, max_leaf_rows))
     for start in range(0, nq, block):
         stop = min(nq, start + block)
-        keys = _score_block(
-            scorer, parts, queries[start:stop], leaves[start:stop], per_slot, row_ok
+        out[start:stop] = _select_block(
+            scorer, parts, queries[start:stop], leaves[start:stop], keep, row_ok
         )
-        out[start:stop] = rows_of(smallest(keys.reshape(stop - start, -1), keep))
     return out
 
 
-def _score_block(
-    scorer: LeafScorer,
-    parts: Sequence[Part],
-    q: F32,
-    leaves: I64,
-    per_slot: int,
-    row_ok: B | None,
-) -> U64:
-    """Keys of the best ``per_slot`` rows of each (query, leaf slot): ``(nq, L, per_slot)``."""
-    nq, n_slots = leaves.shape
-    keys = np.full((nq, n_slots, per_slot), NO_KEY, dtype=np.uint64)
+def _select_block(
+    scorer: LeafScorer, parts: Sequence[Part], q: F32, leaves: I64, m: int, row_ok: B | None
+) -> I64:
+    nq = leaves.shape[0]
+    pool = _Pool(nq)
+    bound = np.full(nq, FMAX, dtype=np.float32)
     qi, slot = np.nonzero(leaves >= 0)
-    leaf = leaves[qi, slot]
-    by_leaf = np.argsort(leaf, kind="stable")
-    qi, slot, leaf = qi[by_leaf], slot[by_leaf], leaf[by_leaf]
-    bounds = np.flatnonzero(np.diff(leaf)) + 1
-    for group in np.split(np.arange(leaf.shape[0]), bounds):
-        if group.shape[0] == 0:
+    if qi.shape[0] >= _SEED_MIN_LEAVES * nq:
+        # Seeds first, alone: each sets its query's bound from the nearest leaf.
+        seeded = np.flatnonzero(leaves[:, 0] >= 0)
+        for leaf, gq in _groups(leaves[seeded, 0], seeded):
+            est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
+            _tighten(bound, gq, est, m)
+            pool.add_below(gq, est, rows, bound[gq])
+        rest = slot > 0
+        for leaf, gq in _groups(leaves[qi[rest], slot[rest]], qi[rest]):
+            est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
+            unbounded = np.flatnonzero(bound[gq] == FMAX)  # seeds with fewer than m rows
+            if unbounded.shape[0]:
+                _tighten(bound, gq[unbounded], est[unbounded], m)
+            pool.add_below(gq, est, rows, bound[gq])
+    else:
+        # Few leaves per query: a seed pass would double the per-leaf overhead. Every
+        # leaf tightens the bounds of its queries instead.
+        for leaf, gq in _groups(leaves[qi, slot], qi):
+            est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
+            _tighten(bound, gq, est, m)
+            pool.add_below(gq, est, rows, bound[gq])
+    return pool.best_rows(m)
+
+
+def _tighten(bound: F32, gq: I64, est: F32, m: int) -> None:
+    """Lower ``bound[gq]`` to the ``m``-th best of each row of ``est`` ``(g, s)``, if s >= m.
+
+    Excluded rows score inf; a leaf with fewer than ``m`` others bounds nothing.
+    """
+    if est.shape[1] >= m:
+        kth = np.partition(est, m - 1, axis=1)[:, m - 1]
+        bound[gq] = np.minimum(bound[gq], kth)
+
+
+def _groups(leaf: I64, query: I64) -> Iterator[tuple[int, I64]]:
+    """``(leaf, queries)`` for every distinct value of ``leaf`` ``(P,)``, queries ``(P,)``."""
+    order = np.argsort(leaf, kind="stable")
+    leaf, query = leaf[order], query[order]
+    cuts = np.flatnonzero(np.diff(leaf)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [leaf.shape[0]]])
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        if b > a:
+            yield int(leaf[a]), query[a:b]
+
+
+def _scores(
+    scorer: LeafScorer, parts: Sequence[Part], q: F32, leaf: int, row_ok: B | None
+) -> tuple[F32, I64]:
+    """Scores ``(g, s)`` of every slot of ``leaf`` over ``parts`` and their rows ``(s,)``.
+
+    Non-finite scores (float32 overflow of huge vectors) are clamped to +-``FMAX`` so that
+    they stay ordered; rows without ``row_ok`` score ``inf``, above every real score.
+    """
+    blocks: list[F32] = []
+    row_blocks: list[I64] = []
+    for part in parts:
+        a, b = int(part.offsets[leaf]), int(part.offsets[leaf + 1])
+        if a == b:
             continue
-        lf = int(leaf[group[0]])
-        gq, gs = qi[group], slot[group]
-        found: list[U64] = []
-        for part in parts:
-            a, b = int(part.offsets[lf]), int(part.offsets[lf + 1])
-            if a == b:
+        blocks.append(scorer.score(q, leaf, part, a, b))
+        row_blocks.append(part.row_range(a, b))
+    if not blocks:
+        return np.empty((q.shape[0], 0), dtype=np.float32), np.empty(0, dtype=np.int64)
+    est = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    rows = row_blocks[0] if len(row_blocks) == 1 else np.concatenate(row_blocks)
+    if not np.isfinite(est).all():
+        np.nan_to_num(est, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
+    if row_ok is not None:
+        bad = ~row_ok[rows]
+        if bad.any():
+            est[:, bad] = np.inf
+    return est, rows
+
+
+class _Pool:
+    """Candidates gathered for a block of queries: (query, score, row) triples."""
+
+    def __init__(self, nq: int) -> None:
+        self.nq = nq
+        self.query: list[I64] = []
+        self.score: list[F32] = []
+        self.row: list[I64] = []
+
+    def add_below(self, gq: I64, est: F32, rows: I64, bound: F32) -> None:
+        """Keep the entries of ``est`` ``(g, s)`` at or under ``bound`` ``(g,)`` of their row
+        (``inf`` entries, excluded rows, never pass: bounds are at most ``FMAX``)."""
+        s = est.shape[1]
+        if s == 0:
+            return
+        flat = np.flatnonzero(est <= bound[:, None])
+        self.query.append(gq[flat // s])
+        self.score.append(est.reshape(-1)[flat])
+        self.row.append(rows[flat % s])
+
+    def best_rows(self, m: int) -> I64:
+        """``(nq, m)`` int64: the ``m`` best rows of each query by key, ``-1`` padded."""
+        out = np.full((self.nq, m), -1, dtype=np.int64)
+        if not self.query:
+            return out
+        query = np.concatenate(self.query)
+        if query.shape[0] == 0:
+            return out
+        keys = keys_of(np.concatenate(self.score), np.concatenate(self.row))
+        order = np.argsort(query, kind="stable")
+        query, keys = query[order], keys[order]
+        counts = np.bincount(query, minlength=self.nq)
+        position = np.arange(query.shape[0]) - (np.cumsum(counts) - counts)[query]
+        # Dense (queries x survivors) blocks, the few queries with many survivors apart, so
+        # that one loose bound does not widen every row.
+        wide = counts > 8 * m
+        line = np.empty(self.nq, dtype=np.int64)
+        for members in (~wide, wide):
+            group = np.flatnonzero(members & (counts > 0))
+            if group.shape[0] == 0:
                 continue
-            est = scorer.score(q[gq], lf, part, a, b)
-            part_keys = candidate_keys(est, part.row_range(a, b), row_ok)
-            found.append(smallest(part_keys, per_slot))
-        if found:
-            best = smallest(np.concatenate(found, axis=1), per_slot)
-            keys[gq, gs, : best.shape[1]] = best
-    return keys
+            line[group] = np.arange(group.shape[0])
+            sel = np.flatnonzero(members[query])
+            dense = np.full((group.shape[0], int(counts[group].max())), NO_KEY, dtype=np.uint64)
+            dense[line[query[sel]], position[sel]] = keys[sel]
+            best = rows_of(smallest(dense, m))
+            out[group, : best.shape[1]] = best
+        return out

@@ -98,20 +98,21 @@ def prepare(x: F32, metric: Metric, *, copy: bool = True) -> F32:
     return (scaled / norms).astype(np.float32, copy=False)
 
 
-def distances(q: F32, x: F32, metric: Metric) -> F32:
+def distances(q: F32, x: F32, metric: Metric, *, overwrite_x: bool = False) -> F32:
     """Exact distances between queries and their own candidate rows.
 
     Parameters
     ----------
     q : (nq, d) float32, prepared queries.
     x : (nq, m, d) float32, prepared candidate vectors of each query.
+    overwrite_x : ``x`` may be used as scratch space (saves a temporary as large as ``x``).
 
     Returns
     -------
     (nq, m) float32 distances.
     """
     if metric is Metric.L2:
-        diff = x - q[:, None, :]
+        diff = np.subtract(x, q[:, None, :], out=x if overwrite_x else None)
         return np.einsum("qmd,qmd->qm", diff, diff)
     dots = np.einsum("qmd,qd->qm", x, q)
     if metric is Metric.COSINE:

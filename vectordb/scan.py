@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from .metrics import Metric, distances
 from .parts import Part
+from .topk import NO_KEY, keys_of
 
 __all__ = ["VectorScorer", "rerank"]
 
@@ -92,14 +93,19 @@ def rerank(
         r = rows[start:stop]
         valid = r >= 0
         vecs = take(np.where(valid, r, 0).ravel()).reshape(stop - start, m, d)
-        dist = distances(queries[start:stop], vecs, metric)
+        dist = distances(queries[start:stop], vecs, metric, overwrite_x=True)
         dist[~valid] = np.inf
+        # (distance, row) keys: equal distances go to the lower row, whatever order the
+        # candidates came in.
+        keys = keys_of(dist, np.maximum(r, 0))
+        keys[~valid] = NO_KEY
         kk = min(k, m)
-        if kk < m:
-            pick = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
-            dist = np.take_along_axis(dist, pick, axis=1)
-            r = np.take_along_axis(r, pick, axis=1)
-        order = np.lexsort((r, dist), axis=1)
+        pick = np.argpartition(keys, kk - 1, axis=1)[:, :kk] if kk < m else None
+        if pick is not None:
+            keys = np.take_along_axis(keys, pick, axis=1)
+        order = np.argsort(keys, axis=1)
+        if pick is not None:
+            order = np.take_along_axis(pick, order, axis=1)
         r = np.take_along_axis(r, order, axis=1)
         dist = np.take_along_axis(dist, order, axis=1)
         r = np.where(np.isinf(dist), -1, r)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FMAX", "NO_KEY", "candidate_keys", "keys_of", "rows_of", "smallest"]
+__all__ = ["FMAX", "NO_KEY", "best_keys", "candidate_keys", "keys_of", "rows_of", "smallest"]
 
 U64 = npt.NDArray[np.uint64]
 #: Key of an empty slot: larger than any real candidate's.
@@ -60,4 +60,60 @@ def candidate_keys(
     keys = keys_of(scores, rows)
     if row_ok is not None:
         keys[..., ~row_ok[rows]] = NO_KEY
+    return keys
+
+
+def best_keys(
+    scores: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.integer],
+    m: int,
+    row_ok: npt.NDArray[np.bool_] | None = None,
+) -> U64:
+    """``smallest(candidate_keys(scores, rows, row_ok), m)``, keying only the winners.
+
+    Parameters
+    ----------
+    scores : (g, s) float32, modified in place (non-finite values clamped, rows without
+        ``row_ok`` set to inf)
+    rows : (s,) storage rows of the columns
+    m : keys wanted per row
+    row_ok : (R,) bool over storage rows, or ``None`` for all
+
+    Returns
+    -------
+    (g, min(m, s)) uint64 keys, unsorted; the same set as the reference expression.
+
+    A float32 partition finds each row's ``m``-th best score; the columns at or below it
+    are keyed. Only a row with more of them than ``m`` (a tie at the ``m``-th place) is keyed
+    whole, so the choice between equal scores still falls to the lower row.
+    """
+    g, s = scores.shape
+    if s <= m or g == 0:
+        return smallest(candidate_keys(scores, rows, row_ok), m)
+    if not np.isfinite(scores).all():
+        np.nan_to_num(scores, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
+    bad = None
+    if row_ok is not None:
+        bad = ~row_ok[rows]
+        if bad.any():
+            scores[:, bad] = np.inf
+        else:
+            bad = None
+    kth = np.partition(scores, m - 1, axis=1)[:, m - 1 : m]
+    inside = np.flatnonzero(scores <= kth)  # at least m per row, in row order
+    tied = None
+    if inside.shape[0] > g * m:
+        counts = np.bincount(inside // s, minlength=g)
+        tied = np.flatnonzero(counts > m)
+        inside = inside[counts[inside // s] == m]
+    col = inside % s
+    keys = np.empty((g, m), dtype=np.uint64)
+    picked = keys_of(scores.reshape(-1)[inside], rows[col])
+    if bad is not None:
+        picked[bad[col]] = NO_KEY
+    if tied is None:
+        keys[:] = picked.reshape(g, m)
+    else:
+        keys[np.flatnonzero(counts == m)] = picked.reshape(-1, m)
+        keys[tied] = smallest(candidate_keys(scores[tied], rows, row_ok), m)
     return keys

@@ -141,6 +141,26 @@ class Tree:
             short[idx] = _count(more, sizes) < need
         return leaves
 
+    def nearest_first(self, q: F32, leaves: I64, metric: Metric) -> I64:
+        """``leaves`` ``(nq, L)`` with each row's nearest leaf (by centroid) moved to column 0.
+
+        Only an ordering hint for the scan (see ``leafscan``): near ties may go either way.
+        """
+        if leaves.shape[1] < 2:
+            return leaves
+        nodes = np.where(leaves >= 0, self.leaf_nodes_cached[np.maximum(leaves, 0)], -1)
+        scores = _approx_scores(q, nodes, self.centroids, self.centroid_sq_norms, metric)
+        best = np.argmin(scores, axis=1)
+        out = leaves.copy()
+        rows = np.arange(leaves.shape[0])
+        out[rows, 0], out[rows, best] = leaves[rows, best], leaves[rows, 0]
+        return out
+
+    @functools.cached_property
+    def leaf_nodes_cached(self) -> I64:
+        """:attr:`leaf_nodes`, computed once."""
+        return self.leaf_nodes
+
     def _keep_best(self, q: F32, q_norms: F32, nodes: I64, keep: int, metric: Metric) -> I64:
         """The ``keep`` best of ``nodes`` ``(nq, f)`` per query, ``(nq, keep)`` ascending ids.
 
