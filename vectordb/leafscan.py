@@ -5,13 +5,15 @@ Pure array code over a *scorer*: anything with
 with binary codes by the NumPy backend and with full vectors by ``leaf_scan="vectors"``.
 
 Most scanned rows cannot make a query's top ``m``, and sorting them out one leaf at a
-time would cost a partition per (query, leaf). Instead each query first scores its
-*seed* leaf (``leaves[:, 0]``, the nearest one after routing): the ``m``-th best score
-there bounds the ``m``-th best over all its leaves from above. Every other leaf keeps
-only the rows at or under that bound, by one comparison per row, and the survivors of
-each query are ranked by ``topk`` keys at the end. The bound only prunes rows that cannot
-be chosen, so the result is the exact top ``m`` (ties to the lower row), whichever leaf
-seeded it.
+time would cost a partition per (query, leaf). Instead every query carries a *bound*: the
+``m``-th best score among the rows of one leaf it has scanned, an upper bound of its final
+``m``-th best. A leaf keeps only the rows at or under the bound, by one comparison per
+row; a query that keeps more than ``m`` rows of one leaf lowers its bound to their
+``m``-th best. The survivors of each query are ranked by ``topk`` keys at the end. Queries
+probing many leaves scan their *seed* leaf (``leaves[:, 0]``, the nearest one after
+routing) first, in a pass of its own, so that their bound starts tight. The bound only
+prunes rows that cannot be chosen, so the result is the exact top ``m`` (ties to the
+lower row), whatever the order of the leaves.
 """
 
 from __future__ import annotations
@@ -109,37 +111,17 @@ def _select_block(
     bound = np.full(nq, FMAX, dtype=np.float32)
     qi, slot = np.nonzero(leaves >= 0)
     if qi.shape[0] >= _SEED_MIN_LEAVES * nq:
-        # Seeds first, alone: each sets its query's bound from the nearest leaf.
-        seeded = np.flatnonzero(leaves[:, 0] >= 0)
-        for leaf, gq in _groups(leaves[seeded, 0], seeded):
-            est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
-            _tighten(bound, gq, est, m)
-            pool.add_below(gq, est, rows, bound[gq])
-        rest = slot > 0
-        for leaf, gq in _groups(leaves[qi[rest], slot[rest]], qi[rest]):
-            est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
-            unbounded = np.flatnonzero(bound[gq] == FMAX)  # seeds with fewer than m rows
-            if unbounded.shape[0]:
-                _tighten(bound, gq[unbounded], est[unbounded], m)
-            pool.add_below(gq, est, rows, bound[gq])
+        # Seeds first, alone: each sets its query's bound from the nearest leaf. (With few
+        # leaves per query this pass would only double the per-leaf overhead.)
+        first = slot == 0
+        passes = [(qi[first], leaves[qi[first], 0]), (qi[~first], leaves[qi[~first], slot[~first]])]
     else:
-        # Few leaves per query: a seed pass would double the per-leaf overhead. Every
-        # leaf tightens the bounds of its queries instead.
-        for leaf, gq in _groups(leaves[qi, slot], qi):
+        passes = [(qi, leaves[qi, slot])]
+    for query_of_pair, leaf_of_pair in passes:
+        for leaf, gq in _groups(leaf_of_pair, query_of_pair):
             est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
-            _tighten(bound, gq, est, m)
-            pool.add_below(gq, est, rows, bound[gq])
+            pool.add_best(gq, est, rows, bound, m)
     return pool.best_rows(m)
-
-
-def _tighten(bound: F32, gq: I64, est: F32, m: int) -> None:
-    """Lower ``bound[gq]`` to the ``m``-th best of each row of ``est`` ``(g, s)``, if s >= m.
-
-    Excluded rows score inf; a leaf with fewer than ``m`` others bounds nothing.
-    """
-    if est.shape[1] >= m:
-        kth = np.partition(est, m - 1, axis=1)[:, m - 1]
-        bound[gq] = np.minimum(bound[gq], kth)
 
 
 def _groups(leaf: I64, query: I64) -> Iterator[tuple[int, I64]]:
@@ -193,16 +175,30 @@ class _Pool:
         self.score: list[F32] = []
         self.row: list[I64] = []
 
-    def add_below(self, gq: I64, est: F32, rows: I64, bound: F32) -> None:
-        """Keep the entries of ``est`` ``(g, s)`` at or under ``bound`` ``(g,)`` of their row
-        (``inf`` entries, excluded rows, never pass: bounds are at most ``FMAX``)."""
+    def add_best(self, gq: I64, est: F32, rows: I64, bound: F32, m: int) -> None:
+        """Keep the entries of ``est`` ``(g, s)`` (queries ``gq``) that may still make their
+        query's top ``m``, lowering the queries' ``bound`` ``(nq,)`` on the way.
+
+        An entry is kept when it is at or under its query's bound (``inf`` entries, excluded
+        rows, never are: bounds are at most ``FMAX``). A query with more than ``m`` entries
+        kept here gets the ``m``-th best of them as its new bound first.
+        """
         s = est.shape[1]
         if s == 0:
             return
-        flat = np.flatnonzero(est <= bound[:, None])
-        self.query.append(gq[flat // s])
+        mine = bound[gq]
+        flat = np.flatnonzero(est <= mine[:, None])
+        line = flat // s
+        crowded = np.flatnonzero(np.bincount(line, minlength=est.shape[0]) > m)
+        if crowded.shape[0]:
+            kth = np.partition(est[crowded], m - 1, axis=1)[:, m - 1]
+            mine[crowded] = np.minimum(mine[crowded], kth)
+            bound[gq[crowded]] = mine[crowded]
+            kept = est.reshape(-1)[flat] <= mine[line]
+            flat, line = flat[kept], line[kept]
+        self.query.append(gq[line])
         self.score.append(est.reshape(-1)[flat])
-        self.row.append(rows[flat % s])
+        self.row.append(rows[flat - line * s])
 
     def best_rows(self, m: int) -> I64:
         """``(nq, m)`` int64: the ``m`` best rows of each query by key, ``-1`` padded."""

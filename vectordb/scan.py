@@ -63,6 +63,7 @@ class VectorScorer:
             return scores
         return (-q) @ x.T
 
+
 def rerank(
     queries: F32,
     rows: I64,
