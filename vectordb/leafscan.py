@@ -25,9 +25,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .parts import Part
-from .topk import FMAX, NO_KEY, keys_of, rows_of, smallest
+from .topk import FMAX, NO_KEY, best_keys, keys_of, rows_of, smallest
 
-__all__ = ["LeafScorer", "leaf_sizes", "select_candidates"]
+__all__ = ["LeafScorer", "leaf_sizes", "select_by_runs", "select_candidates"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -100,6 +100,49 @@ def select_candidates(
         out[start:stop] = _select_block(
             scorer, parts, queries[start:stop], leaves[start:stop], keep, row_ok
         )
+    return out
+
+
+def select_by_runs(
+    scorer: LeafScorer,
+    parts: Sequence[Part],
+    queries: F32,
+    leaves: I64,
+    m: int,
+    row_ok: B | None = None,
+) -> I64:
+    """:func:`select_candidates` one query at a time, for scorers that ignore the leaf.
+
+    A query's leaves that lie next to each other in a part are scored as one run of slots
+    (siblings are stored side by side), so a query probing many leaves costs a few large
+    products instead of one small one per leaf. For single queries and small batches, where
+    grouping by leaf would leave one query per group. Same result as
+    :func:`select_candidates`.
+    """
+    nq, n_slots = leaves.shape
+    max_leaf_rows = int(leaf_sizes(parts).max(initial=0))
+    keep = min(m, n_slots * max(1, min(m, max_leaf_rows)))
+    out = np.full((nq, keep), -1, dtype=np.int64)
+    for i in range(nq):
+        mine = np.unique(leaves[i][leaves[i] >= 0])
+        blocks: list[F32] = []
+        row_blocks: list[I64] = []
+        for part in parts:
+            a, b = part.offsets[mine], part.offsets[mine + 1]
+            a, b = a[b > a], b[b > a]
+            if a.shape[0] == 0:
+                continue
+            joined = np.flatnonzero(a[1:] == b[:-1])  # run j continues into run j + 1
+            starts = np.delete(a, joined + 1).tolist()
+            stops = np.delete(b, joined).tolist()
+            for first, stop in zip(starts, stops, strict=True):
+                blocks.append(scorer.score(queries[i : i + 1], -1, part, first, stop)[0])
+                row_blocks.append(part.row_range(first, stop))
+        if not blocks:
+            continue
+        est = np.concatenate(blocks)[None, :]
+        best = rows_of(best_keys(est, np.concatenate(row_blocks), keep, row_ok))
+        out[i, : best.shape[1]] = best
     return out
 
 

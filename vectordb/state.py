@@ -14,7 +14,7 @@ import numpy.typing as npt
 from .backends import CodeSelector
 from .codes import CodeTable, Quantizer, cos_table
 from .idmap import IdMap
-from .leafscan import select_candidates
+from .leafscan import select_by_runs, select_candidates
 from .metrics import Metric
 from .parts import Part
 from .scan import VectorScorer
@@ -88,6 +88,10 @@ def ids_of(st: IndexState, rows: I64) -> I64:
     return np.where(rows >= 0, st.row_id[np.maximum(rows, 0)], -1)
 
 
+#: Grouping by leaf pays off once leaves are shared by this many queries on average.
+_BY_LEAF_MIN_QUERIES = 4
+
+
 class VectorSelector:
     """``leaf_scan="vectors"``: candidates by exact distances on the full vectors (CPU)."""
 
@@ -96,4 +100,10 @@ class VectorSelector:
         self.parts = parts
 
     def select(self, queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+        """``(nq, m')`` int64 rows (see ``leafscan.select_candidates``): grouped by leaf
+        when leaves are shared by several queries of the batch, else query by query."""
+        pairs = int((leaves >= 0).sum())
+        distinct = np.unique(leaves[leaves >= 0]).shape[0]
+        if pairs < _BY_LEAF_MIN_QUERIES * max(distinct, 1):
+            return select_by_runs(self.scorer, self.parts, queries, leaves, m, row_ok)
         return select_candidates(self.scorer, self.parts, queries, leaves, m, row_ok)
