@@ -11,7 +11,11 @@ synthetic-1m           ``vectordb.make_clustered`` 1M x 768       cosine    1,00
 =====================  =========================================  ========  =======
 
 A source that cannot be had raises :class:`DatasetUnavailable` with the reason; the runner
-skips that data set. Files land in ``$VECTORDB_BENCH_CACHE`` (default ``bench/cache``).
+skips that data set. Files land in ``$VECTORDB_BENCH_CACHE`` (default ``bench/cache``): the
+sources, the base vectors as ``<name>-train.npy`` and the queries as ``<name>-queries.npy``
+(float32), and the exact top-100 as ``<name>-gt100.npy``. :func:`load` maps the base vectors
+read-only from that file, so that a benchmark worker's anonymous memory holds what the
+library under test built, not the data set it was built from.
 """
 
 from __future__ import annotations
@@ -143,14 +147,38 @@ def brute_force(train: F32, queries: F32, metric: str, k: int = GT_K) -> npt.NDA
     return out
 
 
+METRICS = {"fashion-mnist": "l2", "glove-50": "cosine"}
+
+
+def _save(path: Path, array: npt.NDArray[np.generic]) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _source(name: str) -> tuple[F32, F32, str]:
+    """Base vectors (memory-mapped, read-only), queries and metric, from the cache."""
+    train_path = cache_dir() / f"{name}-train.npy"
+    queries_path = cache_dir() / f"{name}-queries.npy"
+    metric = METRICS.get(name, "cosine")
+    if not (train_path.is_file() and queries_path.is_file()):
+        train, queries, metric = DATASETS[name]()
+        _save(train_path, np.ascontiguousarray(train, dtype=np.float32))
+        _save(queries_path, np.ascontiguousarray(queries, dtype=np.float32))
+        del train
+    train = np.load(train_path, mmap_mode="r", allow_pickle=False)
+    return train, np.load(queries_path, allow_pickle=False), metric
+
+
 def load(name: str, *, max_queries: int | None = None) -> Dataset:
     """Load data set ``name`` (see ``DATASETS``), computing or reading its ground truth.
 
     ``max_queries`` keeps a seeded subset of the queries (ground truth is cached for all).
+    ``train`` is a read-only memory map of the cached base vectors.
     """
     if name not in DATASETS:
         raise KeyError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
-    train, queries, metric = DATASETS[name]()
+    train, queries, metric = _source(name)
     gt_path = cache_dir() / f"{name}-gt{GT_K}.npy"
     truth = None
     if gt_path.is_file():
@@ -158,10 +186,8 @@ def load(name: str, *, max_queries: int | None = None) -> Dataset:
         if truth.shape != (queries.shape[0], GT_K) or truth.max() >= train.shape[0]:
             truth = None
     if truth is None:
-        truth = brute_force(train, queries, metric)
-        tmp = gt_path.with_suffix(".tmp.npy")
-        np.save(tmp, truth)
-        os.replace(tmp, gt_path)
+        truth = brute_force(np.asarray(train), queries, metric)
+        _save(gt_path, truth)
     if max_queries is not None and max_queries < queries.shape[0]:
         pick = np.sort(np.random.default_rng(7).choice(queries.shape[0], max_queries, False))
         queries, truth = queries[pick], truth[pick]

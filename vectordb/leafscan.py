@@ -27,7 +27,7 @@ import numpy.typing as npt
 from .parts import Part
 from .topk import FMAX, NO_KEY, best_keys, keys_of, rows_of, smallest
 
-__all__ = ["LeafScorer", "leaf_sizes", "select_by_runs", "select_candidates"]
+__all__ = ["LeafScorer", "leaf_sizes", "mostly_apart", "select_by_runs", "select_candidates"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -58,6 +58,17 @@ def leaf_sizes(parts: Sequence[Part], row_ok: B | None = None) -> I64:
             ok = row_ok[part.all_rows].astype(np.int64)
             total += np.diff(np.concatenate([[0], np.cumsum(ok)])[part.offsets])
     return total
+
+
+def mostly_apart(leaves: I64, n_leaves: int, shared: int) -> bool:
+    """Whether the batch's probed leaves are shared by fewer than ``shared`` queries on
+    average (``leaves`` ``(nq, L)``, ``-1`` padded)."""
+    if leaves.shape[0] < shared:
+        return True
+    probed = leaves[leaves >= 0]
+    present = np.zeros(n_leaves, dtype=bool)
+    present[probed] = True
+    return probed.shape[0] < shared * max(int(present.sum()), 1)
 
 
 def select_candidates(

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from .backends import CodeSelector
 from .codes import CodeTable, Quantizer, cos_table
 from .idmap import IdMap
-from .leafscan import select_by_runs, select_candidates
+from .leafscan import mostly_apart, select_by_runs, select_candidates
 from .metrics import Metric
 from .parts import Part
 from .scan import VectorScorer
@@ -102,8 +102,6 @@ class VectorSelector:
     def select(self, queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
         """``(nq, m')`` int64 rows (see ``leafscan.select_candidates``): grouped by leaf
         when leaves are shared by several queries of the batch, else query by query."""
-        pairs = int((leaves >= 0).sum())
-        distinct = np.unique(leaves[leaves >= 0]).shape[0]
-        if pairs < _BY_LEAF_MIN_QUERIES * max(distinct, 1):
+        if mostly_apart(leaves, self.parts[0].offsets.shape[0] - 1, _BY_LEAF_MIN_QUERIES):
             return select_by_runs(self.scorer, self.parts, queries, leaves, m, row_ok)
         return select_candidates(self.scorer, self.parts, queries, leaves, m, row_ok)

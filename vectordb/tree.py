@@ -149,7 +149,10 @@ class Tree:
         if leaves.shape[1] < 2:
             return leaves
         nodes = np.where(leaves >= 0, self.leaf_nodes_cached[np.maximum(leaves, 0)], -1)
-        scores = _approx_scores(q, nodes, self.centroids, self.centroid_sq_norms, metric)
+        if q.shape[0] <= _EXACT_MAX_QUERIES:
+            scores = self._exact_scores(q, nodes, metric)
+        else:
+            scores = _approx_scores(q, nodes, self.centroids, self.centroid_sq_norms, metric)
         best = np.argmin(scores, axis=1)
         out = leaves.copy()
         rows = np.arange(leaves.shape[0])
@@ -168,6 +171,13 @@ class Tree:
         scores only when its ``keep``-th and ``keep + 1``-th best stay apart by more than
         twice the rounding bound of both ways of computing them; other rows are rescored.
         """
+        if q.shape[0] <= _EXACT_MAX_QUERIES:
+            # Too few queries for a product to pay: the reference scores themselves.
+            exact = self._exact_scores(q, nodes, metric)
+            kept = np.take_along_axis(nodes, np.argpartition(exact, keep - 1, axis=1), axis=1)
+            kept = kept[:, :keep]
+            kept.sort(axis=1)
+            return kept
         approx = _approx_scores(q, nodes, self.centroids, self.centroid_sq_norms, metric)
         # (Two separate selections: argpartition with two kth costs 3x one.)
         pick = np.argpartition(approx, keep - 1, axis=1)
@@ -205,6 +215,8 @@ class Tree:
         return out
 
 
+#: Up to this many queries, routing scores each query's own nodes the reference way.
+_EXACT_MAX_QUERIES = 4
 #: float32 unit roundoff.
 _U = float(np.finfo(np.float32).eps) / 2
 

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..codes import CodeTable, estimate, estimate_broadcast, query_side
-from ..leafscan import leaf_sizes, select_candidates
+from ..leafscan import leaf_sizes, mostly_apart, select_candidates
 from ..parts import Part
 from ..topk import NO_KEY, candidate_keys, rows_of, smallest
 
@@ -58,6 +58,7 @@ class NumpyCodeSelector:
     def __init__(self, table: CodeTable, parts: Sequence[Part]) -> None:
         self.table = table
         self.parts = tuple(parts)
+        self.sizes = leaf_sizes(self.parts)  # parts never change: a write makes a new selector
 
     def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
         """``(nq, b - a)`` float32 estimates of slots ``a:b`` for rotated queries ``q``."""
@@ -85,23 +86,24 @@ class NumpyCodeSelector:
         per-leaf loop would pay ~20 NumPy calls for one or two queries per leaf. Both ways
         compute the same estimates and pick the same rows.
         """
-        pairs = int((leaves >= 0).sum())
-        distinct = np.unique(leaves[leaves >= 0]).shape[0]
-        if pairs < _FLAT_MAX_QUERIES_PER_LEAF * max(distinct, 1):
+        if mostly_apart(leaves, self.sizes.shape[0], _FLAT_MAX_QUERIES_PER_LEAF):
             return self._select_flat(rotated_queries, leaves, m, row_ok)
         return select_candidates(self, self.parts, rotated_queries, leaves, m, row_ok)
 
     def _select_flat(self, q: F32, leaves: I64, m: int, row_ok: B | None) -> I64:
         nq, n_slots = leaves.shape
-        sizes = leaf_sizes(self.parts)
+        sizes = self.sizes
         keep = min(m, n_slots * max(1, min(m, int(sizes.max(initial=0)))))
         out = np.empty((nq, keep), dtype=np.int64)
         # Blocks of queries holding about _FLAT_ROWS probed slots each.
         per_query = np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
-        cuts = np.searchsorted(
-            np.cumsum(per_query), np.arange(_FLAT_ROWS, per_query.sum(), _FLAT_ROWS)
-        )
-        for rows in np.split(np.arange(nq), np.unique(cuts[(cuts > 0) & (cuts < nq)])):
+        blocks = [np.arange(nq)]
+        if per_query.sum() > _FLAT_ROWS:
+            cuts = np.searchsorted(
+                np.cumsum(per_query), np.arange(_FLAT_ROWS, per_query.sum(), _FLAT_ROWS)
+            )
+            blocks = np.split(np.arange(nq), np.unique(cuts[(cuts > 0) & (cuts < nq)]))
+        for rows in blocks:
             keys = self._flat_keys(q[rows], leaves[rows], row_ok)
             out[rows] = rows_of(smallest(keys, keep))
         return out
