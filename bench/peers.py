@@ -90,30 +90,33 @@ class VectorDB(Runner):
         self._tmp.cleanup()
 
     def points(self) -> list[dict[str, Any]]:
+        if self.index.leaf_scan == "vectors":
+            # Probed leaves are ranked exactly: only probes matter, candidates = k.
+            probes = [8, 32, 64, 128, 256] if self.quick else [8, 16, 32, 48, 64, 96, 128, 192, 256]
+            return [{"probes": p, "rerank_factor": 1} for p in probes]
         if self.quick:
-            grid = [(1, 2), (2, 4), (4, 5), (8, 10), (16, 20), (32, 40), (64, 10)]
+            grid = [(1, 2), (2, 3), (3, 3), (4, 3), (4, 5), (8, 5), (16, 10)]
         else:
             grid = [
                 (1, 2),
-                (2, 2),
-                (2, 4),
+                (2, 3),
+                (2, 5),
+                (3, 3),
+                (3, 5),
+                (4, 3),
                 (4, 5),
-                (4, 10),
+                (6, 3),
+                (6, 5),
                 (8, 5),
                 (8, 10),
+                (12, 10),
                 (16, 10),
-                (16, 20),
-                (32, 2),
                 (32, 20),
-                (64, 2),
-                (64, 10),
-                (128, 2),
-                (128, 5),
             ]
         return [{"probes": p, "rerank_factor": r} for p, r in grid]
 
     def search_batch(self, queries: F32, k: int, point: dict[str, Any]) -> npt.NDArray[np.int64]:
-        return self.index.search_batch(queries, k, **point)[0]
+        return self.index.search_batch(queries, k, threads=self.threads, **point)[0]
 
     def search_one(self, query: F32, k: int, point: dict[str, Any]) -> Any:
         return self.index.search(query, k, **point)

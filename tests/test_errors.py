@@ -85,6 +85,13 @@ def test_bad_search_parameters(small, shared_index, params, fragment, batch):
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2", None])
+def test_bad_thread_count(small, shared_index, threads):
+    index = shared_index(small, max_leaf_size=200)
+    with pytest.raises(vdb.InvalidParameterError, match="threads"):
+        index.search_batch(small.queries[:2], threads=threads)
+
+
 def test_numpy_integers_are_accepted_as_parameters(small):
     index = vdb.ClusteredIndex.build(
         small.vectors[:300],

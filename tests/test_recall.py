@@ -389,3 +389,16 @@ def test_vectors_whose_distances_overflow_float32_are_rejected(metric):
     ids, dists = index.search([1e18, 1e18], k=2)
     assert ids.tolist() == [0, -1]
     assert np.isfinite(dists[0])
+
+
+def test_search_batch_on_threads_equals_one_thread(small, shared_index, monkeypatch):
+    import vectordb.index as index_module
+
+    monkeypatch.setattr(index_module, "_MIN_QUERIES_PER_THREAD", 8)
+    index = shared_index(small, "cosine")
+    queries = np.concatenate([small.queries] * 3)
+    one = index.search_batch(queries, K, probes=3)
+    for threads in (2, 3, 64):
+        many = index.search_batch(queries, K, probes=3, threads=threads)
+        np.testing.assert_array_equal(many[0], one[0])
+        np.testing.assert_array_equal(many[1], one[1])
