@@ -152,9 +152,10 @@ class MmapStorage:
         return 0
 
     def take(self, rows: I64) -> F32:
-        """Rows ``(m,)`` int64 -> ``(m, d)`` float32 copy, read in ascending file order."""
+        """Rows ``(m,)`` int64 -> ``(m, d)`` float32 copy."""
         base = self.vectors
-        if rows.shape[0] < 2 and (rows.shape[0] == 0 or rows[0] < self._n_base):
+        # Sorting the rows first (file order) measured no faster, warm or cold.
+        if rows.shape[0] == 0 or int(rows.max()) < self._n_base:
             return base[rows]
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
