@@ -208,7 +208,10 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     from datasets import DatasetUnavailable, load
     from peers import RUNNERS
 
-    sets = (QUICK_SETS if args.quick else ALL_SETS) if args.dataset == "all" else [args.dataset]
+    if args.dataset == "all":
+        sets = QUICK_SETS if args.quick else ALL_SETS
+    else:
+        sets = args.dataset.split(",")
     libs = args.libs.split(",") if args.libs else list(RUNNERS)
     jobs = []
     for name in sets:
@@ -419,7 +422,8 @@ def main() -> None:
     parser.add_argument(
         "--dataset",
         default="fashion-mnist",
-        help="fashion-mnist, glove-50, synthetic-100k, synthetic-1m or all",
+        help="fashion-mnist, glove-50, synthetic-100k, synthetic-1m, several joined by commas, "
+        "or all",
     )
     parser.add_argument("--quick", action="store_true", help="fewer queries and sweep points")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
