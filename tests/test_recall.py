@@ -402,3 +402,16 @@ def test_search_batch_on_threads_equals_one_thread(small, shared_index, monkeypa
         many = index.search_batch(queries, K, probes=3, threads=threads)
         np.testing.assert_array_equal(many[0], one[0])
         np.testing.assert_array_equal(many[1], one[1])
+
+
+@pytest.mark.parametrize("leaf_scan", ["codes", "vectors"])
+def test_more_candidates_wanted_than_the_probed_leaves_hold(small, leaf_scan):
+    # Leaves of a few rows, one probed, 50 candidates wanted: every probed row is reranked
+    # and the answer is still k exact-by-candidates results (regression: a shape error).
+    index = vdb.ClusteredIndex.build(
+        small.vectors[:400], max_leaf_size=12, branching_factor=16, leaf_scan=leaf_scan
+    )
+    for batch in (small.queries[:1], small.queries[:3], small.queries[:40]):
+        ids, dists = index.search_batch(batch, 10, probes=1, rerank_factor=5)
+        assert ids.shape == (len(batch), 10) and (ids >= 0).all()
+        assert (np.diff(dists, axis=1) >= 0).all()

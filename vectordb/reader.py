@@ -7,6 +7,8 @@ file before its size, and for ``.npy`` files its header, matched the manifest.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +38,43 @@ METADATA = "metadata.sqlite"
 MAX_MANIFEST_BYTES = 1 << 20
 
 
+#: Every file an index directory may hold; a manifest naming another is rejected.
+KNOWN_FILES = frozenset(
+    {
+        "centroids.npy",
+        "children.npy",
+        "leaf_of_node.npy",
+        "leaf_offsets.npy",
+        "codes.npy",
+        "norms.npy",
+        "dots.npy",
+        "ids.npy",
+        "perm.npy",
+        "blocks.npy",
+        VECTORS,
+        METADATA,
+    }
+)
+#: Integer build parameters and their smallest valid values.
+_INT_PARAMS = {
+    "branching_factor": 2,
+    "max_leaf_size": 1,
+    "max_iterations": 1,
+    "seed": 0,
+    "leaf_target": 1,
+}
+#: Parameters every manifest has had since format version 1.
+_REQUIRED_PARAMS = frozenset({"branching_factor"})
+
+
 def _bad(path: Path, problem: str) -> InvalidIndexFileError:
     return InvalidIndexFileError(f"{path}: {problem}")
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = manifest_path(directory)
+    if path.exists() and (path.is_symlink() or not path.is_file()):
+        raise _bad(path, "not a regular file")
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_MANIFEST_BYTES + 1)
@@ -67,6 +100,8 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _bad(path, "nested too deeply; not a vectordb manifest") from None
     if not isinstance(manifest, dict):
         raise _bad(path, f"expected a JSON object, found {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_NAME:
@@ -89,9 +124,12 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
     params = manifest.get("params")
     if not isinstance(params, dict):
         raise _bad(path, "'params' must be an object")
-    bf = params.get("branching_factor")
-    if isinstance(bf, bool) or not isinstance(bf, int) or bf < 2:
-        raise _bad(path, f"params.branching_factor must be an integer >= 2, found {bf!r}")
+    for key, low in _INT_PARAMS.items():
+        value = params.get(key)
+        if value is None and key not in _REQUIRED_PARAMS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _bad(path, f"params.{key} must be an integer >= {low}, found {value!r}")
     if not isinstance(params.get("rotate"), bool):
         raise _bad(path, f"params.rotate must be true or false, found {params.get('rotate')!r}")
     if params.get("leaf_scan") not in ("codes", "vectors"):
@@ -103,6 +141,9 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
     if not isinstance(files, dict):
         raise _bad(path, "'files' must be an object")
     for name, entry in files.items():
+        if name not in KNOWN_FILES:
+            # Also keeps names such as "../x" or "/etc/passwd" from ever becoming paths.
+            raise _bad(path, f"lists an unknown file {name!r}")
         ok = isinstance(entry, dict) and all(
             isinstance(entry.get(f), int) and not isinstance(entry.get(f), bool) and entry[f] >= 0
             for f in ("size", "crc32")
@@ -134,6 +175,8 @@ def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.N
         with open(path, "rb") as fh:
             try:
                 version = np.lib.format.read_magic(fh)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unsupported .npy format version {version}")
                 if version == (1, 0):
                     header = np.lib.format.read_array_header_1_0(fh)
                 else:
@@ -147,11 +190,19 @@ def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.N
                     f"holds {found_dtype}{list(found_shape)}"
                     f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}",
                 )
-            arr = np.fromfile(fh, dtype=dtype, count=int(np.prod(shape)))
+            count = math.prod(shape)
+            # Sizes are checked before anything is allocated: a header that declares more
+            # than the file holds must not become a giant allocation.
+            expected_size = fh.tell() + count * dtype.itemsize
+            size = os.fstat(fh.fileno()).st_size
+            if size != expected_size:
+                what = "truncated" if size < expected_size else "longer than its header says"
+                raise _bad(path, f"{what}: {size} bytes, expected {expected_size}")
+            arr = np.fromfile(fh, dtype=dtype, count=count)
     except OSError as exc:
         raise storage_error(exc, path) from exc
-    if arr.size != int(np.prod(shape)):
-        raise _bad(path, f"truncated: {arr.size} values, expected {int(np.prod(shape))}")
+    if arr.size != count:
+        raise _bad(path, f"truncated: {arr.size} values, expected {count}")
     return arr.reshape(shape)
 
 

@@ -94,7 +94,7 @@ class NumpyCodeSelector:
         nq, n_slots = leaves.shape
         sizes = self.sizes
         keep = min(m, n_slots * max(1, min(m, int(sizes.max(initial=0)))))
-        out = np.empty((nq, keep), dtype=np.int64)
+        out = np.full((nq, keep), -1, dtype=np.int64)
         # Blocks of queries holding about _FLAT_ROWS probed slots each.
         per_query = np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
         blocks = [np.arange(nq)]
@@ -105,7 +105,8 @@ class NumpyCodeSelector:
             blocks = np.split(np.arange(nq), np.unique(cuts[(cuts > 0) & (cuts < nq)]))
         for rows in blocks:
             keys = self._flat_keys(q[rows], leaves[rows], row_ok)
-            out[rows] = rows_of(smallest(keys, keep))
+            found = rows_of(smallest(keys, keep))  # fewer columns if fewer rows were probed
+            out[rows, : found.shape[1]] = found
         return out
 
     def _flat_keys(self, q: F32, leaves: I64, row_ok: B | None) -> U64:
