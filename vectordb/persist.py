@@ -23,6 +23,11 @@ against the manifest, so a damaged file cannot trigger a huge allocation.
 ``save`` writes a complete new directory under a temporary name (every file fsynced), then
 swaps it in with one atomic ``renameat2(RENAME_EXCHANGE)`` where the OS offers it (Linux),
 else with two renames; a crash leaves the old index or the new one.
+
+Saves into one parent directory take turns: each holds an exclusive ``flock`` on that
+directory from start to end, across processes. So the temporary (``.NAME.tmp-*``) and
+replaced (``.NAME.old-*``) directories a save finds beside its target can only be left
+over from a save that crashed, and it removes them.
 """
 
 from __future__ import annotations
@@ -139,6 +144,13 @@ class SaveJob:
                 str(path),
             )
         self.index = index
+        self.parent = path.parent if str(path.parent) else Path(".")
+        self._lock = _lock_dir(self.parent)
+        try:
+            _remove_leftovers(self.parent, path.name)
+        except BaseException:
+            self._release()
+            raise
         # One consistent state, taken now: writes may go on while the files are written.
         state = index._state
         self.tree, self.base, self.order = compacted(
@@ -148,12 +160,12 @@ class SaveJob:
         self.storage = state.storage
         self.metadata = index._metadata.copy()
         self.path = path
-        self.parent = path.parent if str(path.parent) else Path(".")
         self.tmp = self.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
         self.files: dict[str, dict[str, int]] = {}
         try:
             self.tmp.mkdir()
         except OSError as exc:
+            self._release()
             raise storage_error(exc, self.tmp) from exc
 
     @property
@@ -188,11 +200,22 @@ class SaveJob:
 
     def commit(self) -> None:
         """fsync the temporary directory and swap it in for the target."""
-        fsync_dir(self.tmp)
-        _install(self.tmp, self.path, self.parent)
+        try:
+            fsync_dir(self.tmp)
+            _install(self.tmp, self.path, self.parent)
+        finally:
+            self._release()
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Release the parent's lock (once; later calls do nothing)."""
+        fd, self._lock = self._lock, None
+        _unlock(fd)
 
     def error(self, exc: BaseException) -> BaseException:
         """The exception to raise for ``exc``: ``OSError``s become ``StorageError``s."""
@@ -217,6 +240,38 @@ def save_index(index: ClusteredIndex, path: Path) -> None:
         if err is exc:
             raise
         raise err from exc
+
+
+def _lock_dir(directory: Path) -> int | None:
+    """Hold an exclusive ``flock`` on ``directory`` (``None`` where flock is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise storage_error(exc, directory) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)  # a file system without flock: go on unlocked, as before
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """Remove ``.name.tmp-*`` and ``.name.old-*`` in ``parent``: under the lock, they are
+    what a crashed save left behind."""
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+        for stale in parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _renameat2_exchange() -> Any:
