@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     base_rss = _rss()
     n_single = min(len(queries), 200 if args.quick else 1000)
     n_cold = min(n_single, 50 if args.quick else 200)
-    for build in runner.builds():
+    for build in runner.builds(int(dim)):
         t0 = time.perf_counter()
         runner.build(train, **build)
         build_s = time.perf_counter() - t0
@@ -307,8 +307,8 @@ def _best(
     return best
 
 
-def _index_mb(sel: list[dict[str, Any]], library: str, mode: str) -> float | None:
-    vals = [r["rss_anon_index"] for r in sel if r["library"] == library and r["mode"] == mode]
+def _index_mb(sel: list[dict[str, Any]], series: str) -> float | None:
+    vals = [r["rss_anon_index"] for r in sel if _series_name(r) == series]
     return max(vals) / 1e6 if vals else None
 
 
@@ -376,16 +376,16 @@ def _summary(sel: list[dict[str, Any]]) -> list[str]:
                     else "-"
                 )
             out.append(f"| {label} vs {lib} | " + " | ".join(cells) + " |")
-    out.append("\nIndex memory (anonymous RSS over the baseline, MB):\n")
-    out.append("| library / mode | index RSS MB | vectordb mmap / this |")
+    out.append("\nIndex memory (anonymous RSS over the baseline, MB; the most over the sweep):\n")
+    out.append("| library / mode (build) | index RSS MB | vectordb / mmap-warm (defaults) / this |")
     out.append("|---|---|---|")
-    mine = _index_mb(sel, "vectordb", "mmap-warm")
-    for lib, mode in dict.fromkeys((r["library"], r["mode"]) for r in sel):
-        theirs = _index_mb(sel, lib, mode)
+    mine = _index_mb(sel, "vectordb / mmap-warm")
+    for series in dict.fromkeys(_series_name(r) for r in sel):
+        theirs = _index_mb(sel, series)
         if theirs is None:
             continue
         ratio = f"{100 * mine / theirs:.0f}%" if mine is not None and theirs > 0 else "-"
-        out.append(f"| {lib} / {mode} | {theirs:.1f} | {ratio} |")
+        out.append(f"| {series} | {theirs:.1f} | {ratio} |")
     return out
 
 
