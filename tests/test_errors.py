@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
+from vectordb.reader import sign_manifest
 
 K = 10
 
@@ -258,7 +259,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def write_manifest(directory: Path, manifest: Any) -> None:
-    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    """Write ``manifest``, signed (see ``sign_manifest``) so that deeper checks are reached."""
+    path = directory / "manifest.json"
+    if isinstance(manifest, dict):
+        path.write_bytes(sign_manifest(manifest))
+    else:
+        path.write_text(json.dumps(manifest), encoding="utf-8")
 
 
 def record_in_manifest(directory: Path, name: str) -> None:
@@ -320,7 +326,7 @@ def test_open_with_huge_manifest(damaged):
 @pytest.mark.parametrize(
     "version",
     [
-        2,
+        3,
         0,
         "1",
         None,
@@ -334,6 +340,27 @@ def test_open_with_wrong_format_version(damaged, version):
     manifest["format_version"] = version
     write_manifest(damaged, manifest)
     open_fails(damaged, "manifest.json", "format_version")
+
+
+def test_unsigned_or_edited_manifest_is_rejected(damaged):
+    manifest = read_manifest(damaged)
+    manifest["params"]["seed"] = 1234
+    (damaged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    open_fails(damaged, "manifest.json", "checksum")
+    (damaged / "manifest.json").write_bytes(sign_manifest(manifest) + b" ")
+    open_fails(damaged, "manifest.json", "checksum")
+
+
+def test_version_1_manifests_still_open_and_may_not_carry_a_checksum(damaged, small):
+    manifest = read_manifest(damaged)
+    manifest["format_version"] = 1
+    del manifest["checksum"]
+    (damaged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    with vdb.ClusteredIndex.open(damaged, verify=True) as index:
+        assert index.search(small.queries[0], 3)[0].shape == (3,)
+    manifest["checksum"] = 5
+    (damaged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    open_fails(damaged, "manifest.json", "version 1")
 
 
 def test_open_without_format_version(damaged):
@@ -441,8 +468,8 @@ def test_bit_flip_is_caught_by_verify(damaged, name):
     position = len(data) - 3 if name != "manifest.json" else data.index(b"l2")
     data[position] ^= 0x10
     path.write_bytes(bytes(data))
-    if name == "manifest.json":  # "l2" became "|2": the manifest check itself objects
-        open_fails(damaged, "manifest.json", "metric")
+    if name == "manifest.json":  # "l2" became "|2": the manifest's own checksum objects
+        open_fails(damaged, "manifest.json", "checksum")
         return
     open_fails(damaged, name, "CRC32", verify=True)
     # Without verify only sizes, dtypes, shapes and structure are checked.

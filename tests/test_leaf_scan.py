@@ -9,6 +9,7 @@ import pytest
 
 import vectordb as vdb
 from vectordb.index import AUTO_CODES_MIN_DIM
+from vectordb.reader import sign_manifest
 
 K = 10
 MODES = ("codes", "vectors")
@@ -91,6 +92,6 @@ def test_manifest_with_unknown_leaf_scan_is_rejected(small, tmp_path):
     path = tmp_path / "i" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["params"]["leaf_scan"] = "magic"
-    path.write_text(json.dumps(manifest))
+    path.write_bytes(sign_manifest(manifest))
     with pytest.raises(vdb.InvalidIndexFileError, match="leaf_scan"):
         vdb.ClusteredIndex.open(tmp_path / "i")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
+from vectordb.reader import sign_manifest
 
 K = 10
 
@@ -257,7 +258,8 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
     assert {p.name for p in directory.iterdir()} == _expected_files(metric, rotate)
 
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
+    assert (directory / "manifest.json").read_bytes() == sign_manifest(manifest)
     assert manifest["format"] == "vectordb.ClusteredIndex"
     assert manifest["dim"] == small.dim
     assert manifest["n"] == len(small.vectors)

@@ -10,7 +10,23 @@ import numpy.typing as npt
 
 from .errors import DimensionMismatchError, InvalidParameterError, InvalidVectorsError
 
-__all__ = ["as_matrix", "as_query_matrix", "build_params", "positive_int"]
+__all__ = [
+    "MAX_BRANCHING",
+    "MAX_ITERATIONS",
+    "MAX_K",
+    "as_matrix",
+    "as_query_matrix",
+    "build_params",
+    "check_k",
+    "positive_int",
+]
+
+#: Largest branching factor and number of Lloyd iterations a build accepts.
+MAX_BRANCHING = 4096
+MAX_ITERATIONS = 1000
+#: Most results one query may ask for (results are padded up to k: a larger k would only
+#: allocate padding).
+MAX_K = 1 << 20
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -20,6 +36,14 @@ def positive_int(name: str, value: Any) -> int:
     if value < 1:
         raise InvalidParameterError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an ``int`` in ``[1, MAX_K]``, or ``InvalidParameterError``."""
+    k = positive_int("k", k)
+    if k > MAX_K:
+        raise InvalidParameterError(f"k must be <= {MAX_K}, got {k}")
+    return k
 
 
 def _to_float32(data: Any, what: str) -> npt.NDArray[np.float32]:
@@ -94,8 +118,15 @@ def build_params(
 ) -> dict[str, Any]:
     """Checked build parameters of ``ClusteredIndex.build``, as its ``params`` dict."""
     branching_factor = positive_int("branching_factor", branching_factor)
-    if branching_factor < 2:
-        raise InvalidParameterError(f"branching_factor must be >= 2, got {branching_factor}")
+    if not 2 <= branching_factor <= MAX_BRANCHING:
+        raise InvalidParameterError(
+            f"branching_factor must be between 2 and {MAX_BRANCHING}, got {branching_factor}"
+        )
+    max_iterations = positive_int("max_iterations", max_iterations)
+    if max_iterations > MAX_ITERATIONS:
+        raise InvalidParameterError(
+            f"max_iterations must be <= {MAX_ITERATIONS}, got {max_iterations}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise InvalidParameterError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(rotate, bool):

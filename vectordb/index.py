@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import as_matrix, as_query_matrix, build_params, positive_int
+from ._validation import as_matrix, as_query_matrix, build_params, check_k, positive_int
 from .backends import Backend, resolve_backend
 from .codes import CodeTable, Quantizer
 from .errors import (
@@ -413,7 +413,7 @@ class ClusteredIndex(Writes):
     def _search(
         self, q: F32, k: Any, probes: Any, rerank_factor: Any, filt: Any
     ) -> tuple[I64, F32]:
-        k = positive_int("k", k)
+        k = check_k(k)
         probes = positive_int("probes", probes)
         rerank_factor = positive_int("rerank_factor", rerank_factor)
         filt = check_filter(filt)

@@ -218,6 +218,16 @@ class MetadataStore:
                     raise InvalidIndexFileError(f"{path}: not a vectordb metadata database")
                 if source.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise InvalidIndexFileError(f"{path}: the SQLite database is damaged")
+                # Every document a JSON object (a copy of the database has the same scan's
+                # cost): damaged text would otherwise surface in a later search.
+                bad = source.execute(
+                    "SELECT id FROM meta WHERE typeof(doc) != 'text' OR NOT json_valid(doc) "
+                    "OR json_type(doc) != 'object' LIMIT 1"
+                ).fetchone()
+                if bad is not None:
+                    raise InvalidIndexFileError(
+                        f"{path}: the metadata of id {bad[0]} is not a JSON object (damaged)"
+                    )
                 source.backup(out._db)
             finally:
                 source.close()

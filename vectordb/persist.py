@@ -35,7 +35,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import json
 import os
 import shutil
 import uuid
@@ -60,6 +59,7 @@ from .reader import (
     manifest_path,
     open_index,
     parse_manifest,
+    sign_manifest,
 )
 from .storage import write_rows
 
@@ -196,7 +196,7 @@ class SaveJob:
             "params": index.params,
             "files": self.files,
         }
-        return json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+        return sign_manifest(manifest)
 
     def commit(self) -> None:
         """fsync the temporary directory and swap it in for the target."""

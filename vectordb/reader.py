@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._files import crc32_file, storage_error
+from ._validation import MAX_BRANCHING, MAX_ITERATIONS
 from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
 from .errors import InvalidIndexFileError
 from .metadata import MetadataStore
@@ -28,10 +30,12 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .index import ClusteredIndex
 
-__all__ = ["manifest_path", "open_index", "parse_manifest"]
+__all__ = ["manifest_path", "open_index", "parse_manifest", "sign_manifest"]
 
 FORMAT_NAME = "vectordb.ClusteredIndex"
-FORMAT_VERSION = 1
+#: Version 2 adds the manifest's own checksum; version 1 directories still open.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 VECTORS = "vectors.bin"
 METADATA = "metadata.sqlite"
@@ -55,13 +59,13 @@ KNOWN_FILES = frozenset(
         METADATA,
     }
 )
-#: Integer build parameters and their smallest valid values.
+#: Integer build parameters and their valid ranges.
 _INT_PARAMS = {
-    "branching_factor": 2,
-    "max_leaf_size": 1,
-    "max_iterations": 1,
-    "seed": 0,
-    "leaf_target": 1,
+    "branching_factor": (2, MAX_BRANCHING),
+    "max_leaf_size": (1, None),
+    "max_iterations": (1, MAX_ITERATIONS),
+    "seed": (0, None),
+    "leaf_target": (1, None),
 }
 #: Parameters every manifest has had since format version 1.
 _REQUIRED_PARAMS = frozenset({"branching_factor"})
@@ -107,12 +111,13 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT_NAME:
         raise _bad(path, f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise _bad(
             path,
-            f"format_version is {version!r}, expected {FORMAT_VERSION} "
+            f"format_version is {version!r}, expected one of {READABLE_VERSIONS} "
             "(saved by another version of vectordb?)",
         )
+    _check_manifest_checksum(raw, manifest, version, path)
     for key in ("dim", "n", "n_nodes", "n_leaves"):
         value = manifest.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -124,12 +129,18 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
     params = manifest.get("params")
     if not isinstance(params, dict):
         raise _bad(path, "'params' must be an object")
-    for key, low in _INT_PARAMS.items():
+    for key, (low, high) in _INT_PARAMS.items():
         value = params.get(key)
         if value is None and key not in _REQUIRED_PARAMS:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _bad(path, f"params.{key} must be an integer >= {low}, found {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            limits = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise _bad(path, f"params.{key} must be an integer {limits}, found {value!r}")
     if not isinstance(params.get("rotate"), bool):
         raise _bad(path, f"params.rotate must be true or false, found {params.get('rotate')!r}")
     if params.get("leaf_scan") not in ("codes", "vectors"):
@@ -151,6 +162,37 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
         if not ok:
             raise _bad(path, f"files[{name!r}] must have non-negative integer 'size' and 'crc32'")
     return manifest
+
+
+def sign_manifest(manifest: dict[str, Any]) -> bytes:
+    """The bytes of ``manifest`` as saved: canonical JSON with its CRC32 as ``checksum``.
+
+    The checksum covers the canonical JSON of everything else; the file must be exactly
+    the canonical JSON of the whole, so that a changed byte anywhere (whitespace
+    included) is caught.
+    """
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    crc = zlib.crc32(_canonical(body))
+    return _canonical({**body, "checksum": crc})
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+
+
+def _check_manifest_checksum(
+    raw: bytes, manifest: dict[str, Any], version: int, path: Path
+) -> None:
+    """Version 2 manifests carry the CRC32 of their content (see :func:`sign_manifest`)."""
+    checksum = manifest.get("checksum")
+    if version == 1:
+        if "checksum" in manifest:
+            raise _bad(path, "a version 1 manifest has no checksum: damaged")
+        return
+    if isinstance(checksum, bool) or not isinstance(checksum, int):
+        raise _bad(path, f"'checksum' must be an integer, found {checksum!r}")
+    if sign_manifest(manifest) != raw:
+        raise _bad(path, "checksum mismatch: the manifest was changed or damaged")
 
 
 def _check_file(directory: Path, name: str, files: dict[str, Any], verify: bool) -> Path:
@@ -181,8 +223,12 @@ def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.N
                     header = np.lib.format.read_array_header_1_0(fh)
                 else:
                     header = np.lib.format.read_array_header_2_0(fh)
-            except ValueError as exc:
-                raise _bad(path, f"not a valid .npy file ({exc})") from None
+            except OSError:
+                raise
+            except Exception as exc:
+                # NumPy parses the header with ast.literal_eval: damaged bytes raise
+                # ValueError, SyntaxError, tokenize errors, and more.
+                raise _bad(path, f"not a valid .npy file ({type(exc).__name__}: {exc})") from None
             found_shape, fortran, found_dtype = header
             if found_dtype != dtype or tuple(found_shape) != shape or fortran:
                 raise _bad(

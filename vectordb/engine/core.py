@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._files import storage_error
-from .._validation import as_query_matrix, positive_int
+from .._validation import as_query_matrix, check_k, positive_int
 from ..backends import resolve_backend
 from ..errors import EngineClosedError, InvalidIndexFileError, InvalidParameterError
 from ..index import ClusteredIndex
@@ -292,7 +292,7 @@ class AsyncEngine:
     @staticmethod
     def _key(k: Any, probes: Any, rerank_factor: Any, filt: Any) -> _Key:
         return _Key(
-            positive_int("k", k),
+            check_k(k),
             positive_int("probes", probes),
             positive_int("rerank_factor", rerank_factor),
             _FilterKey(check_filter(filt)),
