@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb.index import AUTO_CODES_MIN_DIM
+from vectordb.building import AUTO_CODES_MIN_DIM
 from vectordb.reader import sign_manifest
 
 K = 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import os
 import threading
@@ -14,24 +13,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import as_matrix, as_query_matrix, build_params, check_k, positive_int
+from ._progress import progress_bar
+from ._validation import as_query_matrix, check_k, positive_int
 from .backends import Backend, resolve_backend
 from .codes import CodeTable, Quantizer
 from .errors import (
     AlreadyUsingMmapError,
     InvalidParameterError,
-    InvalidVectorsError,
 )
 from .idmap import IdMap
 from .leafscan import leaf_sizes
 from .metadata import Filter, MetadataStore, check_filter
-from .metrics import Metric, parse_metric, prepare
+from .metrics import Metric, prepare
 from .parts import Part
 from .scan import VectorScorer, rerank
-from .state import IndexState, VectorSelector, build_part, code_table, ids_of
+from .state import IndexState, VectorSelector, ids_of
 from .storage import InMemoryStorage, MmapStorage, write_vectors
-from .tree import Tree, build_tree
-from .writes import Writes, check_new_ids, encode_metadata
+from .tree import Tree
+from .writes import Writes
 
 __all__ = ["ClusteredIndex"]
 
@@ -39,10 +38,6 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 B = npt.NDArray[np.bool_]
 
-#: Hamming distances are accumulated in uint16.
-MAX_DIM = 65535
-#: ``leaf_scan="auto"`` ranks by 1-bit codes from this dimension up, else by full vectors.
-AUTO_CODES_MIN_DIM = 128
 #: ``search_batch(threads=...)`` gives each thread at least this many queries.
 _MIN_QUERIES_PER_THREAD = 1024
 #: A filter matching at most this many vectors is answered by scoring them all exactly.
@@ -154,6 +149,7 @@ class ClusteredIndex(Writes):
         rotate: bool = True,
         leaf_scan: str = "auto",
         backend: str = "auto",
+        progress: bool | None = None,
     ) -> ClusteredIndex:
         """Build an index over ``vectors``.
 
@@ -186,10 +182,13 @@ class ClusteredIndex(Writes):
             1-bit codes in RAM (``d/8`` bytes per vector). ``vectors``: exact distances on
             the full vectors (no codes; in mmap mode every probed leaf is read from the
             file), for low dimensions where 1-bit codes cannot rank. ``auto`` picks
-            ``vectors`` below ``AUTO_CODES_MIN_DIM`` dimensions, else ``codes``.
+            ``vectors`` below 128 dimensions, else ``codes``.
         backend : {"auto", "numpy", "cupy"}
             Where codes are scored: ``auto`` uses a CUDA GPU through CuPy when one is
             usable, else NumPy (see :mod:`vectordb.backends`). Results are identical.
+        progress : bool, optional
+            Progress bars for clustering and coding on a terminal (needs tqdm); ``False``
+            never draws them. See :mod:`vectordb._progress`.
 
         Raises
         ------
@@ -200,58 +199,23 @@ class ClusteredIndex(Writes):
         BackendUnavailableError
             ``backend="cupy"`` where CuPy or a CUDA device cannot be used.
         """
-        metric = parse_metric(metric)
-        chosen = resolve_backend(backend)
-        params = build_params(
-            branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan
-        )
-        branching_factor, max_leaf_size = params["branching_factor"], params["max_leaf_size"]
-        max_iterations, seed = params["max_iterations"], params["seed"]
-        x = as_matrix(vectors, "vectors")
-        if x.shape[1] > MAX_DIM:
-            raise InvalidVectorsError(f"dimension {x.shape[1]} exceeds the maximum {MAX_DIM}")
-        n = x.shape[0]
-        user_ids = np.arange(n, dtype=np.int64) if ids is None else check_new_ids(ids, n)
-        docs = encode_metadata(metadata, n)
-        x = prepare(x, metric, copy=False)
-        if leaf_scan == "auto":
-            leaf_scan = "vectors" if x.shape[1] < AUTO_CODES_MIN_DIM else "codes"
-        if leaf_scan == "vectors":
-            rotate = False  # the rotation only serves the codes
+        from .building import build_components
 
-        tree, order, leaf_offsets = build_tree(
-            x,
-            branching_factor=branching_factor,
-            max_leaf_size=max_leaf_size,
-            max_iterations=max_iterations,
-            seed=int(seed),
-        )
-        stored = np.ascontiguousarray(x[order])
-        quantizer = Quantizer.create(
-            x.shape[1], rotate=rotate, rng=np.random.default_rng([int(seed), 2**32 - 1])
-        )
-        tree = dataclasses.replace(tree, centroids=quantizer.rotate(tree.centroids))
-        codes = leaf_scan == "codes"
-        base = build_part(stored, tree, leaf_offsets, quantizer, metric, codes)
-        store = MetadataStore()
-        if docs is not None:
-            store.put(user_ids, docs)
-        params.update(
-            rotate=rotate,
-            leaf_scan=leaf_scan,
-            leaf_target=max(1, round(n / (leaf_offsets.shape[0] - 1))),
-        )
         return cls(
-            tree=tree,
-            table=code_table(tree, quantizer, metric) if codes else None,
-            base=base,
-            quantizer=quantizer,
-            ids=user_ids[order],
-            storage=InMemoryStorage(stored),
-            metric=metric,
-            params=params,
-            backend=chosen,
-            metadata=store,
+            **build_components(
+                vectors,
+                ids=ids,
+                metadata=metadata,
+                branching_factor=branching_factor,
+                max_leaf_size=max_leaf_size,
+                metric=metric,
+                max_iterations=max_iterations,
+                seed=seed,
+                rotate=rotate,
+                leaf_scan=leaf_scan,
+                backend=backend,
+                progress=progress,
+            )
         )
 
     # ------------------------------------------------------------------ properties
@@ -444,13 +408,16 @@ class ClusteredIndex(Writes):
         return ids_of(st, found), dists
 
     # ------------------------------------------------------------------ storage
-    def use_mmap_storage(self, path: str | os.PathLike[str]) -> None:
+    def use_mmap_storage(
+        self, path: str | os.PathLike[str], *, progress: bool | None = None
+    ) -> None:
         """Move the full vectors to a memory-mapped file at ``path`` and free their RAM.
 
         The file is written to a temporary name, fsynced and renamed (an existing file at
         ``path`` is replaced). Format: raw little-endian float32, ``n * dim * 4`` bytes,
         rows in storage order. Raises ``AlreadyUsingMmapError`` if already mapped, and
         ``StorageError`` if writing fails (the vectors then stay in RAM, usable).
+        ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
         """
         if self._storage.is_mmap:
             raise AlreadyUsingMmapError(
@@ -461,8 +428,23 @@ class ClusteredIndex(Writes):
             raise InvalidParameterError(f"{target} is a directory; pass a file path")
         with self._write_lock:
             vectors = self._storage.vectors
-            write_vectors(vectors, target)
+            with progress_bar(int(vectors.nbytes), "writing", unit="B", progress=progress) as bar:
+                write_vectors(vectors, target, bar.update)
             self._replace(storage=MmapStorage(target, vectors.shape[0], self.dim))
+
+    def warm(self, *, progress: bool | None = None) -> int:
+        """Read the memory-mapped vector file once, so that its pages are in the page cache
+        and the first searches do not wait for the disk; returns bytes read (0 in RAM).
+
+        Reads sequentially in 16 MiB chunks (hinting the kernel first). ``progress``: a
+        progress bar on a terminal (needs tqdm); ``False`` never.
+        """
+        storage = self._storage
+        if not isinstance(storage, MmapStorage):
+            return 0
+        size = storage.vectors.nbytes
+        with progress_bar(size, "warming", unit="B", progress=progress) as bar:
+            return storage.warm(bar.update)
 
     def close(self) -> None:
         """Release the memory-mapped file, if any. Searching afterwards raises
@@ -476,15 +458,16 @@ class ClusteredIndex(Writes):
         self.close()
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, progress: bool | None = None) -> None:
         """Save to the directory ``path``, atomically (see :mod:`vectordb.persist`).
 
         The saved index is compact: deleted rows are left out, added ones folded in.
+        ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
         """
         from .persist import save_index
 
         with self._write_lock:
-            save_index(self, Path(path))
+            save_index(self, Path(path), progress)
 
     @classmethod
     def open(
@@ -494,6 +477,7 @@ class ClusteredIndex(Writes):
         mmap: bool = True,
         verify: bool = False,
         backend: str = "auto",
+        progress: bool | None = None,
     ) -> ClusteredIndex:
         """Open an index saved with :meth:`save`, without rebuilding.
 
@@ -504,6 +488,8 @@ class ClusteredIndex(Writes):
         verify : check every file's CRC32 (reads everything once); sizes, dtypes and
             shapes are always checked
         backend : as for :meth:`build`
+        progress : a progress bar while ``verify`` reads the files, on a terminal (needs
+            tqdm); ``False`` never
 
         Raises
         ------
@@ -514,5 +500,10 @@ class ClusteredIndex(Writes):
         from .persist import open_index
 
         return open_index(
-            cls, Path(path), mmap=mmap, verify=verify, backend=resolve_backend(backend)
+            cls,
+            Path(path),
+            mmap=mmap,
+            verify=verify,
+            backend=resolve_backend(backend),
+            progress=progress,
         )

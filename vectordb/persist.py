@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._files import crc32_file, fsync_dir, storage_error
+from ._progress import log, progress_bar
 from .errors import StorageError
 from .living import compacted
 from .parts import Part
@@ -132,8 +133,9 @@ class SaveJob:
     -> ``commit``; on any failure ``abort``. :func:`save_index` runs them in order.
     """
 
-    def __init__(self, index: ClusteredIndex, path: Path) -> None:
+    def __init__(self, index: ClusteredIndex, path: Path, progress: bool | None = False) -> None:
         path = Path(path)
+        self.progress = progress
         if path.is_symlink():  # replace what the link points to, and keep the link
             path = path.resolve()
         if path.exists() and not (
@@ -175,10 +177,16 @@ class SaveJob:
 
     def write_data(self) -> None:
         """Write and fsync every array and the vector file into the temporary directory."""
-        for name, arr in _arrays(self.index, self.tree, self.base, self.ids).items():
-            self.files[name] = _write_file(self.tmp, name, arr)
+        arrays = _arrays(self.index, self.tree, self.base, self.ids)
         index = self.index
-        crc = write_rows(self.storage.take, self.order, index.dim, self.tmp / VECTORS)
+        total = sum(int(a.nbytes) for a in arrays.values()) + self.order.shape[0] * index.dim * 4
+        with progress_bar(total, "saving", unit="B", progress=self.progress) as bar:
+            for name, arr in arrays.items():
+                self.files[name] = _write_file(self.tmp, name, arr)
+                bar.update(int(arr.nbytes))
+            crc = write_rows(
+                self.storage.take, self.order, index.dim, self.tmp / VECTORS, bar.update
+            )
         self.files[VECTORS] = {"size": (self.tmp / VECTORS).stat().st_size, "crc32": crc}
         meta = self.tmp / METADATA
         self.metadata.save(meta)
@@ -225,9 +233,9 @@ class SaveJob:
         return exc
 
 
-def save_index(index: ClusteredIndex, path: Path) -> None:
+def save_index(index: ClusteredIndex, path: Path, progress: bool | None = False) -> None:
     """Write ``index`` to the directory ``path`` atomically. See the module docstring."""
-    job = SaveJob(index, path)
+    job = SaveJob(index, path, progress)
     try:
         job.write_data()
         with open(job.manifest_path, "wb") as fh:
@@ -235,6 +243,7 @@ def save_index(index: ClusteredIndex, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         job.commit()
+        log.info("saved %d vectors to %s", job.order.shape[0], job.path)
     except BaseException as exc:
         job.abort()
         err = job.error(exc)

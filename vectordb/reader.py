@@ -10,6 +10,7 @@ import json
 import math
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._files import crc32_file, storage_error
+from ._progress import progress_bar
 from ._validation import MAX_BRANCHING, MAX_ITERATIONS
 from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
 from .errors import InvalidIndexFileError
@@ -195,7 +197,13 @@ def _check_manifest_checksum(
         raise _bad(path, "checksum mismatch: the manifest was changed or damaged")
 
 
-def _check_file(directory: Path, name: str, files: dict[str, Any], verify: bool) -> Path:
+def _check_file(
+    directory: Path,
+    name: str,
+    files: dict[str, Any],
+    verify: bool,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Path:
     path = directory / name
     if name not in files:
         raise _bad(directory / MANIFEST, f"does not list {name}")
@@ -205,7 +213,7 @@ def _check_file(directory: Path, name: str, files: dict[str, Any], verify: bool)
     if size != files[name]["size"]:
         raise _bad(path, f"size is {size} bytes, expected {files[name]['size']}")
     if verify:
-        crc = crc32_file(path)
+        crc = crc32_file(path, on_bytes)
         if crc != files[name]["crc32"]:
             raise _bad(path, f"CRC32 is {crc:#010x}, expected {files[name]['crc32']:#010x}")
     return path
@@ -260,10 +268,26 @@ def open_index(
     verify: bool,
     backend: Backend,
     manifest: dict[str, Any] | None = None,
+    progress: bool | None = False,
 ) -> ClusteredIndex:
     """Open a saved index. See ``ClusteredIndex.open``. ``manifest``: already parsed."""
     if manifest is None:
         manifest = _read_manifest(directory)
+    files = manifest["files"]
+    total = sum(entry["size"] for entry in files.values())
+    with progress_bar(total, "verifying", unit="B", progress=progress if verify else False) as bar:
+        return _open_checked(cls, directory, manifest, mmap, verify, backend, bar.update)
+
+
+def _open_checked(
+    cls: type[ClusteredIndex],
+    directory: Path,
+    manifest: dict[str, Any],
+    mmap: bool,
+    verify: bool,
+    backend: Backend,
+    on_bytes: Callable[[int], None],
+) -> ClusteredIndex:
     files = manifest["files"]
     dim, n = manifest["dim"], manifest["n"]
     n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
@@ -288,11 +312,11 @@ def open_index(
         expected["perm.npy"] = (np.int64, (bits,))
         expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
     arrays = {
-        name: _load_npy(_check_file(directory, name, files, verify), np.dtype(dt), shape)
+        name: _load_npy(_check_file(directory, name, files, verify, on_bytes), np.dtype(dt), shape)
         for name, (dt, shape) in expected.items()
     }
     _check_structure(directory, arrays, n, n_nodes, n_leaves)
-    vec_path = _check_file(directory, VECTORS, files, verify)
+    vec_path = _check_file(directory, VECTORS, files, verify, on_bytes)
     if files[VECTORS]["size"] != n * dim * 4:
         raise _bad(vec_path, f"size is {files[VECTORS]['size']} bytes, expected {n * dim * 4}")
 
@@ -324,7 +348,7 @@ def open_index(
         raise _bad(directory / "ids.npy", "ids must be distinct and >= 0")
     metadata = None
     if METADATA in files:
-        metadata = MetadataStore.load(_check_file(directory, METADATA, files, verify))
+        metadata = MetadataStore.load(_check_file(directory, METADATA, files, verify, on_bytes))
     storage: InMemoryStorage | MmapStorage
     if mmap:
         storage = MmapStorage(vec_path, n, dim)

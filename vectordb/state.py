@@ -6,6 +6,7 @@ state at its start sees the index before or after any write, never half of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +30,17 @@ B = npt.NDArray[np.bool_]
 
 
 def build_part(
-    x: F32, tree: Tree, leaf_offsets: I64, quantizer: Quantizer, metric: Metric, codes: bool
+    x: F32,
+    tree: Tree,
+    leaf_offsets: I64,
+    quantizer: Quantizer,
+    metric: Metric,
+    codes: bool,
+    on_rows: Callable[[int], None] | None = None,
 ) -> Part:
     """The base part of storage-ordered ``x`` ``(n, d)``: codes, residual norms (and ip
-    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``."""
+    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``.
+    ``on_rows(n)`` is called as every leaf's ``n`` rows are coded (progress)."""
     n = x.shape[0]
     rows = None  # slot i is storage row i
     if not codes:
@@ -48,6 +56,8 @@ def build_part(
         if dots is not None:
             dots[a:b] = np.einsum("nd,d->n", residual, centre)
         words[:, a:b] = quantizer.encode(residual)
+        if on_rows is not None:
+            on_rows(b - a)
     return Part(offsets=leaf_offsets, rows=rows, codes=words, norms=norms, dots=dots)
 
 

@@ -27,10 +27,20 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 _WRITE_BYTES = 8 << 20
+_WARM_BYTES = 16 << 20
 
 
-def write_rows(take: Callable[[I64], F32], order: I64, dim: int, path: Path) -> int:
-    """Write rows ``order`` (read through ``take``) to ``path`` atomically; return the CRC32."""
+def write_rows(
+    take: Callable[[I64], F32],
+    order: I64,
+    dim: int,
+    path: Path,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Write rows ``order`` (read through ``take``) to ``path`` atomically; return the CRC32.
+
+    ``on_bytes(n)`` is called after every chunk of ``n`` bytes written.
+    """
     rows = max(1, _WRITE_BYTES // max(1, dim * 4))
     crc = 0
     with atomic_write(path) as fh:
@@ -38,13 +48,15 @@ def write_rows(take: Callable[[I64], F32], order: I64, dim: int, path: Path) -> 
             chunk = np.ascontiguousarray(take(order[start : start + rows]), dtype="<f4").tobytes()
             crc = zlib.crc32(chunk, crc)
             fh.write(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return crc
 
 
-def write_vectors(vectors: F32, path: Path) -> int:
+def write_vectors(vectors: F32, path: Path, on_bytes: Callable[[int], None] | None = None) -> int:
     """Write ``vectors`` ``(n, d)`` float32 to ``path`` atomically; return the file's CRC32."""
     order = np.arange(vectors.shape[0], dtype=np.int64)
-    return write_rows(lambda r: vectors[r[0] : r[-1] + 1], order, vectors.shape[1], path)
+    return write_rows(lambda r: vectors[r[0] : r[-1] + 1], order, vectors.shape[1], path, on_bytes)
 
 
 class InMemoryStorage:
@@ -200,6 +212,27 @@ class MmapStorage:
         """Pass an ``mmap.MADV_*`` hint for the whole mapping (no-op where unsupported)."""
         if self._mmap is not None and hasattr(self._mmap, "madvise"):
             self._mmap.madvise(advice)
+
+    def warm(self, on_bytes: Callable[[int], None] | None = None) -> int:
+        """Read the mapped file once, sequentially, so its pages are in the page cache.
+
+        Hints the kernel (``MADV_WILLNEED``) first; ``on_bytes(n)`` after every chunk.
+        Returns the bytes read.
+        """
+        if self._closed:
+            raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self.advise(mmap.MADV_WILLNEED)
+        done = 0
+        try:
+            with open(self.path, "rb", buffering=0) as fh:
+                while chunk := fh.read(_WARM_BYTES):
+                    done += len(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+        except OSError as exc:
+            raise storage_error(exc, self.path) from exc
+        return done
 
     def drop_cache(self) -> None:
         """Evict the file's pages from this mapping and from the OS page cache.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,6 +293,7 @@ def build_tree(
     max_leaf_size: int,
     max_iterations: int,
     seed: int,
+    on_leaf: Callable[[int], None] | None = None,
 ) -> tuple[Tree, I64, I64]:
     """Split ``x`` recursively with k-means until every leaf holds <= ``max_leaf_size`` rows.
 
@@ -304,6 +306,7 @@ def build_tree(
     max_leaf_size : largest leaf, >= 1
     max_iterations : Lloyd iterations per split
     seed : every node's k-means draws from ``default_rng([seed, node_id])``
+    on_leaf : called with the size of every leaf as it is settled (progress)
 
     Returns
     -------
@@ -319,12 +322,16 @@ def build_tree(
         node = queue.popleft()
         rows = members[node]
         if rows.shape[0] <= max_leaf_size:
+            if on_leaf is not None:
+                on_leaf(rows.shape[0])
             continue
         rng = np.random.default_rng([seed, node])
         cents, labels = kmeans(x[rows], branching_factor, max_iterations=max_iterations, rng=rng)
         groups = [rows[labels == j] for j in range(cents.shape[0])]
         nonempty = [j for j, g in enumerate(groups) if g.shape[0]]
         if len(nonempty) < 2:
+            if on_leaf is not None:
+                on_leaf(rows.shape[0])
             continue
         for j in nonempty:
             child = len(centroids)

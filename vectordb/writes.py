@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ._progress import progress_bar
 from ._validation import as_matrix
 from .codes import CodeTable, Quantizer
 from .errors import DuplicateIdError, InvalidParameterError, UnknownIdError
@@ -205,13 +206,14 @@ class Writes:
             raise UnknownIdError(f"id {id_!r} is not in the index")
         return self._metadata.get(int(id_))
 
-    def compact(self) -> None:
+    def compact(self, *, progress: bool | None = None) -> None:
         """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
         split leaves that grew past twice their size at build (at most ``2 * max_leaf_size``).
 
         In RAM the vectors are copied; in mmap mode a new vector file is written beside the
         mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
-        the index directory). Searches may run meanwhile.
+        the index directory). Searches may run meanwhile. ``progress``: a progress bar for
+        the file written in mmap mode, on a terminal (needs tqdm); ``False`` never.
         """
         with self._write_lock:
             st = self._state
@@ -223,7 +225,10 @@ class Writes:
             storage: InMemoryStorage | MmapStorage
             if isinstance(old, MmapStorage):
                 path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
-                write_rows(old.take, order, self.dim, path)
+                with progress_bar(
+                    order.shape[0] * self.dim * 4, "compacting", unit="B", progress=progress
+                ) as bar:
+                    write_rows(old.take, order, self.dim, path, bar.update)
                 storage = MmapStorage(path, order.shape[0], self.dim, owned=True)
             else:
                 storage = InMemoryStorage(np.ascontiguousarray(old.take(order)))

@@ -357,7 +357,7 @@ class AsyncEngine:
 
     async def compact(self) -> None:
         """:meth:`ClusteredIndex.compact` on the executor."""
-        await self._write(self._index.compact)
+        await self._write(self._index.compact, progress=False)
 
     async def get_metadata(self, id_: int) -> dict[str, Any] | None:
         """:meth:`ClusteredIndex.get_metadata` on the executor."""
