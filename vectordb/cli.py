@@ -1,0 +1,318 @@
+"""The command line: ``vectordb`` (console script) or ``python -m vectordb``.
+
+::
+
+    vectordb build VECTORS.npy OUT_DIR --metric cosine [--ids IDS.npy] [--mmap]
+    vectordb search OUT_DIR QUERIES.npy -k 10 [--probes 4 --rerank-factor 5] [--json]
+    vectordb info OUT_DIR          n, dim, metric, RAM vs disk bytes, format, checksums
+    vectordb verify OUT_DIR        every file's CRC32
+    vectordb warm OUT_DIR          read the vector file into the page cache
+    vectordb bench [ARGS...]       the benchmark (bench/run.py of a source checkout)
+
+Exit codes: 0 success, 1 an error (one line on standard error; ``--debug`` shows the
+traceback), 2 a usage error. Input ``.npy`` files are read memory-mapped where that saves
+RAM (``search`` always, ``build`` with ``--mmap``), never with pickles allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import numpy as np
+import numpy.typing as npt
+
+from . import __version__
+from .errors import InvalidParameterError, VectorDBError
+from .index import ClusteredIndex
+from .reader import manifest_path, parse_manifest
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Queries searched per batch by ``search`` (bounds its memory on huge query files).
+_SEARCH_BATCH = 4096
+
+
+class _Failure(click.ClickException):
+    """An error for the user: one line, exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"vectordb: error: {self.format_message()}", err=True)
+
+
+def _handle_errors(fn: F) -> F:
+    """Turn library and OS errors into one-line failures (tracebacks only with --debug)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (VectorDBError, OSError, ValueError) as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                traceback.print_exc()
+            raise _Failure(str(exc) or type(exc).__name__) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def _load_npy(path: Path, what: str, *, mmap: bool) -> npt.NDArray[Any]:
+    if path.suffix != ".npy":
+        raise InvalidParameterError(f"{path}: {what} must be a .npy file (numpy.save)")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        raise InvalidParameterError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _disk_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vectordb")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress messages (logger 'vectordb').")
+@click.option("--no-progress", is_flag=True, help="Never draw progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool, no_progress: bool) -> None:
+    """vectordb: build, search and check vector indexes from the shell."""
+    ctx.obj = {"progress": False if no_progress else None}
+    if verbose:
+        logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
+
+
+def _progress() -> bool | None:
+    obj = click.get_current_context().find_root().obj or {}
+    value = obj.get("progress")
+    return value if isinstance(value, bool) else None
+
+
+@cli.command()
+@click.argument("vectors", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--metric", type=click.Choice(["l2", "cosine", "ip"]), default="l2", show_default=True
+)
+@click.option(
+    "--ids",
+    "ids_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A .npy of n distinct integers >= 0 (default: 0..n-1).",
+)
+@click.option(
+    "--mmap",
+    is_flag=True,
+    help="Read VECTORS.npy memory-mapped: the build holds one working copy, not two.",
+)
+@click.option("--branching-factor", type=int, default=10, show_default=True)
+@click.option("--max-leaf-size", type=int, default=1000, show_default=True)
+@click.option(
+    "--leaf-scan",
+    type=click.Choice(["auto", "codes", "vectors"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an index already at OUT_DIR.")
+@_handle_errors
+def build(
+    vectors: Path,
+    out_dir: Path,
+    metric: str,
+    ids_path: Path | None,
+    mmap: bool,
+    branching_factor: int,
+    max_leaf_size: int,
+    leaf_scan: str,
+    seed: int,
+    force: bool,
+) -> None:
+    """Build an index over VECTORS.npy (n x d) and save it to OUT_DIR."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise InvalidParameterError(f"{out_dir} exists and is not empty; use --force to replace it")
+    started = time.perf_counter()
+    x = _load_npy(vectors, "VECTORS", mmap=mmap)
+    ids = None if ids_path is None else _load_npy(ids_path, "IDS", mmap=False)
+    index = ClusteredIndex.build(
+        x,
+        ids=ids,
+        metric=metric,
+        branching_factor=branching_factor,
+        max_leaf_size=max_leaf_size,
+        leaf_scan=leaf_scan,
+        seed=seed,
+        progress=_progress(),
+    )
+    del x
+    index.save(out_dir, progress=_progress())
+    ram = index.memory_usage_bytes() - index._storage.ram_bytes
+    click.echo(
+        f"built {len(index):,} x {index.dim} ({index.metric.value}, {index.n_leaves} leaves, "
+        f"leaf_scan={index.leaf_scan}) in {time.perf_counter() - started:.1f} s -> {out_dir}; "
+        f"{_mb(_disk_bytes(out_dir))} on disk, {_mb(ram)} in RAM when opened with mmap"
+    )
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("queries", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-k", type=int, default=10, show_default=True, help="Results per query.")
+@click.option("--probes", type=int, default=4, show_default=True)
+@click.option("--rerank-factor", type=int, default=5, show_default=True)
+@click.option("--filter", "filter_json", help='Metadata filter as JSON, e.g. \'{"user": "ann"}\'.')
+@click.option("--ram", is_flag=True, help="Load the vectors into RAM instead of mapping them.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
+@_handle_errors
+def search(
+    index_dir: Path,
+    queries: Path,
+    k: int,
+    probes: int,
+    rerank_factor: int,
+    filter_json: str | None,
+    ram: bool,
+    as_json: bool,
+) -> None:
+    """Search INDEX_DIR for the rows of QUERIES.npy ((d,) or (nq, d))."""
+    q = _load_npy(queries, "QUERIES", mmap=True)
+    if q.ndim == 1:
+        q = q[None, :]
+    filt = None
+    if filter_json is not None:
+        try:
+            filt = json.loads(filter_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameterError(f"--filter is not valid JSON: {exc}") from None
+    with ClusteredIndex.open(index_dir, mmap=not ram) as index:
+        for start in range(0, max(q.shape[0], 1), _SEARCH_BATCH):
+            block = np.asarray(q[start : start + _SEARCH_BATCH])
+            ids, dists = index.search_batch(
+                block, k, probes=probes, rerank_factor=rerank_factor, filter=filt
+            )
+            if start == 0 and not as_json:  # after the first batch: bad input prints nothing
+                click.echo("query\trank\tid\tdistance")
+            for row in range(ids.shape[0]):
+                _print_hits(start + row, ids[row], dists[row], as_json)
+
+
+def _print_hits(
+    query: int, ids: npt.NDArray[np.int64], dists: npt.NDArray[np.float32], as_json: bool
+) -> None:
+    found = ids >= 0
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "query": query,
+                    "ids": ids[found].tolist(),
+                    "distances": [float(d) for d in dists[found]],
+                }
+            )
+        )
+        return
+    for rank, (i, d) in enumerate(zip(ids[found].tolist(), dists[found].tolist(), strict=True)):
+        click.echo(f"{query}\t{rank + 1}\t{i}\t{d:.6g}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_handle_errors
+def info(index_dir: Path, as_json: bool) -> None:
+    """Describe the index at INDEX_DIR (cheap: file checksums are not read)."""
+    path = manifest_path(index_dir)
+    manifest = parse_manifest(path.read_bytes()[: (1 << 20) + 1], path)
+    with ClusteredIndex.open(index_dir, mmap=True, progress=False) as index:
+        ram_mmap = index.memory_usage_bytes()
+        vectors = len(index) * index.dim * 4
+        facts: dict[str, Any] = {
+            "path": str(index_dir),
+            "format_version": manifest["format_version"],
+            "n": len(index),
+            "dim": index.dim,
+            "metric": index.metric.value,
+            "leaves": index.n_leaves,
+            "leaf_scan": index.leaf_scan,
+            "backend": index.backend,
+            "params": index.params,
+            "disk_bytes": _disk_bytes(index_dir),
+            "ram_mmap_bytes": ram_mmap,
+            "ram_in_ram_bytes": ram_mmap + vectors,
+            "manifest_checksum": "ok" if manifest["format_version"] >= 2 else "none (version 1)",
+            "file_checksums": "not read (run: vectordb verify)",
+        }
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    width = max(len(key) for key in facts)
+    for key, value in facts.items():
+        if key.endswith("_bytes"):
+            value = f"{value:,} ({_mb(value)})"
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
+@_handle_errors
+def verify(index_dir: Path) -> None:
+    """Check every file of INDEX_DIR against its recorded size and CRC32."""
+    started = time.perf_counter()
+    with ClusteredIndex.open(index_dir, mmap=True, verify=True, progress=_progress()) as index:
+        n = len(index)
+    files = sum(1 for p in index_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    click.echo(
+        f"OK: {index_dir}: {files} files, {_mb(_disk_bytes(index_dir))}, {n:,} vectors; "
+        f"every CRC32 matches ({time.perf_counter() - started:.1f} s)"
+    )
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
+@_handle_errors
+def warm(index_dir: Path) -> None:
+    """Read INDEX_DIR's vector file into the OS page cache (first searches then skip the
+    disk; the pages stay cached, shared, after this command exits)."""
+    started = time.perf_counter()
+    with ClusteredIndex.open(index_dir, mmap=True) as index:
+        done = index.warm(progress=_progress())
+    click.echo(f"read {_mb(done)} in {time.perf_counter() - started:.1f} s")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_handle_errors
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark (bench/run.py of a source checkout) with ARGS, e.g.
+    ``vectordb bench --dataset fashion-mnist --quick``."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not script.is_file():
+        raise InvalidParameterError(
+            "the benchmark ships with the source repository (bench/run.py); run this from "
+            "an editable install of a checkout"
+        )
+    code = subprocess.call([sys.executable, str(script), *args], env=dict(os.environ))
+    if code:
+        raise _Failure(f"the benchmark exited with code {code}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``vectordb`` console script."""
+    cli.main(args=argv, prog_name="vectordb")
