@@ -331,3 +331,34 @@ async def test_bad_options(index, option, value):
 async def test_engine_needs_an_index():
     with pytest.raises(vdb.InvalidParameterError, match="ClusteredIndex"):
         vdb.AsyncEngine("index.bin")  # type: ignore[arg-type]
+
+
+async def test_sync_close_refuses_while_its_loop_runs(index, data):
+    engine = vdb.AsyncEngine(index)
+    await engine.search(data[1][0], k=K)
+    with pytest.raises(vdb.InvalidParameterError, match="aclose"):
+        engine.close()
+    await engine.aclose()
+    engine.close()  # idempotent once closed
+
+
+async def test_sync_close_after_the_loop_ended(index, data):
+    # An engine used by one loop (asyncio.run in a worker thread here), closed from plain
+    # code once that loop has ended: what a sync-only caller, such as an adapter, does.
+    def scenario() -> vdb.AsyncEngine:
+        engine = vdb.AsyncEngine(index)
+
+        async def use() -> None:
+            await engine.search(data[1][0], k=K)
+
+        asyncio.run(use())
+        engine.close()
+        engine.close()
+        return engine
+
+    engine = await asyncio.to_thread(scenario)
+    assert engine.state is vdb.EngineState.CLOSED
+    with pytest.raises(vdb.EngineClosedError):
+        await engine.search(data[1][0], k=K)
+    assert len(index) == len(data[0])  # the index it did not own stays usable
+    index.search(data[1][0], k=K)

@@ -308,3 +308,21 @@ def test_a_leaf_that_outgrows_twice_max_leaf_size_splits_locally(pool, metric, t
         np.testing.assert_array_equal(got[0], want[0])
     index.compact()
     np.testing.assert_array_equal(index.search_batch(queries, K, **exact)[0], want[0])
+
+
+def test_an_index_built_from_a_handful_grows_into_leaves_of_useful_size(pool):
+    # A store that starts from its first few documents (an app's memory) and grows by adds
+    # must not split into leaves of two or three vectors: probes would then cover nothing.
+    index = vdb.ClusteredIndex.build(pool[:4], metric="cosine", max_leaf_size=300)
+    for start in range(4, 3_004, 100):
+        index.add(pool[start : start + 100])
+    sizes = index._state.live_sizes
+    assert len(index) == 3_004
+    assert np.median(sizes[sizes > 0]) >= 50
+    queries = pool[3_004:3_024]
+    truth = vdb.ClusteredIndex.build(pool[:3_004], metric="cosine").search_batch(
+        queries, K, probes=10_000, rerank_factor=500
+    )[0]
+    got = index.search_batch(queries, K)[0]
+    recall = np.mean([len(set(g) & set(t)) / K for g, t in zip(got, truth)])
+    assert recall >= 0.9

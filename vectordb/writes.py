@@ -158,12 +158,10 @@ class Writes:
             max_leaf_size=self._params["max_leaf_size"],
             # Twice the leaf size the build made (at most 2 * max_leaf_size): k-means splits
             # leave leaves far below max_leaf_size, and letting them all double before a
-            # split halves the share of the index that `probes` leaves cover.
-            split_above=2
-            * min(
-                self._params["max_leaf_size"],
-                self._params.get("leaf_target", self._params["max_leaf_size"]),
-            ),
+            # split halves the share of the index that `probes` leaves cover. At least a
+            # third of max_leaf_size (about what large builds make): an index built from a
+            # handful of vectors and grown by adds must not split into leaves of two.
+            split_above=2 * _leaf_target(self._params),
             branching_factor=self._params["branching_factor"],
             max_iterations=self._params["max_iterations"],
             seed=self._params["seed"],
@@ -238,6 +236,12 @@ class Writes:
             delta = Part.empty(tree.n_leaves, words, base.dots is not None)
             self._state = self._make_state(tree, table, base, delta, row_id, None, idmap, storage)
             old.discard()  # searches still reading the old storage keep its mapping
+
+
+def _leaf_target(params: dict[str, Any]) -> int:
+    most = int(params["max_leaf_size"])
+    built = int(params.get("leaf_target", most))
+    return min(most, max(built, most // 3, 1))
 
 
 def check_new_ids(ids: Any, n: int) -> I64:

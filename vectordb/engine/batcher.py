@@ -138,6 +138,19 @@ class MicroBatcher:
         if self._in_flight:
             await asyncio.wait(self._in_flight)
 
+    def abandon(self) -> None:
+        """Stop the dispatcher without finishing anything; only while the loop is not
+        running (it ended, or is between runs), when no caller can be waiting."""
+        self._closing = True
+        if not self._loop.is_closed():
+            self._dispatcher.cancel()
+            for task in self._in_flight:
+                task.cancel()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     # ------------------------------------------------------------------ dispatcher
     async def _dispatch_forever(self) -> None:
         while True:

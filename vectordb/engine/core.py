@@ -233,6 +233,28 @@ class AsyncEngine:
             self._state = EngineState.CLOSED
             self._closed.set()
 
+    def close(self) -> None:
+        """Close from synchronous code, once the event loop that used the engine is not
+        running (it ended, or is between runs): nothing can be waiting then. Later calls
+        raise ``EngineClosedError``; idempotent. From a running loop use
+        ``await aclose()``, which finishes queued work.
+
+        Raises ``InvalidParameterError`` if the engine's loop is running.
+        """
+        if self._state is EngineState.CLOSED:
+            return
+        batcher = self._batcher
+        if batcher is not None and batcher.loop.is_running():
+            raise InvalidParameterError(
+                "the engine's event loop is running: use 'await engine.aclose()'"
+            )
+        if batcher is not None:
+            batcher.abandon()
+        self._executor.shutdown(wait=False)
+        if self._owns_index:
+            self._index.close()
+        self._state = EngineState.CLOSED
+
     def __del__(self) -> None:
         if getattr(self, "_state", EngineState.CLOSED) is not EngineState.CLOSED:
             warnings.warn(
