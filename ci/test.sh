@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment in .venv, install vectordb with its test extra, run the tests.
+# Set up a virtual environment in .venv, install vectordb with its test extra, check
+# formatting, lint and types, run the tests.
 # Usage: bash ci/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,4 +8,8 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+echo "ruff format --check; ruff check; mypy (strict) on vectordb/"
+.venv/bin/python -m ruff format --check --quiet .
+.venv/bin/python -m ruff check --quiet .
+.venv/bin/python -m mypy vectordb
 exec .venv/bin/python -m pytest "$@"

@@ -324,5 +324,5 @@ def test_an_index_built_from_a_handful_grows_into_leaves_of_useful_size(pool):
         queries, K, probes=10_000, rerank_factor=500
     )[0]
     got = index.search_batch(queries, K)[0]
-    recall = np.mean([len(set(g) & set(t)) / K for g, t in zip(got, truth)])
+    recall = np.mean([len(set(g) & set(t)) / K for g, t in zip(got, truth, strict=True)])
     assert recall >= 0.9
