@@ -326,3 +326,23 @@ def test_an_index_built_from_a_handful_grows_into_leaves_of_useful_size(pool):
     got = index.search_batch(queries, K)[0]
     recall = np.mean([len(set(g) & set(t)) / K for g, t in zip(got, truth, strict=True)])
     assert recall >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["ram", "mmap"])
+def test_get_vectors_returns_what_the_index_holds(pool, mode, tmp_path):
+    index = vdb.ClusteredIndex.build(pool[:500], ids=np.arange(1_000, 1_500), metric="cosine")
+    if mode == "mmap":
+        index.use_mmap_storage(tmp_path / "v.bin")
+    index.add(pool[500:520], ids=np.arange(5_000, 5_020))
+    got = index.get_vectors([5_003, 1_007, 1_499])
+    want = pool[[503, 7, 499]]
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    assert got.dtype == np.float32 and got.shape == (3, DIM)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert index.get_vectors([]).shape == (0, DIM)
+    index.delete([1_007])
+    with pytest.raises(vdb.UnknownIdError, match="1007"):
+        index.get_vectors([1_007])
+    with pytest.raises(vdb.InvalidParameterError):
+        index.get_vectors([[1, 2]])
+    index.close()

@@ -204,6 +204,23 @@ class Writes:
             raise UnknownIdError(f"id {id_!r} is not in the index")
         return self._metadata.get(int(id_))
 
+    def get_vectors(self, ids: Any) -> F32:
+        """The stored vectors of ``ids``: ``(n,)`` ints in, ``(n, d)`` float32 out, in order.
+
+        What the index holds: with ``metric="cosine"`` the vectors normalised to unit
+        length. Unknown ids raise ``UnknownIdError``. In mmap mode the rows are read from
+        the file (page faults, no copy of the rest).
+        """
+        wanted = as_ids(ids)
+        st = self._state
+        rows = st.idmap.rows(wanted)
+        if (rows < 0).any():
+            missing = wanted[rows < 0][:5].tolist()
+            raise UnknownIdError(f"ids not in the index: {missing}")
+        if rows.size == 0:
+            return np.empty((0, self.dim), np.float32)
+        return np.ascontiguousarray(st.storage.take(rows), dtype=np.float32)
+
     def compact(self, *, progress: bool | None = None) -> None:
         """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
         split leaves that grew past twice their size at build (at most ``2 * max_leaf_size``).

@@ -386,6 +386,11 @@ class AsyncEngine:
         self._check_open()
         return await self._call(self._index.get_metadata, id_)
 
+    async def get_vectors(self, ids: Any) -> F32:
+        """:meth:`ClusteredIndex.get_vectors` on the executor (reads may page in)."""
+        self._check_open()
+        return await self._call(self._index.get_vectors, ids)
+
     def stats(self) -> EngineStats:
         """Queries served, batches run, mean batch size, queue depth, p50/p99 latency."""
         batcher = self._batcher
