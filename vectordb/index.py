@@ -294,19 +294,7 @@ class ClusteredIndex(Writes):
         """Bytes of process memory held by the index: tree, codes, norms, ids, tombstones,
         rotation, metadata database, and the full vectors when in RAM. Memory-mapped vectors
         count 0: page cache, shared and reclaimable (shown in RSS as file-backed pages)."""
-        st = self._state
-        return (
-            st.tree.nbytes
-            + (st.table.nbytes if st.table is not None else 0)
-            + st.base.nbytes
-            + st.delta.nbytes
-            + int(st.row_id.nbytes)
-            + (int(st.row_ok.nbytes) if st.row_ok is not None else 0)
-            + st.idmap.nbytes
-            + self._quantizer.nbytes
-            + self._metadata.nbytes
-            + self._storage.ram_bytes
-        )
+        return self._state.nbytes + self._quantizer.nbytes + self._metadata.nbytes
 
     # ------------------------------------------------------------------ search
     def search(
@@ -385,8 +373,7 @@ class ClusteredIndex(Writes):
         q = prepare(q, self._metric)
         row_ok, sizes, allowed = st.row_ok, st.live_sizes, len(st.idmap)
         if filt is not None:
-            rows = st.idmap.rows(self._metadata.matching(filt))
-            rows = np.sort(rows[rows >= 0])
+            rows = st.live_rows_of(self._metadata.matching(filt))
             allowed = int(rows.shape[0])
             if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
                 # Few matches: score them all exactly, like a brute force.
@@ -395,9 +382,7 @@ class ClusteredIndex(Writes):
                     q, np.ascontiguousarray(cand), k, st.storage.take, self._metric
                 )
                 return ids_of(st, found), dists
-            row_ok = np.zeros(st.row_id.shape[0], dtype=bool)
-            row_ok[rows] = True
-            sizes = leaf_sizes(st.parts, row_ok)
+            row_ok, sizes = st.only(rows)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(st.tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
         rotated = self._quantizer.rotate(q)

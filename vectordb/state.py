@@ -15,7 +15,7 @@ import numpy.typing as npt
 from .backends import CodeSelector
 from .codes import CodeTable, Quantizer, cos_table
 from .idmap import IdMap
-from .leafscan import mostly_apart, select_by_runs, select_candidates
+from .leafscan import leaf_sizes, mostly_apart, select_by_runs, select_candidates
 from .metrics import Metric
 from .parts import Part
 from .scan import VectorScorer
@@ -83,6 +83,32 @@ class IndexState:
     @property
     def parts(self) -> tuple[Part, Part]:
         return self.base, self.delta
+
+    @property
+    def nbytes(self) -> int:
+        """Process memory of this state: tree, code table, parts, ids, tombstones and the
+        vectors when in RAM (memory-mapped vectors count 0)."""
+        return (
+            self.tree.nbytes
+            + (self.table.nbytes if self.table is not None else 0)
+            + self.base.nbytes
+            + self.delta.nbytes
+            + int(self.row_id.nbytes)
+            + (int(self.row_ok.nbytes) if self.row_ok is not None else 0)
+            + self.idmap.nbytes
+            + self.storage.ram_bytes
+        )
+
+    def live_rows_of(self, ids: I64) -> I64:
+        """Sorted storage rows ``(m,)`` int64 of those ``ids`` that are in the index."""
+        rows = self.idmap.rows(ids)
+        return np.sort(rows[rows >= 0])
+
+    def only(self, rows: I64) -> tuple[B, I64]:
+        """A row mask ``(n_rows,)`` bool true at ``rows`` alone, and the leaf sizes under it."""
+        row_ok = np.zeros(self.row_id.shape[0], dtype=bool)
+        row_ok[rows] = True
+        return row_ok, leaf_sizes(self.parts, row_ok)
 
 
 def code_table(tree: Tree, quantizer: Quantizer, metric: Metric) -> CodeTable:
