@@ -7,9 +7,9 @@ built-in exceptions keeps working::
 
     VectorDBError
     ├── InvalidParameterError      (also ValueError)  bad k, probes, metric name, ...
+    │   └── DuplicateIdError                          add() of an id already there
     ├── InvalidVectorsError        (also ValueError)  empty, ragged, NaN/inf, wrong dtype
     │   └── DimensionMismatchError                    right values, wrong width
-    ├── DuplicateIdError           (also ValueError)  add() of an id already there
     ├── UnknownIdError             (also KeyError)    delete() or get_metadata() of a missing id
     ├── AlreadyUsingMmapError                         use_mmap_storage() called twice
     ├── IndexClosedError                              the index was closed

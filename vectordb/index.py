@@ -155,7 +155,7 @@ class ClusteredIndex(Writes):
 
         Parameters
         ----------
-        vectors : array-like, shape (n, d)
+        vectors : array_like of shape (n, d)
             Real numbers, converted to contiguous float32. No NaN or infinity.
         ids : array-like of n distinct integers >= 0, optional
             External ids (int64); default ``0..n-1``.
@@ -468,13 +468,18 @@ class ClusteredIndex(Writes):
 
         Parameters
         ----------
-        path : the index directory
-        mmap : map ``vectors.bin`` instead of reading it into RAM
-        verify : check every file's CRC32 (reads everything once); sizes, dtypes and
-            shapes are always checked
-        backend : as for :meth:`build`
-        progress : a progress bar while ``verify`` reads the files, on a terminal (needs
-            tqdm); ``False`` never
+        path : str or path-like
+            The index directory.
+        mmap : bool
+            Map ``vectors.bin`` instead of reading it into RAM.
+        verify : bool
+            Check every file's CRC32 (reads everything once); sizes, dtypes and shapes
+            are always checked.
+        backend : {"auto", "numpy", "cupy"}
+            As for :meth:`build`.
+        progress : bool, optional
+            A progress bar while ``verify`` reads the files, on a terminal (needs tqdm);
+            ``False`` never.
 
         Raises
         ------

@@ -29,11 +29,16 @@ def make_clustered(
 
     Parameters
     ----------
-    n, dim : shape of the result
-    n_clusters : number of topics; default ``max(1, n // 500)``
-    latent_dim : intrinsic dimension of the data
-    noise : standard deviation of the isotropic noise, relative to the signal's
-    seed : the same seed gives the same array
+    n, dim : int
+        Shape of the result.
+    n_clusters : int, optional
+        Number of topics; default ``max(1, n // 500)``.
+    latent_dim : int
+        Intrinsic dimension of the data.
+    noise : float
+        Standard deviation of the isotropic noise, relative to the signal's.
+    seed : int
+        The same seed gives the same array.
     """
     rng = np.random.default_rng(seed)
     n_clusters = max(1, n // 500) if n_clusters is None else n_clusters

@@ -84,17 +84,29 @@ class AsyncEngine:
 
     Parameters
     ----------
-    index : the index to serve
-    max_workers : threads of the engine's executor, and batches run at once
-    max_batch_size : most queries in one batch
-    max_wait : seconds a batch waits for companions after its first query (a lone query is
-        delayed by at most this)
-    max_pending : most queries queued for batching; beyond it :meth:`search` waits
-        (``overload="wait"``) or raises ``EngineOverloadedError`` (``overload="raise"``)
-    owns_index : close the index (unmap its file) when the engine closes; set by :meth:`open`
+    index : ClusteredIndex
+        The index to serve.
+    max_workers : int
+        Threads of the engine's executor, and batches run at once.
+    max_batch_size : int
+        Most queries in one batch.
+    max_wait : float
+        Seconds a batch waits for companions after its first query (a lone query is
+        delayed by at most this), in [0, 1].
+    max_pending : int
+        Most queries queued for batching; beyond it :meth:`search` waits or raises, as
+        ``overload`` says.
+    overload : {"wait", "raise"}
+        With ``max_pending`` queries queued, a new :meth:`search` waits for room
+        (``"wait"``) or raises ``EngineOverloadedError`` (``"raise"``).
+    owns_index : bool
+        Close the index (unmap its file) when the engine closes; set by :meth:`open`.
 
+    Notes
+    -----
     Use ``async with`` or call :meth:`aclose`; an engine garbage-collected while open emits a
-    ``ResourceWarning``.
+    ``ResourceWarning``. From synchronous code, once the engine's loop has ended,
+    :meth:`close` releases it.
     """
 
     def __init__(

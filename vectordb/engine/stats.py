@@ -16,15 +16,23 @@ class EngineStats:
 
     Attributes
     ----------
-    queries : queries answered (a ``search_batch`` of n counts n)
-    batches : jobs run on the executor
-    mean_batch_size : queries per job
-    queue_depth : queries waiting to be batched right now
-    in_flight : jobs running right now
-    cancelled : queries whose caller went away (cancelled or timed out) before an answer
-    failed : queries answered with an exception
-    p50_ms, p99_ms : latency from the call to the answer, over the last ``window`` queries
-        (``nan`` before the first)
+    queries : int
+        Queries answered (a ``search_batch`` of n counts n).
+    batches : int
+        Jobs run on the executor.
+    mean_batch_size : float
+        Queries per job.
+    queue_depth : int
+        Queries waiting to be batched right now.
+    in_flight : int
+        Jobs running right now.
+    cancelled : int
+        Queries whose caller went away (cancelled or timed out) before an answer.
+    failed : int
+        Queries answered with an exception.
+    p50_ms, p99_ms : float
+        Latency from the call to the answer, over the last ``window`` queries (``nan``
+        before the first).
     """
 
     queries: int
