@@ -734,3 +734,44 @@ def test_failed_use_mmap_storage_keeps_vectors_in_ram(index, small, tmp_path, mo
         np.testing.assert_array_equal(got, want)
     index.use_mmap_storage(tmp_path / "v.f32")  # and it can still succeed afterwards
     assert index.is_using_mmap
+
+
+def _child_pointing_up(children: np.ndarray) -> np.ndarray:
+    """A grandchild's slot made to point back at its grandparent: a loop under the root."""
+    out = children.copy()
+    inner = [int(c) for c in out[0] if c >= 0 and (out[c] >= 0).any()]
+    node = inner[0]
+    out[node, np.flatnonzero(out[node] >= 0)[0]] = 0
+    return out
+
+
+def _two_parents(children: np.ndarray) -> np.ndarray:
+    out = children.copy()
+    kids = out[0][out[0] >= 0]
+    out[0, 1] = kids[0]  # the root lists one child twice, another not at all
+    return out
+
+
+def _disconnected_cycle(children: np.ndarray) -> np.ndarray:
+    """Two inner nodes that each list the other: each has one parent, neither is reachable."""
+    out = children.copy()
+    inner = [int(c) for c in out[0] if c >= 0 and (out[c] >= 0).any()]
+    a, b = inner[0], inner[1]
+    slot_a, slot_b = int(np.flatnonzero(out[0] == a)[0]), int(np.flatnonzero(out[0] == b)[0])
+    out[0, slot_a], out[0, slot_b] = out[b, 0], out[a, 0]  # the root adopts a grandchild each
+    out[a, 0], out[b, 0] = b, a
+    return out
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        pytest.param(_child_pointing_up, "exactly one", id="child-points-to-the-root"),
+        pytest.param(_two_parents, "exactly one", id="a-node-listed-twice"),
+        pytest.param(_disconnected_cycle, "not reachable", id="a-cycle-off-the-root"),
+    ],
+)
+def test_open_with_a_children_array_that_is_not_a_tree(damaged, make, fragment):
+    # Such a file once made routing loop forever; it must be refused at open.
+    replace_npy(damaged, "children.npy", make(np.load(damaged / "children.npy")))
+    open_fails(damaged, "children.npy", fragment)

@@ -372,6 +372,22 @@ def _open_checked(
     )
 
 
+def _check_tree(file: Path, children: npt.NDArray[Any], n_nodes: int) -> None:
+    """A tree rooted at node 0: every other node the child of exactly one node, and all
+    reachable from the root. Without it a damaged file could make routing loop forever
+    (a child pointing back up) or visit a leaf twice."""
+    kids = children[children >= 0]
+    if not np.array_equal(np.sort(kids), np.arange(1, n_nodes)):
+        raise _bad(file, "every node but the root must be the child of exactly one node")
+    reached, level = 1, np.zeros(1, dtype=np.int64)
+    while level.shape[0]:  # visits each node once: every node has one parent, the root none
+        level = children[level].ravel()
+        level = level[level >= 0]
+        reached += level.shape[0]
+    if reached != n_nodes:
+        raise _bad(file, f"{n_nodes - reached} nodes are not reachable from the root (a cycle)")
+
+
 def _check_structure(
     directory: Path, arrays: dict[str, npt.NDArray[Any]], n: int, n_nodes: int, n_leaves: int
 ) -> None:
@@ -382,6 +398,7 @@ def _check_structure(
     children = arrays["children.npy"]
     if ((children < -1) | (children >= n_nodes)).any():
         raise _bad(directory / "children.npy", f"node ids must lie in [-1, {n_nodes})")
+    _check_tree(directory / "children.npy", children, n_nodes)
     leaf_of_node = arrays["leaf_of_node.npy"]
     leaves = np.sort(leaf_of_node[leaf_of_node >= 0])
     if not np.array_equal(leaves, np.arange(n_leaves)):
