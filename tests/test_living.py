@@ -346,3 +346,20 @@ def test_get_vectors_returns_what_the_index_holds(pool, mode, tmp_path):
     with pytest.raises(vdb.InvalidParameterError):
         index.get_vectors([[1, 2]])
     index.close()
+
+
+def test_ids_matching_lists_every_live_match(pool):
+    meta = [{"user": ["ann", "bob"][i % 2], "ts": i} for i in range(300)]
+    index = vdb.ClusteredIndex.build(pool[:300], ids=np.arange(300) * 3, metadata=meta)
+    index.add(pool[300:302], ids=[5_000, 5_001])  # no metadata: matches no dict filter
+    index.delete([0, 6])
+    want = [3 * i for i in range(300) if i % 2 == 0 and i >= 100 and 3 * i not in (0, 6)]
+    got = index.ids_matching({"user": "ann", "ts": {"$gte": 100}})
+    assert got.dtype == np.int64 and got.tolist() == want
+    got = index.ids_matching(lambda m: m["ts"] < 3)
+    assert got.tolist() == [3]
+    assert index.ids_matching({"user": "zed"}).shape == (0,)
+    with pytest.raises(vdb.InvalidParameterError, match="needs a filter"):
+        index.ids_matching(None)
+    with pytest.raises(vdb.InvalidParameterError):
+        index.ids_matching({"ts": {"$between": 1}})

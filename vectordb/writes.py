@@ -20,7 +20,7 @@ from .codes import CodeTable, Quantizer
 from .errors import DuplicateIdError, InvalidParameterError, UnknownIdError
 from .idmap import IdMap, as_ids
 from .living import Splitter, add_to_parts, assign_leaves, compacted, encode_part
-from .metadata import MetadataStore
+from .metadata import Filter, MetadataStore, check_filter
 from .metrics import Metric, prepare
 from .parts import Part
 from .state import IndexState, code_table
@@ -203,6 +203,15 @@ class Writes:
         if id_ not in self:
             raise UnknownIdError(f"id {id_!r} is not in the index")
         return self._metadata.get(int(id_))
+
+    def ids_matching(self, filter: Filter) -> I64:
+        """Ids ``(m,)`` int64, ascending, of the vectors whose metadata matches ``filter``
+        (a dict of conditions or a predicate, as for ``search(filter=...)``; see
+        :mod:`vectordb.metadata`). Vectors without metadata match no dict filter."""
+        filt = check_filter(filter)
+        if filt is None:
+            raise InvalidParameterError("ids_matching needs a filter (a dict or a callable)")
+        return np.sort(self._metadata.matching(filt))
 
     def get_vectors(self, ids: Any) -> F32:
         """The stored vectors of ``ids``: ``(n,)`` ints in, ``(n, d)`` float32 out, in order.

@@ -398,6 +398,11 @@ class AsyncEngine:
         self._check_open()
         return await self._call(self._index.get_metadata, id_)
 
+    async def ids_matching(self, filter: Filter) -> I64:
+        """:meth:`ClusteredIndex.ids_matching` on the executor."""
+        self._check_open()
+        return await self._call(self._index.ids_matching, filter)
+
     async def get_vectors(self, ids: Any) -> F32:
         """:meth:`ClusteredIndex.get_vectors` on the executor (reads may page in)."""
         self._check_open()
