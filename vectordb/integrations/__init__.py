@@ -1,0 +1,14 @@
+"""Adapters to RAG frameworks, each behind an optional extra and imported only when used.
+
+``vectordb.integrations.langchain``
+    ``VectorDBStore``, a LangChain ``VectorStore`` (``pip install 'vectordb[langchain]'``).
+``vectordb.integrations.llamaindex``
+    ``VectorDBVectorStore``, a LlamaIndex ``BasePydanticVectorStore``
+    (``pip install 'vectordb[llamaindex]'``).
+
+Importing this package imports neither framework.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
