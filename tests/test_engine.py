@@ -362,3 +362,27 @@ async def test_sync_close_after_the_loop_ended(index, data):
         await engine.search(data[1][0], k=K)
     assert len(index) == len(data[0])  # the index it did not own stays usable
     index.search(data[1][0], k=K)
+
+
+async def test_aclose_waits_for_writes_and_reads_on_the_executor(data):
+    index = vdb.ClusteredIndex.build(data[0][:500], max_leaf_size=100)
+    engine = vdb.AsyncEngine(index)
+    real = index.get_metadata
+    release = threading.Event()
+
+    def slow(id_):
+        release.wait(10)
+        return real(id_)
+
+    index.get_metadata = slow  # type: ignore[method-assign]
+    read = asyncio.create_task(engine.get_metadata(3))
+    write = asyncio.create_task(engine.add(data[1][:2], ids=[9_000, 9_001]))
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # the read still runs
+    release.set()
+    await closing
+    assert read.done() and write.done()
+    assert await read is None
+    assert 9_001 in index

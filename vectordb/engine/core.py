@@ -223,7 +223,8 @@ class AsyncEngine:
         return self._index
 
     async def aclose(self) -> None:
-        """Finish every queued and running query, then shut the executor down.
+        """Finish every queued and running query and every running write or read, then shut
+        the executor down.
 
         Later calls raise ``EngineClosedError``. Idempotent; concurrent calls all wait for
         the same close.
@@ -238,6 +239,8 @@ class AsyncEngine:
         try:
             if self._batcher is not None:
                 await self._batcher.close()
+            # Writes and reads by id still on the executor finish before the index may close.
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
         finally:
             self._executor.shutdown(wait=False)
             if self._owns_index:
