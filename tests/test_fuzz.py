@@ -126,6 +126,11 @@ def test_search_answers_or_raises_a_vectordb_error(base, query, k, probes, reran
         except vdb.VectorDBError:
             continue
         check_result(index, ids, dists)
+    try:
+        matching = index.ids_matching(filt)
+    except vdb.VectorDBError:
+        return
+    assert matching.dtype == np.int64 and np.isin(matching, index.ids).all()
 
 
 @FUZZ
@@ -160,6 +165,11 @@ def test_delete_and_lookups_answer_or_raise_a_vectordb_error(base, ids, missing_
     try:
         meta = index.get_metadata(probe)  # type: ignore[arg-type]
         assert meta is None or isinstance(meta, dict)
+    except vdb.VectorDBError:
+        pass
+    try:
+        got = index.get_vectors(ids)
+        assert got.dtype == np.float32 and got.shape == (len(np.asarray(ids)), DIM)
     except vdb.VectorDBError:
         pass
 
