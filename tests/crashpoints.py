@@ -64,7 +64,7 @@ class _TickingFile:
 
 def _instrument(counter: _Counter) -> None:
     """Patch the file-system entry points the library uses (in this process only)."""
-    import vectordb.persist as persist
+    import vectordb._dirswap as dirswap
 
     def ticking(fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -92,13 +92,13 @@ def _instrument(counter: _Counter) -> None:
 
     builtins.open = open_  # type: ignore[assignment]
     os.fdopen = fdopen  # type: ignore[assignment]
-    exchange = persist._renameat2_exchange
+    exchange = dirswap._renameat2_exchange
 
     def exchange_() -> Any:
         fn = exchange()
         return None if fn is None else ticking(fn)
 
-    persist._renameat2_exchange = exchange_  # type: ignore[assignment]
+    dirswap._renameat2_exchange = exchange_  # type: ignore[assignment]
 
 
 def _run(action: Callable[[], None], kill_at: int) -> tuple[int, int]:

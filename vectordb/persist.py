@@ -33,9 +33,6 @@ over from a save that crashed, and it removes them.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import shutil
 import uuid
@@ -46,6 +43,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from ._dirswap import check_replaceable, install_dir, lock_dir, remove_leftovers, unlock
 from ._files import crc32_file, fsync_dir, storage_error
 from ._progress import log, progress_bar
 from .errors import StorageError
@@ -138,19 +136,12 @@ class SaveJob:
         self.progress = progress
         if path.is_symlink():  # replace what the link points to, and keep the link
             path = path.resolve()
-        if path.exists() and not (
-            path.is_dir() and (not any(path.iterdir()) or (path / MANIFEST).is_file())
-        ):
-            raise StorageError(
-                errno.EEXIST,
-                "exists and is not a vectordb index directory; refusing to replace it",
-                str(path),
-            )
+        check_replaceable(path, MANIFEST, "a vectordb index directory")
         self.index = index
         self.parent = path.parent if str(path.parent) else Path(".")
-        self._lock = _lock_dir(self.parent)
+        self._lock = lock_dir(self.parent)
         try:
-            _remove_leftovers(self.parent, path.name)
+            remove_leftovers(self.parent, path.name)
         except BaseException:
             self._release()
             raise
@@ -211,7 +202,7 @@ class SaveJob:
         """fsync the temporary directory and swap it in for the target."""
         try:
             fsync_dir(self.tmp)
-            _install(self.tmp, self.path, self.parent)
+            install_dir(self.tmp, self.path, self.parent)
         finally:
             self._release()
 
@@ -224,7 +215,7 @@ class SaveJob:
     def _release(self) -> None:
         """Release the parent's lock (once; later calls do nothing)."""
         fd, self._lock = self._lock, None
-        _unlock(fd)
+        unlock(fd)
 
     def error(self, exc: BaseException) -> BaseException:
         """The exception to raise for ``exc``: ``OSError``s become ``StorageError``s."""
@@ -250,78 +241,3 @@ def save_index(index: ClusteredIndex, path: Path, progress: bool | None = False)
         if err is exc:
             raise
         raise err from exc
-
-
-def _lock_dir(directory: Path) -> int | None:
-    """Hold an exclusive ``flock`` on ``directory`` (``None`` where flock is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
-        raise storage_error(exc, directory) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        os.close(fd)  # a file system without flock: go on unlocked, as before
-        return None
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
-def _remove_leftovers(parent: Path, name: str) -> None:
-    """Remove ``.name.tmp-*`` and ``.name.old-*`` in ``parent``: under the lock, they are
-    what a crashed save left behind."""
-    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
-        for stale in parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def _renameat2_exchange() -> Any:
-    """libc's ``renameat2`` when it exists (glibc >= 2.28), else ``None``."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _install(tmp: Path, path: Path, parent: Path) -> None:
-    """Put the complete directory ``tmp`` in place of ``path``; the old one is removed."""
-    if not path.exists():
-        os.rename(tmp, path)
-        fsync_dir(parent)
-        return
-    exchange = _renameat2_exchange()
-    if (
-        exchange is not None
-        and exchange(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
-        == 0
-    ):
-        old = tmp  # tmp now holds the old index
-    else:
-        old = parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-    # The new index is complete and in place from here on. Should the fsync below fail, the
-    # error is raised (the switch may not be durable yet), but the old copy goes regardless.
-    try:
-        fsync_dir(parent)
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
