@@ -386,3 +386,14 @@ async def test_aclose_waits_for_writes_and_reads_on_the_executor(data):
     assert read.done() and write.done()
     assert await read is None
     assert 9_001 in index
+
+
+async def test_run_calls_on_the_executor_and_refuses_once_closed(index):
+    engine = vdb.AsyncEngine(index)
+    loop_thread = threading.get_ident()
+    thread = await engine.run(threading.get_ident)
+    assert thread != loop_thread
+    assert await engine.run(len, index) == len(index)
+    await engine.aclose()
+    with pytest.raises(vdb.EngineClosedError):
+        await engine.run(len, index)

@@ -401,6 +401,13 @@ class AsyncEngine:
         self._check_open()
         return await self._call(self._index.get_metadata, id_)
 
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the engine's executor, for other work on the index that may page
+        in the mapped vectors or take a while; :meth:`aclose` waits for it. Raises
+        ``EngineClosedError`` once the engine is closed."""
+        self._check_open()
+        return await self._call(fn, *args)
+
     async def ids_matching(self, filter: Filter) -> I64:
         """:meth:`ClusteredIndex.ids_matching` on the executor."""
         self._check_open()
