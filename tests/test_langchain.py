@@ -4,6 +4,7 @@ float64 brute force over the same deterministic fake embeddings."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import subprocess
 import sys
@@ -189,7 +190,13 @@ def test_relevance_scores(make_store, corpus, embedding, oracle, metric):
     assert [d.id for d, _ in found] == want_ids
     np.testing.assert_allclose([s for _, s in found], np.clip(expected, 0, 1), atol=1e-4)
     fn = store._select_relevance_score_fn()
-    assert all(0.0 <= fn(d) <= 1.0 for d in (-1e6, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 1e6))
+    formula = {
+        "cosine": lambda d: 1 - d,
+        "ip": lambda d: -d,
+        "l2": lambda d: 1 - math.sqrt(max(d, 0)) / math.sqrt(2),
+    }[metric]
+    for d in (-1e6, -2.0, -1.0, -0.3, 0.0, 0.3, 0.5, 1.0, 1.7, 2.0, 4.0, 1e6):
+        assert fn(d) == pytest.approx(min(1.0, max(0.0, formula(d))))
     # Identical unit vectors are fully relevant, opposite ones not at all.
     identical, opposite = {"cosine": (0.0, 2.0), "ip": (-1.0, 1.0), "l2": (0.0, 4.0)}[metric]
     assert fn(identical) == 1.0 and fn(opposite) == 0.0
@@ -227,8 +234,19 @@ def test_retriever(make_store, corpus, embedding, oracle):
     assert [d.id for d in docs] == want_ids
     docs = store.as_retriever(search_kwargs={"k": 3, "filter": {"tag": "even"}}).invoke(query)
     assert len(docs) == 3 and all(d.metadata["tag"] == "even" for d in docs)
-    docs = store.as_retriever(search_type="mmr", search_kwargs={"k": 4}).invoke(query)
-    assert len(docs) == 4
+    _, _, ids, vectors = corpus
+    query = "a question on topic 2"  # not a stored text: MMR scores would tie
+    near, _ = brute(oracle, corpus, embedding, query, "cosine", 20)
+    picked = maximal_marginal_relevance(
+        np.asarray(embedding.embed_query(query)),
+        vectors[[ids.index(i) for i in near]].tolist(),
+        lambda_mult=0.5,  # the retriever's default, with fetch_k 20
+        k=4,
+    )
+    mmr = store.as_retriever(search_type="mmr", search_kwargs={"k": 4, **exact(store, 20)})
+    docs = mmr.invoke(query)
+    assert [d.id for d in docs] == [near[p] for p in picked] != near[:4]
+    query = "passage 9 about topic 2"
     threshold = float(1 - want[1]) - 1e-6  # the two nearest, by cosine
     retriever = store.as_retriever(
         search_type="similarity_score_threshold",
@@ -487,3 +505,319 @@ def test_example_runs_offline():
     )
     assert out.returncode == 0, out.stderr
     assert "reopened:" in out.stdout and "async:" in out.stdout
+
+
+# --------------------------------------------------------------------------- races
+
+
+def assert_consistent(store):
+    """The string <-> int maps know every live id under its own string id, and a search
+    over everything returns each document once."""
+    core, index = store._core, store.index
+    for i in index.ids.tolist():
+        sid = index.get_metadata(i)["_sid"]
+        assert core._ints[sid] == i and core._sids[i] == sid
+    found = [d.id for d in store.similarity_search("x", k=max(len(index), 1))]
+    assert len(found) == len(set(found)) == len(index)
+    assert sorted(d.id for d in store.get_by_ids(found)) == sorted(found)
+
+
+@pytest.mark.asyncio
+async def test_delete_racing_an_upsert_of_the_same_id(embedding, tmp_path):
+    store = VectorDBStore(embedding)
+    store.add_texts(["a", "b", "c"], ids=["a", "b", "c"])
+    vectors = embedding.embed_documents(["a2"])
+    # The upsert takes its int while the delete is on the engine's executor.
+    await asyncio.gather(store.adelete(["a"]), store._core.aupsert(vectors, ["a2"], ids=["a"]))
+    assert_consistent(store)
+    assert [d.page_content for d in store.get_by_ids(["a"])] in ([], ["a2"])
+    store.add_texts(["a3"], ids=["a"])
+    assert_consistent(store)
+    assert sorted(d.id for d in store.similarity_search("a3", k=10)) == ["a", "b", "c"]
+    assert [d.page_content for d in store.get_by_ids(["a", "b"])] == ["a3", "b"]
+    await store.aclose()
+    store.save(tmp_path / "s")
+    back = VectorDBStore.load(tmp_path / "s", embedding)
+    assert sorted(d.id for d in back.similarity_search("a3", k=10)) == ["a", "b", "c"]
+    back.close()
+
+
+def test_deleted_ids_are_forgotten_once_they_outnumber_live_ones():
+    from vectordb.integrations._store import TextIndex
+
+    core = TextIndex("t", build_options={"max_leaf_size": 2000})
+    n = 1100
+    vectors = np.random.default_rng(0).standard_normal((n, 8))
+    core.upsert(vectors, [f"t{i}" for i in range(n)], ids=[f"t{i}" for i in range(n)])
+    core.delete([f"t{i}" for i in range(n - 10)])
+    assert len(core._ints) == len(core._sids) == 10
+    core.upsert(vectors[:1], ["back"], ids=["t0"])  # a forgotten id comes back: a new int
+    assert core._ints["t0"] == n and sorted(r.id for r in core.get()) == sorted(
+        ["t0", *(f"t{i}" for i in range(n - 10, n))]
+    )
+    core.close()
+
+
+async def until(event):
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_add_leaves_the_maps_consistent(embedding, monkeypatch):
+    import threading
+    import time
+
+    store = VectorDBStore(embedding)
+    store.add_texts(["a", "b", "c"], ids=["a", "b", "c"])
+    index, upsert = store.index, store.index.upsert
+    started, done = threading.Event(), threading.Event()
+
+    def slow_upsert(*args, **kwargs):
+        started.set()
+        time.sleep(0.2)
+        try:
+            return upsert(*args, **kwargs)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(index, "upsert", slow_upsert)
+    vectors = embedding.embed_documents(["new"])
+    task = asyncio.create_task(store._core.aupsert(vectors, ["new"], ids=["n"]))
+    await until(started)  # the write is on the executor
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(done)  # the write itself was not cancelled
+    await asyncio.sleep(0.05)
+    assert [d.page_content for d in store.get_by_ids(["n"])] == ["new"]
+    assert_consistent(store)
+    await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_first_build_does_not_block_the_loop(embedding, monkeypatch):
+    import threading
+    import time
+
+    build, building = vdb.ClusteredIndex.build.__func__, threading.Event()
+
+    def slow_build(cls, *args, **kwargs):
+        building.set()
+        time.sleep(0.8)
+        return build(cls, *args, **kwargs)
+
+    store = VectorDBStore(embedding)
+    monkeypatch.setattr(vdb.ClusteredIndex, "build", classmethod(slow_build))
+    gaps = []
+
+    async def beat():
+        last = time.perf_counter()
+        while store.index is None:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def second():
+        await until(building)
+        await store._core.aupsert(embedding.embed_documents(["y"]), ["y"], ids=["y"])
+
+    first = store._core.aupsert(embedding.embed_documents(["x"]), ["x"], ids=["x"])
+    await asyncio.gather(beat(), first, second())
+    assert max(gaps) < 0.4  # the loop kept turning while the build ran
+    assert sorted(d.id for d in await store.asimilarity_search("x", k=5)) == ["x", "y"]
+    await store.aclose()
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_mmr_racing_a_delete(make_store, embedding, monkeypatch, run):
+    store = make_store()
+    query = embedding.embed_query("a question on topic 5")
+    order = [d.id for d in store.similarity_search_by_vector(query, k=20)]
+    index, get_metadata = store.index, store.index.get_metadata
+    first = store._core._ints[order[0]]
+
+    def read_then_delete(i):
+        doc = get_metadata(i)
+        if i == first:  # the delete lands between the search and the vector read
+            store._core.delete([order[0]])
+        return doc
+
+    monkeypatch.setattr(index, "get_metadata", read_then_delete)
+    args = (query, 5, 20, 1.0)  # lambda 1: plain similarity order
+    if run == "sync":
+        got = store.max_marginal_relevance_search_by_vector(*args)
+    else:
+
+        async def mmr():
+            try:
+                return await store.amax_marginal_relevance_search_by_vector(*args)
+            finally:
+                await store.aclose()
+
+        got = asyncio.run(mmr())
+    assert [d.id for d in got] == order[1:6]
+    for doc in got:
+        assert doc.page_content == store.get_by_ids([doc.id])[0].page_content
+
+
+@pytest.mark.asyncio
+async def test_async_results_read_metadata_in_one_executor_call(make_store):
+    store = make_store()
+    await store.asimilarity_search("passage", k=1)  # the engine exists
+    engine = store._core._engines[asyncio.get_running_loop()]
+    submit, calls = engine._executor.submit, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return submit(*args, **kwargs)
+
+    engine._executor.submit = counted
+    assert len(await store.asimilarity_search("passage", k=10)) == 10
+    assert len(calls) <= 2  # the batch's search, then the records
+    await store.aclose()
+
+
+def test_engines_of_loops_that_still_exist_are_kept(make_store):
+    store = make_store()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(store.asimilarity_search("passage", k=1))
+        engine = store._core._engines[loop]
+        asyncio.run(store.asimilarity_search("passage", k=1))  # another loop, same thread
+        assert engine.state is vdb.EngineState.OPEN
+        loop.run_until_complete(store.asimilarity_search("passage", k=1))
+        assert store._core._engines[loop] is engine
+    finally:
+        loop.close()
+    asyncio.run(store.asimilarity_search("passage", k=1))
+    assert engine.state is vdb.EngineState.CLOSED and loop not in store._core._engines
+    store.close()
+
+
+def test_a_string_is_not_a_list_of_ids(embedding):
+    store = VectorDBStore(embedding)
+    store.add_texts(["x", "y"], ids=["a", "ab"])
+    for call in (store.delete, store.get_by_ids):
+        with pytest.raises(vdb.InvalidParameterError, match="not a str"):
+            call("ab")
+
+    async def twins():
+        for call in (store.adelete, store.aget_by_ids):
+            with pytest.raises(vdb.InvalidParameterError, match="not a str"):
+                await call("ab")
+        await store.aclose()
+
+    asyncio.run(twins())
+    assert sorted(d.id for d in store.get_by_ids(["a", "ab"])) == ["a", "ab"]
+
+
+# --------------------------------------------------------------------------- indexing API
+
+
+def test_langchain_indexing_api(embedding):
+    from langchain_core.indexing import InMemoryRecordManager, index
+
+    store = VectorDBStore(embedding)
+    records = InMemoryRecordManager("vectordb")
+    records.create_schema()
+    docs = [Document(page_content=f"doc {i}", metadata={"source": f"s{i % 2}"}) for i in range(4)]
+
+    def stored():
+        return sorted(d.page_content for d in store.similarity_search("doc", k=20))
+
+    def run(docs, cleanup):
+        out = index(
+            docs, records, store, cleanup=cleanup, source_id_key="source", key_encoder="sha256"
+        )
+        return out["num_added"], out["num_skipped"], out["num_deleted"]
+
+    assert run(docs, "full") == (4, 0, 0)
+    assert run(docs, "full") == (0, 4, 0)
+    assert run(docs[:2], "full") == (0, 2, 2)
+    assert stored() == ["doc 0", "doc 1"]
+    changed = [Document(page_content="doc 0, new", metadata={"source": "s0"})]
+    assert run(changed, "incremental") == (1, 0, 1)
+    assert stored() == ["doc 0, new", "doc 1"]
+    assert len(store.index) == 2
+
+
+@pytest.mark.asyncio
+async def test_langchain_async_indexing_api(embedding):
+    from langchain_core.indexing import InMemoryRecordManager, aindex
+
+    store = VectorDBStore(embedding)
+    records = InMemoryRecordManager("vectordb")
+    await records.acreate_schema()
+    docs = [Document(page_content=f"doc {i}", metadata={"source": f"s{i}"}) for i in range(3)]
+    options = {"cleanup": "full", "source_id_key": "source", "key_encoder": "sha256"}
+    out = await aindex(docs, records, store, **options)
+    assert (out["num_added"], out["num_deleted"]) == (3, 0)
+    out = await aindex(docs[1:], records, store, **options)
+    assert (out["num_skipped"], out["num_deleted"]) == (2, 1)
+    found = await store.asimilarity_search("doc", k=10)
+    assert sorted(d.page_content for d in found) == ["doc 1", "doc 2"]
+    await store.aclose()
+
+
+# --------------------------------------------------------------------------- saved files
+
+
+def saved(store, path):
+    store.save(path)
+    return json.loads((path / "store.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda info: info.pop("probes"), "probes"),
+        (lambda info: info.pop("has_index"), "has_index"),
+        (lambda info: info.update(probes="4"), "probes"),
+        (lambda info: info.update(build_options=[]), "build_options"),
+        (lambda info: info.update(metric="manhattan"), "metric"),
+        (lambda info: info.update(metric="l2"), "metric"),  # the index's own is cosine
+        (lambda info: info.update(has_index=False), "index"),
+    ],
+)
+def test_load_checks_store_json(embedding, tmp_path, change, words):
+    store = VectorDBStore.from_texts(["a", "b"], embedding)
+    info = saved(store, tmp_path / "s")
+    change(info)
+    (tmp_path / "s" / "store.json").write_text(json.dumps(info))
+    with pytest.raises(vdb.InvalidIndexFileError, match=words):
+        VectorDBStore.load(tmp_path / "s", embedding)
+
+
+def test_load_refuses_a_string_id_twice(embedding, tmp_path):
+    store = VectorDBStore.from_texts(["a", "b"], embedding, ids=["a", "b"])
+    store.index.upsert(store.index.get_vectors([1]), [1], [{"_text": "b", "_sid": "a"}])
+    store.save(tmp_path / "s")
+    with pytest.raises(vdb.InvalidIndexFileError, match=r"'a'.*twice"):
+        VectorDBStore.load(tmp_path / "s", embedding)
+
+
+def test_a_failed_save_leaves_the_saved_store(embedding, tmp_path, monkeypatch):
+    old = VectorDBStore.from_texts(["old"], embedding, ids=["o"], metric="ip")
+    old.save(tmp_path / "s")
+    new = VectorDBStore.from_texts(["new"], embedding, ids=["n"])
+    dumps = json.dumps
+
+    def full_disk(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("format") == "vectordb-text-store":
+            raise OSError(28, "No space left on device")
+        return dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", full_disk)
+    with pytest.raises(vdb.StorageError, match="No space"):
+        new.save(tmp_path / "s")
+    monkeypatch.undo()
+    back = VectorDBStore.load(tmp_path / "s", embedding)
+    assert back.index.metric == "ip" and [d.id for d in back.similarity_search("x")] == ["o"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(vdb.StorageError, match="not a saved"):
+        new.save(tmp_path / "other")  # a directory of something else is not replaced
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -371,6 +371,23 @@ def test_nodes_get_delete_upsert_clear(store, corpus):
     assert len(store.get_nodes()) == 3
 
 
+def test_a_string_is_not_a_list_of_node_ids(embed):
+    store = VectorDBVectorStore()
+    store.add([TextNode(id_=i, text=i, embedding=embed.vector(i)) for i in ("a", "b", "ab")])
+    for call in (store.delete_nodes, store.get_nodes):
+        with pytest.raises(vdb.InvalidParameterError, match="not a str"):
+            call("ab")
+
+    async def twins():
+        for call in (store.adelete_nodes, store.aget_nodes):
+            with pytest.raises(vdb.InvalidParameterError, match="not a str"):
+                await call("ab")
+        await store.aclose()
+
+    asyncio.run(twins())
+    assert sorted(n.node_id for n in store.get_nodes()) == ["a", "ab", "b"]
+
+
 def test_bad_nodes_are_refused(embed):
     store = VectorDBVectorStore()
     with pytest.raises(ValueError, match="embedding"):
@@ -456,7 +473,12 @@ async def test_first_async_add_builds(embed):
         VectorStoreQuery(query_embedding=embed.vector("x3"), similarity_top_k=1)
     )
     assert result.ids == ["x3"]
-    assert nodes[0].get_content(metadata_mode=MetadataMode.NONE) == "x0"
+    got = await store.aget_nodes([n.node_id for n in nodes])
+    assert [n.node_id for n in got] == [f"x{i}" for i in range(8)]
+    assert [n.get_content(metadata_mode=MetadataMode.NONE) for n in got] == [
+        f"x{i}" for i in range(8)
+    ]
+    assert sorted(store.client.ids.tolist()) == list(range(8))
     await store.aclose()
 
 

@@ -2,90 +2,63 @@
 
 A :class:`TextIndex` holds a :class:`~vectordb.ClusteredIndex`, built at the first write (a
 build needs data; until then searches find nothing). Each new string id gets the next int64
-id. Text, string id and user metadata form the vectordb metadata of the id,
+id and keeps it when deleted: written again, it comes back under the same int, so however a
+delete and an upsert of one id interleave, at most one document carries it. A string id
+whose int is not in the index is absent; every read checks the index. Deleted ids leave the
+maps only once they far outnumber the live ones, with no write in flight (:meth:`_prune`).
+Text, string id and user metadata form the vectordb metadata of the id,
 ``{"_text": text, "_sid": string id, **user_metadata}``: dict filters apply to the user's
 keys as they are, and the maps are rebuilt from it when a saved store is opened.
 
-Async methods are served by one :class:`~vectordb.AsyncEngine` per running event loop (an
-engine belongs to its loop), made lazily once the index exists; the index object is never
-replaced afterwards. Engines of loops that stopped running are closed when found, and when
-the store is closed or collected.
+Async methods are served by one :class:`~vectordb.AsyncEngine` per event loop (an engine
+belongs to its loop), made lazily once the index exists; the index object is never replaced
+afterwards. Engines of closed loops are closed when found; the others when the store is
+closed or collected.
 
-Saved layout: a directory with ``store.json`` (format, adapter, metric, parameters) and
-``index/``, the vectordb index (absent while the store is empty).
+Saved layout: see :mod:`vectordb.integrations._persist`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-import json
 import math
 import os
-import shutil
 import threading
-import uuid
-import weakref
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from .._files import storage_error
 from .._validation import as_matrix, build_params, check_k, positive_int
 from ..engine import AsyncEngine
 from ..errors import InvalidIndexFileError, InvalidParameterError, UnknownIdError
 from ..index import ClusteredIndex
 from ..metadata import Filter
 from ..metrics import Metric, parse_metric
+from ._engines import LoopEngines
+from ._persist import STORE_FILE, open_index, read_info, save_store
+from ._records import ID_KEY, RESERVED_KEYS, TEXT_KEY, Record, check_ids, record, stored
 
 __all__ = ["ID_KEY", "RESERVED_KEYS", "TEXT_KEY", "Record", "TextIndex"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-Loop = asyncio.AbstractEventLoop
 
-TEXT_KEY = "_text"
-ID_KEY = "_sid"
-RESERVED_KEYS = frozenset({TEXT_KEY, ID_KEY})
-
-_STORE_FILE = "store.json"
-_INDEX_DIR = "index"
-_FORMAT = "vectordb-text-store"
+#: Deleted ids the maps may keep beyond twice the live ones (see ``TextIndex._prune``).
+_PRUNE_SLACK = 1024
+#: Constructor parameters saved in ``store.json``.
+_SAVED = ("metric", "probes", "rerank_factor", "build_options")
 #: Build parameters a store passes on (``backend`` too): those ``build_params`` checks.
 _BUILD_OPTIONS = tuple(inspect.signature(build_params).parameters)
 
 
-@dataclass(frozen=True)
-class Record:
-    """A stored text: string ``id``, ``text``, user ``metadata`` (no reserved keys), all
-    ``stored`` metadata, vectordb ``distance`` to the query (NaN outside searches)."""
-
-    id: str
-    text: str
-    metadata: dict[str, Any]
-    stored: dict[str, Any]
-    distance: float = math.nan
-
-
-def _record(doc: dict[str, Any], distance: float = math.nan) -> Record:
-    user = {k: v for k, v in doc.items() if k not in RESERVED_KEYS}
-    return Record(str(doc[ID_KEY]), str(doc.get(TEXT_KEY, "")), user, doc, distance)
-
-
-def _close_idle(engines: dict[Loop, AsyncEngine], lock: Any, keep: Loop | None = None) -> None:
-    """Close the engines of loops (but ``keep``) that are closed or not running: the
-    engine of a running loop would refuse a synchronous close."""
-    with lock:
-        idle = [lp for lp in engines if lp is not keep and (lp.is_closed() or not lp.is_running())]
-        closing = [engines.pop(lp) for lp in idle]
-    for engine in closing:
-        engine.close()
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded write's error as seen: the caller may have stopped waiting."""
+    if not task.cancelled():
+        task.exception()
 
 
 class TextIndex:
@@ -130,9 +103,12 @@ class TextIndex:
         self._ints: dict[str, int] = {}
         self._sids: dict[int, str] = {}
         self._next_int = 0
-        self._lock = threading.RLock()
-        self._engines: dict[Loop, AsyncEngine] = {}
-        self._finalizer = weakref.finalize(self, _close_idle, self._engines, self._lock)
+        self._writing = 0  # writes that took ints from the maps and are not done
+        self._lock = threading.Lock()  # the maps and ``_writing``
+        self._build_lock = threading.Lock()  # the first build: seconds, on a thread
+        self._loops = LoopEngines()
+        self._tasks: set[asyncio.Future[None]] = set()  # writes whose callers may be gone
+        self._engines = self._loops.engines
 
     @property
     def index(self) -> ClusteredIndex | None:
@@ -167,56 +143,51 @@ class TextIndex:
         metadatas: Sequence[Mapping[str, Any] | None] | None,
     ) -> tuple[F32, list[str], I64, list[dict[str, Any]]]:
         """Check a write; return vectors ``(n, d)`` float32, string ids, int ids ``(n,)``
-        int64 (new strings get new ints now) and the vectordb metadata dicts."""
-        n = len(texts)
-        ids = [None] * n if ids is None else list(ids)
-        metadatas = [None] * n if metadatas is None else list(metadatas)
-        if len(ids) != n or len(metadatas) != n:
-            raise InvalidParameterError(
-                f"got {n} texts, {len(ids)} ids and {len(metadatas)} metadata dicts: one each"
-            )
+        int64 (new strings get new ints now) and the vectordb metadata dicts. The write
+        counts as in flight until :meth:`_written`."""
+        sids, docs = stored(texts, ids, metadatas)
         x = as_matrix(vectors, "embeddings", None if self._index is None else self._index.dim)
-        if x.shape[0] != n:
-            raise InvalidParameterError(f"got {x.shape[0]} embeddings for {n} texts")
-        sids = [str(uuid.uuid4()) if i is None else i for i in ids]
-        bad = [s for s in sids if not isinstance(s, str)]
-        if bad or len(set(sids)) != n:
-            twice = Counter(sids).most_common(1)[0][0] if not bad else None
-            raise InvalidParameterError(
-                f"ids must be strings, got {bad[0]!r}" if bad else f"id {twice!r} appears twice"
-            )
-        docs = []
-        for sid, text, meta in zip(sids, texts, metadatas, strict=True):
-            if not isinstance(text, str) or not isinstance(meta, Mapping | None):
-                raise InvalidParameterError(
-                    f"texts must be strings and metadata dicts, got {text!r} and {meta!r}"
-                )
-            clash = sorted(RESERVED_KEYS.intersection(meta or {}))
-            if clash:
-                raise InvalidParameterError(f"metadata keys {clash} are reserved by vectordb")
-            docs.append({**(meta or {}), TEXT_KEY: text, ID_KEY: sid})
+        if x.shape[0] != len(texts):
+            raise InvalidParameterError(f"got {x.shape[0]} embeddings for {len(texts)} texts")
         with self._lock:
             for sid in sids:
                 if sid not in self._ints:
                     self._ints[sid], self._sids[self._next_int] = self._next_int, sid
                     self._next_int += 1
             ints = np.asarray([self._ints[s] for s in sids], dtype=np.int64)
+            self._writing += 1
         return x, sids, ints, docs
 
-    def _forget(self, ints: I64, *, unwritten: bool = False) -> None:
-        """Drop the maps of deleted ints (``unwritten``: of those a failed write left out)."""
+    def _written(self, failed: I64 | None = None) -> None:
+        """End a write; forget the ints of a ``failed`` one that the index lacks, unless
+        another write is in flight (it may hold them)."""
         with self._lock:
-            index = self._index
-            for i in ints.tolist():
-                if unwritten and index is not None and i in index:
-                    continue
-                sid = self._sids.pop(i, None)
-                if sid is not None and self._ints.get(sid) == i:
-                    del self._ints[sid]
+            self._writing -= 1
+            if failed is not None and not self._writing:
+                for i in failed.tolist():
+                    if (self._index is None or i not in self._index) and i in self._sids:
+                        del self._ints[self._sids.pop(i)]
+
+    def _prune(self) -> None:
+        """Forget deleted string ids once they outnumber twice the live ones (plus some).
+
+        Only with no write in flight: one may hold the int of a deleted id, to land after
+        the pruning, which would leave a document the maps do not know.
+        """
+        index = self._index
+        if index is None:
+            return
+        with self._lock:
+            if self._writing or len(self._sids) <= 2 * len(index) + _PRUNE_SLACK:
+                return
+            self._sids = {i: self._sids[i] for i in index.ids.tolist() if i in self._sids}
+            self._ints = {sid: i for i, sid in self._sids.items()}
 
     def _build_if_empty(self, x: F32, ints: I64, docs: list[dict[str, Any]]) -> bool:
         """Build the index from this first write; ``False`` if it exists already."""
-        with self._lock:
+        if self._index is not None:
+            return False
+        with self._build_lock:  # not ``_lock``, which the event loop's thread takes too
             if self._index is not None:
                 return False
             self._index = ClusteredIndex.build(
@@ -243,9 +214,10 @@ class TextIndex:
         try:
             if not self._build_if_empty(x, ints, docs):
                 self._require().upsert(x, ints, docs)
-        except BaseException:
-            self._forget(ints, unwritten=True)
+        except Exception:
+            self._written(ints)
             raise
+        self._written()
         return sids
 
     async def aupsert(
@@ -256,41 +228,55 @@ class TextIndex:
         ids: Sequence[str | None] | None = None,
         metadatas: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[str]:
-        """:meth:`upsert` through the loop's engine (the first write builds on a thread)."""
+        """:meth:`upsert` through the loop's engine (the first write builds on a thread).
+
+        Cancelling the caller does not cancel the write: it may be on a thread already.
+        """
         if not texts:
             return []
         x, sids, ints, docs = self._prepare(vectors, ids, texts, metadatas)
+        write = asyncio.ensure_future(self._awrite(x, ints, docs))
+        self._tasks.add(write)  # the loop keeps only weak references to tasks
+        write.add_done_callback(self._tasks.discard)
+        write.add_done_callback(_retrieved)
+        await asyncio.shield(write)
+        return sids
+
+    async def _awrite(self, x: F32, ints: I64, docs: list[dict[str, Any]]) -> None:
         try:
             if self._index is not None or not await asyncio.to_thread(
                 self._build_if_empty, x, ints, docs
             ):
                 await self._engine().upsert(x, ints, docs)
-        except BaseException:
-            self._forget(ints, unwritten=True)
+        except Exception:
+            self._written(ints)
             raise
-        return sids
+        # Not on a CancelledError (the loop ends under a write that may go on): still
+        # counted in flight, its ints cannot be pruned.
+        self._written()
 
     def delete(self, ids: Iterable[str] | None = None, where: Filter | None = None) -> int:
         """Delete the texts of ``ids`` (unknown ones are ignored; ``None``: all) whose
         metadata matches ``where`` (``None``: any); return how many."""
+        check_ids(ids)
         if self._index is None:
             return 0
-        ints = self._select(ids, where)
-        count = self._index.delete(ints, missing_ok=True)
-        self._forget(ints)
+        count = self._index.delete(self._select(ids, where), missing_ok=True)
+        self._prune()
         return count
 
     async def adelete(self, ids: Iterable[str] | None = None, where: Filter | None = None) -> int:
         """:meth:`delete` through the loop's engine."""
+        check_ids(ids)
         if self._index is None:
             return 0
-        ints = await self._aselect(ids, where)
-        count = await self._engine().delete(ints, missing_ok=True)
-        self._forget(ints)
+        count = await self._engine().delete(await self._aselect(ids, where), missing_ok=True)
+        self._prune()
         return count
 
     # ------------------------------------------------------------------ reads
     def _known(self, sids: Iterable[str]) -> I64:
+        """The ints of the mapped ones among ``sids``, in order; deleted ones too."""
         with self._lock:
             found = [self._ints[s] for s in sids if isinstance(s, str) and s in self._ints]
         return np.asarray(found, dtype=np.int64)
@@ -304,7 +290,7 @@ class TextIndex:
         if filter is None or not callable(filter):
             return filter
         user_filter = filter
-        return lambda doc: bool(user_filter(_record(doc).metadata))
+        return lambda doc: bool(user_filter(record(doc).metadata))
 
     def _pick(self, index: ClusteredIndex, ids: Iterable[str] | None, found: I64 | None) -> I64:
         """The ints of ``ids`` (``None``: all) among ``found`` (``None``: no restriction)."""
@@ -322,42 +308,51 @@ class TextIndex:
         found = None if where is None else await engine.ids_matching(self._filter(where))
         return self._pick(index, ids, found)
 
-    def _records(self, ints: I64, dists: F32 | None = None) -> list[Record]:
-        index, out = self._require(), []
+    def _read(self, ints: I64, dists: F32 | None) -> tuple[list[int], list[Record]]:
+        """The ints among ``ints`` in the index, and their records (with ``dists``)."""
+        index, kept, records = self._require(), [], []
         dists = np.full(ints.shape, np.nan, np.float32) if dists is None else dists
         for i, dist in zip(ints.tolist(), dists.tolist(), strict=True):
             try:
                 doc = index.get_metadata(i)
-            except UnknownIdError:  # deleted since the search
+            except UnknownIdError:  # deleted, maybe since the search
                 continue
             if doc is not None:
-                out.append(_record(doc, dist))
-        return out
+                kept.append(i)
+                records.append(record(doc, dist))
+        return kept, records
 
-    async def _arecords(self, ints: I64, dists: F32 | None = None) -> list[Record]:
-        engine = self._engine()
-        dists = np.full(ints.shape, np.nan, np.float32) if dists is None else dists
+    def _records(self, ints: I64, dists: F32 | None = None) -> list[Record]:
+        return self._read(ints, dists)[1]
 
-        async def one(i: int) -> dict[str, Any] | None:
+    def _records_and_vectors(self, ints: I64, dists: F32) -> tuple[list[Record], F32]:
+        """:meth:`_records` and their stored vectors, row for row."""
+        index = self._require()
+        kept, records = self._read(ints, dists)
+        while True:
             try:
-                return await engine.get_metadata(i)
-            except UnknownIdError:  # deleted since the search
-                return None
-
-        docs = await asyncio.gather(*(one(i) for i in ints.tolist()))
-        pairs = zip(docs, dists.tolist(), strict=True)
-        return [_record(doc, dist) for doc, dist in pairs if doc is not None]
+                return records, index.get_vectors(np.asarray(kept, dtype=np.int64))
+            except UnknownIdError:  # deleted since its metadata was read: leave it out
+                alive = [i in index for i in kept]
+                kept = [i for i, ok in zip(kept, alive, strict=True) if ok]
+                records = [r for r, ok in zip(records, alive, strict=True) if ok]
 
     def get(self, ids: Iterable[str] | None = None, where: Filter | None = None) -> list[Record]:
         """The records of ``ids`` (in that order; unknown ones left out; ``None``: all, in
         id order) whose metadata matches ``where`` (``None``: any)."""
+        check_ids(ids)
         return [] if self._index is None else self._records(self._select(ids, where))
 
     async def aget(
         self, ids: Iterable[str] | None = None, where: Filter | None = None
     ) -> list[Record]:
         """:meth:`get` through the loop's engine."""
-        return [] if self._index is None else await self._arecords(await self._aselect(ids, where))
+        check_ids(ids)
+        if self._index is None:
+            return []
+        return await self._loops.call(
+            self._require(), self._records, await self._aselect(ids, where)
+        )
 
     def _search_args(self, query: Any, k: int, options: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - {"filter", "probes", "rerank_factor"})
@@ -391,27 +386,34 @@ class TextIndex:
         if self._index is None:
             return []
         found, dists = await self._engine().search(**args)
-        return await self._arecords(found[found >= 0], dists[found >= 0])
+        return await self._loops.call(
+            self._require(), self._records, found[found >= 0], dists[found >= 0]
+        )
 
-    def vectors_of(self, records: Sequence[Record]) -> F32:
-        """The stored vectors ``(n, d)`` float32 of ``records`` (unit length with cosine)."""
-        return self._require().get_vectors(self._known(r.id for r in records))
+    def search_vectors(self, query: Any, k: int, **options: Any) -> tuple[list[Record], F32]:
+        """:meth:`search`, and the stored vectors ``(n, d)`` float32 of the records, row for
+        row (unit length with cosine). A record deleted during the call is in neither."""
+        args = self._search_args(query, k, options)
+        if self._index is None:
+            return [], np.empty((0, 0), np.float32)
+        found, dists = self._index.search(**args)
+        return self._records_and_vectors(found[found >= 0], dists[found >= 0])
 
-    async def avectors_of(self, records: Sequence[Record]) -> F32:
-        """:meth:`vectors_of` through the loop's engine."""
-        return await self._engine().get_vectors(self._known(r.id for r in records))
+    async def asearch_vectors(self, query: Any, k: int, **options: Any) -> tuple[list[Record], F32]:
+        """:meth:`search_vectors` through the loop's engine."""
+        args = self._search_args(query, k, options)
+        if self._index is None:
+            return [], np.empty((0, 0), np.float32)
+        found, dists = await self._engine().search(**args)
+        ok = found >= 0
+        return await self._loops.call(
+            self._require(), self._records_and_vectors, found[ok], dists[ok]
+        )
 
     # ------------------------------------------------------------------ engines
     def _engine(self) -> AsyncEngine:
         """The running loop's engine over the index (made on first use)."""
-        loop = asyncio.get_running_loop()
-        index = self._require()
-        _close_idle(self._engines, self._lock, keep=loop)
-        with self._lock:
-            engine = self._engines.get(loop)
-            if engine is None:
-                engine = self._engines[loop] = AsyncEngine(index)
-        return engine
+        return self._loops.get(self._require())
 
     def close(self) -> None:
         """Close the engines and release the index's memory-mapped file; idempotent.
@@ -419,74 +421,37 @@ class TextIndex:
         Raises ``InvalidParameterError`` if an engine's loop is running: there use
         ``await aclose()``.
         """
-        with self._lock:
-            if any(loop.is_running() for loop in self._engines):
-                raise InvalidParameterError("an engine's loop runs: use 'await store.aclose()'")
-        _close_idle(self._engines, self._lock)
+        self._loops.close()
         if self._index is not None:
             self._index.close()
 
     async def aclose(self) -> None:
         """Close from the running loop: its engine finishes queued work first."""
-        with self._lock:
-            engine = self._engines.pop(asyncio.get_running_loop(), None)
-        if engine is not None:
-            await engine.aclose()
+        await self._loops.aclose()
         self.close()
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save to the directory ``path`` (created if needed; a saved store there is
-        replaced). The index is written atomically, then ``store.json``."""
-        root, index = Path(path), self._index
-        info = {"format": _FORMAT, "version": 1, "kind": self.kind, "metric": self.metric.value}
-        info |= {"probes": self.probes, "rerank_factor": self.rerank_factor}
-        info |= {"build_options": self.build_options, "has_index": index is not None}
-        tmp = root / f".{_STORE_FILE}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if index is not None:
-                index.save(root / _INDEX_DIR, progress=False)
-            tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
-            os.replace(tmp, root / _STORE_FILE)
-            if index is None and (root / _INDEX_DIR).is_dir():
-                shutil.rmtree(root / _INDEX_DIR)  # an empty store replaces a saved one
-        except OSError as exc:
-            with contextlib.suppress(OSError):  # ENOTDIR when path is a file
-                tmp.unlink()
-            raise storage_error(exc, getattr(exc, "filename", None) or root) from exc
+        """Save to the directory ``path``, replacing a store saved there (see
+        :func:`~vectordb.integrations._persist.save_store`: one atomic swap)."""
+        info = {"kind": self.kind, **{key: getattr(self, key) for key in _SAVED}}
+        save_store(path, info | {"metric": self.metric.value}, self._index)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, kind: str, mmap: bool = True) -> TextIndex:
         """Open a store saved by :meth:`save`; ``mmap``: map the vectors, don't read them.
 
-        Raises ``InvalidIndexFileError`` for a missing or foreign ``store.json``, a store
-        saved by another adapter, or an index without the store's keys.
+        Raises ``InvalidIndexFileError`` for a missing, foreign or malformed ``store.json``,
+        a store saved by another adapter, or an index that disagrees with it (metric, a
+        missing ``_sid``, a string id stored twice).
         """
-        file = Path(path) / _STORE_FILE
+        info = read_info(path, kind)
         try:
-            info = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InvalidIndexFileError(
-                f"{file}: not a saved vectordb text store ({exc.__class__.__name__}: {exc})"
-            ) from None
-        if not isinstance(info, dict) or info.get("format") != _FORMAT:
-            raise InvalidIndexFileError(f"{file}: not a vectordb text store")
-        if info.get("kind") != kind:
-            raise InvalidIndexFileError(f"{file}: saved by the {info.get('kind')!r} adapter")
-        params = ("metric", "probes", "rerank_factor", "build_options")
-        store = cls(kind=kind, **{key: info[key] for key in params})
+            store = cls(kind=kind, **{key: info[key] for key in _SAVED})
+        except InvalidParameterError as exc:
+            raise InvalidIndexFileError(f"{Path(path) / STORE_FILE}: {exc}") from None
         if info["has_index"]:
-            store._adopt(ClusteredIndex.open(Path(path) / _INDEX_DIR, mmap=mmap))
+            index, store._ints, store._sids = open_index(path, store.metric, ID_KEY, mmap=mmap)
+            store._next_int = int(index.ids.max(initial=-1)) + 1
+            store._index = index
         return store
-
-    def _adopt(self, index: ClusteredIndex) -> None:
-        """Serve a reopened index: rebuild the string <-> int maps from its metadata."""
-        for i in index.ids.tolist():
-            doc = index.get_metadata(i)
-            if doc is None or not isinstance(doc.get(ID_KEY), str):
-                index.close()
-                raise InvalidIndexFileError(f"id {i} of the index has no {ID_KEY!r} key")
-            self._ints[doc[ID_KEY]], self._sids[i] = i, doc[ID_KEY]
-        self._next_int = int(index.ids.max(initial=-1)) + 1
-        self._index = index

@@ -47,10 +47,16 @@ __all__ = ["VectorDBStore"]
 _KIND = "langchain"
 
 
-def _no_kwargs(kwargs: dict[str, Any]) -> None:
+#: Arguments of LangChain's own callers that change nothing here: ``index()`` passes
+#: ``batch_size`` to ``add_documents``, and the texts are written in one call anyway.
+_IGNORED = frozenset({"batch_size"})
+
+
+def _no_kwargs(kwargs: dict[str, Any], ignored: frozenset[str] = frozenset()) -> None:
     """An unknown argument is an error, not ignored."""
-    if kwargs:
-        raise InvalidParameterError(f"unknown keyword arguments {sorted(kwargs)}")
+    unknown = sorted(set(kwargs) - ignored)
+    if unknown:
+        raise InvalidParameterError(f"unknown keyword arguments {unknown}")
 
 
 def _document(record: Record) -> Document:
@@ -119,8 +125,10 @@ class VectorDBStore(VectorStore):
 
         ``metadatas``: one JSON-serialisable dict per text (keys ``_text`` and ``_sid``
         are reserved). ``ids``: one string (or None for a new uuid4) per text.
+        ``batch_size`` (passed by ``langchain_core.indexing.index``) is accepted and
+        ignored; other keyword arguments raise ``InvalidParameterError``.
         """
-        _no_kwargs(kwargs)
+        _no_kwargs(kwargs, _IGNORED)
         texts = list(texts)
         if not texts:
             return []
@@ -136,7 +144,7 @@ class VectorDBStore(VectorStore):
         **kwargs: Any,
     ) -> list[str]:
         """:meth:`add_texts` with ``aembed_documents`` and the async engine."""
-        _no_kwargs(kwargs)
+        _no_kwargs(kwargs, _IGNORED)
         texts = list(texts)
         if not texts:
             return []
@@ -144,7 +152,8 @@ class VectorDBStore(VectorStore):
         return await self._core.aupsert(vectors, texts, ids=ids, metadatas=metadatas)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
-        """Delete by id (unknown ids are ignored); ``ids=None`` deletes everything."""
+        """Delete by id (unknown ids are ignored); ``ids=None`` deletes everything. A bare
+        string as ``ids`` raises ``InvalidParameterError``."""
         _no_kwargs(kwargs)
         self._core.delete(ids)
         return True
@@ -235,8 +244,8 @@ class VectorDBStore(VectorStore):
     ) -> list[Document]:
         """``k`` documents picked by maximal marginal relevance among the ``fetch_k``
         nearest (langchain_core's ``maximal_marginal_relevance`` on the stored vectors)."""
-        records = self._core.search(embedding, max(k, fetch_k), **kwargs)
-        return self._mmr(embedding, records, self._core.vectors_of(records), k, lambda_mult)
+        records, vectors = self._core.search_vectors(embedding, max(k, fetch_k), **kwargs)
+        return self._mmr(embedding, records, vectors, k, lambda_mult)
 
     async def amax_marginal_relevance_search_by_vector(
         self,
@@ -247,8 +256,7 @@ class VectorDBStore(VectorStore):
         **kwargs: Any,
     ) -> list[Document]:
         """:meth:`max_marginal_relevance_search_by_vector` through the async engine."""
-        records = await self._core.asearch(embedding, max(k, fetch_k), **kwargs)
-        vectors = await self._core.avectors_of(records)
+        records, vectors = await self._core.asearch_vectors(embedding, max(k, fetch_k), **kwargs)
         return self._mmr(embedding, records, vectors, k, lambda_mult)
 
     @staticmethod
@@ -325,7 +333,7 @@ class VectorDBStore(VectorStore):
         return store
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save to the directory ``path`` (see :mod:`vectordb.integrations._store`)."""
+        """Save to the directory ``path`` (see :mod:`vectordb.integrations._persist`)."""
         self._core.save(path)
 
     @classmethod

@@ -1,0 +1,155 @@
+"""A text store's directory: ``store.json`` and ``index/``, saved as one atomic swap.
+
+``store.json`` holds the format, the adapter's name, the metric, the search defaults and
+the build options; ``index/`` is the vectordb index (absent while the store is empty).
+:func:`save_store` writes both into a temporary directory beside the target, fsyncs it and
+swaps it in as :mod:`vectordb.persist` swaps an index directory (same flock, same leftover
+cleanup), so a crash leaves the old store or the new one, never one's ``store.json`` with
+the other's index. :func:`read_info` checks every key of ``store.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._dirswap import check_replaceable, install_dir, lock_dir, remove_leftovers, unlock
+from .._files import atomic_write, storage_error
+from ..errors import InvalidIndexFileError, StorageError
+from ..index import ClusteredIndex
+from ..metrics import Metric
+
+__all__ = ["INDEX_DIR", "STORE_FILE", "open_index", "read_info", "save_store"]
+
+STORE_FILE = "store.json"
+INDEX_DIR = "index"
+FORMAT = "vectordb-text-store"
+VERSION = 1
+_STRING, _INT = (str, "a string"), (int, "an integer")
+#: The keys of ``store.json``: type, and its name for messages.
+_KEYS: dict[str, tuple[type, str]] = {
+    "format": _STRING,
+    "version": _INT,
+    "kind": _STRING,
+    "metric": _STRING,
+    "probes": _INT,
+    "rerank_factor": _INT,
+    "build_options": (dict, "an object"),
+    "has_index": (bool, "true or false"),
+}
+
+
+def save_store(
+    path: str | os.PathLike[str], info: Mapping[str, Any], index: ClusteredIndex | None
+) -> None:
+    """Save ``info`` (the keys of ``store.json`` but ``format``, ``version``,
+    ``has_index``) and ``index`` as the store directory ``path``, replacing a saved store.
+
+    Raises ``StorageError`` if ``path`` exists and is neither an empty directory nor a
+    saved store (it is not replaced), or on any OS error (the saved store is then intact).
+    """
+    root = Path(os.path.abspath(path))  # "." or "dir/" name no directory to swap
+    if root.is_symlink():  # replace what the link points to, and keep the link
+        root = root.resolve()
+    parent = root.parent
+    info = {"format": FORMAT, "version": VERSION, **info, "has_index": index is not None}
+    try:
+        check_replaceable(root, STORE_FILE, "a saved vectordb text store")
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise storage_error(exc, getattr(exc, "filename", None) or root) from exc
+    lock = lock_dir(parent)
+    tmp = parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        remove_leftovers(parent, root.name)
+        tmp.mkdir()
+        if index is not None:
+            index.save(tmp / INDEX_DIR, progress=False)
+        with atomic_write(tmp / STORE_FILE) as fh:  # fsyncs the file and ``tmp``
+            fh.write(json.dumps(info, indent=1).encode("utf-8"))
+        install_dir(tmp, root, parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(exc, getattr(exc, "filename", None) or root) from exc
+        raise
+    finally:
+        unlock(lock)
+
+
+def read_info(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """The checked contents of ``path/store.json``, saved by the ``kind`` adapter.
+
+    Raises ``InvalidIndexFileError`` for a missing, foreign or malformed file, a key
+    missing or of the wrong type, a store of another adapter, or ``has_index`` that
+    disagrees with the presence of ``index/``.
+    """
+    root = Path(path)
+    file = root / STORE_FILE
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidIndexFileError(
+            f"{file}: not a saved vectordb text store ({exc.__class__.__name__}: {exc})"
+        ) from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise InvalidIndexFileError(f"{file}: not a vectordb text store")
+    for key, (kind_of, name) in _KEYS.items():
+        value = info.get(key)
+        # bool is an int; no int key takes one.
+        if not isinstance(value, kind_of) or (kind_of is int and isinstance(value, bool)):
+            raise InvalidIndexFileError(f"{file}: {key!r} must be {name}, found {value!r}")
+    if info["version"] != VERSION:
+        raise InvalidIndexFileError(f"{file}: version {info['version']}, expected {VERSION}")
+    if info["kind"] != kind:
+        raise InvalidIndexFileError(f"{file}: saved by the {info['kind']!r} adapter")
+    present = (root / INDEX_DIR).exists()
+    if present is not info["has_index"]:
+        raise InvalidIndexFileError(
+            f"{file}: has_index is {info['has_index']} but {root / INDEX_DIR} "
+            + ("exists" if present else "is missing")
+        )
+    return info
+
+
+def open_index(
+    path: str | os.PathLike[str], metric: Metric, id_key: str, *, mmap: bool
+) -> tuple[ClusteredIndex, dict[str, int], dict[int, str]]:
+    """Open the index of the store directory ``path``; return it and the string <-> int id
+    maps, rebuilt from the string ids in its metadata under ``id_key``.
+
+    Raises ``InvalidIndexFileError`` if the index's metric is not ``metric`` (the one of
+    ``store.json``), or an id lacks its string id, or a string id is stored twice.
+    """
+    index = ClusteredIndex.open(Path(path) / INDEX_DIR, mmap=mmap)
+    ints: dict[str, int] = {}
+    sids: dict[int, str] = {}
+    try:
+        if index.metric is not metric:
+            raise InvalidIndexFileError(
+                f"{path}: the index's metric is {index.metric.value!r}, "
+                f"{STORE_FILE} says {metric.value!r}"
+            )
+        for i in index.ids.tolist():
+            doc = index.get_metadata(i)
+            sid = None if doc is None else doc.get(id_key)
+            if not isinstance(sid, str):
+                raise InvalidIndexFileError(f"{path}: id {i} of the index has no {id_key!r}")
+            if sid in ints:
+                raise InvalidIndexFileError(
+                    f"{path}: string id {sid!r} is stored twice (ids {ints[sid]} and {i})"
+                )
+            ints[sid], sids[i] = i, sid
+    except BaseException:
+        index.close()
+        raise
+    return index, ints, sids
