@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -363,3 +365,24 @@ def test_ids_matching_lists_every_live_match(pool):
         index.ids_matching(None)
     with pytest.raises(vdb.InvalidParameterError):
         index.ids_matching({"ts": {"$between": 1}})
+
+
+def test_a_filtered_search_sees_metadata_and_vectors_of_one_moment(pool):
+    index = vdb.ClusteredIndex.build(pool[:300], metadata=[{"tag": "old"}] * 300)
+    moved = pool[5_000]  # far from pool[7]
+    real_put = index._metadata.put
+    written = threading.Event()
+
+    def slow_put(ids, docs):
+        real_put(ids, docs)
+        written.set()
+        time.sleep(0.3)  # a window between the metadata and the vectors, were they apart
+
+    index._metadata.put = slow_put
+    writer = threading.Thread(target=index.upsert, args=(moved[None], [7], [{"tag": "new"}]))
+    writer.start()
+    assert written.wait(5)
+    ids, dists = index.search(moved, k=1, filter={"tag": "new"})
+    writer.join()
+    assert ids[0] == 7
+    assert dists[0] < 1e-3  # id 7's new vector, the one that carries the new tag

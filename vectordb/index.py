@@ -80,6 +80,7 @@ class ClusteredIndex(Writes):
         self._backend = backend
         self._metadata = metadata if metadata is not None else MetadataStore()
         self._write_lock = threading.RLock()
+        self._meta_lock = threading.Lock()  # see Writes._state_and_matches
         words = None if base.codes is None else base.codes.shape[0]
         delta = Part.empty(tree.n_leaves, words, base.dots is not None)
         idmap = IdMap.from_rows(ids, np.arange(ids.shape[0], dtype=np.int64))
@@ -369,11 +370,11 @@ class ClusteredIndex(Writes):
         probes = positive_int("probes", probes)
         rerank_factor = positive_int("rerank_factor", rerank_factor)
         filt = check_filter(filt)
-        st = self._state
+        st, matching = self._state_and_matches(filt)
         q = prepare(q, self._metric)
         row_ok, sizes, allowed = st.row_ok, st.live_sizes, len(st.idmap)
-        if filt is not None:
-            rows = st.live_rows_of(self._metadata.matching(filt))
+        if matching is not None:
+            rows = st.live_rows_of(matching)
             allowed = int(rows.shape[0])
             if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
                 # Few matches: score them all exactly, like a brute force.

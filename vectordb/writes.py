@@ -40,6 +40,7 @@ class Writes:
     if TYPE_CHECKING:  # provided by ClusteredIndex
         _state: IndexState
         _write_lock: threading.RLock
+        _meta_lock: threading.Lock
         _quantizer: Quantizer
         _metric: Metric
         _params: dict[str, Any]
@@ -138,13 +139,15 @@ class Writes:
                 [st.row_id, np.full(first - st.row_id.shape[0], -1, np.int64), new_ids]
             )
             idmap = st.idmap.without(new_ids[old_rows >= 0]).with_added(row_id, rows)
-            if docs is not None:
-                self._metadata.put(new_ids, docs)
-            elif not replace:
-                self._metadata.delete(new_ids)  # ids reused after a delete start bare
-            self._state = self._make_state(
+            new_state = self._make_state(
                 tree, table, base, delta, row_id, row_ok, idmap, st.storage
             )
+            with self._meta_lock:
+                if docs is not None:
+                    self._metadata.put(new_ids, docs)
+                elif not replace:
+                    self._metadata.delete(new_ids)  # ids reused after a delete start bare
+                self._state = new_state
             self._last_id = (
                 max(self._next_id(st), int(new_ids.max()) + 1) if n else self._next_id(st)
             )
@@ -194,8 +197,9 @@ class Writes:
             row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
             row_ok[rows] = False
             gone = st.row_id[rows]
-            self._replace(row_ok=row_ok, idmap=st.idmap.without(gone))
-            self._metadata.delete(gone)
+            with self._meta_lock:
+                self._replace(row_ok=row_ok, idmap=st.idmap.without(gone))
+                self._metadata.delete(gone)
         return int(rows.size)
 
     def get_metadata(self, id_: int) -> dict[str, Any] | None:
@@ -203,6 +207,16 @@ class Writes:
         if id_ not in self:
             raise UnknownIdError(f"id {id_!r} is not in the index")
         return self._metadata.get(int(id_))
+
+    def _state_and_matches(self, filt: Filter | None) -> tuple[IndexState, I64 | None]:
+        """The published state and, with a filter, the ids whose metadata matches it at
+        the same moment. Writes change metadata and publish the state that goes with it
+        under ``_meta_lock`` too, so a filtered search never pairs an id's new metadata
+        with its old vector, or the reverse."""
+        if filt is None:
+            return self._state, None
+        with self._meta_lock:
+            return self._state, self._metadata.matching(filt)
 
     def ids_matching(self, filter: Filter) -> I64:
         """Ids ``(m,)`` int64, ascending, of the vectors whose metadata matches ``filter``
