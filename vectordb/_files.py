@@ -38,6 +38,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: ``0o666`` less the process umask, read once at import.
+_NEW_FILE_MODE = _new_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; on clean exit fsync it and rename it to ``path``.
@@ -51,6 +61,8 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         raise storage_error(exc, path) from exc
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes 0600; the file gets the mode any new file gets (others may share it).
+        os.fchmod(fd, _NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
