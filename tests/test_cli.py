@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import vectordb as vdb
-from vectordb.cli import cli
+from vectordb.cli import cli, main
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +103,25 @@ def test_verify_fails_with_exit_1_and_one_line_on_a_damaged_index(built, tmp_pat
         (["build", "{root}/vectors.npy", "{index}"], "--force"),
         (["build", "{root}/ids.npy", "{root}/other"], "2-D"),
         (["build", "{root}/vectors.txt", "{root}/other"], ".npy"),
+        (["build", "{root}/liar.npy", "{root}/other"], "not a readable .npy"),
+        (["build", "{root}/vectors.npy", "{root}/other", "--ids", "{root}/liar.npy"], "liar"),
+        (["build", "{root}/vectors.npy", "{root}/junk", "--force"], "refusing to replace"),
+        (["build", "{root}/vectors.npy", "{root}/no/such/parent"], "not a writable directory"),
+        (["search", "{index}", "{root}/queries.npy", "--filter", "null"], "JSON object"),
+        (["info", "{root}"], "not a saved vectordb index"),
     ],
 )
 def test_bad_input_gives_exit_1_and_one_line(files, built, args, fragment):
     root, _ = files
     (root / "vectors.txt").write_text("1 2 3")
+    (root / "junk").mkdir(exist_ok=True)
+    (root / "junk" / "notes.txt").write_text("mine")
+    # A header that promises 10^10 rows of a 4 KB file: refused, not allocated.
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((2, 64), np.float32))
+    header["shape"] = (10**10, 64)
+    with open(root / "liar.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.write(bytes(4096))
     argv = [a.format(index=built, root=root) for a in args]
     code, stdout, stderr = run(*argv)
     assert code == 1, stderr
@@ -132,3 +146,37 @@ def test_python_dash_m_and_the_console_script(built):
         [sys.executable, "-m", "vectordb", "--version"], capture_output=True, text=True, check=False
     )
     assert vdb.__version__ in out.stdout
+
+
+def test_a_huge_k_is_capped_at_the_index_size(files, built):
+    root, _ = files
+    code, stdout, _ = run("search", str(built), str(root / "queries.npy"), "-k", "1048576")
+    assert code == 0
+    rows = stdout.strip().splitlines()[1:]
+    assert len(rows) == 5 * 2900  # every vector once per query, no padding
+
+
+def test_interrupt_exits_130_and_broken_pipe_is_quiet(built, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vdb.ClusteredIndex, "open", interrupted)
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(built)])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip() == "vectordb: interrupted"
+    monkeypatch.undo()
+    piped = subprocess.run(
+        f"{sys.executable} -m vectordb info {built} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert piped.stdout.startswith("path") and piped.stderr == ""
+
+
+def test_saved_files_share_one_mode(built):
+    # Readable by whoever may read the other files (process sharing), not 0600 for some.
+    modes = {p.name: p.stat().st_mode & 0o777 for p in built.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes

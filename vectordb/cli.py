@@ -2,7 +2,7 @@
 
 ::
 
-    vectordb build VECTORS.npy OUT_DIR --metric cosine [--ids IDS.npy] [--mmap]
+    vectordb build VECTORS.npy OUT_DIR --metric cosine [--ids IDS.npy] [--no-mmap]
     vectordb search OUT_DIR QUERIES.npy -k 10 [--probes 4 --rerank-factor 5] [--json]
     vectordb info OUT_DIR          n, dim, metric, RAM vs disk bytes, format, checksums
     vectordb verify OUT_DIR        every file's CRC32
@@ -10,8 +10,9 @@
     vectordb bench [ARGS...]       the benchmark (bench/run.py of a source checkout)
 
 Exit codes: 0 success, 1 an error (one line on standard error; ``--debug`` shows the
-traceback), 2 a usage error. Input ``.npy`` files are read memory-mapped where that saves
-RAM (``search`` always, ``build`` with ``--mmap``), never with pickles allowed.
+traceback), 2 a usage error, 130 an interrupt; ``bench`` exits with the script's code.
+Input ``.npy`` files are read memory-mapped, never with pickles allowed (``build
+--no-mmap`` then copies the vectors into RAM).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import numpy as np
 import numpy.typing as npt
 
 from . import __version__
+from ._dirswap import check_replaceable
 from .errors import InvalidParameterError, VectorDBError
 from .index import ClusteredIndex
-from .reader import manifest_path, parse_manifest
+from .reader import MANIFEST, manifest_path, parse_manifest
 
 __all__ = ["main"]
 
@@ -42,6 +44,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Queries searched per batch by ``search`` (bounds its memory on huge query files).
 _SEARCH_BATCH = 4096
+#: At most this many (query, result) slots per batch: a huge ``-k`` gets smaller batches.
+_SEARCH_SLOTS = 1 << 22
 
 
 class _Failure(click.ClickException):
@@ -59,23 +63,36 @@ def _handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (VectorDBError, OSError, ValueError) as exc:
+        except BrokenPipeError:
+            raise  # the reader went away (| head): main() ends quietly
+        except (VectorDBError, OSError, ValueError, MemoryError) as exc:
             if click.get_current_context().find_root().params.get("debug"):
                 traceback.print_exc()
-            raise _Failure(str(exc) or type(exc).__name__) from exc
+            raise _Failure(_message(exc)) from exc
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper  # type: ignore[return-value]
 
 
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({exc or 'MemoryError'}); try smaller inputs or a smaller -k"
+    if isinstance(exc, OSError) and not isinstance(exc, VectorDBError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def _load_npy(path: Path, what: str, *, mmap: bool) -> npt.NDArray[Any]:
     if path.suffix != ".npy":
         raise InvalidParameterError(f"{path}: {what} must be a .npy file (numpy.save)")
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        # Mapped first even when RAM is wanted: a header that promises more data than the
+        # file holds fails here, not as a giant allocation.
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         raise InvalidParameterError(f"{path}: not a readable .npy file ({exc})") from None
+    return array if mmap else np.array(array)
 
 
 def _disk_bytes(directory: Path) -> int:
@@ -95,8 +112,12 @@ def _mb(n: int) -> str:
 def cli(ctx: click.Context, debug: bool, verbose: bool, no_progress: bool) -> None:
     """vectordb: build, search and check vector indexes from the shell."""
     ctx.obj = {"progress": False if no_progress else None}
-    if verbose:
-        logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
+    if verbose:  # vectordb's own messages only, not every library's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger = logging.getLogger("vectordb")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _progress() -> bool | None:
@@ -118,9 +139,10 @@ def _progress() -> bool | None:
     help="A .npy of n distinct integers >= 0 (default: 0..n-1).",
 )
 @click.option(
-    "--mmap",
-    is_flag=True,
-    help="Read VECTORS.npy memory-mapped: the build holds one working copy, not two.",
+    "--mmap/--no-mmap",
+    default=True,
+    show_default=True,
+    help="Read VECTORS.npy memory-mapped, so the file's own copy is not held in RAM too.",
 )
 @click.option("--branching-factor", type=int, default=10, show_default=True)
 @click.option("--max-leaf-size", type=int, default=1000, show_default=True)
@@ -148,6 +170,11 @@ def build(
     """Build an index over VECTORS.npy (n x d) and save it to OUT_DIR."""
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InvalidParameterError(f"{out_dir} exists and is not empty; use --force to replace it")
+    # Checked before hours of building, not at the save.
+    check_replaceable(out_dir, MANIFEST, "a vectordb index directory")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidParameterError(f"{parent}: not a writable directory for OUT_DIR")
     started = time.perf_counter()
     x = _load_npy(vectors, "VECTORS", mmap=mmap)
     ids = None if ids_path is None else _load_npy(ids_path, "IDS", mmap=False)
@@ -201,35 +228,43 @@ def search(
             filt = json.loads(filter_json)
         except json.JSONDecodeError as exc:
             raise InvalidParameterError(f"--filter is not valid JSON: {exc}") from None
+        if not isinstance(filt, dict):
+            raise InvalidParameterError(f"--filter must be a JSON object, got {filter_json!r}")
     with ClusteredIndex.open(index_dir, mmap=not ram) as index:
-        for start in range(0, max(q.shape[0], 1), _SEARCH_BATCH):
-            block = np.asarray(q[start : start + _SEARCH_BATCH])
-            ids, dists = index.search_batch(
-                block, k, probes=probes, rerank_factor=rerank_factor, filter=filt
-            )
+        # Results past the index's size are padding: a huge -k asks for no more than that.
+        k = min(k, max(len(index), 1)) if isinstance(k, int) and k >= 1 else k
+        batch = max(1, min(_SEARCH_BATCH, _SEARCH_SLOTS // max(k, 1)))
+        for start in range(0, max(q.shape[0], 1), batch):
+            block = np.asarray(q[start : start + batch])
+            try:
+                ids, dists = index.search_batch(
+                    block, k, probes=probes, rerank_factor=rerank_factor, filter=filt
+                )
+            except VectorDBError as exc:
+                if not start:
+                    raise
+                rows = f"query rows {start}..{start + block.shape[0] - 1}"
+                raise _Failure(f"{exc} (in {rows}; their results were not printed)") from exc
             if start == 0 and not as_json:  # after the first batch: bad input prints nothing
                 click.echo("query\trank\tid\tdistance")
-            for row in range(ids.shape[0]):
-                _print_hits(start + row, ids[row], dists[row], as_json)
+            click.echo(_format_hits(start, ids, dists, as_json), nl=False)
 
 
-def _print_hits(
-    query: int, ids: npt.NDArray[np.int64], dists: npt.NDArray[np.float32], as_json: bool
-) -> None:
-    found = ids >= 0
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "query": query,
-                    "ids": ids[found].tolist(),
-                    "distances": [float(d) for d in dists[found]],
-                }
-            )
-        )
-        return
-    for rank, (i, d) in enumerate(zip(ids[found].tolist(), dists[found].tolist(), strict=True)):
-        click.echo(f"{query}\t{rank + 1}\t{i}\t{d:.6g}")
+def _format_hits(
+    first: int, ids: npt.NDArray[np.int64], dists: npt.NDArray[np.float32], as_json: bool
+) -> str:
+    """The lines of a batch's results ``(nq, k)``, its first query numbered ``first``."""
+    lines = []
+    for row in range(ids.shape[0]):
+        found = ids[row] >= 0
+        hit_ids, hit_dists = ids[row][found].tolist(), dists[row][found].tolist()
+        if as_json:
+            doc = {"query": first + row, "ids": hit_ids, "distances": hit_dists}
+            lines.append(json.dumps(doc))
+            continue
+        for rank, (i, d) in enumerate(zip(hit_ids, hit_dists, strict=True)):
+            lines.append(f"{first + row}\t{rank + 1}\t{i}\t{d:.6g}")
+    return "".join(line + "\n" for line in lines)
 
 
 @cli.command()
@@ -238,9 +273,9 @@ def _print_hits(
 @_handle_errors
 def info(index_dir: Path, as_json: bool) -> None:
     """Describe the index at INDEX_DIR (cheap: file checksums are not read)."""
-    path = manifest_path(index_dir)
-    manifest = parse_manifest(path.read_bytes()[: (1 << 20) + 1], path)
     with ClusteredIndex.open(index_dir, mmap=True, progress=False) as index:
+        path = manifest_path(index_dir)
+        manifest = parse_manifest(path.read_bytes()[: (1 << 20) + 1], path)
         ram_mmap = index.memory_usage_bytes()
         vectors = len(index) * index.dim * 4
         facts: dict[str, Any] = {
@@ -296,12 +331,16 @@ def warm(index_dir: Path) -> None:
     click.echo(f"read {_mb(done)} in {time.perf_counter() - started:.1f} s")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,  # --help goes to the script
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @_handle_errors
 def bench(args: tuple[str, ...]) -> None:
     """Run the benchmark (bench/run.py of a source checkout) with ARGS, e.g.
-    ``vectordb bench --dataset fashion-mnist --quick``."""
+    "vectordb bench --dataset fashion-mnist --quick"; "vectordb bench --help" shows its
+    options. Exits with the script's exit code."""
     script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
     if not script.is_file():
         raise InvalidParameterError(
@@ -310,9 +349,21 @@ def bench(args: tuple[str, ...]) -> None:
         )
     code = subprocess.call([sys.executable, str(script), *args], env=dict(os.environ))
     if code:
-        raise _Failure(f"the benchmark exited with code {code}")
+        sys.exit(code)  # the script said why
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vectordb`` console script."""
-    cli.main(args=argv, prog_name="vectordb")
+    try:
+        cli.main(args=argv, prog_name="vectordb", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("vectordb: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        # Whoever read our output stopped (| head); say nothing more to a closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)

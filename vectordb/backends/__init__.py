@@ -118,7 +118,7 @@ def resolve_backend(name: str = "auto") -> Backend:
         raise BackendUnavailableError(f"the cupy backend is unavailable: {reason}")
     if reason not in _logged:  # one line per process and cause, not one per index
         _logged.add(reason)
-        log.info("vectordb: using the numpy backend (cupy unavailable: %s)", reason)
+        log.info("using the numpy backend (cupy unavailable: %s)", reason)
     return NumpyBackend()
 
 
