@@ -93,9 +93,10 @@ def prepare(x: F32, metric: Metric, *, copy: bool = True) -> F32:
         raise InvalidVectorsError(
             f"row {row} is a zero vector, which has no direction for the cosine metric"
         )
-    scaled = x / scale
+    scaled = np.divide(x, scale, dtype=np.float32)
     norms = np.sqrt(np.einsum("nd,nd->n", scaled, scaled))[:, None]
-    return (scaled / norms).astype(np.float32, copy=False)
+    scaled /= norms  # in place: one copy of the input at peak, not two
+    return scaled
 
 
 def distances(q: F32, x: F32, metric: Metric, *, overwrite_x: bool = False) -> F32:
