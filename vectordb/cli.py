@@ -232,7 +232,7 @@ def search(
             raise InvalidParameterError(f"--filter must be a JSON object, got {filter_json!r}")
     with ClusteredIndex.open(index_dir, mmap=not ram) as index:
         # Results past the index's size are padding: a huge -k asks for no more than that.
-        k = min(k, max(len(index), 1)) if isinstance(k, int) and k >= 1 else k
+        k = min(k, max(len(index), 1)) if k >= 1 else k  # k < 1: search_batch says why
         batch = max(1, min(_SEARCH_BATCH, _SEARCH_SLOTS // max(k, 1)))
         for start in range(0, max(q.shape[0], 1), batch):
             block = np.asarray(q[start : start + batch])

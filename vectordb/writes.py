@@ -187,10 +187,7 @@ class Writes:
         wanted = as_ids(ids)
         with self._write_lock:
             st = self._state
-            rows = st.idmap.rows(wanted)
-            if not missing_ok and (rows < 0).any():
-                missing = wanted[rows < 0][:5].tolist()
-                raise UnknownIdError(f"ids not in the index: {missing}")
+            rows = _rows_of(st, wanted, missing_ok=missing_ok)
             rows = np.unique(rows[rows >= 0])
             if rows.size == 0:
                 return 0
@@ -234,12 +231,8 @@ class Writes:
         length. Unknown ids raise ``UnknownIdError``. In mmap mode the rows are read from
         the file (page faults, no copy of the rest).
         """
-        wanted = as_ids(ids)
         st = self._state
-        rows = st.idmap.rows(wanted)
-        if (rows < 0).any():
-            missing = wanted[rows < 0][:5].tolist()
-            raise UnknownIdError(f"ids not in the index: {missing}")
+        rows = _rows_of(st, as_ids(ids))
         if rows.size == 0:
             return np.empty((0, self.dim), np.float32)
         return np.ascontiguousarray(st.storage.take(rows), dtype=np.float32)
@@ -276,6 +269,15 @@ class Writes:
             delta = Part.empty(tree.n_leaves, words, base.dots is not None)
             self._state = self._make_state(tree, table, base, delta, row_id, None, idmap, storage)
             old.discard()  # searches still reading the old storage keep its mapping
+
+
+def _rows_of(st: IndexState, ids: I64, *, missing_ok: bool = False) -> I64:
+    """Storage rows ``(n,)`` int64 of ``ids`` (``-1`` for absent ones, or
+    ``UnknownIdError`` naming the first few unless ``missing_ok``)."""
+    rows = st.idmap.rows(ids)
+    if not missing_ok and (rows < 0).any():
+        raise UnknownIdError(f"ids not in the index: {ids[rows < 0][:5].tolist()}")
+    return rows
 
 
 def _leaf_target(params: dict[str, Any]) -> int:

@@ -398,8 +398,7 @@ class AsyncEngine:
 
     async def get_metadata(self, id_: int) -> dict[str, Any] | None:
         """:meth:`ClusteredIndex.get_metadata` on the executor."""
-        self._check_open()
-        return await self._call(self._index.get_metadata, id_)
+        return await self.run(self._index.get_metadata, id_)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the engine's executor, for other work on the index that may page
@@ -410,13 +409,11 @@ class AsyncEngine:
 
     async def ids_matching(self, filter: Filter) -> I64:
         """:meth:`ClusteredIndex.ids_matching` on the executor."""
-        self._check_open()
-        return await self._call(self._index.ids_matching, filter)
+        return await self.run(self._index.ids_matching, filter)
 
     async def get_vectors(self, ids: Any) -> F32:
         """:meth:`ClusteredIndex.get_vectors` on the executor (reads may page in)."""
-        self._check_open()
-        return await self._call(self._index.get_vectors, ids)
+        return await self.run(self._index.get_vectors, ids)
 
     def stats(self) -> EngineStats:
         """Queries served, batches run, mean batch size, queue depth, p50/p99 latency."""
