@@ -5,7 +5,8 @@
 1. The Hamming kernel alone over ``--kernel-codes`` random codes: codes scanned per second,
    and GB/s of code words read (each query reads every code once).
 2. End to end, for each size: one index (vectors memory-mapped and warm), both backends,
-   batched QPS and recall@10 at batch sizes 1, 64, 1024 and 10,000.
+   batched QPS and recall@10 at batch sizes 1, 64, 256, 1024 and 10,000, and the time
+   of each GPU stage for batches of 64 and 1,024.
 
 Without a usable CuPy only the NumPy columns are filled. Figures are medians of 3 runs.
 """
@@ -26,6 +27,8 @@ import numpy as np
 import vectordb as vdb
 from vectordb import backends
 from vectordb.backends import numpy_backend
+
+BATCHES = (1, 64, 256, 1024, 10_000)
 
 
 def timed(fn: Any, repeats: int = 3, sync: Any = None) -> float:
@@ -87,6 +90,34 @@ def truth(x: np.ndarray, q: np.ndarray, cupy: Any, k: int = 10) -> np.ndarray:
     return out
 
 
+def device_stages(index: Any, queries: np.ndarray, cupy: Any) -> dict[str, float]:
+    """Milliseconds per stage of the CuPy search of ``queries``, each synchronised."""
+    from vectordb.backends import device_search as ds
+    from vectordb.metrics import prepare
+
+    sel = index._state.selector
+    st = index._state
+    metric = index.metric
+    sync = cupy.cuda.Device().synchronize
+    q = prepare(queries, metric)
+    perm, blocks_t, bits = sel._rotation
+    dq = cupy.asarray(q)
+    rotated = ds.rotate(cupy, dq, perm, blocks_t, bits)
+    sizes = cupy.asarray(st.live_sizes)
+    leaves = sel._route(rotated, 4, 10, sizes)
+    cand = sel._candidates(rotated, leaves, 50, None)
+    steps = {
+        "upload queries": lambda: cupy.asarray(q),
+        "rotate": lambda: ds.rotate(cupy, dq, perm, blocks_t, bits),
+        "route": lambda: sel._route(rotated, 4, 10, sizes),
+        "query codes": lambda: ds.query_terms(cupy, rotated, leaves, sel._tree, sel.words, metric),
+        "score + sort": lambda: sel._candidates(rotated, leaves, 50, None),
+        "rerank": lambda: sel._rerank(dq, cand, 10),
+        "whole search": lambda: index.search_batch(queries, 10),
+    }
+    return {name: 1e3 * timed(fn, repeats=5, sync=sync) for name, fn in steps.items()}
+
+
 def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, Any]]:
     data = vdb.make_clustered(n + n_queries, dim, seed=0)
     x, queries = data[:n], data[n:]
@@ -103,7 +134,7 @@ def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, An
         if name == "cupy" and cupy is None:
             continue
         index.use_backend(name)
-        for batch in (1, 64, 1024, 10_000):
+        for batch in BATCHES:
             count = min(len(queries), max(batch, 256 if batch == 1 else batch * 4))
             sel = queries[:count]
 
@@ -131,6 +162,12 @@ def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, An
                     "build_s": build_s,
                 }
             )
+        if name == "cupy" and index._state.selector.vectors_on_device:
+            for size in (64, 1024):
+                stages = device_stages(index, queries[:size], cupy)
+                rows[-1][f"stages_ms_{size}"] = stages
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                print(f"n={n:,}, batch {size:,}, cupy stages (ms): {shown}")
     index.close()
     tmp.cleanup()
     return rows
@@ -180,7 +217,7 @@ def main() -> None:
     print("| n | batch | numpy QPS | cupy QPS | cupy / numpy | recall@10 numpy | recall@10 cupy |")
     print("|---|---|---|---|---|---|---|")
     for n in args.sizes:
-        for batch in (1, 64, 1024, 10_000):
+        for batch in BATCHES:
             cpu = next(
                 r for r in e2e if r["n"] == n and r["batch"] == batch and r["backend"] == "numpy"
             )

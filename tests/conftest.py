@@ -11,6 +11,7 @@ distances may be returned in any order.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,15 @@ METRICS = ("l2", "cosine", "ip")
 #: Relative and absolute slack for comparing float32 distances with float64 ones.
 RTOL = 1e-4
 ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend_unless_asked(monkeypatch):
+    """The suite checks the CPU path's guarantees (results independent of the batch, bit
+    for bit); with ``backend="auto"`` a GPU machine would run the CuPy path instead.
+    ``test_backends.py`` names its backends. ``VECTORDB_BACKEND`` set by hand wins."""
+    if not os.environ.get("VECTORDB_BACKEND"):
+        monkeypatch.setenv("VECTORDB_BACKEND", "numpy")
 
 
 # --------------------------------------------------------------------------- oracle

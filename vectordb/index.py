@@ -27,6 +27,7 @@ from .metadata import Filter, MetadataStore, check_filter
 from .metrics import Metric, prepare
 from .parts import Part
 from .scan import VectorScorer, rerank
+from .stages import Stages
 from .state import IndexState, VectorSelector, ids_of
 from .storage import InMemoryStorage, MmapStorage, write_vectors
 from .tree import Tree
@@ -98,11 +99,12 @@ class ClusteredIndex(Writes):
         storage: InMemoryStorage | MmapStorage,
     ) -> IndexState:
         parts = (base, delta)
+        stages = Stages(self._quantizer, tree, storage, self._metric)
         if table is not None:
-            selector = self._backend.code_selector(table, parts)
+            selector = self._backend.code_selector(table, parts, stages)
         else:
             scorer = VectorScorer(storage.take, storage.slice, self._metric)
-            selector = VectorSelector(scorer, parts)
+            selector = VectorSelector(scorer, parts, stages)
         sizes = leaf_sizes(parts, row_ok)
         return IndexState(tree, table, base, delta, row_id, row_ok, idmap, storage, sizes, selector)
 
@@ -386,11 +388,8 @@ class ClusteredIndex(Writes):
             row_ok, sizes = st.only(rows)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(st.tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
-        rotated = self._quantizer.rotate(q)
-        leaves = st.tree.route_for(rotated, probes, min(k, allowed), sizes, self._metric)
-        leaves = st.tree.nearest_first(rotated, leaves, self._metric)
-        rows = st.selector.select(rotated, leaves, k * rerank_factor, row_ok)
-        found, dists = rerank(q, rows, k, st.storage.take, self._metric)
+        m = k * rerank_factor
+        found, dists = st.selector.search(q, k, probes, m, row_ok, sizes, min(k, allowed))
         return ids_of(st, found), dists
 
     # ------------------------------------------------------------------ storage

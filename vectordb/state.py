@@ -19,6 +19,7 @@ from .leafscan import leaf_sizes, mostly_apart, select_by_runs, select_candidate
 from .metrics import Metric
 from .parts import Part
 from .scan import VectorScorer
+from .stages import Stages, host_search
 from .storage import InMemoryStorage, MmapStorage
 from .tree import Tree
 
@@ -131,9 +132,16 @@ _BY_LEAF_MIN_QUERIES = 4
 class VectorSelector:
     """``leaf_scan="vectors"``: candidates by exact distances on the full vectors (CPU)."""
 
-    def __init__(self, scorer: VectorScorer, parts: tuple[Part, Part]) -> None:
+    def __init__(self, scorer: VectorScorer, parts: tuple[Part, Part], stages: Stages) -> None:
         self.scorer = scorer
         self.parts = parts
+        self.stages = stages
+
+    def search(
+        self, q: F32, k: int, probes: int, m: int, row_ok: B | None, sizes: I64, need: int
+    ) -> tuple[I64, F32]:
+        """Every stage on the CPU: see ``stages.host_search``."""
+        return host_search(self.stages, self, q, k, probes, m, row_ok, sizes, need)
 
     def select(self, queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
         """``(nq, m')`` int64 rows (see ``leafscan.select_candidates``): grouped by leaf

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from ..codes import CodeTable
 from ..errors import BackendUnavailableError, InvalidParameterError
 from ..parts import Part
+from ..stages import Stages
 from .numpy_backend import NumpyBackend
 
 __all__ = [
@@ -49,11 +50,25 @@ B = npt.NDArray[np.bool_]
 
 
 class CodeSelector(Protocol):
-    """Picks candidates from an index's codes (held wherever the backend keeps them)."""
+    """Searches one state of an index: its codes, held wherever the backend keeps them."""
 
     def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
         """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row),
         among rows with ``row_ok`` (``(R,)`` bool over storage rows; ``None``: all)."""
+        ...
+
+    def search(
+        self,
+        q: F32,
+        k: int,
+        probes: int,
+        m: int,
+        row_ok: B | None,
+        sizes: I64,
+        need: int,
+    ) -> tuple[I64, F32]:
+        """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 for prepared queries
+        ``q`` ``(nq, d)``: every stage after validation (see ``stages.host_search``)."""
         ...
 
 
@@ -66,8 +81,11 @@ class Backend(Protocol):
         """(nq, w) query codes x (w, m) word-major codes -> (nq, m) uint16 distances."""
         ...
 
-    def code_selector(self, table: CodeTable, parts: Sequence[Part]) -> CodeSelector:
-        """A selector over the codes of ``parts`` (uploaded to the device, if any)."""
+    def code_selector(
+        self, table: CodeTable, parts: Sequence[Part], stages: Stages
+    ) -> CodeSelector:
+        """A selector over the codes of ``parts`` (copied to the device, if any, with what
+        ``stages`` holds)."""
         ...
 
 

@@ -10,6 +10,7 @@ import numpy.typing as npt
 from ..codes import CodeTable, estimate, estimate_broadcast, query_side
 from ..leafscan import leaf_sizes, mostly_apart, select_candidates
 from ..parts import Part
+from ..stages import Stages, host_search
 from ..topk import NO_KEY, candidate_keys, rows_of, smallest
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
@@ -55,10 +56,17 @@ def hamming(queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
 class NumpyCodeSelector:
     """Picks candidates from binary codes on the CPU, leaf by leaf (see ``leafscan``)."""
 
-    def __init__(self, table: CodeTable, parts: Sequence[Part]) -> None:
+    def __init__(self, table: CodeTable, parts: Sequence[Part], stages: Stages) -> None:
         self.table = table
         self.parts = tuple(parts)
+        self.stages = stages
         self.sizes = leaf_sizes(self.parts)  # parts never change: a write makes a new selector
+
+    def search(
+        self, q: F32, k: int, probes: int, m: int, row_ok: B | None, sizes: I64, need: int
+    ) -> tuple[I64, F32]:
+        """Every stage on the CPU: see ``stages.host_search``."""
+        return host_search(self.stages, self, q, k, probes, m, row_ok, sizes, need)
 
     def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
         """``(nq, b - a)`` float32 estimates of slots ``a:b`` for rotated queries ``q``."""
@@ -159,6 +167,8 @@ class NumpyBackend:
     name = "numpy"
     hamming = staticmethod(hamming)
 
-    def code_selector(self, table: CodeTable, parts: Sequence[Part]) -> NumpyCodeSelector:
+    def code_selector(
+        self, table: CodeTable, parts: Sequence[Part], stages: Stages
+    ) -> NumpyCodeSelector:
         """A candidate selector over the codes of ``parts`` (nothing to copy on the CPU)."""
-        return NumpyCodeSelector(table, parts)
+        return NumpyCodeSelector(table, parts, stages)

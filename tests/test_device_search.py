@@ -1,0 +1,121 @@
+"""The GPU search stages (``backends.device_search``), run with NumPy as the array module,
+against the CPU stages they mirror."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vectordb as vdb
+from vectordb import topk
+from vectordb.backends import device_search as ds
+from vectordb.codes import Quantizer, pack_signs
+from vectordb.metrics import Metric, prepare
+from vectordb.scan import rerank
+
+
+@pytest.fixture(scope="module")
+def index():
+    x = vdb.make_clustered(4_000, 100, seed=3)
+    return vdb.ClusteredIndex.build(
+        x[:3_500], metric="cosine", max_leaf_size=120, leaf_scan="codes"
+    ), x[3_500:]
+
+
+@pytest.mark.parametrize("bits", [64, 100, 192])
+def test_pack_signs_is_the_cpu_packing(bits):
+    x = np.random.default_rng(bits).standard_normal((50, bits)).astype(np.float32)
+    x[:, ::7] = 0.0  # zero is not positive
+    words = (bits + 63) // 64
+    np.testing.assert_array_equal(ds.pack_signs(np, x, words), pack_signs(x))
+
+
+def test_keys_and_rows_are_the_cpu_keys():
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((7, 30)).astype(np.float32)
+    scores[0, :3] = [-0.0, 0.0, np.float32(3.4e38)]
+    rows = rng.integers(0, 1 << 31, size=(7, 30))
+    keys = ds.keys_of(np, scores, rows)
+    np.testing.assert_array_equal(keys, topk.keys_of(scores, rows))
+    keys[1, 4] = topk.NO_KEY
+    np.testing.assert_array_equal(ds.rows_of(np, keys), topk.rows_of(keys))
+
+
+def test_rotation_matches_the_quantizer():
+    quantizer = Quantizer.create(100, rotate=True, rng=np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((33, 100)).astype(np.float32)
+    blocks_t = np.ascontiguousarray(quantizer.blocks.transpose(0, 2, 1))
+    got = ds.rotate(np, x, quantizer.perm, blocks_t, quantizer.bits)
+    np.testing.assert_allclose(got, quantizer.rotate(x), rtol=1e-5, atol=1e-6)
+    assert ds.rotate(np, x, None, None, 100) is x
+
+
+@pytest.mark.parametrize("probes", [1, 3, 8])
+def test_routing_picks_the_cpu_leaves(index, probes):
+    idx, queries = index
+    st = idx._state
+    q = idx._quantizer.rotate(prepare(queries, Metric.COSINE))
+    tree = ds.DeviceTree.upload(np, st.tree)
+    got = ds.route(np, q, tree, probes, Metric.COSINE)
+    want = st.tree.route(q, probes, Metric.COSINE)
+    same = [
+        set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
+    ]
+    assert np.mean(same) >= 0.99
+
+
+def test_routing_widens_for_queries_short_of_rows(index):
+    idx, queries = index
+    st = idx._state
+    q = idx._quantizer.rotate(prepare(queries[:20], Metric.COSINE))
+    tree = ds.DeviceTree.upload(np, st.tree)
+    need = 600  # more than a few leaves hold: the beam must widen
+    leaves = ds.route_for(np, q, tree, 1, need, st.live_sizes, Metric.COSINE)
+    held = np.where(leaves >= 0, st.live_sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
+    assert (held >= need).all()
+    assert ds.route_for(np, q, tree, 1, 1, st.live_sizes, Metric.COSINE).shape[1] < leaves.shape[1]
+
+
+def test_tree_depth_and_single_leaf():
+    children = np.array([[1, 2], [3, -1], [-1, -1], [-1, -1]])
+    assert ds.tree_depth(children) == 2
+    small = vdb.ClusteredIndex.build(np.eye(5, dtype=np.float32), max_leaf_size=10)
+    tree = ds.DeviceTree.upload(np, small._state.tree)
+    assert tree.depth == 0
+    q = np.ones((3, small._quantizer.bits), dtype=np.float32)
+    np.testing.assert_array_equal(ds.route(np, q, tree, 4, Metric.COSINE), np.zeros((3, 1)))
+
+
+def test_query_terms_match_the_cpu_query_side(index):
+    from vectordb.codes import query_side
+
+    idx, queries = index
+    st = idx._state
+    q = idx._quantizer.rotate(prepare(queries[:10], Metric.COSINE))
+    leaves = st.tree.route(q, 3, Metric.COSINE)
+    leaves[0, -1] = -1
+    tree = ds.DeviceTree.upload(np, st.tree)
+    codes, a, b = ds.query_terms(np, q, leaves, tree, idx._quantizer.words, Metric.COSINE)
+    flat = leaves.reshape(-1)
+    valid = flat >= 0
+    side = query_side(st.table, np.repeat(q, leaves.shape[1], axis=0)[valid], flat[valid])
+    np.testing.assert_array_equal(codes[valid], side.codes)
+    np.testing.assert_allclose(a[valid], -2 * side.r_q, rtol=1e-6)
+    np.testing.assert_allclose(b[valid], side.r_q**2, rtol=1e-5)
+    assert (a[~valid] == 0).all() and (b[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+def test_rerank_matches_the_cpu_rerank(metric):
+    rng = np.random.default_rng(2)
+    x = prepare(rng.standard_normal((500, 40)).astype(np.float32), metric)
+    q = prepare(rng.standard_normal((9, 40)).astype(np.float32), metric)
+    rows = rng.integers(0, 500, size=(9, 25))
+    rows[0, 5:] = -1
+    rows[1] = -1
+    want = rerank(q, rows, 10, lambda r: x[r], metric)
+    got = ds.rerank(np, q, rows, 10, x, metric)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert (got[0][1] == -1).all() and np.isinf(got[1][1]).all()
+    assert got[0].shape == (9, 10)

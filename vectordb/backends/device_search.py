@@ -1,0 +1,283 @@
+"""The search stages as array code for any NumPy-compatible namespace ``xp``.
+
+The CuPy backend runs a whole batch on the GPU with these: rotate the queries, route them
+down the tree, compute their codes against each probed leaf, and rerank the candidates on
+the full vectors. Only the code-scoring kernel itself is CUDA source (``cupy_backend``).
+Written against ``xp`` rather than CuPy so the same lines run, and are tested, with NumPy
+on machines without a GPU; this module imports neither.
+
+They compute what the NumPy stages compute (:mod:`vectordb.tree`, :mod:`vectordb.codes`,
+:mod:`vectordb.scan`), in float32 but without those stages' batch-independent summation
+order: a query's floats may differ from the CPU's in the last bits, so where two leaves or
+two candidates tie within rounding, either may be chosen. Hamming distances, and the
+estimates computed from the same query codes, are exact on both.
+
+Shapes use ``nq`` queries, ``L`` probed leaves per query, ``w`` code words, ``bits`` rotated
+dimensions (``64 * w`` after padding), ``d`` stored dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..metrics import Metric
+
+__all__ = [
+    "DeviceTree",
+    "candidate_distances",
+    "keys_of",
+    "pack_signs",
+    "query_terms",
+    "rerank",
+    "rotate",
+    "route",
+    "route_for",
+    "rows_of",
+    "tree_depth",
+]
+
+NO_KEY = 0xFFFFFFFFFFFFFFFF
+#: Elements of one routing score block (queries x nodes): 256 MiB of float32.
+_ROUTE_BLOCK = 1 << 26
+#: Elements of gathered vectors per rerank block: 512 MiB of float32.
+_RERANK_BLOCK = 1 << 27
+
+
+def tree_depth(children: np.ndarray) -> int:
+    """Levels below the root of the deepest leaf, for ``children`` ``(n_nodes, B)`` int64."""
+    depth, frontier = 0, np.array([0])
+    while True:
+        nxt = children[frontier].ravel()
+        nxt = nxt[nxt >= 0]
+        if nxt.shape[0] == 0:
+            return depth
+        depth, frontier = depth + 1, nxt
+
+
+@dataclass(frozen=True)
+class DeviceTree:
+    """A :class:`vectordb.tree.Tree` as ``xp`` arrays.
+
+    Attributes
+    ----------
+    centroids : (n_nodes, bits) float32, rotated
+    c_sq : (n_nodes,) float32 squared centroid norms
+    children : (n_nodes + 1, B) int64; the last row, for "no node", is all ``-1``
+    leaf_of_node : (n_nodes,) int64
+    leaf_nodes : (n_leaves,) int64
+    depth : levels below the root (0: the root is the only leaf)
+    """
+
+    centroids: Any
+    c_sq: Any
+    children: Any
+    leaf_of_node: Any
+    leaf_nodes: Any
+    depth: int
+
+    @classmethod
+    def upload(cls, xp: Any, tree: Any) -> DeviceTree:
+        """Copy ``tree`` (a :class:`vectordb.tree.Tree`) into ``xp`` arrays."""
+        none = np.full((1, tree.children.shape[1]), -1, dtype=np.int64)
+        return cls(
+            centroids=xp.asarray(tree.centroids),
+            c_sq=xp.asarray(tree.centroid_sq_norms),
+            children=xp.asarray(np.concatenate([tree.children, none])),
+            leaf_of_node=xp.asarray(tree.leaf_of_node),
+            leaf_nodes=xp.asarray(tree.leaf_nodes),
+            depth=0 if tree.leaf_of_node[0] >= 0 else tree_depth(tree.children),
+        )
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+def rotate(xp: Any, x: Any, perm: Any, blocks_t: Any, bits: int) -> Any:
+    """Rotate rows as ``Quantizer.rotate`` does: ``(n, d)`` -> ``(n, bits)`` float32.
+
+    ``perm`` is ``(bits,)`` int64 and ``blocks_t`` ``(bits / 64, 64, 64)`` float32, each
+    block transposed; both ``None`` for no rotation.
+    """
+    if perm is None:
+        return x
+    n = x.shape[0]
+    padded = xp.zeros((n, bits), dtype=xp.float32)
+    padded[:, : x.shape[1]] = x
+    grouped = xp.take(padded, perm, axis=1).reshape(n, -1, 64).transpose(1, 0, 2)
+    # One batched product, a (n x 64) @ (64 x 64) per block.
+    out = xp.matmul(xp.ascontiguousarray(grouped), blocks_t)
+    return xp.ascontiguousarray(out.transpose(1, 0, 2)).reshape(n, bits)
+
+
+def route(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric) -> Any:
+    """Beam search as ``Tree.route``: ``(nq, L)`` int64 leaves, ``-1`` padded.
+
+    Every query scores every node in one product per block of queries; the tree has a
+    few thousand nodes, so this is cheaper on a GPU than gathering each query's frontier.
+    """
+    nq = q.shape[0]
+    if tree.depth == 0:
+        return xp.zeros((nq, 1), dtype=xp.int64)
+    rows = max(1, _ROUTE_BLOCK // (tree.n_nodes + 1))
+    blocks = [_route_block(xp, q[s : s + rows], tree, probes, metric) for s in range(0, nq, rows)]
+    return blocks[0] if len(blocks) == 1 else xp.concatenate(blocks)
+
+
+def _route_block(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric) -> Any:
+    nq, n_nodes = q.shape[0], tree.n_nodes
+    scores = xp.empty((nq, n_nodes + 1), dtype=xp.float32)
+    dots = q @ tree.centroids.T
+    if metric is Metric.IP:
+        xp.negative(dots, out=scores[:, :n_nodes])
+    else:
+        xp.subtract(tree.c_sq[None, :], xp.float32(2.0) * dots, out=scores[:, :n_nodes])
+    scores[:, n_nodes] = xp.inf  # the score of "no node"
+    frontier = xp.broadcast_to(tree.children[0], (nq, tree.children.shape[1]))
+    found = []
+    for _ in range(tree.depth):
+        keep = min(probes, frontier.shape[1])
+        if keep < frontier.shape[1]:
+            s = xp.take_along_axis(scores, xp.where(frontier >= 0, frontier, n_nodes), axis=1)
+            best = xp.argsort(s, axis=1)[:, :keep]
+            frontier = xp.take_along_axis(frontier, best, axis=1)
+        valid = frontier >= 0
+        leaf = xp.where(valid, tree.leaf_of_node[xp.where(valid, frontier, 0)], -1)
+        found.append(leaf)
+        expand = xp.where(valid & (leaf < 0), frontier, n_nodes)
+        frontier = tree.children[expand].reshape(nq, -1)
+    return xp.concatenate(found, axis=1)
+
+
+def route_for(
+    xp: Any, q: Any, tree: DeviceTree, probes: int, need: int, sizes: Any, metric: Metric
+) -> Any:
+    """:func:`route`, widening the beam for queries whose leaves hold fewer than ``need``
+    rows by ``sizes`` ``(n_leaves,)`` int64, as ``Tree.route_for`` does."""
+    leaves = route(xp, q, tree, probes, metric)
+    short = _count(xp, leaves, sizes) < need
+    wider = probes
+    while wider < tree.n_nodes and bool(short.any()):
+        wider *= 2
+        idx = xp.flatnonzero(short)
+        more = route(xp, q[idx], tree, wider, metric)
+        if more.shape[1] > leaves.shape[1]:
+            pad = xp.full((leaves.shape[0], more.shape[1] - leaves.shape[1]), -1, xp.int64)
+            leaves = xp.concatenate([leaves, pad], axis=1)
+        leaves[idx] = -1
+        leaves[idx, : more.shape[1]] = more
+        short[idx] = _count(xp, more, sizes) < need
+    return leaves
+
+
+def _count(xp: Any, leaves: Any, sizes: Any) -> Any:
+    return xp.where(leaves >= 0, sizes[xp.maximum(leaves, 0)], 0).sum(axis=1)
+
+
+def pack_signs(xp: Any, x: Any, words: int) -> Any:
+    """``codes.pack_signs`` for ``(n, bits)`` float32: ``(n, words)`` uint64, bit ``j`` set
+    when ``x[:, j] > 0``, padding bits zero."""
+    n, bits = x.shape
+    positive = xp.zeros((n, words * 64), dtype=xp.uint64)
+    positive[:, :bits] = x > 0
+    weights = xp.left_shift(xp.uint64(1), xp.arange(64, dtype=xp.uint64))
+    return (positive.reshape(n, words, 64) * weights).sum(axis=2, dtype=xp.uint64)
+
+
+def query_terms(
+    xp: Any, q: Any, leaves: Any, tree: DeviceTree, words: int, metric: Metric
+) -> tuple[Any, Any, Any]:
+    """What the scoring kernel needs of each (query, probed leaf) pair.
+
+    Parameters
+    ----------
+    q : (nq, bits) float32 rotated queries
+    leaves : (nq, L) int64 probed leaves, ``-1`` padded
+
+    Returns
+    -------
+    codes : (nq * L, words) uint64 sign codes of the query residuals
+    a, b : (nq * L,) float32 per-pair terms of ``codes.estimate``: ``-2 r_q`` and ``r_q^2``
+        (``-r_q`` and ``<c, q>`` for ip); zero for padding
+    """
+    n_slots = leaves.shape[1]
+    flat = leaves.reshape(-1)
+    valid = flat >= 0
+    centres = tree.centroids[tree.leaf_nodes[xp.where(valid, flat, 0)]]
+    qq = xp.repeat(q, n_slots, axis=0)
+    residual = qq - centres
+    r_q = xp.sqrt((residual * residual).sum(axis=1))
+    if metric is Metric.IP:
+        a, b = -r_q, (qq * centres).sum(axis=1)
+    else:
+        a, b = xp.float32(-2.0) * r_q, r_q * r_q
+    zero = xp.float32(0.0)
+    return pack_signs(xp, residual, words), xp.where(valid, a, zero), xp.where(valid, b, zero)
+
+
+def keys_of(xp: Any, scores: Any, rows: Any) -> Any:
+    """``topk.keys_of``: (float32 score, row) as sortable uint64 keys."""
+    bits = xp.ascontiguousarray(scores + xp.float32(0.0), dtype=xp.float32).view(xp.uint32)
+    sign = xp.uint32(0x80000000)
+    ordered = xp.where(bits & sign, ~bits, bits | sign).astype(xp.uint64)
+    return (ordered << xp.uint64(32)) | rows.astype(xp.uint64)
+
+
+def rows_of(xp: Any, keys: Any) -> Any:
+    """Rows of keys ``(...)`` uint64 as int64, ``-1`` for ``NO_KEY``."""
+    rows = (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
+    return xp.where(keys == xp.uint64(NO_KEY), -1, rows)
+
+
+def candidate_distances(xp: Any, q: Any, rows: Any, vectors: Any, metric: Metric) -> Any:
+    """Exact distances ``(nq, m)`` float32 of prepared queries ``q`` ``(nq, d)`` to their
+    candidate ``rows`` ``(nq, m)`` int64 of ``vectors`` ``(R, d)``; ``inf`` where ``-1``."""
+    nq, m = rows.shape
+    d = q.shape[1]
+    out = xp.empty((nq, m), dtype=xp.float32)
+    block = max(1, _RERANK_BLOCK // max(1, m * d))
+    for start in range(0, nq, block):
+        r = rows[start : start + block]
+        qb = q[start : start + block]
+        valid = r >= 0
+        x = vectors[xp.where(valid, r, 0)]  # (b, m, d)
+        if metric is Metric.L2:
+            x -= qb[:, None, :]
+            dist = (x * x).sum(axis=2)
+        else:
+            dots = xp.matmul(x, qb[:, :, None])[:, :, 0]
+            dist = xp.float32(1.0) - dots if metric is Metric.COSINE else -dots
+        out[start : start + block] = xp.where(valid, dist, xp.float32(xp.inf))
+    return out
+
+
+def rerank(xp: Any, q: Any, rows: Any, k: int, vectors: Any, metric: Metric) -> tuple[Any, Any]:
+    """``scan.rerank`` on ``xp`` arrays, vectors ``(R, d)`` float32 held by ``xp``.
+
+    Parameters
+    ----------
+    q : (nq, d) float32 prepared queries
+    rows : (nq, m) int64 candidate rows, ``-1`` for none
+
+    Returns
+    -------
+    rows : (nq, k) int64, best first, ``-1`` padded
+    dists : (nq, k) float32, ascending, ``inf`` padded; ties ordered by row
+    """
+    nq, m = rows.shape
+    kk = min(k, m)
+    out_rows = xp.full((nq, k), -1, dtype=xp.int64)
+    out_dist = xp.full((nq, k), xp.inf, dtype=xp.float32)
+    if m == 0:
+        return out_rows, out_dist
+    dist = candidate_distances(xp, q, rows, vectors, metric)
+    keys = keys_of(xp, dist, xp.maximum(rows, 0))
+    keys = xp.where(xp.isinf(dist), xp.uint64(NO_KEY), keys)
+    order = xp.argsort(keys, axis=1)[:, :kk]
+    best = xp.take_along_axis(dist, order, axis=1)
+    out_rows[:, :kk] = xp.where(xp.isinf(best), -1, xp.take_along_axis(rows, order, axis=1))
+    out_dist[:, :kk] = best
+    return out_rows, out_dist

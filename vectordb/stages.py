@@ -1,0 +1,65 @@
+"""The search stages after validation, on the host: rotate, route, select, rerank.
+
+Shared by the CPU selectors (:class:`vectordb.backends.NumpyCodeSelector` and
+:class:`vectordb.state.VectorSelector`); the CuPy backend runs the same stages on its
+device instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .codes import Quantizer
+from .metrics import Metric
+from .scan import rerank
+from .storage import InMemoryStorage, MmapStorage
+from .tree import Tree
+
+if TYPE_CHECKING:
+    from .backends import CodeSelector
+
+__all__ = ["Stages", "host_search"]
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+B = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a search reads besides the codes: one state's tree and storage, and the
+    index's rotation and metric."""
+
+    quantizer: Quantizer
+    tree: Tree
+    storage: InMemoryStorage | MmapStorage
+    metric: Metric
+
+
+def host_search(
+    stages: Stages,
+    selector: CodeSelector,
+    q: F32,
+    k: int,
+    probes: int,
+    m: int,
+    row_ok: B | None,
+    sizes: I64,
+    need: int,
+) -> tuple[I64, F32]:
+    """Storage rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of the ``k`` best
+    of ``m`` candidates per prepared query ``q`` ``(nq, d)``.
+
+    ``probes``, ``row_ok`` and ``sizes`` (live rows per leaf under ``row_ok``) go to
+    routing and selection; ``need`` is the number of rows a query's leaves must hold
+    before the beam stops widening.
+    """
+    rotated = stages.quantizer.rotate(q)
+    leaves = stages.tree.route_for(rotated, probes, need, sizes, stages.metric)
+    leaves = stages.tree.nearest_first(rotated, leaves, stages.metric)
+    rows = selector.select(rotated, leaves, m, row_ok)
+    return rerank(q, rows, k, stages.storage.take, stages.metric)
