@@ -133,7 +133,9 @@ def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, An
     for name in ("numpy", "cupy"):
         if name == "cupy" and cupy is None:
             continue
-        index.use_backend(name)
+        t = time.perf_counter()
+        index.use_backend(name)  # the cupy backend copies codes and vectors to the device
+        switch_s = time.perf_counter() - t
         for batch in BATCHES:
             count = min(len(queries), max(batch, 256 if batch == 1 else batch * 4))
             sel = queries[:count]
@@ -160,6 +162,7 @@ def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, An
                     "qps": count / seconds,
                     "recall": recall,
                     "build_s": build_s,
+                    "use_backend_s": switch_s,
                 }
             )
         if name == "cupy" and index._state.selector.vectors_on_device:
@@ -168,6 +171,16 @@ def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, An
                 rows[-1][f"stages_ms_{size}"] = stages
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
                 print(f"n={n:,}, batch {size:,}, cupy stages (ms): {shown}")
+    # A write publishes a new state: the cost of keeping the device copy in sync. Last,
+    # since the added vectors would change the ground truth.
+    for row in [r for r in rows if r["batch"] == BATCHES[-1]]:
+        index.use_backend(row["backend"])
+        extra = queries[:100]
+        row["add_100_ms"] = 1e3 * timed(lambda extra=extra: index.add(extra), repeats=5)
+        print(
+            f"n={n:,}, {row['backend']}: use_backend {row['use_backend_s']:.2f} s, "
+            f"add(100 vectors) {row['add_100_ms']:.2f} ms"
+        )
     index.close()
     tmp.cleanup()
     return rows
