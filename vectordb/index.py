@@ -187,8 +187,9 @@ class ClusteredIndex(Writes):
             file), for low dimensions where 1-bit codes cannot rank. ``auto`` picks
             ``vectors`` below 128 dimensions, else ``codes``.
         backend : {"auto", "numpy", "cupy"}
-            Where codes are scored: ``auto`` uses a CUDA GPU through CuPy when one is
-            usable, else NumPy (see :mod:`vectordb.backends`). Results are identical.
+            Where batches are searched: ``auto`` uses a CUDA GPU through CuPy when one is
+            usable, else NumPy (see :mod:`vectordb.backends`). The same neighbours, up to
+            ties within float32 rounding.
         progress : bool, optional
             Progress bars for clustering and coding on a terminal (needs tqdm); ``False``
             never draws them. See :mod:`vectordb._progress`.
@@ -257,10 +258,8 @@ class ClusteredIndex(Writes):
         return self._backend.name
 
     def use_backend(self, backend: str) -> None:
-        """Switch the scoring backend (``"auto"``, ``"numpy"``, ``"cupy"``) without a rebuild.
-
-        Results do not change.
-        """
+        """Switch the search backend (``"auto"``, ``"numpy"``, ``"cupy"``) without a rebuild:
+        the same neighbours, up to ties within float32 rounding (see ``backends``)."""
         chosen = resolve_backend(backend)
         with self._write_lock:
             self._backend = chosen
@@ -388,8 +387,8 @@ class ClusteredIndex(Writes):
             row_ok, sizes = st.only(rows)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(st.tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
-        m = k * rerank_factor
-        found, dists = st.selector.search(q, k, probes, m, row_ok, sizes, min(k, allowed))
+        m, need = k * rerank_factor, min(k, allowed)
+        found, dists = st.selector.search(q, k, probes, m, row_ok, sizes, need)
         return ids_of(st, found), dists
 
     # ------------------------------------------------------------------ storage

@@ -1,7 +1,8 @@
-"""Scoring backends: ``numpy`` (always) and ``cupy`` (a CUDA GPU, when usable).
+"""Search backends: ``numpy`` (always) and ``cupy`` (a CUDA GPU, when usable).
 
-A backend scores binary codes and picks each query's candidates. The index picks one at
-build or open time and never branches on it afterwards::
+A backend makes the selector that searches each state of an index: it scores the binary
+codes, and with CuPy runs the whole batch on the device. The index picks one at build or
+open time and never branches on it afterwards::
 
     backend="auto"   CuPy when it imports, sees a device and runs a test kernel; else NumPy,
                      with one log line (logger "vectordb") saying why

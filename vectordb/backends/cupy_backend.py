@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,8 @@ from ..parts import Part
 from ..scan import rerank as host_rerank
 from ..stages import Stages, host_search
 from . import device_search as ds
+from .cuda_kernels import SOURCE
+from .device_memory import DevicePart, IdCache, VectorMirror, fits, rotation
 from .numpy_backend import NumpyCodeSelector
 
 __all__ = ["CupyBackend", "CupyCodeSelector", "probe"]
@@ -51,177 +53,9 @@ _KEY_BYTES = 256 << 20
 _THREADS = 256
 #: The full vectors go to the device only if they fit in this share of its free memory.
 _VECTOR_SHARE = 0.5
-#: Bytes per host-to-device copy while mirroring the vectors.
-_UPLOAD_BYTES = 64 << 20
-#: Batches of fewer queries run on the CPU: a GPU batch costs ~3 ms however small (kernel
-#: launches and their Python calls), the CPU ~1 ms per lone query (H200 machine, 1M x 768).
+#: Batches of fewer queries run on the CPU: a GPU batch costs ~2 ms however small (kernel
+#: launches; 1.8 ms for 64 queries on an H200), the CPU ~1 ms per lone query.
 MIN_DEVICE_BATCH = 8
-
-_SOURCE = r"""
-#define FMAX 3.4028234663852886e+38f
-#define NO_KEY 0xFFFFFFFFFFFFFFFFULL
-
-extern "C" __global__ void hamming_u16(
-    const unsigned long long* codes, const long long n, const int w,
-    const unsigned long long* queries, const long long nq, unsigned short* out)
-{
-    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= nq * n) return;
-    const long long q = t / n, row = t % n;
-    int h = 0;
-    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + row] ^ queries[q * w + k]);
-    out[t] = (unsigned short)h;
-}
-
-/* Slots of leaf l: base[l]..base[l+1] of the base part, then delta[l]..delta[l+1] of the
-   delta part. A base slot is its own storage row when base_rows is null. row_ok (when
-   use_ok) masks storage rows. One thread per (pair, j < max_rows). */
-extern "C" __global__ void score_keys(
-    const unsigned long long* codes_b, const long long n_b,
-    const unsigned long long* codes_d, const long long n_d, const int w,
-    const float* norms_b, const float* norms_d,
-    const float* dots_b, const float* dots_d,
-    const long long* rows_b, const int rows_b_given, const long long* rows_d,
-    const long long* base, const long long* delta,
-    const unsigned char* row_ok, const int use_ok,
-    const long long* pair_leaf, const unsigned long long* qcodes,
-    const float* a_term, const float* b_term, const float* lut, const int ip,
-    const int max_rows, const long long pairs, unsigned long long* keys)
-{
-    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= pairs * max_rows) return;
-    const long long p = t / max_rows;
-    const long long leaf = pair_leaf[p];
-    if (leaf < 0) { keys[t] = NO_KEY; return; }
-    const long long j = t % max_rows;
-    const long long in_base = base[leaf + 1] - base[leaf];
-    const unsigned long long* codes;
-    const float* norms;
-    const float* dots;
-    long long n, slot, row;
-    if (j < in_base) {
-        slot = base[leaf] + j;
-        codes = codes_b; n = n_b; norms = norms_b; dots = dots_b;
-        row = rows_b_given ? rows_b[slot] : slot;
-    } else {
-        slot = delta[leaf] + (j - in_base);
-        if (slot >= delta[leaf + 1]) { keys[t] = NO_KEY; return; }
-        codes = codes_d; n = n_d; norms = norms_d; dots = dots_d;
-        row = rows_d[slot];
-    }
-    if (use_ok && !row_ok[row]) { keys[t] = NO_KEY; return; }
-    int h = 0;
-    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] ^ qcodes[p * w + k]);
-    const float rx = norms[slot];
-    float out = lut[h];
-    /* The same float32 steps, in the same order, as codes.estimate. */
-    if (ip) {
-        out = out * a_term[p];      /* -r_q */
-        out = out * rx;
-        out = out - dots[slot];
-        out = out - b_term[p];      /* c_q */
-    } else {
-        out = out * a_term[p];      /* -2 r_q */
-        out = out * rx;
-        const float rx2 = rx * rx;
-        out = out + rx2;
-        out = out + b_term[p];      /* r_q^2 */
-    }
-    if (isnan(out)) out = FMAX;
-    else if (isinf(out)) out = out > 0.0f ? FMAX : -FMAX;
-    out = out + 0.0f;
-    const unsigned int bits = __float_as_uint(out);
-    const unsigned int ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-    keys[t] = ((unsigned long long)ordered << 32) | (unsigned long long)row;
-}
-
-/* Beam search as tree.Tree.route, one thread per query. scores: (nq, n_nodes) routing
-   scores; children: (n_nodes, B), -1 padded; scratch: (nq, 2 * probes * B); out:
-   (nq, depth * probes) leaves, -1 padded; held: (nq,) rows of the found leaves by sizes.
-   Each level keeps the `probes` best nodes, ties to the lower node id. */
-extern "C" __global__ void beam_route(
-    const float* scores, const long long n_nodes,
-    const long long* children, const int branching, const long long* leaf_of_node,
-    const long long* sizes, const int probes, const int depth, const long long nq,
-    long long* scratch, long long* out, long long* held)
-{
-    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (q >= nq) return;
-    const long long width = (long long)probes * branching;
-    long long* cur = scratch + q * 2 * width;
-    long long* nxt = cur + width;
-    const float* s = scores + q * n_nodes;
-    long long* leaves = out + q * (long long)depth * probes;
-    long long f = 0, found = 0, rows = 0;
-    for (int c = 0; c < branching; ++c) {
-        if (children[c] >= 0) cur[f++] = children[c];
-    }
-    for (int level = 0; level < depth && f > 0; ++level) {
-        const long long keep = f < probes ? f : probes;
-        for (long long i = 0; i < keep; ++i) {
-            long long best = i;
-            for (long long j = i + 1; j < f; ++j) {
-                const float sj = s[cur[j]], sb = s[cur[best]];
-                if (sj < sb || (sj == sb && cur[j] < cur[best])) best = j;
-            }
-            const long long tmp = cur[i]; cur[i] = cur[best]; cur[best] = tmp;
-        }
-        long long nf = 0;
-        for (long long i = 0; i < keep; ++i) {
-            const long long node = cur[i];
-            const long long leaf = leaf_of_node[node];
-            if (leaf >= 0) {
-                leaves[found++] = leaf;
-                rows += sizes[leaf];
-            } else {
-                for (int c = 0; c < branching; ++c) {
-                    const long long child = children[node * branching + c];
-                    if (child >= 0) nxt[nf++] = child;
-                }
-            }
-        }
-        long long* tmp = cur; cur = nxt; nxt = tmp;
-        f = nf;
-    }
-    for (long long i = found; i < (long long)depth * probes; ++i) leaves[i] = -1;
-    held[q] = rows;
-}
-
-/* The k best of each query's m candidates by (distance, row), as scan.rerank: one thread
-   per query, insertion into its sorted output. dist: (nq, m); rows: (nq, m), -1 for none;
-   out_rows, out_dist: (nq, k), padded with -1 and inf. */
-extern "C" __global__ void top_k(
-    const float* dist, const long long* rows, const int m, const int k, const long long nq,
-    long long* out_rows, float* out_dist)
-{
-    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (q >= nq) return;
-    const float* d = dist + q * m;
-    const long long* r = rows + q * m;
-    long long* best_rows = out_rows + q * k;
-    float* best = out_dist + q * k;
-    int n = 0;
-    for (int j = 0; j < m; ++j) {
-        const long long row = r[j];
-        const float v = d[j] + 0.0f;  /* -0.0 ties with +0.0 and falls back on the row */
-        if (row < 0 || isinf(v) || isnan(v)) continue;
-        if (n == k && !(v < best[k - 1] || (v == best[k - 1] && row < best_rows[k - 1])))
-            continue;
-        int i = n < k ? n++ : k - 1;
-        while (i > 0 && (best[i - 1] > v || (best[i - 1] == v && best_rows[i - 1] > row))) {
-            best[i] = best[i - 1];
-            best_rows[i] = best_rows[i - 1];
-            --i;
-        }
-        best[i] = v;
-        best_rows[i] = row;
-    }
-    for (int i = n; i < k; ++i) {
-        best[i] = __int_as_float(0x7f800000);
-        best_rows[i] = -1;
-    }
-}
-"""
 
 
 def _import_cupy() -> Any:
@@ -232,7 +66,7 @@ def _import_cupy() -> Any:
 
 def _module(cupy: Any) -> Any:
     # --fmad=false: a fused multiply-add rounds once where NumPy rounds twice.
-    return cupy.RawModule(code=_SOURCE, options=("--fmad=false",))
+    return cupy.RawModule(code=SOURCE, options=("--fmad=false",))
 
 
 def probe() -> tuple[Any, str | None]:
@@ -269,83 +103,6 @@ def probe() -> tuple[Any, str | None]:
     return cupy, None
 
 
-class _IdCache:
-    """Device copies of host objects, dropped when the object dies.
-
-    Keyed by identity: parts, trees and quantizers never change once made (a write makes
-    new ones), so the copy of one stays valid as long as the object lives.
-    """
-
-    def __init__(self) -> None:
-        self._items: dict[int, tuple[weakref.ref[Any], Any]] = {}
-
-    def get(self, obj: Any, make: Callable[[Any], Any]) -> Any:
-        key = id(obj)
-        hit = self._items.get(key)
-        if hit is not None and hit[0]() is obj:
-            return hit[1]
-        value = make(obj)
-        items = self._items
-
-        def forget(_: weakref.ref[Any]) -> None:
-            items.pop(key, None)  # runs when obj dies, before its id can be reused
-
-        items[key] = (weakref.ref(obj, forget), value)
-        return value
-
-
-class _VectorMirror:
-    """A device copy of one storage's vectors, grown as rows are appended.
-
-    Storage rows never change once written, so a sync copies only rows added since the
-    last one. A grown copy is a new device array: selectors holding the old one keep it.
-    """
-
-    def __init__(self, cupy: Any, dim: int) -> None:
-        self._cp = cupy
-        self._buf = cupy.empty((0, dim), dtype=cupy.float32)
-        self._n = 0
-        self._lock = threading.Lock()
-
-    def sync(self, storage: Any) -> Any:
-        """``(n, d)`` float32 device array of the storage's rows as they are now."""
-        cp = self._cp
-        with self._lock:
-            n = int(storage.n)
-            if n > self._buf.shape[0]:
-                grown = cp.empty((max(n, 2 * self._buf.shape[0]), self._buf.shape[1]), cp.float32)
-                grown[: self._n] = self._buf[: self._n]
-                self._buf = grown
-            step = max(1, _UPLOAD_BYTES // (4 * max(1, self._buf.shape[1])))
-            for a in range(self._n, n, step):
-                b = min(n, a + step)
-                self._buf[a:b] = cp.asarray(np.ascontiguousarray(storage.slice(a, b)))
-            self._n = n
-            return self._buf[:n]
-
-
-def _fits(cupy: Any, nbytes: int) -> bool:
-    free, _ = cupy.cuda.runtime.memGetInfo()
-    return bool(nbytes <= _VECTOR_SHARE * free)
-
-
-class _DevicePart:
-    """One part's slot arrays on the device (see ``parts.Part``)."""
-
-    def __init__(self, cupy: Any, part: Part, words: int) -> None:
-        if part.codes is None or part.norms is None:
-            raise TypeError("this part holds no codes")
-        self.n = part.size
-        self.codes = cupy.asarray(part.codes if part.size else np.zeros((words, 1), np.uint64))
-        self.norms = cupy.asarray(part.norms if part.size else np.zeros(1, np.float32))
-        dots = part.dots if part.dots is not None and part.size else np.zeros(1, np.float32)
-        self.dots = cupy.asarray(dots)
-        self.rows_given = part.rows is not None
-        rows = part.rows if part.rows is not None and part.size else np.zeros(1, np.int64)
-        self.rows = cupy.asarray(rows)
-        self.offsets = cupy.asarray(part.offsets)
-
-
 class CupyCodeSelector:
     """Searches one state of an index on the GPU (see the module docstring)."""
 
@@ -367,10 +124,10 @@ class CupyCodeSelector:
         self._kernel = backend._score
         self._beam_kernel = backend._beam
         self._top_k_kernel = backend._top_k
-        self._base = backend._parts.get(base, lambda p: _DevicePart(cp, p, self.words))
-        self._delta = _DevicePart(cp, delta, self.words)
+        self._base = backend._parts.get(base, lambda p: DevicePart(cp, p, self.words))
+        self._delta = DevicePart(cp, delta, self.words)
         self._tree = backend._trees.get(stages.tree, lambda t: ds.DeviceTree.upload(cp, t))
-        self._rotation = backend._rotations.get(stages.quantizer, lambda q: _rotation(cp, q))
+        self._rotation = backend._rotations.get(stages.quantizer, lambda q: rotation(cp, q))
         self._lut = backend._luts.get(table.cos_lut, cp.asarray)
         self._max_rows = max(1, int((np.diff(base.offsets) + np.diff(delta.offsets)).max()))
         self._vectors = backend.vectors_of(stages.storage)
@@ -602,13 +359,6 @@ class CupyCodeSelector:
         return np.asarray(out)
 
 
-def _rotation(cupy: Any, quantizer: Any) -> tuple[Any, Any, int]:
-    if quantizer.perm is None or quantizer.blocks is None:
-        return None, None, int(quantizer.bits)
-    blocks_t = np.ascontiguousarray(quantizer.blocks.transpose(0, 2, 1))
-    return cupy.asarray(quantizer.perm), cupy.asarray(blocks_t), int(quantizer.bits)
-
-
 class CupyBackend:
     """CuPy on a CUDA device. Create through ``backends.resolve_backend``."""
 
@@ -621,11 +371,11 @@ class CupyBackend:
         self._score = module.get_function("score_keys")
         self._beam = module.get_function("beam_route")
         self._top_k = module.get_function("top_k")
-        self._parts = _IdCache()
-        self._trees = _IdCache()
-        self._rotations = _IdCache()
-        self._luts = _IdCache()
-        self._mirrors = _IdCache()
+        self._parts = IdCache()
+        self._trees = IdCache()
+        self._rotations = IdCache()
+        self._luts = IdCache()
+        self._mirrors = IdCache()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
@@ -638,10 +388,10 @@ class CupyBackend:
                 return None
             return mirror.sync(storage)
 
-    def _new_mirror(self, storage: Any) -> _VectorMirror | None:
+    def _new_mirror(self, storage: Any) -> VectorMirror | None:
         dim = int(storage.slice(0, 0).shape[1])
         nbytes = 4 * dim * int(storage.n)
-        if not _fits(self._cp, 2 * nbytes):  # 2x: room to grow by adds
+        if not fits(self._cp, 2 * nbytes, _VECTOR_SHARE):  # 2x: room to grow by adds
             if "vectors" not in self._warned:
                 self._warned.add("vectors")
                 log.info(
@@ -650,7 +400,7 @@ class CupyBackend:
                     nbytes / 1e9,
                 )
             return None
-        return _VectorMirror(self._cp, dim)
+        return VectorMirror(self._cp, dim)
 
     def hamming(self, queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
         """Same contract as the NumPy backend's ``hamming``, computed on the device.

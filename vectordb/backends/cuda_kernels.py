@@ -1,0 +1,183 @@
+"""CUDA source of the GPU backend's kernels, compiled at run time by CuPy (NVRTC).
+
+Each kernel indexes its threads by ``blockIdx.x * blockDim.x + threadIdx.x`` alone and its
+threads never talk to each other, so the same source also runs one thread after another
+on a CPU: the tests compile it with a C compiler (``tests/fake_cupy.py``).
+
+=============  ==========================================================================
+kernel         one thread per
+=============  ==========================================================================
+hamming_u16    (query, code): Hamming distance
+score_keys     (query-leaf pair, slot): the estimate of a code, as a ``topk`` key
+beam_route     query: the beam search of ``tree.Tree.route`` over precomputed scores
+top_k          query: the best k of its reranked candidates
+=============  ==========================================================================
+"""
+
+__all__ = ["SOURCE"]
+
+SOURCE = r"""
+#define FMAX 3.4028234663852886e+38f
+#define NO_KEY 0xFFFFFFFFFFFFFFFFULL
+
+extern "C" __global__ void hamming_u16(
+    const unsigned long long* codes, const long long n, const int w,
+    const unsigned long long* queries, const long long nq, unsigned short* out)
+{
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= nq * n) return;
+    const long long q = t / n, row = t % n;
+    int h = 0;
+    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + row] ^ queries[q * w + k]);
+    out[t] = (unsigned short)h;
+}
+
+/* Slots of leaf l: base[l]..base[l+1] of the base part, then delta[l]..delta[l+1] of the
+   delta part. A base slot is its own storage row when base_rows is null. row_ok (when
+   use_ok) masks storage rows. One thread per (pair, j < max_rows). */
+extern "C" __global__ void score_keys(
+    const unsigned long long* codes_b, const long long n_b,
+    const unsigned long long* codes_d, const long long n_d, const int w,
+    const float* norms_b, const float* norms_d,
+    const float* dots_b, const float* dots_d,
+    const long long* rows_b, const int rows_b_given, const long long* rows_d,
+    const long long* base, const long long* delta,
+    const unsigned char* row_ok, const int use_ok,
+    const long long* pair_leaf, const unsigned long long* qcodes,
+    const float* a_term, const float* b_term, const float* lut, const int ip,
+    const int max_rows, const long long pairs, unsigned long long* keys)
+{
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= pairs * max_rows) return;
+    const long long p = t / max_rows;
+    const long long leaf = pair_leaf[p];
+    if (leaf < 0) { keys[t] = NO_KEY; return; }
+    const long long j = t % max_rows;
+    const long long in_base = base[leaf + 1] - base[leaf];
+    const unsigned long long* codes;
+    const float* norms;
+    const float* dots;
+    long long n, slot, row;
+    if (j < in_base) {
+        slot = base[leaf] + j;
+        codes = codes_b; n = n_b; norms = norms_b; dots = dots_b;
+        row = rows_b_given ? rows_b[slot] : slot;
+    } else {
+        slot = delta[leaf] + (j - in_base);
+        if (slot >= delta[leaf + 1]) { keys[t] = NO_KEY; return; }
+        codes = codes_d; n = n_d; norms = norms_d; dots = dots_d;
+        row = rows_d[slot];
+    }
+    if (use_ok && !row_ok[row]) { keys[t] = NO_KEY; return; }
+    int h = 0;
+    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] ^ qcodes[p * w + k]);
+    const float rx = norms[slot];
+    float out = lut[h];
+    /* The same float32 steps, in the same order, as codes.estimate. */
+    if (ip) {
+        out = out * a_term[p];      /* -r_q */
+        out = out * rx;
+        out = out - dots[slot];
+        out = out - b_term[p];      /* c_q */
+    } else {
+        out = out * a_term[p];      /* -2 r_q */
+        out = out * rx;
+        const float rx2 = rx * rx;
+        out = out + rx2;
+        out = out + b_term[p];      /* r_q^2 */
+    }
+    if (isnan(out)) out = FMAX;
+    else if (isinf(out)) out = out > 0.0f ? FMAX : -FMAX;
+    out = out + 0.0f;
+    const unsigned int bits = __float_as_uint(out);
+    const unsigned int ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    keys[t] = ((unsigned long long)ordered << 32) | (unsigned long long)row;
+}
+
+/* Beam search as tree.Tree.route, one thread per query. scores: (nq, n_nodes) routing
+   scores; children: (n_nodes, B), -1 padded; scratch: (nq, 2 * probes * B); out:
+   (nq, depth * probes) leaves, -1 padded; held: (nq,) rows of the found leaves by sizes.
+   Each level keeps the `probes` best nodes, ties to the lower node id. */
+extern "C" __global__ void beam_route(
+    const float* scores, const long long n_nodes,
+    const long long* children, const int branching, const long long* leaf_of_node,
+    const long long* sizes, const int probes, const int depth, const long long nq,
+    long long* scratch, long long* out, long long* held)
+{
+    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= nq) return;
+    const long long width = (long long)probes * branching;
+    long long* cur = scratch + q * 2 * width;
+    long long* nxt = cur + width;
+    const float* s = scores + q * n_nodes;
+    long long* leaves = out + q * (long long)depth * probes;
+    long long f = 0, found = 0, rows = 0;
+    for (int c = 0; c < branching; ++c) {
+        if (children[c] >= 0) cur[f++] = children[c];
+    }
+    for (int level = 0; level < depth && f > 0; ++level) {
+        const long long keep = f < probes ? f : probes;
+        for (long long i = 0; i < keep; ++i) {
+            long long best = i;
+            for (long long j = i + 1; j < f; ++j) {
+                const float sj = s[cur[j]], sb = s[cur[best]];
+                if (sj < sb || (sj == sb && cur[j] < cur[best])) best = j;
+            }
+            const long long tmp = cur[i]; cur[i] = cur[best]; cur[best] = tmp;
+        }
+        long long nf = 0;
+        for (long long i = 0; i < keep; ++i) {
+            const long long node = cur[i];
+            const long long leaf = leaf_of_node[node];
+            if (leaf >= 0) {
+                leaves[found++] = leaf;
+                rows += sizes[leaf];
+            } else {
+                for (int c = 0; c < branching; ++c) {
+                    const long long child = children[node * branching + c];
+                    if (child >= 0) nxt[nf++] = child;
+                }
+            }
+        }
+        long long* tmp = cur; cur = nxt; nxt = tmp;
+        f = nf;
+    }
+    for (long long i = found; i < (long long)depth * probes; ++i) leaves[i] = -1;
+    held[q] = rows;
+}
+
+/* The k best of each query's m candidates by (distance, row), as scan.rerank: one thread
+   per query, insertion into its sorted output. dist: (nq, m); rows: (nq, m), -1 for none;
+   out_rows, out_dist: (nq, k), padded with -1 and inf. */
+extern "C" __global__ void top_k(
+    const float* dist, const long long* rows, const int m, const int k, const long long nq,
+    long long* out_rows, float* out_dist)
+{
+    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= nq) return;
+    const float* d = dist + q * m;
+    const long long* r = rows + q * m;
+    long long* best_rows = out_rows + q * k;
+    float* best = out_dist + q * k;
+    int n = 0;
+    for (int j = 0; j < m; ++j) {
+        const long long row = r[j];
+        const float v = d[j] + 0.0f;  /* -0.0 ties with +0.0 and falls back on the row */
+        if (row < 0 || isinf(v) || isnan(v)) continue;
+        if (n == k && !(v < best[k - 1] || (v == best[k - 1] && row < best_rows[k - 1])))
+            continue;
+        int i = n < k ? n++ : k - 1;
+        while (i > 0 && (best[i - 1] > v || (best[i - 1] == v && best_rows[i - 1] > row))) {
+            best[i] = best[i - 1];
+            best_rows[i] = best_rows[i - 1];
+            --i;
+        }
+        best[i] = v;
+        best_rows[i] = row;
+    }
+    for (int i = n; i < k; ++i) {
+        best[i] = __int_as_float(0x7f800000);
+        best_rows[i] = -1;
+    }
+}
+"""
