@@ -104,7 +104,7 @@ def device_stages(index: Any, queries: np.ndarray, cupy: Any) -> dict[str, float
     dq = cupy.asarray(q)
     rotated = ds.rotate(cupy, dq, perm, blocks_t, bits)
     sizes = cupy.asarray(st.live_sizes)
-    leaves = sel._route(rotated, 4, 10, sizes)
+    leaves, _ = sel._route(rotated, 4, 10, sizes)
     cand = sel._candidates(rotated, leaves, 50, None)
     steps = {
         "upload queries": lambda: cupy.asarray(q),

@@ -374,8 +374,8 @@ class ClusteredIndex(Writes):
         st, matching = self._state_and_matches(filt)
         q = prepare(q, self._metric)
         row_ok, sizes, allowed = st.row_ok, st.live_sizes, len(st.idmap)
-        if matching is not None:
-            rows = st.live_rows_of(matching)
+        if matching is not None or allowed == 0:  # (an emptied index has no row to read)
+            rows = st.live_rows_of(matching) if matching is not None else np.empty(0, np.int64)
             allowed = int(rows.shape[0])
             if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
                 # Few matches: score them all exactly, like a brute force.

@@ -122,7 +122,11 @@ def code_table(tree: Tree, quantizer: Quantizer, metric: Metric) -> CodeTable:
 
 
 def ids_of(st: IndexState, rows: I64) -> I64:
-    return np.where(rows >= 0, st.row_id[np.maximum(rows, 0)], -1)
+    """Ids ``(...)`` int64 of storage ``rows``, ``-1`` where a row is ``-1``."""
+    out = np.full(rows.shape, -1, dtype=np.int64)
+    found = rows >= 0
+    out[found] = st.row_id[rows[found]]
+    return out
 
 
 #: Grouping by leaf pays off once leaves are shared by this many queries on average.

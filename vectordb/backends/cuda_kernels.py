@@ -94,12 +94,12 @@ extern "C" __global__ void score_keys(
     keys[t] = ((unsigned long long)ordered << 32) | (unsigned long long)row;
 }
 
-/* Beam search as tree.Tree.route, one thread per query. scores: (nq, n_nodes) routing
-   scores; children: (n_nodes, B), -1 padded; scratch: (nq, 2 * probes * B); out:
-   (nq, depth * probes) leaves, -1 padded; held: (nq,) rows of the found leaves by sizes.
-   Each level keeps the `probes` best nodes, ties to the lower node id. */
+/* Beam search as tree.Tree.route, one thread per query. scores: (nq, stride) routing
+   scores, column = node; children: (n_nodes, B), -1 padded; scratch: (nq, 2 * probes * B);
+   out: (nq, depth * probes) leaves, found ones first, then -1; held: (nq,) rows of the
+   found leaves by sizes. Each level keeps the `probes` best nodes, ties to the lower id. */
 extern "C" __global__ void beam_route(
-    const float* scores, const long long n_nodes,
+    const float* scores, const long long stride,
     const long long* children, const int branching, const long long* leaf_of_node,
     const long long* sizes, const int probes, const int depth, const long long nq,
     long long* scratch, long long* out, long long* held)
@@ -109,7 +109,7 @@ extern "C" __global__ void beam_route(
     const long long width = (long long)probes * branching;
     long long* cur = scratch + q * 2 * width;
     long long* nxt = cur + width;
-    const float* s = scores + q * n_nodes;
+    const float* s = scores + q * stride;
     long long* leaves = out + q * (long long)depth * probes;
     long long f = 0, found = 0, rows = 0;
     for (int c = 0; c < branching; ++c) {

@@ -11,10 +11,12 @@ On the device (see ``device_search``): rotate, route, compute the query codes, s
 builds the ``topk`` keys, sort each query's keys, and rerank the best ``m`` exactly. When
 the vectors stay on the host, the candidate rows come back and are reranked there.
 
-Hamming distances, and the estimates computed from them, are bit for bit NumPy's (the
-kernel compiles without fused multiply-add). The other float32 steps sum in another order
-than NumPy's, so a query's floats may differ in the last bits: where two leaves or two
-candidates tie within rounding, the backends may choose differently. Recall is the same.
+The scoring kernel computes the estimate of a code from the same inputs exactly as NumPy
+does (compiled without fused multiply-add). The other float32 steps (rotation, routing,
+exact distances) sum in another order than NumPy's, so a query's floats may differ in the
+last bits: its code can differ in a coordinate within rounding of zero, and where two
+leaves or two candidates tie within rounding the backends may choose differently. Recall
+is the same.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 B = npt.NDArray[np.bool_]
 
-#: Most bytes of score keys held on the device per block of queries.
-_KEY_BYTES = 256 << 20
+#: Most bytes of device temporaries (routing scores, keys, query codes) per block of queries.
+_BLOCK_BYTES = 512 << 20
+#: Widest beam the routing kernel runs; wider ones (a widened search) use array code.
+_KERNEL_PROBES = 32
 _THREADS = 256
 #: The full vectors go to the device only if they fit in this share of its free memory.
 _VECTOR_SHARE = 0.5
@@ -134,8 +138,10 @@ class CupyCodeSelector:
         self._host = NumpyCodeSelector(table, parts, stages)
         self._no_mask = cp.zeros(1, dtype=cp.uint8)
         self._last: dict[str, tuple[weakref.ref[Any], Any]] = {}
-        self._local = threading.local()
-        cp.cuda.runtime.deviceSynchronize()
+        self._stream = backend.stream
+        # The copies above went to this thread's current stream; the state is published
+        # after this returns, so they must have landed (searches use other streams).
+        cp.cuda.get_current_stream().synchronize()
 
     @property
     def device_bytes(self) -> int:
@@ -158,13 +164,6 @@ class CupyCodeSelector:
     def vectors_on_device(self) -> bool:
         """Whether the exact rerank runs on the device (the vectors fit there)."""
         return self._vectors is not None
-
-    def _stream(self) -> Any:
-        # One stream per thread, so batches from different executor threads overlap.
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = self._cp.cuda.Stream(non_blocking=True)
-        return stream
 
     def _upload(self, name: str, host: Any, as_type: Any = None) -> Any:
         """``host`` on the device, reusing the copy made for the same object last time
@@ -193,9 +192,12 @@ class CupyCodeSelector:
         self.stages.storage.slice(0, 0)  # a closed storage raises, as on the CPU path
         out_rows = np.empty((nq, k), dtype=np.int64)
         out_dist = np.empty((nq, k), dtype=np.float32)
-        # Probed leaves per query, before any widening of the beam.
-        width = max(1, probes * max(1, self._tree.depth)) * self._max_rows
-        block = max(1, _KEY_BYTES // (8 * width))
+        # Device bytes per query: routing scores, then per probed leaf (at most probes per
+        # level before any widening) its keys and its query-code temporaries.
+        tree, bits = self._tree, self._rotation[2]
+        slots = max(1, probes * max(1, tree.depth))
+        per_query = 4 * (tree.n_nodes + 1) + slots * (8 * self._max_rows + 40 * bits)
+        block = max(1, _BLOCK_BYTES // per_query)
         with self._stream() as stream:
             ok = None if row_ok is None else self._upload("row_ok", row_ok, np.uint8)
             d_sizes = self._upload("sizes", np.asarray(sizes, dtype=np.int64))
@@ -213,46 +215,68 @@ class CupyCodeSelector:
         dq = cp.asarray(q)
         perm, blocks_t, bits = self._rotation
         rotated = ds.rotate(cp, dq, perm, blocks_t, bits)
-        leaves = self._route(rotated, probes, need, sizes)
+        leaves, wide = self._route(rotated, probes, need, sizes)
         cand = self._candidates(rotated, leaves, m, ok)
+        if wide is not None:
+            # Queries whose beam had to widen are scored on their own, so that their many
+            # leaves do not pad every other query's row.
+            idx, more = wide
+            extra = self._candidates(rotated[idx], more, m, ok)
+            width = max(cand.shape[1], extra.shape[1])
+            merged = cp.full((cand.shape[0], width), -1, dtype=cp.int64)
+            merged[:, : cand.shape[1]] = cand
+            merged[idx] = -1
+            merged[idx, : extra.shape[1]] = extra
+            cand = merged
         if self._vectors is None:
             return host_rerank(q, cand.get(), k, self.stages.storage.take, self.metric)
         rows, dists = self._rerank(dq, cand, k)
         return rows.get(), dists.get()
 
-    def _route(self, rotated: Any, probes: int, need: int, sizes: Any) -> Any:
-        """``(nq, L)`` int64 device leaves: ``ds.route_for`` with the beam in one kernel."""
+    def _route(
+        self, rotated: Any, probes: int, need: int, sizes: Any
+    ) -> tuple[Any, tuple[Any, Any] | None]:
+        """Leaves of rotated queries ``(nq, bits)``, as ``Tree.route_for``.
+
+        Returns ``(nq, L)`` int64 leaves, trimmed (see ``ds.trim``), and for the queries
+        whose leaves hold fewer than ``need`` rows by ``sizes``: their indices and their
+        leaves from a beam doubled until they hold enough (else ``None``).
+        """
         cp, tree = self._cp, self._tree
         nq = rotated.shape[0]
         if tree.depth == 0:
-            return cp.zeros((nq, 1), dtype=cp.int64)
-        scores = rotated @ tree.centroids.T  # (nq, n_nodes), as tree._approx_scores
-        if self.metric is Metric.IP:
-            cp.negative(scores, out=scores)
-        else:
-            scores *= cp.float32(-2.0)
-            scores += tree.c_sq[None, :]
+            return cp.zeros((nq, 1), dtype=cp.int64), None
+        scores = ds.node_scores(cp, rotated, tree, self.metric)
         leaves, held = self._beam(scores, probes, sizes)
-        short = held < need
-        wider = probes
-        while wider < tree.n_nodes and bool(short.any()):
+        leaves = ds.trim(cp, leaves, packed=probes <= _KERNEL_PROBES)
+        short = cp.flatnonzero(held < need)
+        if short.shape[0] == 0 or probes >= tree.n_nodes:
+            return leaves, None
+        wide = cp.full((short.shape[0], 1), -1, dtype=cp.int64)
+        pos, idx, wider = cp.arange(short.shape[0]), short, probes
+        while wider < tree.n_nodes and idx.shape[0]:
             wider *= 2
-            idx = cp.flatnonzero(short)
             more, more_held = self._beam(cp.ascontiguousarray(scores[idx]), wider, sizes)
-            if more.shape[1] > leaves.shape[1]:
-                pad = cp.full((nq, more.shape[1] - leaves.shape[1]), -1, dtype=cp.int64)
-                leaves = cp.concatenate([leaves, pad], axis=1)
-            leaves[idx] = -1
-            leaves[idx, : more.shape[1]] = more
-            short[idx] = more_held < need
-        return leaves
+            if more.shape[1] > wide.shape[1]:
+                pad = cp.full((wide.shape[0], more.shape[1] - wide.shape[1]), -1, cp.int64)
+                wide = cp.concatenate([wide, pad], axis=1)
+            wide[pos] = -1
+            wide[pos, : more.shape[1]] = more
+            still = more_held < need
+            pos, idx = pos[still], idx[still]
+        return leaves, (short, ds.trim(cp, wide))
 
     def _beam(self, scores: Any, probes: int, sizes: Any) -> tuple[Any, Any]:
-        """Leaves ``(nq, depth * probes)`` and rows they hold ``(nq,)`` by ``beam_route``."""
+        """Leaves ``(nq, L)`` int64 (``-1`` padded) and the rows they hold ``(nq,)`` for
+        :func:`ds.node_scores` ``scores``: the ``beam_route`` kernel for narrow beams,
+        array code for wide ones (the kernel's selection grows as ``probes**2``)."""
         cp, tree = self._cp, self._tree
         nq = scores.shape[0]
+        if probes > _KERNEL_PROBES:
+            leaves = ds.beam(cp, scores, tree, probes)
+            held = cp.where(leaves >= 0, sizes[cp.maximum(leaves, 0)], 0).sum(axis=1)
+            return leaves, held
         branching = int(tree.children.shape[1])
-        probes = min(probes, tree.n_nodes)
         scratch = cp.empty((nq, 2 * probes * branching), dtype=cp.int64)
         leaves = cp.empty((nq, tree.depth * probes), dtype=cp.int64)
         held = cp.empty(nq, dtype=cp.int64)
@@ -262,7 +286,7 @@ class CupyCodeSelector:
                 (128,),
                 (
                     scores,
-                    np.int64(tree.n_nodes),
+                    np.int64(scores.shape[1]),
                     tree.children,
                     np.int32(branching),
                     tree.leaf_of_node,
@@ -377,11 +401,20 @@ class CupyBackend:
         self._luts = IdCache()
         self._mirrors = IdCache()
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._warned: set[str] = set()
+
+    def stream(self) -> Any:
+        """This thread's CUDA stream: batches from different executor threads overlap."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = self._cp.cuda.Stream(non_blocking=True)
+        return stream
 
     def vectors_of(self, storage: Any) -> Any:
         """The device copy of ``storage``'s vectors, synced; ``None`` when they would take
-        more than half of the free device memory (the rerank then runs on the host)."""
+        more than half of the free device memory, or stopped fitting as they grew (the
+        rerank then runs on the host)."""
         with self._lock:
             mirror = self._mirrors.get(storage, lambda s: self._new_mirror(s))
             if mirror is None:
@@ -400,7 +433,7 @@ class CupyBackend:
                     nbytes / 1e9,
                 )
             return None
-        return VectorMirror(self._cp, dim)
+        return VectorMirror(self._cp, dim, _VECTOR_SHARE)
 
     def hamming(self, queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
         """Same contract as the NumPy backend's ``hamming``, computed on the device.

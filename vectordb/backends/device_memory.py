@@ -5,6 +5,7 @@ Given the ``cupy`` module by the caller; imports no GPU library itself.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -15,6 +16,8 @@ import numpy as np
 from ..parts import Part
 
 __all__ = ["DevicePart", "IdCache", "VectorMirror", "fits", "rotation"]
+
+log = logging.getLogger("vectordb")
 
 #: Bytes per host-to-device copy while mirroring the vectors.
 _UPLOAD_BYTES = 64 << 20
@@ -50,27 +53,44 @@ class VectorMirror:
 
     Storage rows never change once written, so a sync copies only rows added since the
     last one. A grown copy is a new device array: selectors holding the old one keep it.
+    When the copy cannot grow (its new size would pass ``share`` of the free device
+    memory, or the allocation fails), it is given up for good: searches then rerank on
+    the host, and writes go on.
     """
 
-    def __init__(self, cupy: Any, dim: int) -> None:
+    def __init__(self, cupy: Any, dim: int, share: float) -> None:
         self._cp = cupy
-        self._buf = cupy.empty((0, dim), dtype=cupy.float32)
+        self._share = share
+        self._buf: Any = cupy.empty((0, dim), dtype=cupy.float32)
         self._n = 0
         self._lock = threading.Lock()
 
     def sync(self, storage: Any) -> Any:
-        """``(n, d)`` float32 device array of the storage's rows as they are now."""
+        """``(n, d)`` float32 device array of the storage's rows as they are now, or
+        ``None`` once the copy was given up."""
         cp = self._cp
         with self._lock:
-            n = int(storage.n)
-            if n > self._buf.shape[0]:
-                grown = cp.empty((max(n, 2 * self._buf.shape[0]), self._buf.shape[1]), cp.float32)
-                grown[: self._n] = self._buf[: self._n]
-                self._buf = grown
-            step = max(1, _UPLOAD_BYTES // (4 * max(1, self._buf.shape[1])))
-            for a in range(self._n, n, step):
-                b = min(n, a + step)
-                self._buf[a:b] = cp.asarray(np.ascontiguousarray(storage.slice(a, b)))
+            if self._buf is None:
+                return None
+            n, dim = int(storage.n), int(self._buf.shape[1])
+            try:
+                if n > self._buf.shape[0]:
+                    rows = max(n, self._buf.shape[0] * 3 // 2)
+                    if not fits(cp, 4 * dim * rows, self._share):
+                        rows = n
+                        if not fits(cp, 4 * dim * rows, self._share):
+                            raise MemoryError(f"{rows} vectors no longer fit")
+                    grown = cp.empty((rows, dim), cp.float32)
+                    grown[: self._n] = self._buf[: self._n]
+                    self._buf = grown
+                step = max(1, _UPLOAD_BYTES // (4 * max(1, dim)))
+                for a in range(self._n, n, step):
+                    b = min(n, a + step)
+                    self._buf[a:b] = cp.asarray(np.ascontiguousarray(storage.slice(a, b)))
+            except MemoryError as exc:  # CuPy's OutOfMemoryError is one
+                self._buf = None
+                log.info("cupy backend: %s; reranking on the host from now on", exc)
+                return None
             self._n = n
             return self._buf[:n]
 

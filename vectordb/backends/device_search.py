@@ -27,8 +27,10 @@ from ..metrics import Metric
 
 __all__ = [
     "DeviceTree",
+    "beam",
     "candidate_distances",
     "keys_of",
+    "node_scores",
     "pack_signs",
     "query_terms",
     "rerank",
@@ -37,6 +39,7 @@ __all__ = [
     "route_for",
     "rows_of",
     "tree_depth",
+    "trim",
 ]
 
 NO_KEY = 0xFFFFFFFFFFFFFFFF
@@ -113,21 +116,9 @@ def rotate(xp: Any, x: Any, perm: Any, blocks_t: Any, bits: int) -> Any:
     return xp.ascontiguousarray(out.transpose(1, 0, 2)).reshape(n, bits)
 
 
-def route(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric) -> Any:
-    """Beam search as ``Tree.route``: ``(nq, L)`` int64 leaves, ``-1`` padded.
-
-    Every query scores every node in one product per block of queries; the tree has a
-    few thousand nodes, so this is cheaper on a GPU than gathering each query's frontier.
-    """
-    nq = q.shape[0]
-    if tree.depth == 0:
-        return xp.zeros((nq, 1), dtype=xp.int64)
-    rows = max(1, _ROUTE_BLOCK // (tree.n_nodes + 1))
-    blocks = [_route_block(xp, q[s : s + rows], tree, probes, metric) for s in range(0, nq, rows)]
-    return blocks[0] if len(blocks) == 1 else xp.concatenate(blocks)
-
-
-def _route_block(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric) -> Any:
+def node_scores(xp: Any, q: Any, tree: DeviceTree, metric: Metric) -> Any:
+    """Routing scores ``(nq, n_nodes + 1)`` float32 of rotated queries ``q`` against every
+    node, as ``tree._approx_scores``; the last column, ``inf``, scores "no node"."""
     nq, n_nodes = q.shape[0], tree.n_nodes
     scores = xp.empty((nq, n_nodes + 1), dtype=xp.float32)
     dots = q @ tree.centroids.T
@@ -135,7 +126,14 @@ def _route_block(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric)
         xp.negative(dots, out=scores[:, :n_nodes])
     else:
         xp.subtract(tree.c_sq[None, :], xp.float32(2.0) * dots, out=scores[:, :n_nodes])
-    scores[:, n_nodes] = xp.inf  # the score of "no node"
+    scores[:, n_nodes] = xp.inf
+    return scores
+
+
+def beam(xp: Any, scores: Any, tree: DeviceTree, probes: int) -> Any:
+    """The beam search of ``Tree.route`` over :func:`node_scores`: ``(nq, L)`` int64
+    leaves, ``-1`` padded (not necessarily at the end of a row)."""
+    nq, n_nodes = scores.shape[0], tree.n_nodes
     frontier = xp.broadcast_to(tree.children[0], (nq, tree.children.shape[1]))
     found = []
     for _ in range(tree.depth):
@@ -150,6 +148,23 @@ def _route_block(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric)
         expand = xp.where(valid & (leaf < 0), frontier, n_nodes)
         frontier = tree.children[expand].reshape(nq, -1)
     return xp.concatenate(found, axis=1)
+
+
+def route(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric) -> Any:
+    """Beam search as ``Tree.route``: ``(nq, L)`` int64 leaves, ``-1`` padded.
+
+    Every query scores every node in one product per block of queries; the tree has a
+    few thousand nodes, so this is cheaper on a GPU than gathering each query's frontier.
+    """
+    nq = q.shape[0]
+    if tree.depth == 0:
+        return xp.zeros((nq, 1), dtype=xp.int64)
+    rows = max(1, _ROUTE_BLOCK // (tree.n_nodes + 1))
+    blocks = [
+        beam(xp, node_scores(xp, q[s : s + rows], tree, metric), tree, probes)
+        for s in range(0, nq, rows)
+    ]
+    return blocks[0] if len(blocks) == 1 else xp.concatenate(blocks)
 
 
 def route_for(
@@ -171,6 +186,16 @@ def route_for(
         leaves[idx, : more.shape[1]] = more
         short[idx] = _count(xp, more, sizes) < need
     return leaves
+
+
+def trim(xp: Any, leaves: Any, packed: bool = False) -> Any:
+    """``leaves`` ``(nq, L)`` with each row's ``-1`` moved to its end and the columns
+    that are ``-1`` in every row dropped (at least one column is kept). ``packed``: the
+    rows already hold their leaves first."""
+    if not packed:
+        leaves = xp.sort(leaves, axis=1)[:, ::-1]
+    width = int((leaves >= 0).sum(axis=1).max()) if leaves.shape[0] else 0
+    return xp.ascontiguousarray(leaves[:, : max(1, width)])
 
 
 def _count(xp: Any, leaves: Any, sizes: Any) -> Any:
@@ -238,6 +263,9 @@ def candidate_distances(xp: Any, q: Any, rows: Any, vectors: Any, metric: Metric
     nq, m = rows.shape
     d = q.shape[1]
     out = xp.empty((nq, m), dtype=xp.float32)
+    if vectors.shape[0] == 0:  # nothing stored: every row is -1
+        out[:] = xp.inf
+        return out
     block = max(1, _RERANK_BLOCK // max(1, m * d))
     for start in range(0, nq, block):
         r = rows[start : start + block]
