@@ -370,3 +370,47 @@ def test_an_emptied_index_answers_with_padding(data, backend_name):
     ids, dists = index.search_batch(queries[:20], K)
     assert (ids == -1).all() and np.isinf(dists).all()
     assert (index.search(queries[0], K)[0] == -1).all()
+
+
+def test_searches_on_threads_while_writing(data, backend_name):
+    """Each search thread has its own stream on the GPU; a write publishes a new state
+    (new device copies of what changed) while searches run on the old one."""
+    import threading
+
+    x, queries = data
+    index = vdb.ClusteredIndex.build(x[:2_000], max_leaf_size=200, backend=backend_name)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def search() -> None:
+        try:
+            while not done.is_set():
+                ids, dists = index.search_batch(queries[:32], K)
+                assert (ids >= 0).all() and (ids < 4_000).all()
+                assert (np.diff(dists, axis=1) >= 0).all()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=search) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for step in range(8):
+            index.add(x[2_000 + 200 * step : 2_200 + 200 * step])
+            index.delete(np.arange(step * 50, step * 50 + 25))
+        index.compact()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    reference = vdb.ClusteredIndex.build(x[:2_000], max_leaf_size=200, backend="numpy")
+    for step in range(8):
+        reference.add(x[2_000 + 200 * step : 2_200 + 200 * step])
+        reference.delete(np.arange(step * 50, step * 50 + 25))
+    reference.compact()
+    assert_same_neighbours(
+        index.search_batch(queries, K),
+        reference.search_batch(queries, K),
+        exact=backend_name == "numpy",
+    )
