@@ -290,6 +290,75 @@ def test_a_closed_index_refuses_searches(data, backend_name, tmp_path):
         index.search_batch(queries[:64], K)
 
 
+def emulated_index(monkeypatch, x, **build):
+    """An index on the CuPy backend run by ``fake_cupy``, and its selector."""
+    use_fake_cupy(monkeypatch)
+    index = vdb.ClusteredIndex.build(x, backend="cupy", **build)
+    return index, index._state.selector
+
+
+@pytest.mark.parametrize("probes", [1, 3, 8, 40])  # the kernel, and array code past 32
+def test_device_routing_picks_the_cpu_leaves(monkeypatch, data, probes):
+    from vectordb.metrics import prepare
+
+    x, queries = data
+    index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
+    q = index._quantizer.rotate(prepare(queries, index.metric))
+    got, wide = sel._route(q, probes, 1, np.asarray(index._state.live_sizes))
+    want = index._state.tree.route(q, probes, index.metric)
+    assert wide is None
+    same = [
+        set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
+    ]
+    assert np.mean(same) >= 0.99
+
+
+def test_device_routing_widens_for_queries_short_of_rows(monkeypatch, data):
+    from vectordb.metrics import prepare
+
+    x, queries = data
+    index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
+    q = index._quantizer.rotate(prepare(queries[:20], index.metric))
+    sizes = np.asarray(index._state.live_sizes)
+    need = 600  # more than a few leaves hold: the beam must widen
+    leaves, wide = sel._route(q, 1, need, sizes)
+    assert wide is not None and wide[0].tolist() == list(range(20))
+    held = np.where(wide[1] >= 0, sizes[np.maximum(wide[1], 0)], 0).sum(axis=1)
+    assert (held >= need).all()
+    assert leaves.shape[1] < wide[1].shape[1]
+    assert sel._route(q, 1, 1, sizes)[1] is None
+
+
+def test_device_routing_of_a_one_leaf_tree(monkeypatch):
+    index, sel = emulated_index(
+        monkeypatch, np.eye(130, dtype=np.float32), max_leaf_size=200, leaf_scan="codes"
+    )
+    q = np.ones((3, index._quantizer.bits), dtype=np.float32)
+    leaves, wide = sel._route(q, 4, K, np.asarray(index._state.live_sizes))
+    np.testing.assert_array_equal(leaves, np.zeros((3, 1)))
+    assert wide is None
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_device_rerank_matches_the_cpu_rerank(monkeypatch, metric):
+    from vectordb.metrics import prepare
+    from vectordb.scan import rerank
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 40)).astype(np.float32)
+    index, sel = emulated_index(monkeypatch, x, metric=metric, leaf_scan="codes")
+    q = prepare(rng.standard_normal((9, 40)).astype(np.float32), index.metric)
+    rows = rng.integers(0, 500, size=(9, 25))
+    rows[0, 5:] = -1
+    rows[1] = -1
+    want = rerank(q, rows, 10, index._state.storage.take, index.metric)
+    got = [np.asarray(a) for a in sel._rerank(q, rows, 10)]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert (got[0][1] == -1).all() and np.isinf(got[1][1]).all()
+    assert got[0].shape == (9, 10)
+
+
 def test_writes_send_only_what_changed(monkeypatch, data):
     use_fake_cupy(monkeypatch)
     x = data[0]

@@ -11,7 +11,6 @@ from vectordb import topk
 from vectordb.backends import device_search as ds
 from vectordb.codes import Quantizer, pack_signs
 from vectordb.metrics import Metric, prepare
-from vectordb.scan import rerank
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +29,12 @@ def test_pack_signs_is_the_cpu_packing(bits):
     np.testing.assert_array_equal(ds.pack_signs(np, x, words), pack_signs(x))
 
 
-def test_keys_and_rows_are_the_cpu_keys():
+def test_rows_of_keys_are_the_cpu_rows():
     rng = np.random.default_rng(1)
     scores = rng.standard_normal((7, 30)).astype(np.float32)
     scores[0, :3] = [-0.0, 0.0, np.float32(3.4e38)]
     rows = rng.integers(0, 1 << 31, size=(7, 30))
-    keys = ds.keys_of(np, scores, rows)
-    np.testing.assert_array_equal(keys, topk.keys_of(scores, rows))
+    keys = topk.keys_of(scores, rows)
     keys[1, 4] = topk.NO_KEY
     np.testing.assert_array_equal(ds.rows_of(np, keys), topk.rows_of(keys))
 
@@ -51,12 +49,14 @@ def test_rotation_matches_the_quantizer():
 
 
 @pytest.mark.parametrize("probes", [1, 3, 8])
-def test_routing_picks_the_cpu_leaves(index, probes):
+def test_wide_beams_pick_the_cpu_leaves(index, probes):
+    """The array-code beam (the GPU's path for wide beams); the kernel's is tested with
+    the backend (``test_backends``)."""
     idx, queries = index
     st = idx._state
     q = idx._quantizer.rotate(prepare(queries, Metric.COSINE))
     tree = ds.DeviceTree.upload(np, st.tree)
-    got = ds.route(np, q, tree, probes, Metric.COSINE)
+    got = ds.beam(np, ds.node_scores(np, q, tree, Metric.COSINE), tree, probes)
     want = st.tree.route(q, probes, Metric.COSINE)
     same = [
         set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
@@ -64,26 +64,11 @@ def test_routing_picks_the_cpu_leaves(index, probes):
     assert np.mean(same) >= 0.99
 
 
-def test_routing_widens_for_queries_short_of_rows(index):
-    idx, queries = index
-    st = idx._state
-    q = idx._quantizer.rotate(prepare(queries[:20], Metric.COSINE))
-    tree = ds.DeviceTree.upload(np, st.tree)
-    need = 600  # more than a few leaves hold: the beam must widen
-    leaves = ds.route_for(np, q, tree, 1, need, st.live_sizes, Metric.COSINE)
-    held = np.where(leaves >= 0, st.live_sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
-    assert (held >= need).all()
-    assert ds.route_for(np, q, tree, 1, 1, st.live_sizes, Metric.COSINE).shape[1] < leaves.shape[1]
-
-
 def test_tree_depth_and_single_leaf():
     children = np.array([[1, 2], [3, -1], [-1, -1], [-1, -1]])
     assert ds.tree_depth(children) == 2
     small = vdb.ClusteredIndex.build(np.eye(5, dtype=np.float32), max_leaf_size=10)
-    tree = ds.DeviceTree.upload(np, small._state.tree)
-    assert tree.depth == 0
-    q = np.ones((3, small._quantizer.bits), dtype=np.float32)
-    np.testing.assert_array_equal(ds.route(np, q, tree, 4, Metric.COSINE), np.zeros((3, 1)))
+    assert ds.DeviceTree.upload(np, small._state.tree).depth == 0
 
 
 def test_query_terms_match_the_cpu_query_side(index):
@@ -103,19 +88,3 @@ def test_query_terms_match_the_cpu_query_side(index):
     np.testing.assert_allclose(a[valid], -2 * side.r_q, rtol=1e-6)
     np.testing.assert_allclose(b[valid], side.r_q**2, rtol=1e-5)
     assert (a[~valid] == 0).all() and (b[~valid] == 0).all()
-
-
-@pytest.mark.parametrize("metric", list(Metric))
-def test_rerank_matches_the_cpu_rerank(metric):
-    rng = np.random.default_rng(2)
-    x = prepare(rng.standard_normal((500, 40)).astype(np.float32), metric)
-    q = prepare(rng.standard_normal((9, 40)).astype(np.float32), metric)
-    rows = rng.integers(0, 500, size=(9, 25))
-    rows[0, 5:] = -1
-    rows[1] = -1
-    want = rerank(q, rows, 10, lambda r: x[r], metric)
-    got = ds.rerank(np, q, rows, 10, x, metric)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
-    assert (got[0][1] == -1).all() and np.isinf(got[1][1]).all()
-    assert got[0].shape == (9, 10)

@@ -8,7 +8,7 @@ device instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -19,14 +19,20 @@ from .scan import rerank
 from .storage import InMemoryStorage, MmapStorage
 from .tree import Tree
 
-if TYPE_CHECKING:
-    from .backends import CodeSelector
-
-__all__ = ["Stages", "host_search"]
+__all__ = ["CandidateSelector", "Stages", "host_search"]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 B = npt.NDArray[np.bool_]
+
+
+class CandidateSelector(Protocol):
+    """Picks candidates from the probed leaves on the CPU (codes or full vectors)."""
+
+    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+        """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row),
+        among rows with ``row_ok`` (``(R,)`` bool over storage rows; ``None``: all)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Stages:
 
 def host_search(
     stages: Stages,
-    selector: CodeSelector,
+    selector: CandidateSelector,
     q: F32,
     k: int,
     probes: int,

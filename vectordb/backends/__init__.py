@@ -53,11 +53,6 @@ B = npt.NDArray[np.bool_]
 class CodeSelector(Protocol):
     """Searches one state of an index: its codes, held wherever the backend keeps them."""
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
-        """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row),
-        among rows with ``row_ok`` (``(R,)`` bool over storage rows; ``None``: all)."""
-        ...
-
     def search(
         self,
         q: F32,

@@ -133,32 +133,15 @@ class CupyCodeSelector:
         self._tree = backend._trees.get(stages.tree, lambda t: ds.DeviceTree.upload(cp, t))
         self._rotation = backend._rotations.get(stages.quantizer, lambda q: rotation(cp, q))
         self._lut = backend._luts.get(table.cos_lut, cp.asarray)
-        self._max_rows = max(1, int((np.diff(base.offsets) + np.diff(delta.offsets)).max()))
         self._vectors = backend.vectors_of(stages.storage)
         self._host = NumpyCodeSelector(table, parts, stages)
+        self._max_rows = max(1, int(self._host.sizes.max(initial=0)))
         self._no_mask = cp.zeros(1, dtype=cp.uint8)
         self._last: dict[str, tuple[weakref.ref[Any], Any]] = {}
         self._stream = backend.stream
         # The copies above went to this thread's current stream; the state is published
         # after this returns, so they must have landed (searches use other streams).
         cp.cuda.get_current_stream().synchronize()
-
-    @property
-    def device_bytes(self) -> int:
-        """Bytes of device memory this state reads (shared copies included)."""
-        arrays = [
-            self._base.codes,
-            self._base.norms,
-            self._base.rows,
-            self._delta.codes,
-            self._delta.norms,
-            self._delta.rows,
-            self._tree.centroids,
-            self._tree.children,
-        ]
-        if self._vectors is not None:
-            arrays.append(self._vectors)
-        return sum(int(a.nbytes) for a in arrays)
 
     @property
     def vectors_on_device(self) -> bool:
@@ -274,8 +257,7 @@ class CupyCodeSelector:
         nq = scores.shape[0]
         if probes > _KERNEL_PROBES:
             leaves = ds.beam(cp, scores, tree, probes)
-            held = cp.where(leaves >= 0, sizes[cp.maximum(leaves, 0)], 0).sum(axis=1)
-            return leaves, held
+            return leaves, ds.rows_held(cp, leaves, sizes)
         branching = int(tree.children.shape[1])
         scratch = cp.empty((nq, 2 * probes * branching), dtype=cp.int64)
         leaves = cp.empty((nq, tree.depth * probes), dtype=cp.int64)
@@ -302,8 +284,8 @@ class CupyCodeSelector:
         return leaves, held
 
     def _rerank(self, dq: Any, cand: Any, k: int) -> tuple[Any, Any]:
-        """Device rows ``(nq, k)`` and distances ``(nq, k)``: ``ds.rerank`` with the
-        selection in one kernel."""
+        """Device rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of the ``k``
+        best candidates, as ``scan.rerank``: exact distances, then the ``top_k`` kernel."""
         cp = self._cp
         dist = ds.candidate_distances(cp, dq, cand, self._vectors, self.metric)
         nq, m = cand.shape
@@ -371,16 +353,6 @@ class CupyCodeSelector:
             )
         best = cp.sort(keys.reshape(nq, -1), axis=1)[:, :keep]
         return ds.rows_of(cp, best)
-
-    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
-        """``(nq, m')`` int64 rows for host-routed queries: the candidates alone."""
-        cp = self._cp
-        with self._stream() as stream:
-            ok = None if row_ok is None else cp.asarray(row_ok.view(np.uint8))
-            rows = self._candidates(cp.asarray(rotated_queries), cp.asarray(leaves), m, ok)
-            out = rows.get()
-            stream.synchronize()
-        return np.asarray(out)
 
 
 class CupyBackend:

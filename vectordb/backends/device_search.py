@@ -1,8 +1,8 @@
 """The search stages as array code for any NumPy-compatible namespace ``xp``.
 
-The CuPy backend runs a whole batch on the GPU with these: rotate the queries, route them
-down the tree, compute their codes against each probed leaf, and rerank the candidates on
-the full vectors. Only the code-scoring kernel itself is CUDA source (``cupy_backend``).
+The CuPy backend runs a whole batch on the GPU with these and with its kernels
+(``cuda_kernels``): rotate the queries, score the tree's nodes and run wide beams, compute
+the query codes against each probed leaf, and take the exact distances of the candidates.
 Written against ``xp`` rather than CuPy so the same lines run, and are tested, with NumPy
 on machines without a GPU; this module imports neither.
 
@@ -29,22 +29,17 @@ __all__ = [
     "DeviceTree",
     "beam",
     "candidate_distances",
-    "keys_of",
     "node_scores",
     "pack_signs",
     "query_terms",
-    "rerank",
     "rotate",
-    "route",
-    "route_for",
+    "rows_held",
     "rows_of",
     "tree_depth",
     "trim",
 ]
 
 NO_KEY = 0xFFFFFFFFFFFFFFFF
-#: Elements of one routing score block (queries x nodes): 256 MiB of float32.
-_ROUTE_BLOCK = 1 << 26
 #: Elements of gathered vectors per rerank block: 512 MiB of float32.
 _RERANK_BLOCK = 1 << 27
 
@@ -150,44 +145,6 @@ def beam(xp: Any, scores: Any, tree: DeviceTree, probes: int) -> Any:
     return xp.concatenate(found, axis=1)
 
 
-def route(xp: Any, q: Any, tree: DeviceTree, probes: int, metric: Metric) -> Any:
-    """Beam search as ``Tree.route``: ``(nq, L)`` int64 leaves, ``-1`` padded.
-
-    Every query scores every node in one product per block of queries; the tree has a
-    few thousand nodes, so this is cheaper on a GPU than gathering each query's frontier.
-    """
-    nq = q.shape[0]
-    if tree.depth == 0:
-        return xp.zeros((nq, 1), dtype=xp.int64)
-    rows = max(1, _ROUTE_BLOCK // (tree.n_nodes + 1))
-    blocks = [
-        beam(xp, node_scores(xp, q[s : s + rows], tree, metric), tree, probes)
-        for s in range(0, nq, rows)
-    ]
-    return blocks[0] if len(blocks) == 1 else xp.concatenate(blocks)
-
-
-def route_for(
-    xp: Any, q: Any, tree: DeviceTree, probes: int, need: int, sizes: Any, metric: Metric
-) -> Any:
-    """:func:`route`, widening the beam for queries whose leaves hold fewer than ``need``
-    rows by ``sizes`` ``(n_leaves,)`` int64, as ``Tree.route_for`` does."""
-    leaves = route(xp, q, tree, probes, metric)
-    short = _count(xp, leaves, sizes) < need
-    wider = probes
-    while wider < tree.n_nodes and bool(short.any()):
-        wider *= 2
-        idx = xp.flatnonzero(short)
-        more = route(xp, q[idx], tree, wider, metric)
-        if more.shape[1] > leaves.shape[1]:
-            pad = xp.full((leaves.shape[0], more.shape[1] - leaves.shape[1]), -1, xp.int64)
-            leaves = xp.concatenate([leaves, pad], axis=1)
-        leaves[idx] = -1
-        leaves[idx, : more.shape[1]] = more
-        short[idx] = _count(xp, more, sizes) < need
-    return leaves
-
-
 def trim(xp: Any, leaves: Any, packed: bool = False) -> Any:
     """``leaves`` ``(nq, L)`` with each row's ``-1`` moved to its end and the columns
     that are ``-1`` in every row dropped (at least one column is kept). ``packed``: the
@@ -198,7 +155,9 @@ def trim(xp: Any, leaves: Any, packed: bool = False) -> Any:
     return xp.ascontiguousarray(leaves[:, : max(1, width)])
 
 
-def _count(xp: Any, leaves: Any, sizes: Any) -> Any:
+def rows_held(xp: Any, leaves: Any, sizes: Any) -> Any:
+    """Rows ``(nq,)`` held by each row of ``leaves`` ``(nq, L)`` (``-1`` padded), by
+    ``sizes`` ``(n_leaves,)`` int64."""
     return xp.where(leaves >= 0, sizes[xp.maximum(leaves, 0)], 0).sum(axis=1)
 
 
@@ -243,14 +202,6 @@ def query_terms(
     return pack_signs(xp, residual, words), xp.where(valid, a, zero), xp.where(valid, b, zero)
 
 
-def keys_of(xp: Any, scores: Any, rows: Any) -> Any:
-    """``topk.keys_of``: (float32 score, row) as sortable uint64 keys."""
-    bits = xp.ascontiguousarray(scores + xp.float32(0.0), dtype=xp.float32).view(xp.uint32)
-    sign = xp.uint32(0x80000000)
-    ordered = xp.where(bits & sign, ~bits, bits | sign).astype(xp.uint64)
-    return (ordered << xp.uint64(32)) | rows.astype(xp.uint64)
-
-
 def rows_of(xp: Any, keys: Any) -> Any:
     """Rows of keys ``(...)`` uint64 as int64, ``-1`` for ``NO_KEY``."""
     rows = (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
@@ -280,32 +231,3 @@ def candidate_distances(xp: Any, q: Any, rows: Any, vectors: Any, metric: Metric
             dist = xp.float32(1.0) - dots if metric is Metric.COSINE else -dots
         out[start : start + block] = xp.where(valid, dist, xp.float32(xp.inf))
     return out
-
-
-def rerank(xp: Any, q: Any, rows: Any, k: int, vectors: Any, metric: Metric) -> tuple[Any, Any]:
-    """``scan.rerank`` on ``xp`` arrays, vectors ``(R, d)`` float32 held by ``xp``.
-
-    Parameters
-    ----------
-    q : (nq, d) float32 prepared queries
-    rows : (nq, m) int64 candidate rows, ``-1`` for none
-
-    Returns
-    -------
-    rows : (nq, k) int64, best first, ``-1`` padded
-    dists : (nq, k) float32, ascending, ``inf`` padded; ties ordered by row
-    """
-    nq, m = rows.shape
-    kk = min(k, m)
-    out_rows = xp.full((nq, k), -1, dtype=xp.int64)
-    out_dist = xp.full((nq, k), xp.inf, dtype=xp.float32)
-    if m == 0:
-        return out_rows, out_dist
-    dist = candidate_distances(xp, q, rows, vectors, metric)
-    keys = keys_of(xp, dist, xp.maximum(rows, 0))
-    keys = xp.where(xp.isinf(dist), xp.uint64(NO_KEY), keys)
-    order = xp.argsort(keys, axis=1)[:, :kk]
-    best = xp.take_along_axis(dist, order, axis=1)
-    out_rows[:, :kk] = xp.where(xp.isinf(best), -1, xp.take_along_axis(rows, order, axis=1))
-    out_dist[:, :kk] = best
-    return out_rows, out_dist
