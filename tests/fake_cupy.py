@@ -10,7 +10,6 @@ search stages) are tested on every machine with a C compiler; what only a GPU sh
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import re
@@ -37,10 +36,6 @@ def _wrap(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_wrap(v) for v in value)
     return value
-
-
-def _host(value: Any) -> Any:
-    return np.asarray(value) if isinstance(value, np.ndarray) else value
 
 
 _PRELUDE = r"""
@@ -199,12 +194,8 @@ def make(free_bytes: int = 1 << 40) -> types.ModuleType:
         get_current_stream=lambda: _Stream(),
         runtime=types.SimpleNamespace(
             getDeviceCount=lambda: 1,
-            deviceSynchronize=lambda: None,
             memGetInfo=lambda: (free_bytes, free_bytes),
         ),
         Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
     )
-    module.fake = True
-    with contextlib.suppress(AttributeError):
-        del module.__file__
     return module
