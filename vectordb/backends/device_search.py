@@ -214,9 +214,6 @@ def candidate_distances(xp: Any, q: Any, rows: Any, vectors: Any, metric: Metric
     nq, m = rows.shape
     d = q.shape[1]
     out = xp.empty((nq, m), dtype=xp.float32)
-    if vectors.shape[0] == 0:  # nothing stored: every row is -1
-        out[:] = xp.inf
-        return out
     block = max(1, _RERANK_BLOCK // max(1, m * d))
     for start in range(0, nq, block):
         r = rows[start : start + block]
