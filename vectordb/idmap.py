@@ -8,6 +8,7 @@ every change returns a new map, so a search holding the old one is undisturbed.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import numpy as np
@@ -15,17 +16,47 @@ import numpy.typing as npt
 
 from .errors import InvalidParameterError
 
-__all__ = ["IdMap", "as_ids"]
+__all__ = ["MAX_ID", "IdMap", "as_ids", "one_id"]
 
 I64 = npt.NDArray[np.int64]
 
+#: The largest id: ids are int64 >= 0 (``-1`` marks "no result" in search results).
+MAX_ID = int(np.iinfo(np.int64).max)
+
+
+def _bad_range(what: str, value: int) -> InvalidParameterError:
+    return InvalidParameterError(
+        f"{what} must be integers between 0 and 2**63 - 1 (int64 >= 0; -1 marks"
+        f" 'no result'), got {value}"
+    )
+
+
+def _from_objects(values: Any, what: str) -> I64:
+    """Ids from Python objects one by one: NumPy turns a list mixing ints beyond int64 with
+    negative ones into float64 (and huge ones into objects), which would misname the fault
+    or, for floats, round ids above 2**53."""
+    out = []
+    for v in np.asarray(values, dtype=object).reshape(-1).tolist():
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise InvalidParameterError(f"{what} must be integers, got {v!r} ({type(v).__name__})")
+        if not 0 <= int(v) <= MAX_ID:
+            raise _bad_range(what, int(v))
+        out.append(int(v))
+    return np.array(out, dtype=np.int64)
+
 
 def as_ids(ids: Any, what: str = "ids") -> I64:
-    """Validate user ids: a 1-D sequence of integers >= 0 -> ``(n,)`` int64.
+    """Validate user ids: one integer or a 1-D sequence of them, each in ``[0, 2**63 - 1]``
+    -> ``(n,)`` int64.
 
-    ``-1`` marks "no result" in search results, so negative ids are refused.
+    Bools and floats are refused (``InvalidParameterError``), even whole-number floats:
+    float64 cannot hold every int64, so ``2.0**62 + 1`` would silently name another id.
+    ``-1`` marks "no result" in search results, so negative ids are refused too.
     """
-    arr = np.asarray(ids)
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError) as exc:  # ragged nested sequences
+        raise InvalidParameterError(f"{what} must be a 1-D sequence of integers: {exc}") from None
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:
@@ -34,19 +65,30 @@ def as_ids(ids: Any, what: str = "ids") -> I64:
         )
     if arr.size == 0:
         return np.empty(0, dtype=np.int64)
+    if arr.dtype == object or (
+        not isinstance(ids, np.ndarray) and np.issubdtype(arr.dtype, np.floating)
+    ):
+        return _from_objects(ids, what)
+    if isinstance(ids, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in ids):
+        raise InvalidParameterError(f"{what} must be integers, got a bool")  # [1, True] -> int64
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
-            arr = arr.astype(np.int64)
-        else:
-            raise InvalidParameterError(f"{what} must be integers, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.unsignedinteger) and arr.max() > np.iinfo(np.int64).max:
-        raise InvalidParameterError(f"{what} must fit in int64")
-    arr = arr.astype(np.int64)
+        raise InvalidParameterError(f"{what} must be integers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and int(arr.max()) > MAX_ID:
+        raise _bad_range(what, int(arr.max()))
+    arr = arr.astype(np.int64, copy=False)
     if (arr < 0).any():
-        raise InvalidParameterError(
-            f"{what} must be >= 0 (-1 marks 'no result'), got {int(arr[arr < 0][0])}"
-        )
+        raise _bad_range(what, int(arr[arr < 0][0]))
     return arr
+
+
+def one_id(id_: object) -> int | None:
+    """One id given alone (``in``, ``get_metadata``): an ``int`` (or NumPy integer, not a
+    bool) -> that int when some vector could have it, ``None`` when none can (negative, or
+    beyond int64). Anything else raises ``InvalidParameterError``."""
+    if isinstance(id_, (bool, np.bool_)) or not isinstance(id_, numbers.Integral):
+        raise InvalidParameterError(f"an id must be an integer, got {id_!r} ({type(id_).__name__})")
+    value = int(id_)
+    return value if 0 <= value <= MAX_ID else None
 
 
 class IdMap:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ from .errors import (
     AlreadyUsingMmapError,
     InvalidParameterError,
 )
-from .idmap import IdMap
+from .idmap import IdMap, one_id
 from .leafscan import leaf_sizes
 from .metadata import Filter, MetadataStore, check_filter
 from .metrics import Metric, prepare
@@ -110,6 +109,12 @@ class ClusteredIndex(Writes):
 
     def _replace(self, **changes: Any) -> None:
         """Publish the current state with ``changes`` (keyword names of ``IndexState``)."""
+        self._state = self._changed(**changes)
+
+    def _changed(self, **changes: Any) -> IndexState:
+        """The current state with ``changes`` (keyword names of ``IndexState``), not yet
+        published: a write prepares it first, so that nothing that can fail comes after
+        its first visible change."""
         st = self._state
         fields: dict[str, Any] = {
             "tree": st.tree,
@@ -122,7 +127,7 @@ class ClusteredIndex(Writes):
             "storage": st.storage,
         }
         fields.update(changes)
-        self._state = self._make_state(**fields)
+        return self._make_state(**fields)
 
     @property
     def _storage(self) -> InMemoryStorage | MmapStorage:
@@ -228,9 +233,15 @@ class ClusteredIndex(Writes):
         return len(self._state.idmap)
 
     def __contains__(self, id_: object) -> bool:
-        if isinstance(id_, bool) or not isinstance(id_, numbers.Integral):
+        """Whether a live vector has id ``id_``. Anything that cannot be an id (not an int,
+        a bool, a float, negative, beyond int64) is not in the index: ``False``, no error."""
+        try:
+            value = one_id(id_)
+        except InvalidParameterError:
             return False
-        return bool(self._state.idmap.rows(np.array([id_], dtype=np.int64))[0] >= 0)
+        if value is None:
+            return False
+        return bool(self._state.idmap.rows(np.array([value], dtype=np.int64))[0] >= 0)
 
     @property
     def ids(self) -> I64:

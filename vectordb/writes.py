@@ -18,7 +18,7 @@ from ._progress import progress_bar
 from ._validation import as_matrix
 from .codes import CodeTable, Quantizer
 from .errors import DuplicateIdError, InvalidParameterError, UnknownIdError
-from .idmap import IdMap, as_ids
+from .idmap import MAX_ID, IdMap, as_ids, one_id
 from .living import Splitter, add_to_parts, assign_leaves, compacted, encode_part
 from .metadata import Filter, MetadataStore, check_filter
 from .metrics import Metric, prepare
@@ -66,6 +66,8 @@ class Writes:
 
         def _replace(self, **changes: Any) -> None: ...
 
+        def _changed(self, **changes: Any) -> IndexState: ...
+
     def add(
         self,
         vectors: Any,
@@ -74,11 +76,13 @@ class Writes:
     ) -> I64:
         """Add vectors; return their ids ``(n,)`` int64.
 
-        ``ids``: distinct integers >= 0 not in the index (``DuplicateIdError`` otherwise);
-        default: consecutive ids after the largest ever used. ``metadata``: one dict (or
-        None) per vector. Each vector goes to its nearest leaf; no rebuild. In mmap mode
-        the vectors are appended to a file beside the mapped one and written into the
-        index by the next :meth:`save`.
+        ``ids``: distinct integers in ``[0, 2**63 - 1]`` not in the index
+        (``DuplicateIdError`` otherwise); default: consecutive ids after the largest ever
+        used (``InvalidParameterError`` if they would pass ``2**63 - 1``: pass ids then).
+        ``metadata``: one dict (or None) per vector. Each vector goes to its nearest leaf;
+        no rebuild. In mmap mode the vectors are appended to a file beside the mapped one
+        and written into the index by the next :meth:`save`. A write that raises changes
+        nothing a caller can see (ids, vectors, metadata, search results).
         """
         return self._write(vectors, ids, metadata, replace=False)
 
@@ -104,7 +108,13 @@ class Writes:
             st = self._state
             leaves = assign_leaves(st.tree, rotated, self._metric)
             if ids is None:
-                new_ids = np.arange(n, dtype=np.int64) + self._next_id(st)
+                start = self._next_id(st)
+                if start > MAX_ID - n + 1:
+                    raise InvalidParameterError(
+                        f"cannot assign {n} ids: the next free id is {start} and ids must"
+                        f" stay <= 2**63 - 1 ({MAX_ID}); pass ids= explicitly"
+                    )
+                new_ids = np.arange(start, start + n, dtype=np.int64)
             else:
                 new_ids = check_new_ids(ids, n)
             old_rows = st.idmap.rows(new_ids)
@@ -142,15 +152,17 @@ class Writes:
             new_state = self._make_state(
                 tree, table, base, delta, row_id, row_ok, idmap, st.storage
             )
+            last_id = max(self._next_id(st), int(new_ids.max()) + 1)
+            # The metadata change is one SQLite transaction (all or nothing) and the only
+            # step left that can fail: if it does, no state was published and the rows
+            # just appended stay unreferenced (invisible; save and compact drop them).
             with self._meta_lock:
                 if docs is not None:
                     self._metadata.put(new_ids, docs)
                 elif not replace:
                     self._metadata.delete(new_ids)  # ids reused after a delete start bare
                 self._state = new_state
-            self._last_id = (
-                max(self._next_id(st), int(new_ids.max()) + 1) if n else self._next_id(st)
-            )
+                self._last_id = last_id
         return new_ids
 
     def _splitter(self, take: Callable[[I64], F32]) -> Splitter:
@@ -194,16 +206,23 @@ class Writes:
             row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
             row_ok[rows] = False
             gone = st.row_id[rows]
-            with self._meta_lock:
-                self._replace(row_ok=row_ok, idmap=st.idmap.without(gone))
+            new_state = self._changed(row_ok=row_ok, idmap=st.idmap.without(gone))
+            with self._meta_lock:  # metadata first (a transaction), then publish: all or none
                 self._metadata.delete(gone)
+                self._state = new_state
         return int(rows.size)
 
     def get_metadata(self, id_: int) -> dict[str, Any] | None:
-        """The metadata of ``id_`` (``None`` if it has none); ``UnknownIdError`` if absent."""
-        if id_ not in self:
+        """The metadata of ``id_`` (``None`` if it has none).
+
+        ``UnknownIdError`` if no live vector has this id (any int: also negative ones and
+        ones beyond int64); ``InvalidParameterError`` if ``id_`` is not an int (a bool,
+        a float, a string).
+        """
+        value = one_id(id_)
+        if value is None or value not in self:
             raise UnknownIdError(f"id {id_!r} is not in the index")
-        return self._metadata.get(int(id_))
+        return self._metadata.get(value)
 
     def _state_and_matches(self, filt: Filter | None) -> tuple[IndexState, I64 | None]:
         """The published state and, with a filter, the ids whose metadata matches it at
