@@ -6,6 +6,15 @@ API) and back into memory by ``open``. Chosen over hand-written columnar arrays 
 takes any keys and value types without a schema, evaluates filters with its JSON functions
 and query planner, and its file format is stable and checkable; it adds no dependency.
 
+Documents
+---------
+A document is a ``dict`` with string keys (at every level: ``{1: "a"}`` would be saved as
+``{"1": "a"}`` and collide with a real ``"1"``) whose values are JSON values: str, int,
+finite float, bool, None, lists (or tuples) and dicts. It may nest at most
+:data:`MAX_DEPTH` containers deep (the document itself is level 1) and take at most
+:data:`MAX_DOC_BYTES` bytes as JSON. Anything else raises ``InvalidParameterError``
+before the index changes.
+
 Filters
 -------
 A ``dict`` of conditions on top-level fields, all of which must hold::
@@ -15,15 +24,35 @@ A ``dict`` of conditions on top-level fields, all of which must hold::
     {"ts": {"$gte": 10, "$lt": 20}}      ranges: "$gt", "$gte", "$lt", "$lte"; "$ne"
 
 or a predicate ``callable(metadata: dict) -> bool`` (evaluated in Python for every vector
-that has metadata: flexible, slower on large indexes).
+that has metadata: flexible, slower on large indexes). A dict filter names at most
+:data:`MAX_FILTER_FIELDS` fields (non-empty strings without quotes, backslashes or NUL),
+its ``$in``/``$nin`` lists hold at most :data:`MAX_FILTER_VALUES` values in all, its
+integers lie in SQLite's range ``[-2**63, 2**63)`` and its strings hold no NUL; otherwise
+``InvalidParameterError``. (SQLite's JSON functions read a stored string up to its first
+NUL character: a filter compares that part of it.)
+
+Files
+-----
+``load`` accepts exactly what ``save`` writes, checked before any query on the data: a
+rollback-journal (not WAL) UTF-8 SQLite file whose schema is our one table and nothing
+else (no views, triggers, indexes or other tables), opened read-only and immutable (no
+``-wal``, ``-journal`` or ``-shm`` file beside it is read or created), every document a
+JSON object in ASCII (as ``json.dumps`` writes it) within the limits above, and, given
+the index's ids, every id one of them. Every query on it runs under a step budget
+proportional to the file's size, so no file can make it loop or allocate without bound;
+anything else raises ``InvalidIndexFileError`` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,22 +60,67 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InvalidIndexFileError, InvalidParameterError
+from ._files import storage_error
+from .errors import InvalidIndexFileError, InvalidParameterError, StorageError
 
-__all__ = ["Filter", "MetadataStore", "check_filter"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_DOC_BYTES",
+    "MAX_FILTER_FIELDS",
+    "MAX_FILTER_VALUES",
+    "Filter",
+    "MetadataStore",
+    "check_filter",
+]
 
 I64 = npt.NDArray[np.int64]
 Filter = Mapping[str, Any] | Callable[[dict[str, Any]], bool]
 
+#: Deepest nesting of dicts and lists in one document (the document itself is level 1).
+MAX_DEPTH = 64
+#: Largest document, as compact ASCII JSON.
+MAX_DOC_BYTES = 16 << 20
+#: Most fields one dict filter may name. Each field has at most 7 operators, so the SQL
+#: expression stays far below SQLite's default depth limit of 1000.
+MAX_FILTER_FIELDS = 100
+#: Most values in all the ``$in`` / ``$nin`` lists of one filter (SQL parameters: SQLite
+#: builds may allow as few as 32766 in a statement).
+MAX_FILTER_VALUES = 10_000
+
 _SCALARS = (str, int, float, bool, type(None))
 _RANGE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<=", "$ne": "!="}
 _LISTS = {"$in": "IN", "$nin": "NOT IN"}
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+#: The one schema object a metadata file may hold, as SQLite records its SQL.
+_SCHEMA = "CREATE TABLE meta (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: SQLite result codes (``sqlite3`` names them from Python 3.11 on): SQLITE_FULL, and
+#: SQLITE_PERM, SQLITE_READONLY, SQLITE_AUTH; and the SQLITE_LIMIT_LENGTH limit.
+_SQLITE_FULL = 13
+_SQLITE_DENIED = (3, 8, 23)
+_SQLITE_LIMIT_LENGTH = 0
+#: Progress-handler granularity (SQLite VM steps) and the budget of a load: saved files
+#: need about 5 steps a byte for all the checks; a hostile one is cut off.
+_STEP_CHUNK = 1000
+_STEPS_PER_BYTE = 100
+_STEPS_BASE = 10_000_000
+#: Documents that are not what ``save`` writes (ids are >= 0 in an index).
+_DOC_CHECK = (
+    "id < 0 OR typeof(doc) != 'text' OR length(CAST(doc AS BLOB)) > ? OR NOT json_valid(doc)"
+    " OR json_type(doc) != 'object'"
+)
+#: Rows read at a time by the checks of ``load`` that run in Python.
+_BATCH = 4096
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 def _path(field: Any) -> str:
-    if not isinstance(field, str) or not field or '"' in field or "\\" in field:
+    if not isinstance(field, str) or not field or '"' in field or "\\" in field or "\x00" in field:
         raise InvalidParameterError(
-            f"filter fields must be non-empty strings without quotes or backslashes, got {field!r}"
+            "filter fields must be non-empty strings without quotes, backslashes or NUL,"
+            f" got {field!r}"
         )
     return f'$."{field}"'
 
@@ -56,13 +130,28 @@ def _scalar(value: Any, where: str) -> Any:
         raise InvalidParameterError(
             f"{where}: filter values must be str, int, finite float, bool or None, got {value!r}"
         )
-    return int(value) if isinstance(value, bool) else value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and "\x00" in value:
+        # SQLite's JSON functions cut a stored string at its first NUL: such a value
+        # could never match, and silently so.
+        raise InvalidParameterError(f"{where}: filter strings cannot contain NUL, got {value!r}")
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        raise InvalidParameterError(
+            f"{where}: filter integers must lie in [-2**63, 2**63) (SQLite's range), got {value}"
+        )
+    return value
 
 
 def _compile(filt: Mapping[str, Any]) -> tuple[str, list[Any]]:
     """SQL ``WHERE`` clause and parameters for a dict filter."""
+    if len(filt) > MAX_FILTER_FIELDS:
+        raise InvalidParameterError(
+            f"a filter may name at most {MAX_FILTER_FIELDS} fields, got {len(filt)}"
+        )
     clauses: list[str] = []
     params: list[Any] = []
+    n_values = 0
     for field, cond in filt.items():
         path = _path(field)
         expr = "json_extract(doc, ?)"
@@ -81,6 +170,12 @@ def _compile(filt: Mapping[str, Any]) -> tuple[str, list[Any]]:
                 elif op in _LISTS:
                     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                         raise InvalidParameterError(f"filter on {field!r}: {op} needs a list")
+                    n_values += len(value)
+                    if n_values > MAX_FILTER_VALUES:
+                        raise InvalidParameterError(
+                            f"filter on {field!r}: a filter's $in/$nin lists may hold at most"
+                            f" {MAX_FILTER_VALUES} values in all"
+                        )
                     values = [_scalar(v, f"{field}.{op}") for v in value]
                     if not values:
                         clauses.append("0" if op == "$in" else "1")
@@ -116,13 +211,133 @@ def check_filter(filt: Any) -> Filter | None:
     return filt
 
 
+def _where(path: tuple[Any, ...]) -> str:
+    """``metadata['a'][0]``, for messages; a long path is cut after 8 steps."""
+    steps = "".join(f"[{p!r}]" for p in path[:8])
+    return f"metadata{steps}{'...' if len(path) > 8 else ''}"
+
+
+def _measure(
+    node: dict[Any, Any] | list[Any] | tuple[Any, ...],
+    path: tuple[Any, ...],
+    done: dict[int, tuple[int, int]],
+    open_: set[int],
+) -> tuple[int, int]:
+    """``(height, size)`` of a container: the levels of containers it holds (itself
+    included) and a lower bound of its JSON length. Checks that every key is a string.
+
+    Recursion stops at :data:`MAX_DEPTH` levels, and a container met again (the same
+    object twice in the document) is measured once, so neither a cycle nor a document
+    that repeats one list exponentially often can make this, or ``json.dumps``, run away.
+    """
+    key = id(node)
+    if key in open_:
+        raise InvalidParameterError(f"{_where(path)} contains itself (a circular reference)")
+    if len(path) >= MAX_DEPTH:
+        raise InvalidParameterError(
+            f"{_where(path)}: metadata may nest at most {MAX_DEPTH} levels of dicts and lists"
+        )
+    open_.add(key)
+    if isinstance(node, dict):
+        pairs: Iterator[tuple[Any, Any]] = iter(node.items())
+    else:
+        pairs = enumerate(node)
+    height, size = 1, 2
+    for k, value in pairs:
+        if isinstance(node, dict):
+            if not isinstance(k, str):
+                raise InvalidParameterError(
+                    f"{_where(path)}: metadata keys must be strings, got {k!r}"
+                    f" ({type(k).__name__}); JSON would turn it into {str(k)!r}"
+                )
+            size += len(k) + 3
+        if isinstance(value, (dict, list, tuple)):
+            seen = done.get(id(value))
+            if seen is None:
+                seen = _measure(value, (*path, k), done, open_)
+            elif len(path) + 1 + seen[0] > MAX_DEPTH:
+                raise InvalidParameterError(
+                    f"{_where((*path, k))}: metadata may nest at most {MAX_DEPTH} levels"
+                    " of dicts and lists"
+                )
+            height = max(height, seen[0] + 1)
+            size += seen[1] + 1
+        else:
+            size += (len(value) if isinstance(value, str) else 0) + 2
+        if size > MAX_DOC_BYTES:
+            raise InvalidParameterError(
+                f"{_where(path)}: a metadata document may take at most {MAX_DOC_BYTES}"
+                " bytes as JSON"
+            )
+    open_.discard(key)
+    done[key] = (height, size)
+    return height, size
+
+
 def _check_doc(doc: Any) -> str:
+    """``doc`` as compact ASCII JSON, after the checks of the module docstring."""
     if not isinstance(doc, Mapping):
         raise InvalidParameterError(f"metadata must be a dict, got {type(doc).__name__}")
+    doc = dict(doc)
+    _measure(doc, (), {}, set())
     try:
-        return json.dumps(dict(doc), allow_nan=False, separators=(",", ":"))
+        text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidParameterError(f"metadata must be JSON-serialisable: {exc}") from None
+    if len(text) > MAX_DOC_BYTES:
+        raise InvalidParameterError(
+            f"a metadata document may take at most {MAX_DOC_BYTES} bytes as JSON, got {len(text)}"
+        )
+    return text
+
+
+def _text_depth(text: bytes) -> int:
+    """Nesting depth of JSON text (the top-level object is 1), without parsing it."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub(b"", text)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _sqlite_storage_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    """A ``StorageError`` for an SQLite failure while writing ``path``. SQLite does not
+    pass on the OS's errno: disk full is its own code (or, as a bare I/O error, a full
+    file system); permission codes map to ``EACCES``; the rest is ``EIO``."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    primary = code & 0xFF if isinstance(code, int) else None
+    message = str(exc)
+    if primary == _SQLITE_FULL or "disk is full" in message:
+        number = errno.ENOSPC
+    elif primary in _SQLITE_DENIED:
+        number = errno.EACCES
+    else:
+        number = errno.EIO
+        try:
+            fs = os.statvfs(path.parent)
+            if fs.f_bavail * fs.f_frsize < 1 << 20:
+                number = errno.ENOSPC
+        except OSError:
+            pass
+    return StorageError(number, f"{os.strerror(number)} (SQLite: {message})", str(path))
+
+
+class _Budget:
+    """A progress handler that stops SQLite once ``steps`` VM steps have run."""
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps // _STEP_CHUNK + 1
+        self.spent = False
+
+    def __call__(self) -> int:
+        self.left -= 1
+        if self.left < 0:
+            self.spent = True
+            return 1
+        return 0
 
 
 class MetadataStore:
@@ -130,7 +345,7 @@ class MetadataStore:
 
     def __init__(self) -> None:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
-        self._db.execute("CREATE TABLE meta (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)")
+        self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -147,7 +362,8 @@ class MetadataStore:
 
     @staticmethod
     def encode(docs: Sequence[Any]) -> list[str]:
-        """Check and serialise metadata before any change is made."""
+        """Check and serialise metadata before any change is made (see the module
+        docstring for what a document may hold; ``InvalidParameterError`` otherwise)."""
         return [_check_doc(d) for d in docs]
 
     def put(self, ids: I64, encoded: Sequence[str | None]) -> None:
@@ -193,44 +409,146 @@ class MetadataStore:
         return out
 
     def save(self, path: Path) -> None:
-        """Write the database to ``path`` (a new file) and fsync it."""
-        target = sqlite3.connect(path)
+        """Write the database to ``path`` (a new file) and fsync it.
+
+        ``StorageError`` (``errno`` ``ENOSPC`` when the disk is full) on failure, and no
+        file is left at ``path``.
+        """
+        path = Path(path)
+        existed = path.exists()
         try:
-            with self._lock:
-                self._db.backup(target)
-        finally:
-            target.close()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            target = sqlite3.connect(path)
+            try:
+                with self._lock:
+                    self._db.backup(target)
+            finally:
+                target.close()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (sqlite3.Error, OSError) as exc:
+            if not existed:
+                for leftover in (path, path.with_name(path.name + "-journal")):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            if isinstance(exc, sqlite3.Error):
+                raise _sqlite_storage_error(exc, path) from exc
+            raise storage_error(exc, path) from exc
 
     @classmethod
-    def load(cls, path: Path) -> MetadataStore:
-        """Read a saved database into memory, checking that it is ours."""
+    def load(cls, path: Path, *, ids: I64 | None = None) -> MetadataStore:
+        """Read a saved database into memory, checking that it is exactly ours (see the
+        module docstring). ``ids``: the index's ids ``(n,)`` int64; every id with
+        metadata must be one of them. ``InvalidIndexFileError`` naming ``path``."""
+        path = Path(path)
+        size = _check_header(path)
+        budget = _Budget(_STEPS_BASE + _STEPS_PER_BYTE * size)
         out = cls()
         try:
-            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro&immutable=1"
+            source = sqlite3.connect(uri, uri=True)
             try:
-                cols = [r[1] for r in source.execute("PRAGMA table_info(meta)").fetchall()]
-                if cols != ["id", "doc"]:
-                    raise InvalidIndexFileError(f"{path}: not a vectordb metadata database")
-                if source.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                    raise InvalidIndexFileError(f"{path}: the SQLite database is damaged")
-                # Every document a JSON object (a copy of the database has the same scan's
-                # cost): damaged text would otherwise surface in a later search.
-                bad = source.execute(
-                    "SELECT id FROM meta WHERE typeof(doc) != 'text' OR NOT json_valid(doc) "
-                    "OR json_type(doc) != 'object' LIMIT 1"
-                ).fetchone()
-                if bad is not None:
-                    raise InvalidIndexFileError(
-                        f"{path}: the metadata of id {bad[0]} is not a JSON object (damaged)"
-                    )
+                source.set_progress_handler(budget, _STEP_CHUNK)
+                setlimit = getattr(source, "setlimit", None)  # Python >= 3.11
+                if setlimit is not None:
+                    setlimit(_SQLITE_LIMIT_LENGTH, 2 * MAX_DOC_BYTES)
+                source.execute("PRAGMA trusted_schema = OFF")
+                _check_source(source, path, ids)
+                source.set_progress_handler(None, 0)
                 source.backup(out._db)
             finally:
                 source.close()
         except sqlite3.DatabaseError as exc:
+            if budget.spent:
+                raise InvalidIndexFileError(
+                    f"{path}: reading it took far more work than its size allows"
+                    " (not a vectordb metadata database)"
+                ) from None
             raise InvalidIndexFileError(f"{path}: not a valid SQLite database ({exc})") from None
         return out
+
+
+def _check_header(path: Path) -> int:
+    """Check the 100-byte SQLite header of ``path``; return the file's size in bytes."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(100)
+            size = os.fstat(fh.fileno()).st_size
+    except (FileNotFoundError, IsADirectoryError):
+        raise InvalidIndexFileError(f"{path}: missing (or not a regular file)") from None
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise InvalidIndexFileError(f"{path}: not an SQLite database (bad header)")
+    if header[18:20] != b"\x01\x01":
+        # Only a rollback-journal file is wholly described by its own bytes (and CRC);
+        # in WAL mode (2) a -wal file beside it would override them.
+        raise InvalidIndexFileError(
+            f"{path}: SQLite file format versions {header[18]}/{header[19]}, expected 1/1"
+            " (a rollback journal, not WAL)"
+        )
+    if header[56:60] != b"\x00\x00\x00\x01":
+        raise InvalidIndexFileError(f"{path}: the SQLite text encoding is not UTF-8")
+    return size
+
+
+def _check_source(source: sqlite3.Connection, path: Path, ids: I64 | None) -> None:
+    """The checks of :meth:`MetadataStore.load` on the opened file, schema first: until
+    it is known to be our one plain table, no query touches ``meta``."""
+    schema = source.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchmany(2)
+    if schema != [("table", "meta", "meta", _SCHEMA)]:
+        found = ", ".join(f"{str(r[0])[:20]} {str(r[1])[:60]!r}" for r in schema) or "nothing"
+        raise InvalidIndexFileError(
+            f"{path}: not a vectordb metadata database (its schema must be exactly one"
+            f" table {_SCHEMA!r}; found {found})"
+        )
+    if source.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+        raise InvalidIndexFileError(f"{path}: the SQLite database is damaged")
+    rows = int(source.execute("SELECT count(*) FROM meta").fetchone()[0])
+    if ids is not None and rows > ids.shape[0]:
+        raise InvalidIndexFileError(
+            f"{path}: holds metadata of {rows} ids, but the index has {ids.shape[0]}"
+        )
+    # Every document a JSON object as save writes it (a copy of the database has the same
+    # scan's cost): damaged text would otherwise surface in a later search.
+    bad = source.execute(f"SELECT id FROM meta WHERE {_DOC_CHECK} LIMIT 1", (MAX_DOC_BYTES,))
+    found_bad = bad.fetchone()
+    if found_bad is not None:
+        raise _bad_doc(path, found_bad[0], "is not a JSON object as vectordb writes it")
+    # What SQL cannot check fast, on the raw bytes, a batch at a time: ASCII (json.dumps
+    # escapes the rest; other bytes would fail to decode on every read).
+    source.text_factory = bytes
+    stored = np.empty(rows, dtype=np.int64)
+    count = 0
+    cursor = source.execute("SELECT id, doc FROM meta")
+    while batch := cursor.fetchmany(_BATCH):
+        if count + len(batch) > rows:
+            raise InvalidIndexFileError(f"{path}: the SQLite database is damaged (row count)")
+        stored[count : count + len(batch)] = [row[0] for row in batch]
+        count += len(batch)
+        if not b"".join([row[1] for row in batch]).isascii():
+            id_ = next(i for i, doc in batch if not doc.isascii())
+            raise _bad_doc(path, id_, "is not ASCII (vectordb writes escaped JSON)")
+    if count != rows:
+        raise InvalidIndexFileError(f"{path}: the SQLite database is damaged (row count)")
+    # Only a document with more brackets than MAX_DEPTH can nest that deep.
+    deep = source.execute(
+        "SELECT id, doc FROM meta WHERE length(doc) - length(replace(replace(doc, '[', ''),"
+        " '{', '')) > ?",
+        (MAX_DEPTH,),
+    )
+    for id_, doc in deep:
+        if _text_depth(doc) > MAX_DEPTH:
+            raise _bad_doc(path, id_, f"nests deeper than {MAX_DEPTH} levels")
+    if ids is not None:
+        stray = stored[~np.isin(stored, ids)]
+        if stray.size:
+            raise InvalidIndexFileError(
+                f"{path}: holds metadata of ids not in the index: {stray[:5].tolist()}"
+            )
+
+
+def _bad_doc(path: Path, id_: int, problem: str) -> InvalidIndexFileError:
+    return InvalidIndexFileError(f"{path}: the metadata of id {id_} {problem}: damaged")
