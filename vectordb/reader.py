@@ -1,27 +1,38 @@
 """Opening a saved index: the manifest, then every file checked before it is used.
 
-The layout is described in :mod:`vectordb.persist`. Nothing is mapped or allocated from a
-file before its size, and for ``.npy`` files its header, matched the manifest.
+The layout is described in :mod:`vectordb.persist`. An open reads one version of the
+directory: it opens the directory once and every file relative to that handle
+(``dir_fd``), so a save that swaps a new directory in meanwhile cannot mix two versions;
+an open that finds its directory replaced under it starts again, a few times
+(:data:`OPEN_ATTEMPTS`). Nothing is loaded, mapped or allocated before every file's size,
+every ``.npy`` header and the vector file's size agree with the manifest and so with each
+other.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
+import io
 import json
 import math
 import os
+import stat
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ._files import crc32_file, storage_error
+from ._files import storage_error
 from ._progress import progress_bar
 from ._validation import MAX_BRANCHING, MAX_ITERATIONS
 from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
-from .errors import InvalidIndexFileError
+from .errors import InvalidIndexFileError, StorageError
 from .metadata import MetadataStore
 from .metrics import Metric
 from .parts import Part
@@ -32,7 +43,7 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .index import ClusteredIndex
 
-__all__ = ["manifest_path", "open_index", "parse_manifest", "sign_manifest"]
+__all__ = ["OPEN_ATTEMPTS", "manifest_path", "open_index", "parse_manifest", "sign_manifest"]
 
 FORMAT_NAME = "vectordb.ClusteredIndex"
 #: Version 2 adds the manifest's own checksum; version 1 directories still open.
@@ -75,20 +86,6 @@ _REQUIRED_PARAMS = frozenset({"branching_factor"})
 
 def _bad(path: Path, problem: str) -> InvalidIndexFileError:
     return InvalidIndexFileError(f"{path}: {problem}")
-
-
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = manifest_path(directory)
-    if path.exists() and (path.is_symlink() or not path.is_file()):
-        raise _bad(path, "not a regular file")
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise _bad(path, "missing; this directory is not a saved vectordb index") from None
-    except OSError as exc:
-        raise storage_error(exc, path) from exc
-    return parse_manifest(raw, path)
 
 
 def manifest_path(directory: Path) -> Path:
@@ -197,62 +194,264 @@ def _check_manifest_checksum(
         raise _bad(path, "checksum mismatch: the manifest was changed or damaged")
 
 
-def _check_file(
-    directory: Path,
-    name: str,
-    files: dict[str, Any],
-    verify: bool,
-    on_bytes: Callable[[int], None] | None = None,
-) -> Path:
-    path = directory / name
-    if name not in files:
-        raise _bad(directory / MANIFEST, f"does not list {name}")
-    if path.is_symlink() or not path.is_file():
-        raise _bad(path, "missing (or not a regular file)")
-    size = path.stat().st_size
-    if size != files[name]["size"]:
-        raise _bad(path, f"size is {size} bytes, expected {files[name]['size']}")
-    if verify:
-        crc = crc32_file(path, on_bytes)
-        if crc != files[name]["crc32"]:
-            raise _bad(path, f"CRC32 is {crc:#010x}, expected {files[name]['crc32']:#010x}")
-    return path
+#: How many times an open starts again when another process replaced the directory under
+#: it; then it gives up with ``StorageError`` (``errno.EAGAIN``).
+OPEN_ATTEMPTS = 8
+_CHUNK = 8 << 20
+_MISSING = "missing (or not a regular file)"
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# Refuse a symlink put in place after the lstat; never block on a FIFO.
+_O_FILE = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_O_FILE |= getattr(os, "O_BINARY", 0)
+_DIR_FD = {os.open, os.stat} <= os.supports_dir_fd and os.stat in os.supports_follow_symlinks
+#: Arrays whose valid content never holds two equal zero elements (distinct ids; node 0 is
+#: never a child; leaf numbers and a permutation each appear once), so a hole in one is
+#: damage: a sparse file cannot declare millions of elements without holding them on disk.
+_NO_ZERO_RUNS = frozenset({"ids.npy", "children.npy", "leaf_of_node.npy", "perm.npy"})
 
 
-def _load_npy(path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
-    """Load an ``.npy`` whose header must declare exactly ``dtype`` and ``shape``."""
+class _Changed(Exception):
+    """The directory changed while it was being opened: start again."""
+
+
+class _DirMissing(InvalidIndexFileError):
+    """Nothing at the index's path (as opposed to something that is not a directory)."""
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class _IndexDir:
+    """An index directory opened once; its files are opened through that handle.
+
+    Where the OS lacks ``dir_fd`` (Windows), files are opened by path; each is still
+    opened once, checked on its descriptor and read from it.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory
+        self._fd: int | None = None
+        self._files: list[io.FileIO] = []
+        not_dir = f"{directory}: not a directory (expected a saved index)"
+        try:
+            if _DIR_FD:
+                self._fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY)
+                st = os.fstat(self._fd)
+            else:
+                st = os.stat(directory)
+        except FileNotFoundError:
+            raise _DirMissing(not_dir) from None
+        except NotADirectoryError:
+            raise InvalidIndexFileError(not_dir) from None
+        except OSError as exc:
+            raise storage_error(exc, directory) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            self.close()
+            raise InvalidIndexFileError(not_dir)
+        self._identity = _identity(st)
+
+    def __enter__(self) -> _IndexDir:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every file opened through this handle, and the handle."""
+        files, self._files = self._files, []
+        for fh in files:
+            fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def open(self, name: str, *, missing: str = _MISSING, irregular: str = _MISSING) -> io.FileIO:
+        """``name`` opened for reading (unbuffered). ``InvalidIndexFileError`` when it is
+        missing (``missing``) or not a regular file (``irregular``): a symlink, a FIFO, a
+        device, a directory."""
+        path = self.path / name
+        try:
+            if self._fd is not None:
+                st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+            else:
+                st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise _bad(path, irregular)
+            fd = os.open(name if self._fd is not None else path, _O_FILE, dir_fd=self._fd)
+        except FileNotFoundError:
+            raise _bad(path, missing) from None
+        except OSError as exc:
+            raise storage_error(exc, path) from exc
+        fh = io.FileIO(fd, "rb")
+        self._files.append(fh)
+        if _identity(os.fstat(fd)) != _identity(st):
+            raise _Changed(f"{path} was replaced while being opened")
+        return fh
+
+    def replaced(self) -> bool:
+        """Whether the directory's path no longer names the directory opened (another
+        process swapped a new version in, or removed it)."""
+        try:
+            return _identity(os.stat(self.path)) != self._identity
+        except OSError:
+            return True
+
+    def read_manifest(self) -> bytes:
+        """The manifest's bytes (at most ``MAX_MANIFEST_BYTES + 1``)."""
+        fh = self.open(
+            MANIFEST,
+            missing="missing; this directory is not a saved vectordb index",
+            irregular="not a regular file",
+        )
+        try:
+            return _read_upto(fh, MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise storage_error(exc, self.path / MANIFEST) from exc
+
+
+def _read_upto(fh: io.FileIO, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fh``'s position (fewer only at the end of the file)."""
+    parts: list[bytes] = []
+    left = limit
+    while left > 0 and (chunk := fh.read(min(left, _CHUNK))):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _expected_arrays(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+    """Every ``.npy`` file the manifest implies: name -> (dtype, shape)."""
+    dim, n = manifest["dim"], manifest["n"]
+    n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
+    params = manifest["params"]
+    bits = words_for(dim) * 64 if params["rotate"] else dim
+    expected: dict[str, tuple[type, tuple[int, ...]]] = {
+        "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
+        "children.npy": (np.int64, (n_nodes, params["branching_factor"])),
+        "leaf_of_node.npy": (np.int64, (n_nodes,)),
+        "centroids.npy": (np.float32, (n_nodes, bits)),
+        "ids.npy": (np.int64, (n,)),
+    }
+    if params["leaf_scan"] == "codes":
+        expected["codes.npy"] = (np.uint64, (words_for(bits), n))
+        expected["norms.npy"] = (np.float32, (n,))
+        if manifest["metric"] is Metric.IP:
+            expected["dots.npy"] = (np.float32, (n,))
+    if params["rotate"]:
+        expected["perm.npy"] = (np.int64, (bits,))
+        expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
+    return {name: (np.dtype(dt), shape) for name, (dt, shape) in expected.items()}
+
+
+def _check_size(fh: io.FileIO, path: Path, expected: int) -> None:
+    size = os.fstat(fh.fileno()).st_size
+    if size != expected:
+        raise _bad(path, f"size is {size} bytes, expected {expected}")
+
+
+def _read_header(fh: io.FileIO, path: Path, dtype: np.dtype[Any], shape: tuple[int, ...]) -> int:
+    """Check that the ``.npy`` header declares exactly ``dtype`` and ``shape`` (C order)
+    and that the file holds exactly that much data; return where the data starts."""
     try:
-        with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(fh)
+            else:
+                header = np.lib.format.read_array_header_2_0(fh)
+        except OSError:
+            raise
+        except Exception as exc:
+            # NumPy parses the header with ast.literal_eval: damaged bytes raise
+            # ValueError, SyntaxError, tokenize errors, and more.
+            raise _bad(path, f"not a valid .npy file ({type(exc).__name__}: {exc})") from None
+        found_shape, fortran, found_dtype = header
+        if found_dtype != dtype or tuple(found_shape) != shape or fortran:
+            raise _bad(
+                path,
+                f"holds {found_dtype}{list(found_shape)}"
+                f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}",
+            )
+        offset = fh.tell()
+        expected_size = offset + math.prod(shape) * dtype.itemsize
+        size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+    if size != expected_size:
+        what = "truncated" if size < expected_size else "longer than its header says"
+        raise _bad(path, f"{what}: {size} bytes, expected {expected_size}")
+    return offset
+
+
+def _check_no_holes(fh: io.FileIO, path: Path, start: int, itemsize: int) -> None:
+    """Refuse a file with a hole (a range the file system stores no data for: zeros)
+    after ``start`` long enough to hold two whole elements of ``itemsize`` bytes.
+
+    Only for files whose valid content never holds two zero elements (``_NO_ZERO_RUNS``);
+    a no-op where the OS cannot report holes.
+    """
+    seek_hole, seek_data = getattr(os, "SEEK_HOLE", None), getattr(os, "SEEK_DATA", None)
+    if seek_hole is None or seek_data is None:
+        return
+    fd = fh.fileno()
+    end = os.fstat(fd).st_size
+    pos = start
+    try:
+        while pos < end:
+            hole = os.lseek(fd, pos, seek_hole)
+            if hole >= end:
+                return
             try:
-                version = np.lib.format.read_magic(fh)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"unsupported .npy format version {version}")
-                if version == (1, 0):
-                    header = np.lib.format.read_array_header_1_0(fh)
-                else:
-                    header = np.lib.format.read_array_header_2_0(fh)
-            except OSError:
-                raise
-            except Exception as exc:
-                # NumPy parses the header with ast.literal_eval: damaged bytes raise
-                # ValueError, SyntaxError, tokenize errors, and more.
-                raise _bad(path, f"not a valid .npy file ({type(exc).__name__}: {exc})") from None
-            found_shape, fortran, found_dtype = header
-            if found_dtype != dtype or tuple(found_shape) != shape or fortran:
+                data = min(os.lseek(fd, hole, seek_data), end)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data after the hole
+                    raise
+                data = end
+            if data - hole >= 3 * itemsize:
                 raise _bad(
                     path,
-                    f"holds {found_dtype}{list(found_shape)}"
-                    f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}",
+                    f"sparse: bytes {hole}..{data} are a hole (zeros that were never "
+                    "written), which no valid file of this kind holds",
                 )
-            count = math.prod(shape)
-            # Sizes are checked before anything is allocated: a header that declares more
-            # than the file holds must not become a giant allocation.
-            expected_size = fh.tell() + count * dtype.itemsize
-            size = os.fstat(fh.fileno()).st_size
-            if size != expected_size:
-                what = "truncated" if size < expected_size else "longer than its header says"
-                raise _bad(path, f"{what}: {size} bytes, expected {expected_size}")
-            arr = np.fromfile(fh, dtype=dtype, count=count)
+            pos = data
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return  # this file system cannot say
+        raise storage_error(exc, path) from exc
+
+
+def _crc32(fh: io.FileIO, path: Path, on_bytes: Callable[[int], None] | None) -> int:
+    """CRC32 of the whole file, read from its descriptor in 8 MiB chunks."""
+    crc = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    try:
+        fh.seek(0)
+        while count := fh.readinto(buf):
+            crc = zlib.crc32(view[:count], crc)
+            if on_bytes is not None:
+                on_bytes(count)
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+    return crc
+
+
+def _load(
+    fh: io.FileIO, path: Path, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> npt.NDArray[Any]:
+    """The array at ``offset`` of ``fh`` (header and size checked by :func:`_read_header`)."""
+    count = math.prod(shape)
+    try:
+        fh.seek(offset)
+        arr = np.fromfile(fh, dtype=dtype, count=count)
     except OSError as exc:
         raise storage_error(exc, path) from exc
     if arr.size != count:
@@ -270,55 +469,124 @@ def open_index(
     manifest: dict[str, Any] | None = None,
     progress: bool | None = False,
 ) -> ClusteredIndex:
-    """Open a saved index. See ``ClusteredIndex.open``. ``manifest``: already parsed."""
-    if manifest is None:
-        manifest = _read_manifest(directory)
-    files = manifest["files"]
-    total = sum(entry["size"] for entry in files.values())
-    with progress_bar(total, "verifying", unit="B", progress=progress if verify else False) as bar:
-        return _open_checked(cls, directory, manifest, mmap, verify, backend, bar.update)
+    """Open a saved index. See ``ClusteredIndex.open``.
+
+    ``manifest``: the caller's parsed copy (the async engine reads it with aiofiles). The
+    open reads the manifest again through its directory handle and uses that one, so that
+    manifest and files are of one version even when the directory was replaced after the
+    caller read it.
+
+    Raises ``StorageError`` with ``errno.EAGAIN`` when the directory was replaced under the
+    open ``OPEN_ATTEMPTS`` times in a row (another process saving without pause): retry.
+    """
+    del manifest  # see above: only the copy read through the handle is consistent
+    last: BaseException | None = None
+    for attempt in range(OPEN_ATTEMPTS):
+        if attempt:
+            time.sleep(min(0.05, 0.001 * 2**attempt))  # let a save in progress finish
+        try:
+            handle = _IndexDir(directory)
+        except _DirMissing as exc:
+            if not _between_renames(directory):
+                raise InvalidIndexFileError(str(exc)) from None
+            last = exc
+            continue
+        with handle:
+            try:
+                return _open_version(cls, handle, mmap, verify, backend, progress)
+            except _Changed as exc:
+                last = exc
+            except (InvalidIndexFileError, StorageError) as exc:
+                # A file gone or odd because the directory was swapped and removed under
+                # us is no damage: the new version is complete. Start again.
+                if not handle.replaced():
+                    raise
+                last = exc
+    if isinstance(last, _DirMissing) and not os.path.lexists(directory):
+        # Nothing there after all (a crashed save's leftovers, at most).
+        raise InvalidIndexFileError(str(last)) from None
+    raise StorageError(
+        errno.EAGAIN,
+        f"the index was replaced by another process {OPEN_ATTEMPTS} times while being "
+        f"opened (last: {last}); try again",
+        str(directory),
+    ) from last
 
 
-def _open_checked(
+def _between_renames(directory: Path) -> bool:
+    """Whether ``directory``, found missing, may be missing only for a moment: where the OS
+    cannot exchange two directories, a save renames the old one away (``.NAME.old-*``, see
+    ``_dirswap.install_dir``) and then the new one in."""
+    if os.path.lexists(directory):
+        return True  # back already
+    try:
+        return any(directory.parent.glob(f".{glob.escape(directory.name)}.old-*"))
+    except OSError:
+        return False
+
+
+def _open_version(
     cls: type[ClusteredIndex],
-    directory: Path,
-    manifest: dict[str, Any],
+    handle: _IndexDir,
     mmap: bool,
     verify: bool,
     backend: Backend,
-    on_bytes: Callable[[int], None],
+    progress: bool | None,
 ) -> ClusteredIndex:
+    """Open the version of the index that ``handle`` holds (one attempt)."""
+    directory = handle.path
+    raw = handle.read_manifest()
+    manifest = parse_manifest(raw, directory / MANIFEST)
     files = manifest["files"]
     dim, n = manifest["dim"], manifest["n"]
     n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
     metric: Metric = manifest["metric"]
     params = manifest["params"]
-    bf = params["branching_factor"]
-    bits = words_for(dim) * 64 if params["rotate"] else dim
-    expected: dict[str, tuple[type, tuple[int, ...]]] = {
-        "centroids.npy": (np.float32, (n_nodes, bits)),
-        "children.npy": (np.int64, (n_nodes, bf)),
-        "leaf_of_node.npy": (np.int64, (n_nodes,)),
-        "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
-        "ids.npy": (np.int64, (n,)),
+    expected = _expected_arrays(manifest)
+    names = [*expected, VECTORS] + ([METADATA] if METADATA in files else [])
+
+    # Every cheap fact first, for every file, before anything is read or allocated: a
+    # file's size (on the descriptor read later) against the manifest, each header's
+    # shape against the manifest's counts, the vector file against n x dim.
+    for name in names:
+        if name not in files:
+            raise _bad(directory / MANIFEST, f"does not list {name}")
+    opened = {name: handle.open(name) for name in names}
+    for name in names:
+        _check_size(opened[name], directory / name, files[name]["size"])
+    offsets = {
+        name: _read_header(opened[name], directory / name, dtype, shape)
+        for name, (dtype, shape) in expected.items()
     }
-    codes = params["leaf_scan"] == "codes"
-    if codes:
-        expected["codes.npy"] = (np.uint64, (words_for(bits), n))
-        expected["norms.npy"] = (np.float32, (n,))
-    if codes and metric is Metric.IP:
-        expected["dots.npy"] = (np.float32, (n,))
-    if params["rotate"]:
-        expected["perm.npy"] = (np.int64, (bits,))
-        expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
-    arrays = {
-        name: _load_npy(_check_file(directory, name, files, verify, on_bytes), np.dtype(dt), shape)
-        for name, (dt, shape) in expected.items()
-    }
-    _check_structure(directory, arrays, n, n_nodes, n_leaves)
-    vec_path = _check_file(directory, VECTORS, files, verify, on_bytes)
+    vec_path = directory / VECTORS
     if files[VECTORS]["size"] != n * dim * 4:
         raise _bad(vec_path, f"size is {files[VECTORS]['size']} bytes, expected {n * dim * 4}")
+    for name in _NO_ZERO_RUNS & expected.keys():
+        _check_no_holes(opened[name], directory / name, offsets[name], expected[name][0].itemsize)
+    if verify:
+        total = sum(files[name]["size"] for name in names)
+        with progress_bar(total, "verifying", unit="B", progress=progress) as bar:
+            for name in names:
+                crc = _crc32(opened[name], directory / name, bar.update)
+                if crc != files[name]["crc32"]:
+                    raise _bad(
+                        directory / name,
+                        f"CRC32 is {crc:#010x}, expected {files[name]['crc32']:#010x}",
+                    )
+
+    arrays = {
+        name: _load(opened[name], directory / name, offsets[name], dtype, shape)
+        for name, (dtype, shape) in expected.items()
+    }
+    _check_structure(directory, arrays, n, n_nodes, n_leaves)
+    ids = arrays["ids.npy"]
+    if np.unique(ids).shape[0] != n or (ids < 0).any():
+        raise _bad(directory / "ids.npy", "ids must be distinct and >= 0")
+    # SQLite opens its file by path, which may name another version by now: the inode
+    # check in _load_metadata catches that and the open starts again.
+    metadata = _load_metadata(handle, opened[METADATA], ids) if METADATA in files else None
+    if handle.read_manifest() != raw:
+        raise _Changed(f"{directory / MANIFEST} changed while the index was being opened")
 
     tree = Tree(
         centroids=arrays["centroids.npy"],
@@ -333,7 +601,7 @@ def _open_checked(
             cos_lut=cos_table(quantizer.bits),
             metric=metric,
         )
-        if codes
+        if params["leaf_scan"] == "codes"
         else None
     )
     base = Part(
@@ -343,21 +611,15 @@ def _open_checked(
         norms=arrays.get("norms.npy"),
         dots=arrays.get("dots.npy"),
     )
-    ids = arrays["ids.npy"]
-    if np.unique(ids).shape[0] != n or (ids < 0).any():
-        raise _bad(directory / "ids.npy", "ids must be distinct and >= 0")
-    metadata = None
-    if METADATA in files:
-        metadata = MetadataStore.load(_check_file(directory, METADATA, files, verify, on_bytes))
+    vectors_fh = opened[VECTORS]
     storage: InMemoryStorage | MmapStorage
     if mmap:
-        storage = MmapStorage(vec_path, n, dim)
+        # Mapped from the descriptor checked above: the same file, whatever the path
+        # names by now.
+        storage = MmapStorage(vec_path, n, dim, fd=vectors_fh.fileno())
     else:
-        try:
-            vectors = np.fromfile(vec_path, dtype="<f4").astype(np.float32, copy=False)
-        except OSError as exc:
-            raise storage_error(exc, vec_path) from exc
-        storage = InMemoryStorage(vectors.reshape(n, dim))
+        vectors = _load(vectors_fh, vec_path, 0, np.dtype("<f4"), (n, dim))
+        storage = InMemoryStorage(vectors.astype(np.float32, copy=False))
     return cls(
         tree=tree,
         table=table,
@@ -370,6 +632,32 @@ def _open_checked(
         backend=backend,
         metadata=metadata,
     )
+
+
+def _load_metadata(handle: _IndexDir, fh: io.FileIO, ids: npt.NDArray[np.int64]) -> MetadataStore:
+    """Load ``metadata.sqlite``: SQLite opens it by path, so the path must name the file
+    opened through the handle before and after (an installed directory is never
+    installed again, and the open descriptor keeps the file's inode from being reused)."""
+    path = handle.path / METADATA
+    ours = _identity(os.fstat(fh.fileno()))
+
+    def still_ours() -> bool:
+        try:
+            return _identity(os.stat(path, follow_symlinks=False)) == ours
+        except OSError:
+            return False
+
+    if not still_ours():
+        raise _Changed(f"{path} was replaced while the index was being opened")
+    try:
+        store = MetadataStore.load(path, ids=ids)
+    except InvalidIndexFileError:
+        if not still_ours():
+            raise _Changed(f"{path} was replaced while the index was being opened") from None
+        raise
+    if not still_ours():
+        raise _Changed(f"{path} was replaced while the index was being opened")
+    return store
 
 
 def _check_tree(file: Path, children: npt.NDArray[Any], n_nodes: int) -> None:
