@@ -1,24 +1,47 @@
 """Replacing a directory atomically: a complete temporary directory beside the target is
 swapped in for it (``renameat2(RENAME_EXCHANGE)`` where the OS has it, else two renames),
 under an exclusive ``flock`` of the parent, so that concurrent saves take turns and what a
-crashed save left behind can be removed. Used by index saves and by the text stores.
+crashed save left behind can be cleaned up. Used by index saves and by the text stores.
+
+With two renames (file systems without the exchange, e.g. NFS) there is a moment with
+nothing at the target: the old directory is ``.NAME.old-*`` and the new one still
+``.NAME.tmp-*``. A crash then leaves both; :func:`remove_leftovers` (every save, under the
+lock) and :func:`restore_interrupted` (an open that finds the target missing) rename one
+back instead of deleting it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ._files import fsync_dir, storage_error
 from .errors import StorageError
 
-__all__ = ["check_replaceable", "install_dir", "lock_dir", "remove_leftovers", "unlock"]
+__all__ = [
+    "check_replaceable",
+    "install_dir",
+    "leftovers",
+    "lock_dir",
+    "pick_leftover",
+    "remove_leftovers",
+    "restore_interrupted",
+    "unlock",
+]
+
+#: ``renameat2`` errors meaning "no exchange here" (old kernel, file system without it):
+#: only these fall back to two renames; any other error is raised.
+_UNSUPPORTED = frozenset(
+    {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
+)
 
 
 def check_replaceable(path: Path, marker: str, what: str) -> None:
@@ -32,8 +55,11 @@ def check_replaceable(path: Path, marker: str, what: str) -> None:
         )
 
 
-def lock_dir(directory: Path) -> int | None:
-    """Hold an exclusive ``flock`` on ``directory`` (``None`` where flock is unavailable)."""
+def lock_dir(directory: Path, *, wait: bool = True) -> int | None:
+    """Hold an exclusive ``flock`` on ``directory`` (``None`` where flock is unavailable).
+
+    ``wait=False``: raise ``BlockingIOError`` at once if another holds it.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -43,7 +69,10 @@ def lock_dir(directory: Path) -> int | None:
     except OSError as exc:
         raise storage_error(exc, directory) from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
     except OSError:
         os.close(fd)  # a file system without flock: go on unlocked, as before
         return None
@@ -55,13 +84,76 @@ def unlock(fd: int | None) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def remove_leftovers(parent: Path, name: str) -> None:
+def leftovers(parent: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """The ``.name.tmp-*`` and the ``.name.old-*`` directories in ``parent``."""
+
+    def dirs(pattern: str) -> list[Path]:
+        return [p for p in parent.glob(pattern) if p.is_dir() and not p.is_symlink()]
+
+    return dirs(f".{name}.tmp-*"), dirs(f".{name}.old-*")
+
+
+def _newest_first(paths: list[Path]) -> list[Path]:
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(paths, key=mtime, reverse=True)
+
+
+def pick_leftover(
+    parent: Path, name: str, complete: Callable[[Path], bool] | None = None
+) -> Path | None:
+    """The leftover :func:`restore_interrupted` would rename back to ``parent/name``.
+
+    Preferred: a ``.name.tmp-*`` for which ``complete`` holds (the new version, committed);
+    else a ``.name.old-*`` (the previous version; with ``complete``, only one it accepts).
+    Without ``complete`` no ``.tmp-*`` is trusted. ``None`` when none fits.
+    """
+    tmps, olds = leftovers(parent, name)
+    if complete is not None:
+        for candidate in _newest_first(tmps):
+            if complete(candidate):
+                return candidate
+    for candidate in _newest_first(olds):
+        if complete is None or complete(candidate):
+            return candidate
+    return None
+
+
+def restore_interrupted(
+    parent: Path, name: str, complete: Callable[[Path], bool] | None = None
+) -> Path | None:
+    """If ``parent/name`` is missing, rename back the copy a save interrupted between its
+    two renames left (see :func:`pick_leftover`); return it (``None``: nothing done).
+    Call under the parent's lock."""
+    target = parent / name
+    if os.path.lexists(target):
+        return None
+    chosen = pick_leftover(parent, name, complete)
+    if chosen is None:
+        return None
+    os.rename(chosen, target)
+    fsync_dir(parent)
+    return chosen
+
+
+def remove_leftovers(
+    parent: Path, name: str, complete: Callable[[Path], bool] | None = None
+) -> Path | None:
     """Remove ``.name.tmp-*`` and ``.name.old-*`` in ``parent``: under the lock, they are
-    what a crashed save left behind."""
-    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
-        for stale in parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+    what a crashed save left behind. When ``parent/name`` is missing, the one copy
+    :func:`restore_interrupted` picks is renamed back first (and returned), not removed."""
+    try:
+        restored = restore_interrupted(parent, name, complete)
+    except OSError as exc:
+        raise storage_error(exc, parent / name) from exc
+    tmps, olds = leftovers(parent, name)
+    for stale in tmps + olds:
+        shutil.rmtree(stale, ignore_errors=True)
+    return restored
 
 
 def _renameat2_exchange() -> Any:
@@ -82,23 +174,42 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+def _exchange(tmp: Path, path: Path) -> bool:
+    """Swap ``tmp`` and ``path`` in one step; ``False`` where the OS or the file system
+    cannot (then two renames must do). Other failures raise ``OSError``."""
+    exchange = _renameat2_exchange()
+    if exchange is None:
+        return False
+    ctypes.set_errno(0)
+    if exchange(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno() or errno.EIO
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(path), None, str(tmp))
+
+
 def install_dir(tmp: Path, path: Path, parent: Path) -> None:
-    """Put the complete directory ``tmp`` in place of ``path``; the old one is removed."""
+    """Put the complete directory ``tmp`` in place of ``path``; the old one is removed.
+
+    Where the exchange is unsupported: ``path`` -> ``.NAME.old-*``, then ``tmp`` ->
+    ``path``. An error (not a crash) between the two puts the old one back.
+    """
     if not path.exists():
         os.rename(tmp, path)
         fsync_dir(parent)
         return
-    exchange = _renameat2_exchange()
-    if (
-        exchange is not None
-        and exchange(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
-        == 0
-    ):
+    if _exchange(tmp, path):
         old = tmp  # tmp now holds the old index
     else:
         old = parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
         os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(old, path)
+            raise
     # The new index is complete and in place from here on. Should the fsync below fail, the
     # error is raised (the switch may not be durable yet), but the old copy goes regardless.
     try:

@@ -37,6 +37,7 @@ from ._dirswap import check_replaceable
 from .errors import InvalidParameterError, VectorDBError
 from .index import ClusteredIndex
 from .reader import MANIFEST, manifest_path, parse_manifest
+from .storage import scratch_files, scratch_in_use
 
 __all__ = ["main"]
 
@@ -308,7 +309,12 @@ def info(index_dir: Path, as_json: bool) -> None:
 @click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
 @_handle_errors
 def verify(index_dir: Path) -> None:
-    """Check every file of INDEX_DIR against its recorded size and CRC32."""
+    """Check every file of INDEX_DIR against its recorded size and CRC32.
+
+    Also warns (standard error; the exit code stays 0) about working files of unsaved
+    writes inside it (``.vectors.bin.append-*``, ``.vectors.bin.compact-*``): no part of
+    the saved index, which is what its manifest lists.
+    """
     started = time.perf_counter()
     with ClusteredIndex.open(index_dir, mmap=True, verify=True, progress=_progress()) as index:
         n = len(index)
@@ -317,6 +323,23 @@ def verify(index_dir: Path) -> None:
         f"OK: {index_dir}: {files} files, {_mb(_disk_bytes(index_dir))}, {n:,} vectors; "
         f"every CRC32 matches ({time.perf_counter() - started:.1f} s)"
     )
+    for scratch in scratch_files(index_dir):
+        try:
+            size = _mb(scratch.stat().st_size)
+        except OSError:
+            continue  # removed meanwhile (its process saved or closed)
+        in_use = scratch_in_use(scratch)
+        if in_use:
+            whose = "in use by a running process: writes not saved yet"
+        elif in_use is None:
+            whose = "writes never saved, by a process that died or one still running"
+        else:
+            whose = "writes never saved, by a process that died; safe to delete"
+        click.echo(
+            f"vectordb: warning: {scratch.name} ({size}): {whose}. It is no part of the "
+            "saved index (a save onto this index directory removes it).",
+            err=True,
+        )
 
 
 @cli.command()

@@ -21,20 +21,24 @@ Layout of a saved index (format version 2; version 1 lacks the manifest checksum
 All ``.npy`` files are read with ``allow_pickle=False`` after their header was checked
 against the manifest, so a damaged file cannot trigger a huge allocation.
 
-``save`` writes a complete new directory under a temporary name (every file fsynced), then
-swaps it in with one atomic ``renameat2(RENAME_EXCHANGE)`` where the OS offers it (Linux),
-else with two renames; a crash leaves the old index or the new one.
+``save`` writes a complete new directory under a temporary name (every file fsynced, the
+manifest last), then swaps it in with one atomic ``renameat2(RENAME_EXCHANGE)`` where the
+OS offers it (Linux), else with two renames; a crash leaves the old index or the new one.
 
 Saves into one parent directory take turns: each holds an exclusive ``flock`` on that
 directory from start to end, across processes. So the temporary (``.NAME.tmp-*``) and
 replaced (``.NAME.old-*``) directories a save finds beside its target can only be left
-over from a save that crashed, and it removes them.
+over from a save that crashed, and it removes them; except when ``NAME`` itself is missing
+(a crash between the two renames): then the complete one (the new version if its files
+all match its manifest, else the old) is renamed back to ``NAME`` first. An open of a
+missing ``NAME`` does the same (:func:`recover_missing`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 import zlib
 from pathlib import Path
@@ -43,11 +47,21 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from ._dirswap import check_replaceable, install_dir, lock_dir, remove_leftovers, unlock
-from ._files import crc32_file, fsync_dir, storage_error
+from ._dirswap import (
+    check_replaceable,
+    install_dir,
+    leftovers,
+    lock_dir,
+    pick_leftover,
+    remove_leftovers,
+    restore_interrupted,
+    unlock,
+)
+from ._files import _NEW_FILE_MODE, crc32_file, fsync_dir, storage_error
 from ._progress import log, progress_bar
-from .errors import StorageError
+from .errors import InvalidIndexFileError, StorageError
 from .living import compacted
+from .metadata import MetadataStore
 from .parts import Part
 from .reader import (
     FORMAT_NAME,
@@ -56,17 +70,18 @@ from .reader import (
     MAX_MANIFEST_BYTES,
     METADATA,
     VECTORS,
-    manifest_path,
-    open_index,
     parse_manifest,
     sign_manifest,
 )
-from .storage import write_rows
+from .reader import manifest_path as _manifest_path
+from .reader import open_index as _open_index
+from .storage import Storage, write_rows
 
 I64 = npt.NDArray[np.int64]
 
 
 if TYPE_CHECKING:
+    from .backends import Backend
     from .index import ClusteredIndex
     from .tree import Tree
 
@@ -78,8 +93,16 @@ __all__ = [
     "manifest_path",
     "open_index",
     "parse_manifest",
+    "recover_missing",
     "save_index",
 ]
+
+#: How often a save asked to stop looks again at a parent directory locked by another save.
+_LOCK_POLL = 0.02
+
+
+class _Stopped(Exception):
+    """The save was asked to stop (its caller was cancelled) before its swap began."""
 
 
 class _CrcWriter:
@@ -124,120 +147,243 @@ def _arrays(index: ClusteredIndex, tree: Tree, base: Part, ids: I64) -> dict[str
     return arrays
 
 
-class SaveJob:
-    """One save, in steps, so that the async engine can run each where it belongs.
+def _complete_index(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole saved index: a valid manifest, and every file it
+    lists present with its recorded size and CRC32 (reads every file once)."""
+    try:
+        with open(directory / MANIFEST, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+        files: dict[str, dict[str, int]] = parse_manifest(raw, directory / MANIFEST)["files"]
+        return VECTORS in files and all(
+            not (directory / name).is_symlink()
+            and (directory / name).is_file()
+            and (directory / name).stat().st_size == entry["size"]
+            and crc32_file(directory / name) == entry["crc32"]
+            for name, entry in files.items()
+        )
+    except (OSError, InvalidIndexFileError):
+        return False
 
-    ``start`` -> ``write_data`` -> ``manifest_bytes`` written to ``manifest_path`` and fsynced
-    -> ``commit``; on any failure ``abort``. :func:`save_index` runs them in order.
+
+class SaveJob:
+    """One save of ``index`` to ``path``, built on the caller's thread, :meth:`run` on any.
+
+    :meth:`run` takes one consistent state of the index, then writes every file into a
+    temporary directory beside ``path`` (under the parent's lock) and swaps it in; on any
+    failure the temporary directory is removed and the lock released before it raises.
+    :meth:`stop` (from any thread) makes a run that has not begun its swap remove what it
+    wrote and raise; once the swap has begun, the run completes. :func:`save_index` runs
+    one on the caller's thread; the async engine runs one on its executor.
     """
 
-    def __init__(self, index: ClusteredIndex, path: Path, progress: bool | None = False) -> None:
-        path = Path(path)
-        self.progress = progress
-        if path.is_symlink():  # replace what the link points to, and keep the link
-            path = path.resolve()
-        check_replaceable(path, MANIFEST, "a vectordb index directory")
+    def __init__(
+        self,
+        index: ClusteredIndex,
+        path: Path,
+        progress: bool | None = False,
+        *,
+        stoppable: bool = True,
+    ) -> None:
+        """``stoppable=False``: :meth:`stop` is never called (waits for the lock in the
+        kernel instead of polling)."""
         self.index = index
-        self.parent = path.parent if str(path.parent) else Path(".")
-        self._lock = lock_dir(self.parent)
+        self._stoppable = stoppable
+        self.path = Path(path)
+        self.parent = self.path.parent
+        self.progress = progress
+        self.n = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the run to give up (thread-safe); it does unless its swap has begun."""
+        self._stop.set()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped(f"the save to {self.path} was stopped")
+
+    def run(self) -> None:
+        """Save; raises ``StorageError`` for OS errors (nothing of this save left behind)."""
         try:
-            remove_leftovers(self.parent, path.name)
-        except BaseException:
-            self._release()
-            raise
-        # One consistent state, taken now: writes may go on while the files are written.
-        state = index._state
-        self.tree, self.base, self.order = compacted(
-            state.tree, state.base, state.delta, state.row_ok
-        )
-        self.ids = state.row_id[self.order]
-        self.storage = state.storage
-        self.metadata = index._metadata.copy()
-        self.path = path
-        self.tmp = self.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-        self.files: dict[str, dict[str, int]] = {}
-        try:
-            self.tmp.mkdir()
+            self._check_stop()
+            if self.path.is_symlink():  # replace what the link points to, and keep the link
+                self.path = self.path.resolve()
+                self.parent = self.path.parent
+            check_replaceable(self.path, MANIFEST, "a vectordb index directory")
+            index = self.index
+            # One consistent state, taken now: writes may go on while the files are written.
+            # Taken before the parent's lock: a save on another thread holds the write lock
+            # while it waits for the parent's.
+            with index._write_lock:
+                state = index._state
+                tree, base, order = compacted(state.tree, state.base, state.delta, state.row_ok)
+                metadata = index._metadata.copy()
+            ids = state.row_id[order]
+            self.n = int(order.shape[0])
+            lock = self._lock_parent()
+            try:
+                restored = remove_leftovers(self.parent, self.path.name, _complete_index)
+                if restored is not None:
+                    log.warning(
+                        "restored %s from %s (left by a save that crashed)", self.path, restored
+                    )
+                tmp = self.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+                tmp.mkdir()
+                try:
+                    files = self._write_data(tmp, tree, base, order, ids, state.storage, metadata)
+                    self._check_stop()
+                    manifest = sign_manifest(
+                        {
+                            "format": FORMAT_NAME,
+                            "format_version": FORMAT_VERSION,
+                            "dim": index.dim,
+                            "metric": index.metric.value,
+                            "n": self.n,
+                            "n_nodes": tree.n_nodes,
+                            "n_leaves": tree.n_leaves,
+                            "params": index.params,
+                            "files": files,
+                        }
+                    )
+                    with open(tmp / MANIFEST, "wb") as fh:
+                        fh.write(manifest)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    if os.name == "posix":
+                        # Read-only, so that copying a backup over a live index (which
+                        # truncates the mapped file in place: SIGBUS in every reader) fails;
+                        # `cp -f` and directory swaps make new files and stay safe.
+                        for name in (*files, MANIFEST):
+                            os.chmod(tmp / name, _NEW_FILE_MODE & ~0o222)
+                    fsync_dir(tmp)
+                    self._check_stop()
+                    # From here on the run completes: the new index or the old one stays.
+                    install_dir(tmp, self.path, self.parent)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)  # after install_dir: the old one
+                    raise
+            finally:
+                unlock(lock)
         except OSError as exc:
-            self._release()
-            raise storage_error(exc, self.tmp) from exc
+            if isinstance(exc, StorageError):
+                raise
+            raise storage_error(exc, getattr(exc, "filename", None) or self.path) from exc
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.tmp / MANIFEST
+    def _lock_parent(self) -> int | None:
+        """The parent's lock; while another save holds it, wait (giving up on :meth:`stop`)."""
+        if not self._stoppable:
+            return lock_dir(self.parent)
+        while True:
+            try:
+                return lock_dir(self.parent, wait=False)
+            except BlockingIOError:
+                if self._stop.wait(_LOCK_POLL):
+                    self._check_stop()
 
-    def write_data(self) -> None:
-        """Write and fsync every array and the vector file into the temporary directory."""
-        arrays = _arrays(self.index, self.tree, self.base, self.ids)
+    def _write_data(
+        self,
+        tmp: Path,
+        tree: Tree,
+        base: Part,
+        order: I64,
+        ids: I64,
+        storage: Storage,
+        metadata: MetadataStore,
+    ) -> dict[str, dict[str, int]]:
+        """Write and fsync every array, the vector file and the metadata into ``tmp``;
+        return each file's size and CRC32."""
         index = self.index
-        total = sum(int(a.nbytes) for a in arrays.values()) + self.order.shape[0] * index.dim * 4
+        arrays = _arrays(index, tree, base, ids)
+        files: dict[str, dict[str, int]] = {}
+        total = sum(int(a.nbytes) for a in arrays.values()) + order.shape[0] * index.dim * 4
+
         with progress_bar(total, "saving", unit="B", progress=self.progress) as bar:
+
+            def done(n: int) -> None:
+                bar.update(n)
+                self._check_stop()
+
             for name, arr in arrays.items():
-                self.files[name] = _write_file(self.tmp, name, arr)
-                bar.update(int(arr.nbytes))
-            crc = write_rows(
-                self.storage.take, self.order, index.dim, self.tmp / VECTORS, bar.update
-            )
-        self.files[VECTORS] = {"size": (self.tmp / VECTORS).stat().st_size, "crc32": crc}
-        meta = self.tmp / METADATA
-        self.metadata.save(meta)
-        self.files[METADATA] = {"size": meta.stat().st_size, "crc32": crc32_file(meta)}
-
-    def manifest_bytes(self) -> bytes:
-        index = self.index
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "dim": index.dim,
-            "metric": index.metric.value,
-            "n": int(self.order.shape[0]),
-            "n_nodes": self.tree.n_nodes,
-            "n_leaves": self.tree.n_leaves,
-            "params": index.params,
-            "files": self.files,
-        }
-        return sign_manifest(manifest)
-
-    def commit(self) -> None:
-        """fsync the temporary directory and swap it in for the target."""
-        try:
-            fsync_dir(self.tmp)
-            install_dir(self.tmp, self.path, self.parent)
-        finally:
-            self._release()
-
-    def abort(self) -> None:
-        try:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        """Release the parent's lock (once; later calls do nothing)."""
-        fd, self._lock = self._lock, None
-        unlock(fd)
-
-    def error(self, exc: BaseException) -> BaseException:
-        """The exception to raise for ``exc``: ``OSError``s become ``StorageError``s."""
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            return storage_error(exc, getattr(exc, "filename", None) or self.path)
-        return exc
+                files[name] = _write_file(tmp, name, arr)
+                done(int(arr.nbytes))
+            crc = write_rows(storage.take, order, index.dim, tmp / VECTORS, done)
+        files[VECTORS] = {"size": (tmp / VECTORS).stat().st_size, "crc32": crc}
+        meta = tmp / METADATA
+        metadata.save(meta)
+        files[METADATA] = {"size": meta.stat().st_size, "crc32": crc32_file(meta)}
+        return files
 
 
 def save_index(index: ClusteredIndex, path: Path, progress: bool | None = False) -> None:
     """Write ``index`` to the directory ``path`` atomically. See the module docstring."""
-    job = SaveJob(index, path, progress)
+    job = SaveJob(index, path, progress, stoppable=False)
+    job.run()
+    log.info("saved %d vectors to %s", job.n, job.path)
+
+
+def recover_missing(directory: Path) -> None:
+    """If ``directory`` is missing but a save into its parent crashed between its two
+    renames, rename the copy it left back to ``directory`` (see the module docstring).
+
+    Takes the parent's lock without waiting: ``InvalidIndexFileError`` if a save holds it,
+    or if the copy cannot be renamed back (the message says what to do).
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    if os.path.lexists(directory) or not parent.is_dir():
+        return
+    tmps, olds = leftovers(parent, directory.name)
+    if not tmps and not olds:
+        return
     try:
-        job.write_data()
-        with open(job.manifest_path, "wb") as fh:
-            fh.write(job.manifest_bytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        job.commit()
-        log.info("saved %d vectors to %s", job.order.shape[0], job.path)
-    except BaseException as exc:
-        job.abort()
-        err = job.error(exc)
-        if err is exc:
-            raise
-        raise err from exc
+        lock = lock_dir(parent, wait=False)
+    except BlockingIOError:
+        raise InvalidIndexFileError(
+            f"{directory}: missing, and a save into {parent} is under way (it holds the "
+            "directory's lock): open it again once that save has ended"
+        ) from None
+    except StorageError:
+        return  # the parent cannot be opened: the open reports the missing index
+    try:
+        restored = restore_interrupted(parent, directory.name, _complete_index)
+    except OSError as exc:
+        found = pick_leftover(parent, directory.name, _complete_index)
+        raise InvalidIndexFileError(
+            f"{directory}: missing; a save that crashed left a complete copy at {found}, "
+            f"which could not be renamed back ({exc.strerror or exc}): rename it to "
+            f"{directory} (or save into {parent} again, which does so)"
+        ) from exc
+    finally:
+        unlock(lock)
+    if restored is not None:
+        log.warning("restored %s from %s (left by a save that crashed)", directory, restored)
+
+
+def manifest_path(directory: Path) -> Path:
+    """``directory/manifest.json``, after :func:`recover_missing` and checking that
+    ``directory`` is a directory."""
+    recover_missing(directory)
+    return _manifest_path(directory)
+
+
+def open_index(
+    cls: type[ClusteredIndex],
+    directory: Path,
+    *,
+    mmap: bool,
+    verify: bool,
+    backend: Backend,
+    manifest: dict[str, Any] | None = None,
+    progress: bool | None = False,
+) -> ClusteredIndex:
+    """:func:`recover_missing`, then open the saved index (``reader.open_index``)."""
+    recover_missing(directory)
+    return _open_index(
+        cls,
+        directory,
+        mmap=mmap,
+        verify=verify,
+        backend=backend,
+        manifest=manifest,
+        progress=progress,
+    )

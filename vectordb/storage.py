@@ -8,6 +8,7 @@ read ``n`` rows can go on while more are appended.
 from __future__ import annotations
 
 import contextlib
+import io
 import mmap
 import os
 import uuid
@@ -21,7 +22,15 @@ import numpy.typing as npt
 from ._files import atomic_write, storage_error
 from .errors import IndexClosedError, InvalidIndexFileError
 
-__all__ = ["InMemoryStorage", "MmapStorage", "Storage", "write_rows", "write_vectors"]
+__all__ = [
+    "InMemoryStorage",
+    "MmapStorage",
+    "Storage",
+    "scratch_files",
+    "scratch_in_use",
+    "write_rows",
+    "write_vectors",
+]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -115,30 +124,40 @@ class MmapStorage:
     processes mapping the same file, and reclaimable under memory pressure. Appended rows go
     to a second file beside the first (``.<name>.append-<id>``), so a saved index's own
     vector file is never modified; ``save`` writes both into the new index, ``close``
-    removes the append file.
+    removes the append file. The append file is created once and kept open: appends write
+    through its descriptor, never by path, so a save onto the index's own directory (which
+    removes the file's name with the old directory) loses none of its rows.
     """
 
     is_mmap = True
+    #: The append file, open for reading and writing from the first append to ``discard``.
+    _append_file: io.FileIO | None = None
+    #: Bytes of accepted rows in the append file.
+    _append_bytes = 0
 
-    def __init__(self, path: Path, n: int, dim: int, *, owned: bool = False) -> None:
+    def __init__(
+        self, path: Path, n: int, dim: int, *, owned: bool = False, fd: int | None = None
+    ) -> None:
         """Map ``path`` (``n`` rows of ``dim`` float32). ``owned``: a working file of the
-        index's own, removed by :meth:`close`."""
+        index's own, removed by :meth:`close`. ``fd``: an open descriptor of ``path`` to
+        map instead of opening it again (the reader's, so that the file whose size is
+        checked is the file mapped, whatever the path names by now); not closed here.
+
+        The size is checked with ``fstat`` on the descriptor mapped. Should the file be
+        truncated in place while mapped, touching the lost pages raises ``SIGBUS`` (the
+        OS kills the process): saved files are never modified, and a restore must swap
+        whole directories, not copy over the files (see the README).
+        """
         self.path = Path(path)
         self.dim = dim
         self._owned = owned
         self._n_base = n
-        expected = n * dim * 4
         try:
-            with open(self.path, "rb") as fh:
-                found = os.fstat(fh.fileno()).st_size
-                if found != expected:
-                    raise InvalidIndexFileError(
-                        f"{self.path}: size is {found} bytes, expected {expected} "
-                        f"(n={n} x dim={dim} x 4 bytes of float32)"
-                    )
-                self._mmap: mmap.mmap | None = (
-                    mmap.mmap(fh.fileno(), expected, access=mmap.ACCESS_READ) if expected else None
-                )
+            if fd is None:
+                with open(self.path, "rb") as fh:
+                    self._mmap: mmap.mmap | None = self._map(fh.fileno(), n, dim)
+            else:
+                self._mmap = self._map(fd, n, dim)
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
         base = np.frombuffer(self._mmap, dtype="<f4") if self._mmap else np.empty(0, "<f4")
@@ -146,6 +165,18 @@ class MmapStorage:
         self._closed = False
         self._append_path: Path | None = None
         self._append: F32 = np.empty((0, dim), np.float32)
+
+    def _map(self, fd: int, n: int, dim: int) -> mmap.mmap | None:
+        """Map ``n * dim * 4`` bytes of ``fd`` read-only after checking its size there."""
+        expected = n * dim * 4
+        found = os.fstat(fd).st_size
+        if found != expected:
+            raise InvalidIndexFileError(
+                f"{self.path}: size is {found} bytes, expected {expected} "
+                f"(n={n} x dim={dim} x 4 bytes of float32)"
+            )
+        # mmap keeps a duplicate of the descriptor: the caller's may be closed at once.
+        return mmap.mmap(fd, expected, access=mmap.ACCESS_READ) if expected else None
 
     @property
     def n(self) -> int:
@@ -188,22 +219,40 @@ class MmapStorage:
         return np.concatenate([base[a:], self._append[: b - nb]])
 
     def append(self, x: F32) -> int:
-        """Append rows ``(m, d)`` to the append file and remap it; return the first row."""
+        """Append rows ``(m, d)`` to the append file and remap it; return the first row.
+
+        The file is created (never opened again by path) with an exclusive ``flock`` held
+        while it is open, so that a leftover of a process that died can be told from the
+        file of one still running (:func:`scratch_in_use`).
+        """
         first = self.n
         if self._closed:
             raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
-        if self._append_path is None:
-            self._append_path = (
-                self.path.parent / f".{self.path.name}.append-{uuid.uuid4().hex[:12]}"
-            )
+        data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+        if not data:
+            return first
+        fh = self._append_file
+        if fh is None or self._append_path is None:
+            path = self.path.parent / f".{self.path.name}.append-{uuid.uuid4().hex[:12]}"
+            try:
+                fh = open(path, "x+b", buffering=0)  # noqa: SIM115 (open until discard)
+            except OSError as exc:
+                raise storage_error(exc, path) from exc
+            _lock_scratch(fh.fileno())
+            self._append_path, self._append_file, self._append_bytes = path, fh, 0
+        end = self._append_bytes
         try:
-            with open(self._append_path, "a+b") as fh:
-                fh.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
-                fh.flush()
-                size = fh.tell()
-                mapped = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)
+            fh.seek(end)
+            view = memoryview(data)
+            while view:
+                view = view[fh.write(view) :]
+            mapped = mmap.mmap(fh.fileno(), end + len(data), access=mmap.ACCESS_READ)
         except OSError as exc:
+            # Drop a partial write: the file holds exactly the rows the index accepted.
+            with contextlib.suppress(OSError):
+                fh.truncate(end)
             raise storage_error(exc, self._append_path) from exc
+        self._append_bytes = end + len(data)
         # Searches still holding the old mapping keep it alive until they finish.
         self._append = np.frombuffer(mapped, dtype="<f4").reshape(-1, self.dim)
         return first
@@ -252,10 +301,17 @@ class MmapStorage:
     def discard(self) -> None:
         """Remove the files this store created (append file, owned file); keep the mapping
         for searches still reading it (Linux keeps unlinked mapped files alive)."""
-        for path in (self._append_path, self.path if self._owned else None):
-            if path is not None:
+        fh, self._append_file = self._append_file, None
+        if fh is not None:
+            # Only while the name is still this file's: a save onto the index's directory
+            # removed the name with the old directory; never remove another file.
+            if self._append_path is not None and _names_file(self._append_path, fh.fileno()):
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    self._append_path.unlink()
+            fh.close()
+        if self._owned:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         self._append_path = None
         self._owned = False
 
@@ -275,3 +331,57 @@ class MmapStorage:
 
 
 Storage = InMemoryStorage | MmapStorage
+
+#: Working files an index in mmap mode creates inside its directory: rows appended since
+#: open or since ``compact``, never part of the saved index (its manifest lists its files).
+_SCRATCH_PATTERNS = (".*.append-*", ".*.compact-*")
+
+
+def _lock_scratch(fd: int) -> None:
+    """Hold an exclusive ``flock`` on a working file while it is open (none where flock
+    is unavailable: :func:`scratch_in_use` then cannot tell)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st, own = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def scratch_files(directory: Path) -> list[Path]:
+    """The working files (``.*.append-*``, ``.*.compact-*``) inside an index directory."""
+    found = {p for pattern in _SCRATCH_PATTERNS for p in Path(directory).glob(pattern)}
+    return sorted(p for p in found if p.is_file() and not p.is_symlink())
+
+
+def scratch_in_use(path: Path) -> bool | None:
+    """Whether a running process holds the append file ``path`` open (its ``flock``);
+    ``None`` where that cannot be told (no flock; other working files take none)."""
+    if ".append-" not in Path(path).name:
+        return None
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
+    return False
