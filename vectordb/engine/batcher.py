@@ -11,6 +11,10 @@ busy and the next batch is larger: batching adapts to the load with no tuning. T
 adaptations: a query that arrives while no batch is running goes at once (nobody is around
 to batch with, so waiting ``max_wait`` would only add latency), and a queue long enough for
 several batches is shared among the free workers instead of filling one batch.
+
+No caller is left waiting: a caller cancelled while queued gives its room back at once
+(callers waiting for room are woken), and if the dispatcher itself ever stops, every
+queued caller gets ``EngineClosedError``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import enum
+import functools
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -26,18 +32,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import EngineClosedError, EngineOverloadedError
+from ..errors import EngineClosedError, EngineOverloadedError, VectorDBError
 from .stats import StatsRecorder
 
 __all__ = ["MicroBatcher"]
 
 #: Smallest batch a long queue is split into for several free workers.
 _MIN_SPLIT = 32
+#: Dropped requests left in the queue before it is swept (bounds the queue's memory when
+#: callers keep cancelling while every worker is busy).
+_SWEEP_MIN = 64
 
 F32 = npt.NDArray[np.float32]
 Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
 #: Runs one batch in an executor thread: ``(queries (n, d), key) -> (ids, dists)``, ``(n, k)``.
 RunBatch = Callable[[F32, Any], Result]
+
+
+class _Where(enum.Enum):
+    QUEUED = "queued"  # in the queue, its rows counted in ``queued_rows``
+    TAKEN = "taken"  # collected into a batch
+    DROPPED = "dropped"  # its caller left while it was queued; skipped by the collector
 
 
 @dataclass(eq=False)
@@ -46,10 +61,20 @@ class _Request:
     key: Hashable
     future: asyncio.Future[Result]
     started: float = field(default_factory=time.perf_counter)
+    where: _Where = _Where.QUEUED
 
     @property
     def rows(self) -> int:
         return int(self.queries.shape[0])
+
+
+def _interrupted(exc: BaseException) -> VectorDBError:
+    """What a caller gets when its batch ended with a ``BaseException`` that is not an
+    ``Exception`` (``KeyboardInterrupt``, ``SystemExit``, ...): a plain ``VectorDBError``
+    caused by it, so that the interruption itself reaches the loop only once."""
+    err = VectorDBError(f"the batch was interrupted by {type(exc).__name__}")
+    err.__cause__ = exc
+    return err
 
 
 class MicroBatcher:
@@ -76,14 +101,18 @@ class MicroBatcher:
         self._stats = stats
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = 0
+        self._dropped_in_queue = 0
         self._arrived = asyncio.Event()
-        self._space = asyncio.Condition()
+        self._room_waiters: list[asyncio.Future[None]] = []
         self._slots = asyncio.Semaphore(max_concurrent)
         self._free_slots = max_concurrent
-        self._in_flight: set[asyncio.Future[Any]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._collecting: list[_Request] = []  # taken from the queue, not yet in a job
         self._closing = False
+        self._stopped: str | None = None
         self._loop = asyncio.get_running_loop()
         self._dispatcher = self._loop.create_task(self._dispatch_forever())
+        self._dispatcher.add_done_callback(self._dispatcher_done)
 
     @property
     def queue_depth(self) -> int:
@@ -93,65 +122,130 @@ class MicroBatcher:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     async def submit(self, queries: F32, key: Hashable) -> Result:
         """Queue ``queries`` ``(n, d)`` for batching under ``key``; wait for their answer.
 
         Raises ``EngineOverloadedError`` (``overload="raise"``) or waits (``"wait"``) while
         more than ``max_pending`` rows are queued; ``EngineClosedError`` once closing.
+        A call that gets past those checks ends as exactly one of the statistics' answered
+        queries, ``cancelled`` (``CancelledError``, which is how a timeout reaches it) or
+        ``failed`` (any other exception).
         """
         rows = int(queries.shape[0])
-        if self._closing:
-            raise EngineClosedError("the engine is closed")
-        if self._too_full(rows):
-            if self._overload == "raise":
-                raise EngineOverloadedError(
-                    f"{self._queued_rows} queries are queued (max_pending={self._max_pending}); "
-                    "retry later, or create the engine with overload='wait'"
-                )
-            async with self._space:
-                await self._space.wait_for(lambda: self._closing or not self._too_full(rows))
-            if self._closing:
-                raise EngineClosedError("the engine closed while this call waited for room")
-        request = _Request(queries, key, self._loop.create_future())
-        self._queue.append(request)
-        self._queued_rows += rows
-        self._arrived.set()
+        self._refuse_if_closing()
+        if self._too_full(rows) and self._overload == "raise":
+            raise EngineOverloadedError(
+                f"{self._queued_rows} queries are queued (max_pending={self._max_pending}); "
+                "retry later, or create the engine with overload='wait'"
+            )
+        request: _Request | None = None
         try:
-            return await request.future
+            while self._too_full(rows) and not self._closing:
+                waiter = self._loop.create_future()
+                self._room_waiters.append(waiter)
+                await waiter
+            self._refuse_if_closing("the engine closed while this call waited for room")
+            request = _Request(queries, key, self._loop.create_future())
+            self._queue.append(request)
+            self._queued_rows += rows
+            self._arrived.set()
+            result = await request.future
         except asyncio.CancelledError:
-            # The future was cancelled with its caller: not started means dropped from its
-            # batch (skipped at collection); started means its result is discarded.
+            if request is not None:
+                self._left_in_queue(request)
             self._stats.cancelled += rows
             raise
+        except BaseException:
+            self._stats.failed += rows
+            raise
+        self._stats.record_answer(rows, time.perf_counter() - request.started)
+        return result
+
+    def _refuse_if_closing(self, message: str = "the engine is closed") -> None:
+        if self._stopped is not None:
+            raise EngineClosedError(self._stopped)
+        if self._closing:
+            raise EngineClosedError(message)
 
     def _too_full(self, rows: int) -> bool:
         # A request larger than max_pending is let in when nothing else waits, else it never would.
         return self._queued_rows > 0 and self._queued_rows + rows > self._max_pending
 
+    def _made_room(self) -> None:
+        """Wake every caller waiting for room; each checks again whether it fits."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _give_back(self, request: _Request) -> bool:
+        """Its caller left while it was queued: give its rows back now. False if it was
+        already taken into a batch or given back."""
+        if request.where is not _Where.QUEUED:
+            return False
+        request.where = _Where.DROPPED
+        self._queued_rows -= request.rows
+        self._made_room()
+        return True
+
+    def _left_in_queue(self, request: _Request) -> None:
+        """A caller cancelled while queued: its request stays in the queue, skipped, until
+        the collector reaches it or a sweep removes it."""
+        if not self._give_back(request):
+            return
+        self._dropped_in_queue += 1
+        if self._dropped_in_queue >= _SWEEP_MIN and 2 * self._dropped_in_queue > len(self._queue):
+            live = [r for r in self._queue if r.where is _Where.QUEUED]
+            self._queue.clear()
+            self._queue.extend(live)
+            self._dropped_in_queue = 0
+
     async def close(self) -> None:
-        """Refuse new requests, finish every queued and running one, stop the dispatcher."""
+        """Refuse new requests, finish every queued and running one, stop the dispatcher.
+
+        Callers still waiting for room get ``EngineClosedError``."""
         self._closing = True
-        async with self._space:
-            self._space.notify_all()
+        self._made_room()
         self._arrived.set()
-        await self._dispatcher
+        await asyncio.wait([self._dispatcher])
         if self._in_flight:
             await asyncio.wait(self._in_flight)
 
     def abandon(self) -> None:
         """Stop the dispatcher without finishing anything; only while the loop is not
-        running (it ended, or is between runs), when no caller can be waiting."""
+        running (it ended, or is between runs). Should the loop run again, queued callers
+        get ``EngineClosedError``."""
         self._closing = True
         if not self._loop.is_closed():
             self._dispatcher.cancel()
             for task in self._in_flight:
                 task.cancel()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
     # ------------------------------------------------------------------ dispatcher
+    def _dispatcher_done(self, task: asyncio.Task[None]) -> None:
+        """The dispatcher ended: normally (closed, queue empty), or cancelled (its loop
+        ended) or broken, when nothing will collect the queue again: fail what is queued
+        and refuse the rest, so that no caller waits forever."""
+        self._closing = True
+        if task.cancelled():
+            self._stopped = "the engine's event loop ended (its dispatcher was cancelled)"
+        elif task.exception() is not None:
+            self._stopped = f"the engine's dispatcher failed: {task.exception()!r}"
+        else:
+            self._stopped = "the engine is closed"
+        queued, self._dropped_in_queue = list(self._queue), 0
+        self._queue.clear()
+        for request in queued:
+            if self._give_back(request) and not request.future.done():
+                request.future.set_exception(EngineClosedError(self._stopped))
+        _fail_left(self._collecting, EngineClosedError(self._stopped))
+        self._collecting = []
+        self._made_room()
+
     async def _dispatch_forever(self) -> None:
         while True:
             await self._slots.acquire()
@@ -162,21 +256,47 @@ class MicroBatcher:
                 if self._closing and not self._queue:
                     return
                 continue
-            self._queued_rows -= sum(r.rows for r in batch)
-            async with self._space:
-                self._space.notify_all()
             job = self._loop.create_task(self._run_batch(batch))
+            self._collecting = []
             self._in_flight.add(job)
-            job.add_done_callback(self._in_flight.discard)
+            job.add_done_callback(functools.partial(self._job_done, batch))
+
+    def _job_done(self, batch: list[_Request], job: asyncio.Task[None]) -> None:
+        self._in_flight.discard(job)
+        if not job.cancelled():
+            job.exception()  # retrieved: its callers already have it (or it reached the loop)
+        # A job cancelled before it started never ran its own handler.
+        _fail_left(batch, EngineClosedError("the engine was closed while this query ran"))
+
+    def _live_head(self) -> _Request | None:
+        """The first queued request whose caller still waits (dropping dead ones ahead of
+        it), or ``None``."""
+        while self._queue:
+            head = self._queue[0]
+            if head.where is _Where.QUEUED and not head.future.done():
+                return head
+            self._queue.popleft()
+            if head.where is _Where.DROPPED:
+                self._dropped_in_queue -= 1
+            else:  # cancelled, and its caller has not run its handler yet
+                self._give_back(head)
+        return None
+
+    def _take_head(self) -> _Request:
+        request = self._queue.popleft()
+        request.where = _Where.TAKEN
+        self._queued_rows -= request.rows
+        self._made_room()
+        return request
 
     async def _collect(self) -> list[_Request]:
         """Wait for a first live request, then gather more for up to ``max_wait`` seconds."""
-        while not self._queue:
+        while self._live_head() is None:
             if self._closing:
                 return []
             self._arrived.clear()
             await self._arrived.wait()
-        batch: list[_Request] = []
+        batch = self._collecting = []
         rows = 0
         # Nothing running: nobody to batch with, go now. Else wait up to max_wait.
         deadline = self._loop.time() + (self._max_wait if self._in_flight else 0.0)
@@ -185,7 +305,8 @@ class MicroBatcher:
         share = -(-self._queued_rows // (self._free_slots + 1))
         limit = min(self._max_batch_size, max(share, _MIN_SPLIT))
         while rows < limit:
-            if not self._queue:
+            head = self._live_head()
+            if head is None:
                 remaining = deadline - self._loop.time()
                 if remaining <= 0 or self._closing:
                     break
@@ -195,22 +316,19 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
                 continue
-            request = self._queue[0]
-            if request.future.done():  # caller cancelled before its batch started
-                self._queue.popleft()
-                self._queued_rows -= request.rows
-                continue
-            if batch and rows + request.rows > limit:
+            if batch and rows + head.rows > limit:
                 break
-            self._queue.popleft()
-            batch.append(request)
-            rows += request.rows
+            batch.append(self._take_head())
+            rows += head.rows
         return batch
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         try:
+            live = [r for r in batch if not r.future.done()]  # callers that left meanwhile
+            if not live:
+                return
             groups: dict[Hashable, list[_Request]] = {}
-            for request in batch:
+            for request in live:
                 groups.setdefault(request.key, []).append(request)
             jobs = [
                 (
@@ -221,16 +339,27 @@ class MicroBatcher:
                 )
                 for key, group in groups.items()
             ]
-            self._stats.record_batch(sum(r.rows for r in batch))
-            outcomes = await self._loop.run_in_executor(
-                self._executor, _run_groups, self._run, jobs
-            )
+            self._stats.record_batch(sum(r.rows for r in live))
+            try:
+                running = self._loop.run_in_executor(self._executor, _run_groups, self._run, jobs)
+            except RuntimeError as exc:  # the executor was shut down (sync close)
+                raise EngineClosedError("the engine is closed") from exc
+            outcomes = await running
+            interruption: BaseException | None = None
             for (key, _), outcome in zip(jobs, outcomes, strict=True):
                 self._scatter(groups[key], outcome)
-        except BaseException as exc:  # the executor itself failed (shut down, ...)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    interruption = outcome
+            if interruption is not None:
+                raise interruption
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):  # abandoned by a sync close
+                err: BaseException = EngineClosedError("the engine was closed")
+            elif isinstance(exc, Exception):
+                err = exc
+            else:
+                err = _interrupted(exc)
+            _fail_left(batch, err)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -241,28 +370,39 @@ class MicroBatcher:
         self._slots.release()
 
     def _scatter(self, group: list[_Request], outcome: Result | BaseException) -> None:
-        now = time.perf_counter()
         start = 0
         for request in group:
             stop = start + request.rows
             if request.future.done():
                 pass  # cancelled or timed out while running: the answer is dropped
-            elif isinstance(outcome, BaseException):
-                self._stats.failed += request.rows
+            elif isinstance(outcome, Exception):
                 request.future.set_exception(outcome)
+            elif isinstance(outcome, BaseException):
+                request.future.set_exception(_interrupted(outcome))
             else:
                 ids, dists = outcome
                 request.future.set_result((ids[start:stop], dists[start:stop]))
-                self._stats.record_answer(request.rows, now - request.started)
             start = stop
 
 
+def _fail_left(requests: list[_Request], err: BaseException) -> None:
+    for request in requests:
+        if not request.future.done():
+            request.future.set_exception(err)
+
+
 def _run_groups(run: RunBatch, jobs: list[tuple[Hashable, F32]]) -> list[Result | BaseException]:
-    """In an executor thread: run each group, keeping one group's failure to itself."""
+    """In an executor thread: run each group, keeping one group's failure to itself.
+
+    A ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
+    ``SystemExit``) stops the batch: that group and the ones not yet run get it."""
     outcomes: list[Result | BaseException] = []
     for key, queries in jobs:
         try:
             outcomes.append(run(queries, key))
         except Exception as exc:
             outcomes.append(exc)
+        except BaseException as exc:
+            outcomes += [exc] * (len(jobs) - len(outcomes))
+            break
     return outcomes

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import functools
-import json
+import math
 import mmap
+import numbers
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,22 +41,108 @@ F32 = npt.NDArray[np.float32]
 _WARM_CHUNK = 16 << 20
 
 
-@dataclass(frozen=True)
 class _FilterKey:
-    """A filter as part of a batch key: equal dict filters batch together."""
+    """A filter as part of a batch key: two keys are equal only for the same filter.
 
-    value: Filter | None
+    A dict filter is copied when the call is made, into plain dicts, lists and exact
+    builtin scalars: equal dict filters batch together, a caller changing its dict later
+    changes nothing, and filters that could select differently never share a key. A
+    callable is its own key, by identity (two lambdas never batch together); the key holds
+    it, so its ``id`` cannot be reused meanwhile.
+    """
 
-    def _identity(self) -> Any:
-        if self.value is None or callable(self.value):
-            return id(self.value) if self.value is not None else None
-        return json.dumps(self.value, sort_keys=True, default=repr)
+    __slots__ = ("_hash", "_identity", "value")
+
+    def __init__(self, filt: Filter | None) -> None:
+        self.value: Filter | None
+        self._identity: Hashable
+        if filt is None:
+            self.value, self._identity = None, None
+        elif callable(filt):
+            self.value, self._identity = filt, ("callable", id(filt))
+        else:
+            plain = _plain(filt)
+            self.value, self._identity = plain, _frozen(plain)
+        self._hash = hash(self._identity)
 
     def __hash__(self) -> int:
-        return hash(self._identity())
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _FilterKey) and self._identity() == other._identity()
+        return isinstance(other, _FilterKey) and self._identity == other._identity
+
+
+def _plain(value: Any) -> Any:
+    """A validated dict filter (or part of one) rebuilt from plain dicts, lists and exact
+    builtin scalars, which select exactly as the original does."""
+    if isinstance(value, Mapping):
+        return {str.__str__(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Sequence):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _frozen(value: Any) -> Hashable:
+    """A hashable twin of a :func:`_plain` filter, equal only for equal types and values."""
+    if isinstance(value, dict):
+        return ("dict", frozenset((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("list", tuple(_frozen(v) for v in value))
+    if type(value) is float:
+        return ("float", value.hex())
+    if value is None or type(value) in (str, int, bool):
+        return (type(value).__name__, value)
+    return ("object", id(value))
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    """``timeout`` as seconds >= 0, ``None`` (also for infinity) for none."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, numbers.Real)
+        or math.isnan(timeout)
+        or timeout < 0
+    ):
+        raise InvalidParameterError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+    return None if math.isinf(timeout) else float(timeout)
+
+
+async def _within(timeout: float, awaitable: Awaitable[T]) -> T:
+    """``await awaitable`` in this task, raising ``asyncio.TimeoutError`` after ``timeout``
+    seconds. Unlike ``asyncio.wait_for`` before Python 3.12 it runs no task of its own, so
+    the awaited call always starts and sees its own cancellation (and counts it)."""
+    task = asyncio.current_task()
+    if task is None:  # not run by an asyncio task: nothing of ours to cancel
+        return await asyncio.wait_for(awaitable, timeout)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+        if uncancel is not None and uncancel() > 0:
+            raise  # cancelled from outside as well: that wins
+        raise asyncio.TimeoutError(f"no answer within {timeout} s") from None
+    finally:
+        handle.cancel()
 
 
 @dataclass(frozen=True)
@@ -63,6 +151,22 @@ class _Key:
     probes: int
     rerank_factor: int
     filter: _FilterKey
+
+
+async def _read_manifest(file: Path, executor: concurrent.futures.Executor) -> bytes:
+    """The first ``MAX_MANIFEST_BYTES + 1`` bytes of ``file``, read through aiofiles."""
+    async with aiofiles.open(file, "rb", executor=executor) as fh:
+        return await fh.read(MAX_MANIFEST_BYTES + 1)
+
+
+async def _finish(fut: asyncio.Future[Any]) -> None:
+    """Wait for ``fut`` to end, whatever its outcome and however often the waiter is
+    cancelled meanwhile (the cancel is the caller's to raise afterwards)."""
+    while not fut.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([fut])
+    if not fut.cancelled():
+        fut.exception()  # retrieved, so that asyncio does not log it
 
 
 class EngineState(enum.Enum):
@@ -80,7 +184,7 @@ class AsyncEngine:
     queries, waiting at most ``max_wait`` seconds for companions) and run as one
     ``search_batch`` on the engine's own thread pool, so NumPy work and page faults on the
     memory-mapped vectors never block the event loop. The engine belongs to the event loop
-    it is first used in.
+    it is first used in; a call from another loop raises ``InvalidParameterError``.
 
     Parameters
     ----------
@@ -107,6 +211,18 @@ class AsyncEngine:
     Use ``async with`` or call :meth:`aclose`; an engine garbage-collected while open emits a
     ``ResourceWarning``. From synchronous code, once the engine's loop has ended,
     :meth:`close` releases it.
+
+    Cancelling or timing out any call never leaves another caller waiting, and every
+    error the engine raises itself is a ``VectorDBError`` (besides ``CancelledError`` and
+    ``asyncio.TimeoutError``). A search whose batch has not started is dropped from it; a
+    write (``add``, ``upsert``, ``delete``, ``compact``) whose caller is cancelled after
+    it began still completes, and the next write starts only after it. A call racing
+    :meth:`aclose` either completes (it had begun) or raises ``EngineClosedError``.
+
+    If a batch raises ``KeyboardInterrupt`` or ``SystemExit`` in an executor thread (a
+    callable filter may), its callers get a ``VectorDBError`` caused by it, and the
+    interruption itself is then re-raised on the event loop, which stops it as asyncio
+    does for any task; the engine still works if the loop is run again.
     """
 
     def __init__(
@@ -146,7 +262,10 @@ class AsyncEngine:
         self._batcher: MicroBatcher | None = None
         self._write_lock: asyncio.Lock | None = None
         self._state = EngineState.OPEN
-        self._closed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._active = 0  # calls under way (see _operation); aclose waits for them
+        self._idle: asyncio.Event | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -171,9 +290,15 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         try:
             manifest_file = await loop.run_in_executor(executor, manifest_path, directory)
+            # Shielded: a cancel must not strand the file object aiofiles opens on its
+            # thread. The read (one small file) is waited for, so that it closes the file
+            # while the executor is still there; then the cancel goes on.
+            reading = asyncio.ensure_future(_read_manifest(manifest_file, executor))
             try:
-                async with aiofiles.open(manifest_file, "rb", executor=executor) as fh:
-                    raw = await fh.read(MAX_MANIFEST_BYTES + 1)
+                raw = await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                await _finish(reading)
+                raise
             except FileNotFoundError:
                 raise InvalidIndexFileError(
                     f"{manifest_file}: missing; this directory is not a saved vectordb index"
@@ -182,7 +307,7 @@ class AsyncEngine:
                 raise storage_error(exc, manifest_file) from exc
             manifest = parse_manifest(raw, manifest_file)
             chosen = resolve_backend(backend)
-            index = await loop.run_in_executor(
+            opening = loop.run_in_executor(
                 executor,
                 lambda: open_index(
                     ClusteredIndex,
@@ -193,6 +318,11 @@ class AsyncEngine:
                     manifest=manifest,
                 ),
             )
+            try:
+                index = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                opening.add_done_callback(_close_unclaimed)  # nobody will use that index
+                raise
         finally:
             executor.shutdown(wait=False)
         try:
@@ -223,30 +353,47 @@ class AsyncEngine:
         return self._index
 
     async def aclose(self) -> None:
-        """Finish every queued and running query and every running write or read, then shut
-        the executor down.
+        """Finish every queued and running query and every write or read already begun,
+        then shut the executor down (and close the index if the engine owns it).
 
-        Later calls raise ``EngineClosedError``. Idempotent; concurrent calls all wait for
-        the same close.
+        New calls raise ``EngineClosedError`` from the moment it starts; callers still
+        waiting for room in the queue (``overload="wait"``) get it too. Idempotent;
+        concurrent calls all wait for the same close, and cancelling one of them (or its
+        timeout) stops only its wait, never the close. Called from another event loop than
+        the engine's once that one has stopped, it closes as :meth:`close` does.
         """
         if self._state is EngineState.CLOSED:
             return
-        if self._state is EngineState.CLOSING and self._closed is not None:
-            await self._closed.wait()
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            if self._loop.is_running():
+                raise InvalidParameterError(
+                    "the engine's event loop runs in another thread: close it from there"
+                )
+            self.close()
             return
-        self._state = EngineState.CLOSING
-        self._closed = asyncio.Event()
+        if self._closing is None:
+            self._state = EngineState.CLOSING
+            self._closing = loop.create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         try:
             if self._batcher is not None:
                 await self._batcher.close()
-            # Writes and reads by id still on the executor finish before the index may close.
+            while self._active:
+                self._idle = asyncio.Event()
+                await self._idle.wait()
+            if self._write_lock is not None:
+                async with self._write_lock:  # writes begun by a caller that left, a save
+                    pass
+            # Reads by id still on the executor finish before the index may close.
             await asyncio.to_thread(self._executor.shutdown, wait=True)
         finally:
             self._executor.shutdown(wait=False)
             if self._owns_index:
                 self._index.close()
             self._state = EngineState.CLOSED
-            self._closed.set()
 
     def close(self) -> None:
         """Close from synchronous code, once the event loop that used the engine is not
@@ -258,13 +405,12 @@ class AsyncEngine:
         """
         if self._state is EngineState.CLOSED:
             return
-        batcher = self._batcher
-        if batcher is not None and batcher.loop.is_running():
+        if self._loop is not None and self._loop.is_running():
             raise InvalidParameterError(
                 "the engine's event loop is running: use 'await engine.aclose()'"
             )
-        if batcher is not None:
-            batcher.abandon()
+        if self._batcher is not None:
+            self._batcher.abandon()
         self._executor.shutdown(wait=False)
         if self._owns_index:
             self._index.close()
@@ -287,6 +433,30 @@ class AsyncEngine:
         if self._state is not EngineState.OPEN:
             raise EngineClosedError(f"the engine is {self._state.value}")
 
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise InvalidParameterError(
+                "this engine belongs to another event loop (the first one that used it); "
+                "create one engine per event loop"
+            )
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        """One call other than a search, from its first step to its last: refused unless
+        the engine is open, and waited for by :meth:`aclose`."""
+        self._check_open()
+        self._bind_loop()
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if not self._active and self._idle is not None:
+                self._idle.set()
+
     # ------------------------------------------------------------------ search
     async def search(
         self,
@@ -300,14 +470,16 @@ class AsyncEngine:
     ) -> tuple[I64, F32]:
         """The ``k`` nearest neighbours of one query, batched with concurrent calls.
 
-        Same parameters and results as :meth:`ClusteredIndex.search`. ``timeout`` (seconds)
-        raises ``asyncio.TimeoutError``; the query is dropped if its batch had not started.
-        The query is checked on the loop (O(d)), so a bad one fails alone, not its batch.
+        Same parameters and results as :meth:`ClusteredIndex.search`. ``timeout`` (seconds
+        >= 0, or ``None``) raises ``asyncio.TimeoutError``, counts in ``stats().cancelled``,
+        and drops the query if its batch had not started. The query is checked on the loop
+        (O(d)), so a bad one fails alone, not its batch. A dict ``filter`` is copied when
+        the call is made.
         """
         self._check_open()
         q = as_query_matrix(query, self._index.dim, single=True)
         key = self._key(k, probes, rerank_factor, filter)
-        ids, dists = await self._submit(q, key, timeout)
+        ids, dists = await self._submit(q, key, _check_timeout(timeout))
         return ids[0], dists[0]
 
     async def search_batch(
@@ -324,7 +496,7 @@ class AsyncEngine:
         self._check_open()
         q = as_query_matrix(queries, self._index.dim, single=False)
         key = self._key(k, probes, rerank_factor, filter)
-        return await self._submit(q, key, timeout)
+        return await self._submit(q, key, _check_timeout(timeout))
 
     @staticmethod
     def _key(k: Any, probes: Any, rerank_factor: Any, filt: Any) -> _Key:
@@ -336,6 +508,7 @@ class AsyncEngine:
         )
 
     async def _submit(self, q: F32, key: _Key, timeout: float | None) -> tuple[I64, F32]:
+        self._bind_loop()
         if self._batcher is None:
             self._batcher = MicroBatcher(
                 self._run_batch,
@@ -349,7 +522,7 @@ class AsyncEngine:
             )
         if timeout is None:
             return await self._batcher.submit(q, key)
-        return await asyncio.wait_for(self._batcher.submit(q, key), timeout)
+        return await _within(timeout, self._batcher.submit(q, key))
 
     def _run_batch(self, queries: F32, key: _Key) -> tuple[I64, F32]:
         return self._index.search_batch(
@@ -362,12 +535,22 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ writes
     async def _write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one write on the executor; writes run one at a time, searches go on."""
-        self._check_open()
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        async with self._write_lock:
-            return await self._call(functools.partial(fn, *args, **kwargs))
+        """Run one write on the executor; writes run one at a time, searches go on.
+
+        The write lock is held until the executor has finished the write, even if the
+        caller is cancelled meanwhile (a thread cannot be stopped): writes never overlap."""
+        with self._operation():
+            if self._write_lock is None:
+                self._write_lock = asyncio.Lock()
+            lock = self._write_lock
+            await lock.acquire()
+            try:
+                job = self._start(functools.partial(fn, *args, **kwargs))
+            except BaseException:
+                lock.release()
+                raise
+            job.add_done_callback(lambda _: lock.release())
+            return await asyncio.shield(job)
 
     async def add(
         self,
@@ -404,8 +587,8 @@ class AsyncEngine:
         """``fn(*args)`` on the engine's executor, for other work on the index that may page
         in the mapped vectors or take a while; :meth:`aclose` waits for it. Raises
         ``EngineClosedError`` once the engine is closed."""
-        self._check_open()
-        return await self._call(fn, *args)
+        with self._operation():
+            return await self._call(fn, *args)
 
     async def ids_matching(self, filter: Filter) -> I64:
         """:meth:`ClusteredIndex.ids_matching` on the executor."""
@@ -424,33 +607,45 @@ class AsyncEngine:
         )
 
     # ------------------------------------------------------------------ files
+    def _start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:  # the executor was shut down: the engine closed
+            raise EngineClosedError(f"the engine is {self._state.value}") from exc
+
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._start(fn, *args)
 
     async def save(self, path: str | os.PathLike[str]) -> None:
-        """``index.save(path)`` without blocking the loop: arrays and the vector file on the
-        executor, the manifest through aiofiles; the same atomic swap."""
-        self._check_open()
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        async with self._write_lock:  # a consistent snapshot: no write between its steps
-            await self._save(Path(path))
+        """``index.save(path)`` without blocking the loop: the whole save (files, manifest,
+        the atomic swap) runs as one job on the executor, with no write in between.
+
+        Cancelled (or timed out), the save stops at its next step and removes what it
+        wrote, or, if its swap had begun, completes first; either way the parent's lock is
+        released before ``CancelledError`` is raised, and ``path`` holds the old index or
+        the new one. :meth:`aclose` waits for a save under way.
+        """
+        with self._operation():
+            if self._write_lock is None:
+                self._write_lock = asyncio.Lock()
+            async with self._write_lock:  # a consistent snapshot: no write during the save
+                await self._save(Path(path))
 
     async def _save(self, path: Path) -> None:
-        job = await self._call(SaveJob, self._index, path)
+        job = SaveJob(self._index, path)
+        running = self._start(job.run)
         try:
-            await self._call(job.write_data)
-            async with aiofiles.open(job.manifest_path, "wb", executor=self._executor) as fh:
-                await fh.write(job.manifest_bytes())
-                await fh.flush()
-                await self._call(os.fsync, fh.fileno())
-            await self._call(job.commit)
-        except BaseException as exc:
-            await asyncio.shield(self._call(job.abort))
-            err = job.error(exc)
-            if err is exc:
-                raise
-            raise err from exc
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped: ask the job to, and wait until it has ended (it
+            # removes what it wrote, or finishes its swap), even if cancelled again.
+            job.stop()
+            while not running.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({running})
+            if not running.cancelled():
+                running.exception()  # seen: the caller gets its cancellation instead
+            raise
 
     async def warm(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Page the memory-mapped vector file into the page cache; return bytes read.
@@ -459,26 +654,45 @@ class AsyncEngine:
         chunks on the executor. ``progress(done, total)`` is called on the loop after each
         chunk. A no-op (returns 0) when the vectors are in RAM.
         """
-        self._check_open()
-        path = self._index.mmap_path
-        if path is None:
-            return 0
-        storage = self._index._storage
-        if hasattr(mmap, "MADV_WILLNEED") and hasattr(storage, "advise"):
-            await self._call(storage.advise, mmap.MADV_WILLNEED)
-        total = await self._call(os.path.getsize, path)
-        done = 0
-        fd = await self._call(os.open, path, os.O_RDONLY)
-        try:
-            while done < total:
-                chunk = await self._call(os.pread, fd, _WARM_CHUNK, done)
-                if not chunk:
-                    break
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-        except OSError as exc:
-            raise storage_error(exc, path) from exc
-        finally:
-            await self._call(os.close, fd)
-        return done
+        with self._operation():
+            path = self._index.mmap_path
+            if path is None:
+                return 0
+            storage = self._index._storage
+            done = 0
+            try:
+                if hasattr(mmap, "MADV_WILLNEED") and hasattr(storage, "advise"):
+                    await self._call(storage.advise, mmap.MADV_WILLNEED)
+                total = await self._call(os.path.getsize, path)
+                opening = self._start(os.open, path, os.O_RDONLY)
+                try:
+                    fd = await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    opening.add_done_callback(_close_unclaimed_fd)
+                    raise
+                try:
+                    while done < total:
+                        chunk = await self._call(os.pread, fd, _WARM_CHUNK, done)
+                        if not chunk:
+                            break
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
+                finally:
+                    # On the loop: instant for a regular file, and a cancellation (even a
+                    # second one) cannot skip it.
+                    os.close(fd)
+            except OSError as exc:
+                raise storage_error(exc, path) from exc
+            return done
+
+
+def _close_unclaimed(opening: asyncio.Future[ClusteredIndex]) -> None:
+    """Close an index opened for a caller that was cancelled meanwhile."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
+def _close_unclaimed_fd(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())

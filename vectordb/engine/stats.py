@@ -17,7 +17,9 @@ class EngineStats:
     Attributes
     ----------
     queries : int
-        Queries answered (a ``search_batch`` of n counts n).
+        Queries answered (a ``search_batch`` of n counts n). Every search the engine
+        accepted (not refused at once as closed or overloaded) counts exactly once, in
+        ``queries``, ``cancelled`` or ``failed``, when its caller gets its outcome.
     batches : int
         Jobs run on the executor.
     mean_batch_size : float
@@ -27,9 +29,10 @@ class EngineStats:
     in_flight : int
         Jobs running right now.
     cancelled : int
-        Queries whose caller went away (cancelled or timed out) before an answer.
+        Queries whose caller was cancelled or timed out (``timeout=``) before it had its
+        answer: while waiting for room, queued, or running.
     failed : int
-        Queries answered with an exception.
+        Queries answered with an exception (their batch's, or ``EngineClosedError``).
     p50_ms, p99_ms : float
         Latency from the call to the answer, over the last ``window`` queries (``nan``
         before the first).
