@@ -325,8 +325,9 @@ def recover_missing(directory: Path) -> None:
     """If ``directory`` is missing but a save into its parent crashed between its two
     renames, rename the copy it left back to ``directory`` (see the module docstring).
 
-    Takes the parent's lock without waiting: ``InvalidIndexFileError`` if a save holds it,
-    or if the copy cannot be renamed back (the message says what to do).
+    Takes the parent's lock without waiting, and does nothing while a save holds it (the
+    reader waits out the moment between that save's renames). ``InvalidIndexFileError``
+    if the copy cannot be renamed back (the message says what to do).
     """
     directory = Path(directory)
     parent = directory.parent
@@ -338,10 +339,9 @@ def recover_missing(directory: Path) -> None:
     try:
         lock = lock_dir(parent, wait=False)
     except BlockingIOError:
-        raise InvalidIndexFileError(
-            f"{directory}: missing, and a save into {parent} is under way (it holds the "
-            "directory's lock): open it again once that save has ended"
-        ) from None
+        # A save under way: between its two renames for a moment, which the reader waits
+        # out (it retries while a replaced copy sits beside the missing path).
+        return
     except StorageError:
         return  # the parent cannot be opened: the open reports the missing index
     try:
