@@ -2,9 +2,10 @@
 
     python bench/reliability.py [--soak-seconds 60] [--fuzz-scale 20] [--out FILE.json]
 
-1. Kill points: every file-system step of each crash scenario of ``tests/test_crash.py``
-   (a forked child killed with SIGKILL before step n, for every n): does the index then
-   open with ``verify=True`` as the old or the new version?
+1. Kill points: every file-system step (SQLite's included) of each crash scenario of
+   ``tests/test_crash.py``, with the rename exchange and with two renames (a forked child
+   killed with SIGKILL before step n, for every n): does the index then open with
+   ``verify=True`` as the old or the new version (ids, vectors, metadata, results)?
 2. Damaged files: every file of a saved index, flipped, zeroed, truncated and extended at
    spread positions, plus hand-made hostile cases: rejected by ``open(verify=True)`` with
    ``InvalidIndexFileError`` naming the file? Without ``verify``: rejected, or opened and
@@ -38,45 +39,30 @@ import vectordb as vdb  # noqa: E402
 
 def kill_points() -> list[dict[str, Any]]:
     import test_crash as tc
-    from crashpoints import count_steps, kill_at_step
 
-    data = vdb.make_clustered(tc.N_BASE + 400, 48, seed=21)
-    queries = data[:: len(data) // 20][:20] + np.float32(0.01)
+    data = vdb.make_clustered(tc.N_BASE + tc.N_ADD + 100, 48, seed=21)
     rows = []
-    for name, action in tc.SCENARIOS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "work" / "index"
-            path.parent.mkdir()
-            vdb.ClusteredIndex.build(data[: tc.N_BASE], metric="cosine", max_leaf_size=150).save(
-                path
-            )
-            pristine = Path(tmp) / "pristine"
-            shutil.copytree(path, pristine)
-            old = tc.fingerprint(path, queries)
-            total = count_steps(lambda a=action, p=path: a(p, data))
-            new = tc.fingerprint(path, queries)
-            clean = old_n = new_n = 0
-            for n in range(1, total + 1):
-                shutil.rmtree(path)
-                shutil.copytree(pristine, path)
-                kill_at_step(lambda a=action, p=path: a(p, data), n)
-                try:
-                    got = tc.fingerprint(path, queries)
-                except vdb.VectorDBError:
-                    continue
-                old_n += tc.same(got, old)
-                new_n += tc.same(got, new) and not tc.same(got, old)
-                clean += tc.same(got, old) or tc.same(got, new)
+    with tempfile.TemporaryDirectory() as tmp:
+        first = tc.save_first_version(Path(tmp), data)
+        for case in tc.CASES:
+            scenario, swap = case.values
+            with tempfile.TemporaryDirectory() as case_tmp:
+                report = tc.try_kill_points(scenario, swap, data, first, Path(case_tmp))
+            results = list(report.outcomes.values())
+            old_n, new_n = results.count("old"), results.count("new")
+            name = scenario if swap == tc.SWAPS[0] else f"{scenario}, {swap}"
             rows.append(
                 {
                     "scenario": name,
-                    "kill_points": total,
-                    "recovered_clean": clean,
+                    "steps": len(report.steps),
+                    "kill_points": len(results),
+                    "recovered_clean": old_n + new_n,
                     "old_version": old_n,
                     "new_version": new_n,
+                    "other": sorted({r for r in results if r not in ("old", "new")})[:5],
                 }
             )
-            print(f"  {name}: {clean}/{total} clean", file=sys.stderr)
+            print(f"  {name}: {old_n + new_n}/{len(results)} clean", file=sys.stderr)
     return rows
 
 

@@ -3,6 +3,7 @@ against the CPU stages they mirror."""
 
 from __future__ import annotations
 
+import fake_cupy
 import numpy as np
 import pytest
 
@@ -88,3 +89,86 @@ def test_query_terms_match_the_cpu_query_side(index):
     np.testing.assert_allclose(a[valid], -2 * side.r_q, rtol=1e-6)
     np.testing.assert_allclose(b[valid], side.r_q**2, rtol=1e-5)
     assert (a[~valid] == 0).all() and (b[~valid] == 0).all()
+
+
+# ---------------------------------------------------------------------- the GPU emulation
+#
+# tests/fake_cupy.py runs the CUDA kernels on the CPU for test_backends.py. These tests
+# show that it can fail: kernels with the bugs a GPU would show are caught there too.
+
+_TOY = r"""
+extern "C" __global__ void toy(const long long n, long long* out)
+{
+    const long long t = %s;
+    if (%s) return;
+    %s
+}
+"""
+_INDEX = "(long long)blockIdx.x * blockDim.x + threadIdx.x"
+
+
+def toy_kernel(index: str = _INDEX, bound: str = "t >= n", body: str = "out[t] = t * 3;"):
+    """The toy kernel with ``index``, ``bound`` and ``body``, compiled by the emulation."""
+    if fake_cupy.compiler() is None:
+        pytest.skip("no C compiler to run the CUDA kernels on the CPU")
+    return fake_cupy._Module(_TOY % (index, bound, body)).get_function("toy")
+
+
+def launch(kernel, n: int, threads: int = 64) -> np.ndarray:
+    """``out`` ``(n,)`` int64 after a launch of ``kernel`` over ``n`` threads, rounded up."""
+    out = fake_cupy.empty(n, dtype=np.int64)
+    kernel(((n + threads - 1) // threads,), (threads,), (np.int64(n), out))
+    return np.asarray(out)
+
+
+def test_the_emulation_runs_every_thread_of_every_block():
+    kernel = toy_kernel()
+    for n in (1, 63, 64, 65, 1000):  # a part-filled last block, and a single one
+        np.testing.assert_array_equal(launch(kernel, n), np.arange(n) * 3)
+
+
+def test_the_emulation_shows_a_kernel_indexing_by_block_alone():
+    """Every thread of a block writes its block's element: the rest stays poison."""
+    kernel = toy_kernel(index="(long long)blockIdx.x")
+    out = launch(kernel, 1000)
+    poison = np.full(1, fake_cupy.POISON, np.uint8).repeat(8).view(np.int64)[0]
+    assert (out[:16] == np.arange(16) * 3).all() and (out[16:] == poison).all()
+
+
+def test_the_emulation_catches_an_off_by_one_bounds_check():
+    kernel = toy_kernel(bound="t > n")
+    launch(kernel, 128)  # no thread past the end: nothing to see
+    with pytest.raises(fake_cupy.KernelError, match="wrote outside its argument 'out'"):
+        launch(kernel, 1000)
+
+
+def test_the_emulation_catches_threads_racing_for_one_place():
+    kernel = toy_kernel(body="out[t / 2] = t;")
+    with pytest.raises(fake_cupy.KernelError, match="depends on the order its threads run"):
+        launch(kernel, 1000)
+    # Threads reading what others write: also order-dependent.
+    kernel = toy_kernel(body="out[t] = t ? out[t - 1] + 1 : 0;")
+    with pytest.raises(fake_cupy.KernelError, match="depends on the order"):
+        launch(kernel, 1000)
+
+
+def test_the_emulation_refuses_what_it_cannot_run_and_bad_launches():
+    kernel = toy_kernel()
+    with pytest.raises(NotImplementedError, match="__syncthreads"):
+        fake_cupy._Module(_TOY % (_INDEX, "t >= n", "__syncthreads();")).get_function("toy")
+    out = fake_cupy.empty(10, dtype=np.int64)
+    with pytest.raises(ValueError, match="limit of 1024"):
+        kernel((1,), (2048,), (np.int64(10), out))
+    with pytest.raises(ValueError, match="1-D"):
+        kernel((1, 2), (32,), (np.int64(10), out))
+    with pytest.raises(TypeError, match="expected int64"):
+        kernel((1,), (32,), (np.int32(10), out))
+
+
+def test_the_emulation_leaves_no_files(monkeypatch, tmp_path):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    kernel = toy_kernel(body="out[t] = t + 17;")  # a new source: compiled now
+    np.testing.assert_array_equal(launch(kernel, 70), np.arange(70) + 17)
+    assert list(tmp_path.iterdir()) == []

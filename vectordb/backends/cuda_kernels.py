@@ -1,8 +1,9 @@
 """CUDA source of the GPU backend's kernels, compiled at run time by CuPy (NVRTC).
 
 Each kernel indexes its threads by ``blockIdx.x * blockDim.x + threadIdx.x`` alone and its
-threads never talk to each other, so the same source also runs one thread after another
-on a CPU: the tests compile it with a C compiler (``tests/fake_cupy.py``).
+threads never talk to each other, so the same source also runs on a CPU: the tests compile
+it with a C compiler and run each launch's real grid and blocks, threads in a shuffled order
+and then again reversed, to catch indexing bugs and races (``tests/fake_cupy.py``).
 
 =============  ==========================================================================
 kernel         one thread per
