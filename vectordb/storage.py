@@ -11,7 +11,9 @@ import contextlib
 import io
 import mmap
 import os
+import threading
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._files import atomic_write, storage_error
-from .errors import IndexClosedError, InvalidIndexFileError
+from .errors import IndexClosedError, InvalidIndexFileError, StorageError
 
 __all__ = [
     "InMemoryStorage",
@@ -53,6 +55,9 @@ def write_rows(
     rows = max(1, _WRITE_BYTES // max(1, dim * 4))
     crc = 0
     with atomic_write(path) as fh:
+        # Held until the file is complete: `vectordb verify` tells a compaction still
+        # writing (its temporary file is named like the working file) from a dead one's.
+        _lock_scratch(fh.fileno())
         for start in range(0, order.shape[0], rows):
             chunk = np.ascontiguousarray(take(order[start : start + rows]), dtype="<f4").tobytes()
             crc = zlib.crc32(chunk, crc)
@@ -127,6 +132,10 @@ class MmapStorage:
     removes the append file. The append file is created once and kept open: appends write
     through its descriptor, never by path, so a save onto the index's own directory (which
     removes the file's name with the old directory) loses none of its rows.
+
+    The mapped file stays open by descriptor as well, until :meth:`close`: :meth:`warm`
+    and :meth:`drop_cache` read through it, never by ``path``, which a save onto the
+    index's own directory makes name the new file (or, after ``compact``, nothing).
     """
 
     is_mmap = True
@@ -139,9 +148,10 @@ class MmapStorage:
         self, path: Path, n: int, dim: int, *, owned: bool = False, fd: int | None = None
     ) -> None:
         """Map ``path`` (``n`` rows of ``dim`` float32). ``owned``: a working file of the
-        index's own, removed by :meth:`close`. ``fd``: an open descriptor of ``path`` to
-        map instead of opening it again (the reader's, so that the file whose size is
-        checked is the file mapped, whatever the path names by now); not closed here.
+        index's own, removed by :meth:`close`, and ``flock``-ed while open (see
+        :func:`scratch_in_use`). ``fd``: an open descriptor of ``path`` to map instead of
+        opening it again (the reader's, so that the file whose size is checked is the file
+        mapped, whatever the path names by now); not closed here (a duplicate is kept).
 
         The size is checked with ``fstat`` on the descriptor mapped. Should the file be
         truncated in place while mapped, touching the lost pages raises ``SIGBUS`` (the
@@ -152,14 +162,26 @@ class MmapStorage:
         self.dim = dim
         self._owned = owned
         self._n_base = n
+        #: Guards ``_file`` between :meth:`mapped_fd` and :meth:`close` (other threads).
+        self._file_lock = threading.Lock()
         try:
-            if fd is None:
-                with open(self.path, "rb") as fh:
-                    self._mmap: mmap.mmap | None = self._map(fh.fileno(), n, dim)
-            else:
-                self._mmap = self._map(fd, n, dim)
+            file = io.FileIO(self.path if fd is None else os.dup(fd), "rb")
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
+        #: The mapped file, open until :meth:`close`, or until this store is collected
+        #: (a store ``compact`` replaced is discarded, never closed: searches may still
+        #: read it, and its mapping lives as long).
+        self._file: io.FileIO | None = file
+        self._release = weakref.finalize(self, file.close)
+        try:
+            if owned:
+                _lock_scratch(file.fileno())
+            self._mmap: mmap.mmap | None = self._map(file.fileno(), n, dim)
+        except BaseException as exc:
+            self._release()
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise storage_error(exc, self.path) from exc
+            raise
         base = np.frombuffer(self._mmap, dtype="<f4") if self._mmap else np.empty(0, "<f4")
         self._base: F32 | None = base.reshape(n, dim)
         self._closed = False
@@ -262,29 +284,45 @@ class MmapStorage:
         if self._mmap is not None and hasattr(self._mmap, "madvise"):
             self._mmap.madvise(advice)
 
+    def mapped_fd(self) -> int:
+        """A new descriptor of the mapped file (the caller closes it): the file this store
+        reads, whatever ``path`` names by now. Thread-safe against :meth:`close`;
+        ``IndexClosedError`` once closed, ``StorageError`` if the OS refuses a descriptor.
+        """
+        with self._file_lock:
+            if self._file is None:
+                raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
+            try:
+                return os.dup(self._file.fileno())
+            except OSError as exc:
+                raise storage_error(exc, self.path) from exc
+
     def warm(self, on_bytes: Callable[[int], None] | None = None) -> int:
         """Read the mapped file once, sequentially, so its pages are in the page cache.
 
         Hints the kernel (``MADV_WILLNEED``) first; ``on_bytes(n)`` after every chunk.
-        Returns the bytes read.
+        Returns the bytes read (the mapped file's size).
         """
         if self._closed:
             raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
         if hasattr(mmap, "MADV_WILLNEED"):
             self.advise(mmap.MADV_WILLNEED)
+        fd = self.mapped_fd()
         done = 0
         try:
-            with open(self.path, "rb", buffering=0) as fh:
-                while chunk := fh.read(_WARM_BYTES):
-                    done += len(chunk)
-                    if on_bytes is not None:
-                        on_bytes(len(chunk))
+            # pread: a descriptor's duplicates share one offset; concurrent warms don't.
+            while chunk := os.pread(fd, _WARM_BYTES, done):
+                done += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
+        finally:
+            os.close(fd)
         return done
 
     def drop_cache(self) -> None:
-        """Evict the file's pages from this mapping and from the OS page cache.
+        """Evict the mapped file's pages from this mapping and from the OS page cache.
 
         For measuring cold reads: the next accesses go to the disk again. Dirty or
         otherwise pinned pages may stay; a no-op where the OS lacks the calls.
@@ -292,9 +330,11 @@ class MmapStorage:
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED)
         if hasattr(os, "posix_fadvise"):
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = self.mapped_fd()
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError as exc:
+                raise storage_error(exc, self.path) from exc
             finally:
                 os.close(fd)
 
@@ -310,8 +350,12 @@ class MmapStorage:
                     self._append_path.unlink()
             fh.close()
         if self._owned:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            # Likewise: after a save onto the index's directory the name is gone.
+            with self._file_lock:
+                mine = self._file is not None and _names_file(self.path, self._file.fileno())
+            if mine:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
         self._append_path = None
         self._owned = False
 
@@ -328,6 +372,9 @@ class MmapStorage:
                 self._mmap.close()
             self._mmap = None
         self.discard()
+        with self._file_lock:
+            self._file = None
+            self._release()  # releases the flock of an owned file
 
 
 Storage = InMemoryStorage | MmapStorage
@@ -364,9 +411,11 @@ def scratch_files(directory: Path) -> list[Path]:
 
 
 def scratch_in_use(path: Path) -> bool | None:
-    """Whether a running process holds the append file ``path`` open (its ``flock``);
-    ``None`` where that cannot be told (no flock; other working files take none)."""
-    if ".append-" not in Path(path).name:
+    """Whether a running process holds the working file ``path`` open (its ``flock``:
+    an append file, a compacted vector file, or one still being written); ``None`` where
+    that cannot be told (no flock, or a file of no such name)."""
+    name = Path(path).name
+    if ".append-" not in name and ".compact-" not in name:
         return None
     try:
         import fcntl

@@ -25,10 +25,16 @@ import numpy.typing as npt
 from .._files import storage_error
 from .._validation import as_query_matrix, check_k, positive_int
 from ..backends import resolve_backend
-from ..errors import EngineClosedError, InvalidIndexFileError, InvalidParameterError
+from ..errors import (
+    EngineClosedError,
+    InvalidIndexFileError,
+    InvalidParameterError,
+    StorageError,
+)
 from ..index import ClusteredIndex
 from ..metadata import Filter, check_filter
 from ..persist import MAX_MANIFEST_BYTES, SaveJob, manifest_path, open_index, parse_manifest
+from ..storage import MmapStorage
 from .batcher import MicroBatcher
 from .stats import EngineStats, StatsRecorder
 
@@ -652,25 +658,26 @@ class AsyncEngine:
 
         Hints the kernel (``MADV_WILLNEED``) and reads the file sequentially in 16 MiB
         chunks on the executor. ``progress(done, total)`` is called on the loop after each
-        chunk. A no-op (returns 0) when the vectors are in RAM.
+        chunk. A no-op (returns 0) when the vectors are in RAM. Reads the file mapped (by
+        a descriptor of it), whatever ``index.mmap_path`` names by now: a save onto the
+        index's own directory puts another file there (after ``compact``, none).
         """
         with self._operation():
-            path = self._index.mmap_path
-            if path is None:
-                return 0
             storage = self._index._storage
+            if not isinstance(storage, MmapStorage):
+                return 0
             done = 0
             try:
-                if hasattr(mmap, "MADV_WILLNEED") and hasattr(storage, "advise"):
+                if hasattr(mmap, "MADV_WILLNEED"):
                     await self._call(storage.advise, mmap.MADV_WILLNEED)
-                total = await self._call(os.path.getsize, path)
-                opening = self._start(os.open, path, os.O_RDONLY)
+                opening = self._start(storage.mapped_fd)
                 try:
                     fd = await asyncio.shield(opening)
                 except asyncio.CancelledError:
                     opening.add_done_callback(_close_unclaimed_fd)
                     raise
                 try:
+                    total = os.fstat(fd).st_size  # on the loop: no disk access
                     while done < total:
                         chunk = await self._call(os.pread, fd, _WARM_CHUNK, done)
                         if not chunk:
@@ -683,7 +690,9 @@ class AsyncEngine:
                     # second one) cannot skip it.
                     os.close(fd)
             except OSError as exc:
-                raise storage_error(exc, path) from exc
+                if isinstance(exc, StorageError):
+                    raise
+                raise storage_error(exc, storage.path) from exc
             return done
 
 

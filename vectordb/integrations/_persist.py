@@ -6,26 +6,45 @@ the build options; ``index/`` is the vectordb index (absent while the store is e
 swaps it in as :mod:`vectordb.persist` swaps an index directory (same flock, same leftover
 cleanup), so a crash leaves the old store or the new one, never one's ``store.json`` with
 the other's index. :func:`read_info` checks every key of ``store.json``.
+
+``store.json`` is written last, so a temporary directory that holds a valid one (and, when
+it says so, a complete ``index/``) is a committed store. Where the swap takes two renames
+and a crash comes between them, the next save, or the next open of the missing path
+(:func:`recover_missing`), renames that new copy back, else the old one (the indexes'
+recovery, :func:`vectordb.persist.recover_missing`, with this test of completeness).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._dirswap import check_replaceable, install_dir, lock_dir, remove_leftovers, unlock
+from .._dirswap import (
+    check_replaceable,
+    install_dir,
+    leftovers,
+    lock_dir,
+    pick_leftover,
+    remove_leftovers,
+    restore_interrupted,
+    unlock,
+)
 from .._files import atomic_write, storage_error
+from .._progress import log
 from ..errors import InvalidIndexFileError, StorageError
 from ..index import ClusteredIndex
 from ..metrics import Metric
+from ..persist import _complete_index
 
-__all__ = ["INDEX_DIR", "STORE_FILE", "open_index", "read_info", "save_store"]
+__all__ = ["INDEX_DIR", "STORE_FILE", "open_index", "read_info", "recover_missing", "save_store"]
 
 STORE_FILE = "store.json"
 INDEX_DIR = "index"
@@ -43,6 +62,9 @@ _KEYS: dict[str, tuple[type, str]] = {
     "build_options": (dict, "an object"),
     "has_index": (bool, "true or false"),
 }
+#: How often :func:`recover_missing` looks again while a save holds the parent's lock
+#: (between its two renames, for a moment), then gives up with ``EAGAIN``.
+_RECOVER_ATTEMPTS = 8
 
 
 def save_store(
@@ -69,7 +91,9 @@ def save_store(
     lock = lock_dir(parent)
     tmp = parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        remove_leftovers(parent, root.name)
+        restored = remove_leftovers(parent, root.name, _complete_store)
+        if restored is not None:
+            log.warning("restored %s from %s (left by a save that crashed)", root, restored)
         tmp.mkdir()
         if index is not None:
             index.save(tmp / INDEX_DIR, progress=False)
@@ -87,13 +111,24 @@ def save_store(
 
 
 def read_info(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
-    """The checked contents of ``path/store.json``, saved by the ``kind`` adapter.
+    """The checked contents of ``path/store.json``, saved by the ``kind`` adapter, after
+    :func:`recover_missing`.
 
     Raises ``InvalidIndexFileError`` for a missing, foreign or malformed file, a key
     missing or of the wrong type, a store of another adapter, or ``has_index`` that
     disagrees with the presence of ``index/``.
     """
-    root = Path(path)
+    recover_missing(path)
+    info = _parse_info(Path(path))
+    if info["kind"] != kind:
+        raise InvalidIndexFileError(
+            f"{Path(path) / STORE_FILE}: saved by the {info['kind']!r} adapter"
+        )
+    return info
+
+
+def _parse_info(root: Path) -> dict[str, Any]:
+    """``root/store.json`` checked as :func:`read_info` does, of any adapter."""
     file = root / STORE_FILE
     try:
         info = json.loads(file.read_text(encoding="utf-8"))
@@ -110,8 +145,6 @@ def read_info(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
             raise InvalidIndexFileError(f"{file}: {key!r} must be {name}, found {value!r}")
     if info["version"] != VERSION:
         raise InvalidIndexFileError(f"{file}: version {info['version']}, expected {VERSION}")
-    if info["kind"] != kind:
-        raise InvalidIndexFileError(f"{file}: saved by the {info['kind']!r} adapter")
     present = (root / INDEX_DIR).exists()
     if present is not info["has_index"]:
         raise InvalidIndexFileError(
@@ -119,6 +152,69 @@ def read_info(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
             + ("exists" if present else "is missing")
         )
     return info
+
+
+def _complete_store(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole saved store: a valid ``store.json`` and, when
+    it says so, an ``index/`` whose files all match its manifest (reads them once)."""
+    try:
+        info = _parse_info(directory)
+    except InvalidIndexFileError:
+        return False
+    return not info["has_index"] or _complete_index(directory / INDEX_DIR)
+
+
+def recover_missing(path: str | os.PathLike[str]) -> None:
+    """If the store directory ``path`` is missing but a save into its parent crashed
+    between its two renames, rename the copy it left back to ``path``: the new one if
+    complete (:func:`_complete_store`), else the old one.
+
+    Takes the parent's lock without waiting; while a save holds it (between its renames,
+    for a moment) looks again a few times, then raises ``StorageError`` (``EAGAIN``).
+    ``InvalidIndexFileError`` if the copy cannot be renamed back (the message says what to
+    do). Does nothing when ``path`` exists or nothing was left beside it.
+    """
+    root = Path(os.path.abspath(path))
+    if root.is_symlink():  # a save replaces what the link points to (see save_store)
+        root = root.resolve()
+    parent = root.parent
+    for attempt in range(_RECOVER_ATTEMPTS):
+        if attempt:
+            time.sleep(min(0.05, 0.001 * 2**attempt))
+        if os.path.lexists(root) or not parent.is_dir():
+            return
+        tmps, olds = leftovers(parent, root.name)
+        if not tmps and not olds:
+            return
+        try:
+            lock = lock_dir(parent, wait=False)
+        except BlockingIOError:
+            if not olds:
+                return  # a first save still writing: nothing to recover (yet)
+            continue
+        except StorageError:
+            return  # the parent cannot be opened: the open reports the missing store
+        try:
+            restored = restore_interrupted(parent, root.name, _complete_store)
+        except OSError as exc:
+            found = pick_leftover(parent, root.name, _complete_store)
+            raise InvalidIndexFileError(
+                f"{root}: missing; a save that crashed left a complete copy at {found}, "
+                f"which could not be renamed back ({exc.strerror or exc}): rename it to "
+                f"{root} (or save into {parent} again, which does so)"
+            ) from exc
+        finally:
+            unlock(lock)
+        if restored is not None:
+            log.warning("restored %s from %s (left by a save that crashed)", root, restored)
+        return
+    if os.path.lexists(root):
+        return  # the save ended meanwhile
+    raise StorageError(
+        errno.EAGAIN,
+        f"{root}: missing while a save into {parent} holds its lock; try again",
+        str(root),
+    )
 
 
 def open_index(

@@ -1,0 +1,356 @@
+"""Working files and saves onto an index's own directory: ``warm`` and ``drop_cache`` read
+the file actually mapped, ``vectordb verify`` tells a live compacted vector file from a
+dead one's, and the text stores recover from a crash between the two fallback renames."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import vectordb as vdb
+import vectordb._dirswap as dirswap
+import vectordb.integrations._persist as store_persist
+import vectordb.storage as storage_module
+import vectordb.writes as writes
+from vectordb.cli import cli
+
+DIM = 24
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return vdb.make_clustered(1500, DIM, seed=9)
+
+
+def build(x: np.ndarray) -> vdb.ClusteredIndex:
+    return vdb.ClusteredIndex.build(x, metric="cosine", max_leaf_size=120)
+
+
+def inode(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def fadvised(monkeypatch) -> list[tuple[int, int]]:
+    """Record the file (device, inode) of every ``posix_fadvise`` call."""
+    seen: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, *args: int) -> None:
+        st = os.fstat(fd)
+        seen.append((st.st_dev, st.st_ino))
+        real(fd, *args)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    return seen
+
+
+# --------------------------------------------------------------------------- item 1
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+@pytest.mark.parametrize("compact", [True, False])
+def test_warm_and_drop_cache_after_a_save_onto_itself_read_the_mapped_file(
+    data, tmp_path, monkeypatch, compact
+):
+    path = tmp_path / "idx"
+    build(data[:1000]).save(path)
+    with vdb.ClusteredIndex.open(path, mmap=True) as index:
+        index.add(data[1000:1200], ids=np.arange(1000, 1200))
+        if compact:
+            index.compact()  # now maps .vectors.bin.compact-*, inside the directory
+        rows = 1200 if compact else 1000
+        mapped = index.mmap_path
+        assert mapped is not None
+        mapped_inode = inode(mapped)
+        index.save(path)  # the old directory, and every name in it, goes
+        if compact:
+            assert not mapped.exists()
+        else:
+            assert mapped.stat().st_size == 1200 * DIM * 4  # the new file, not the mapped one
+        assert index.warm(progress=False) == rows * DIM * 4
+        seen = fadvised(monkeypatch)
+        index._storage.drop_cache()  # type: ignore[union-attr]
+        assert seen == [mapped_inode]
+        monkeypatch.undo()
+        ids, _ = index.search_batch(data[[3, 1100]], 1, probes=64)
+        assert ids[:, 0].tolist() == [3, 1100]
+    assert not [p for p in os.listdir(path) if p.startswith(".")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("compact", [True, False])
+async def test_engine_warm_after_a_save_onto_itself_reads_the_mapped_file(data, tmp_path, compact):
+    path = tmp_path / "idx"
+    build(data[:1000]).save(path)
+    async with await vdb.AsyncEngine.open(path, mmap=True) as engine:
+        await engine.add(data[1000:1200], ids=np.arange(1000, 1200))
+        if compact:
+            await engine.compact()
+        rows = 1200 if compact else 1000
+        await engine.save(path)
+        seen: list[tuple[int, int]] = []
+        done = await asyncio.wait_for(engine.warm(lambda d, total: seen.append((d, total))), 30)
+        assert done == rows * DIM * 4
+        assert seen and seen[-1] == (done, done)
+    assert vdb.ClusteredIndex.open(path).__len__() == 1200
+
+
+def test_warm_after_close_raises_index_closed(data, tmp_path):
+    path = tmp_path / "idx"
+    build(data[:200]).save(path)
+    index = vdb.ClusteredIndex.open(path, mmap=True)
+    storage = index._storage
+    index.close()
+    assert isinstance(storage, storage_module.MmapStorage)
+    with pytest.raises(vdb.IndexClosedError):
+        storage.mapped_fd()
+    with pytest.raises(vdb.IndexClosedError):
+        storage.warm()
+
+
+# --------------------------------------------------------------------------- item 2
+
+
+def verify(path: Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, ["--no-progress", "verify", str(path)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_verify_reports_the_compacted_file_of_a_running_process(data, tmp_path):
+    path = tmp_path / "idx"
+    build(data[:1000]).save(path)
+    with vdb.ClusteredIndex.open(path, mmap=True) as index:
+        index.add(data[1000:1100], ids=np.arange(1000, 1100))
+        index.compact()  # the append file goes; the compacted file is the only one
+        code, out, err = verify(path)
+        assert code == 0 and out.startswith("OK:")
+        assert ".vectors.bin.compact-" in err and ".append-" not in err
+        assert "in use by a running process" in err and "died" not in err
+    assert verify(path)[2] == ""  # closed: the compacted file went with it
+
+
+def test_verify_reports_the_compacted_file_a_killed_process_left(data, tmp_path):
+    path = tmp_path / "idx"
+    build(data[:1000]).save(path)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            index = vdb.ClusteredIndex.open(path, mmap=True)
+            index.add(data[1000:1100], ids=np.arange(1000, 1100))
+            index.compact()
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    code, out, err = verify(path)
+    assert code == 0 and "1,000 vectors" in out
+    assert ".vectors.bin.compact-" in err
+    assert "safe to delete" in err and "still running" not in err
+
+
+def test_verify_reports_a_compaction_still_writing_as_in_use(data, tmp_path, monkeypatch):
+    path = tmp_path / "idx"
+    build(data[:1000]).save(path)
+    entered, go = threading.Event(), threading.Event()
+    real = writes.write_rows
+
+    def held(take, order, dim, target, on_bytes=None):
+        def hook(n: int) -> None:
+            entered.set()
+            go.wait(10)
+            if on_bytes is not None:
+                on_bytes(n)
+
+        return real(take, order, dim, target, hook)
+
+    monkeypatch.setattr(writes, "write_rows", held)
+    with vdb.ClusteredIndex.open(path, mmap=True) as index:
+        index.delete(np.arange(10))
+        worker = threading.Thread(target=index.compact)
+        worker.start()
+        try:
+            assert entered.wait(10)
+            code, out, err = verify(path)
+            assert out.startswith("OK:")
+        finally:
+            go.set()
+            worker.join(30)
+        assert not worker.is_alive()
+        assert code == 0 and ".vectors.bin.compact-" in err
+        assert "in use by a running process" in err and "died" not in err
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def _crash_between_renames(path: Path, save: Callable[[], None]) -> None:
+    """In a child: force the two-rename swap, run ``save``, SIGKILL it right after the
+    first rename of the store directory (``path`` -> ``.NAME.old-*``)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            dirswap._renameat2_exchange = lambda: None  # type: ignore[assignment]
+            real = os.rename
+
+            def rename(src, dst, *args, **kwargs):
+                real(src, dst, *args, **kwargs)
+                if Path(dst).name.startswith(f".{path.name}.old-"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            os.rename = rename  # type: ignore[assignment]
+            save()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert not path.exists(), "the child must die between the renames"
+    names = sorted(p for p in os.listdir(path.parent) if p.startswith("."))
+    assert any(".old-" in n for n in names) and any(".tmp-" in n for n in names), names
+
+
+@pytest.fixture
+def embedding():
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    return DeterministicFakeEmbedding(size=16)
+
+
+def texts(lo: int, hi: int) -> tuple[list[str], list[str]]:
+    return [f"passage {i} about topic {i % 5}" for i in range(lo, hi)], [
+        f"id-{i}" for i in range(lo, hi)
+    ]
+
+
+@pytest.fixture
+def crashed_store(embedding, tmp_path):
+    """A LangChain store whose save crashed between the renames: (path, old ids, new ids)."""
+    from vectordb.integrations.langchain import VectorDBStore
+
+    path = tmp_path / "store"
+    store = VectorDBStore(embedding, max_leaf_size=40)
+    words, ids = texts(0, 60)
+    store.add_texts(words, ids=ids)
+    store.save(path)
+    store.close()
+
+    def save() -> None:
+        again = VectorDBStore.load(path, embedding)
+        words, ids = texts(60, 80)
+        again.add_texts(words, ids=ids)
+        again.save(path)
+
+    _crash_between_renames(path, save)
+    return path, set(texts(0, 60)[1]), set(texts(0, 80)[1])
+
+
+def stored_ids(path: Path, embedding) -> set[str]:
+    from vectordb.integrations.langchain import VectorDBStore
+
+    store = VectorDBStore.load(path, embedding)
+    try:
+        candidates = [f"id-{i}" for i in range(100)]
+        return {doc.id for doc in store.get_by_ids(candidates) if doc.id is not None}
+    finally:
+        store.close()
+
+
+def test_load_after_a_crash_between_the_renames_restores_the_new_store(crashed_store, embedding):
+    from vectordb.integrations.langchain import VectorDBStore
+
+    path, _, new = crashed_store
+    assert stored_ids(path, embedding) == new
+    store = VectorDBStore.load(path, embedding)
+    store.save(path)  # the old copy stays beside it until the next save removes it
+    store.close()
+    assert os.listdir(path.parent) == ["store"]
+    assert stored_ids(path, embedding) == new
+
+
+def test_a_failing_save_after_a_crash_between_the_renames_keeps_the_new_store(
+    crashed_store, embedding, monkeypatch
+):
+    from vectordb.integrations.langchain import VectorDBStore
+
+    path, _, new = crashed_store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_persist, "atomic_write", full)
+    other = VectorDBStore(embedding, max_leaf_size=40)
+    other.add_texts(["something else"], ids=["other"])
+    with pytest.raises(vdb.StorageError):
+        other.save(path)  # its cleanup rolls the crashed save forward first
+    monkeypatch.undo()
+    other.close()
+    assert os.listdir(path.parent) == ["store"]
+    assert stored_ids(path, embedding) == new
+
+
+@pytest.mark.parametrize("damage", ["store.json", "index/ids.npy"])
+def test_a_damaged_new_store_is_not_restored_the_old_one_is(crashed_store, embedding, damage):
+    path, old, _ = crashed_store
+    (tmp,) = [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+    target = tmp / damage
+    os.chmod(target, 0o644)
+    target.write_bytes(b"damaged")
+    assert stored_ids(path, embedding) == old
+
+
+def test_a_load_while_a_save_holds_the_lock_between_renames_says_try_again(
+    crashed_store, embedding
+):
+    path, _, new = crashed_store
+    holder = os.open(path.parent, os.O_RDONLY)  # as a save between its renames would
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(vdb.StorageError) as caught:
+            stored_ids(path, embedding)
+        assert caught.value.errno == errno.EAGAIN
+    finally:
+        os.close(holder)
+    assert stored_ids(path, embedding) == new
+
+
+def test_llamaindex_load_after_a_crash_between_the_renames_restores_the_new_store(tmp_path):
+    from llama_index.core.schema import TextNode
+
+    from vectordb.integrations.llamaindex import VectorDBVectorStore
+
+    rng = np.random.default_rng(4)
+
+    def nodes(lo: int, hi: int) -> list[TextNode]:
+        return [
+            TextNode(text=f"text {i}", id_=f"n{i}", embedding=rng.standard_normal(8).tolist())
+            for i in range(lo, hi)
+        ]
+
+    path = tmp_path / "store.vectordb"
+    store = VectorDBVectorStore(metric="ip")
+    store.add(nodes(0, 30))
+    store.persist(str(tmp_path / "store.json"))
+    store.close()
+
+    def save() -> None:
+        again = VectorDBVectorStore.from_persist_path(tmp_path / "store.json")
+        again.add(nodes(30, 40))
+        again.persist(str(tmp_path / "store.json"))
+
+    _crash_between_renames(path, save)
+    back = VectorDBVectorStore.from_persist_path(tmp_path / "store.json")
+    try:
+        assert len(back.client) == 40
+    finally:
+        back.close()
