@@ -18,13 +18,15 @@ import ctypes.util
 import errno
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ._files import fsync_dir, storage_error
-from .errors import StorageError
+from ._progress import log
+from .errors import InvalidIndexFileError, StorageError
 
 __all__ = [
     "check_replaceable",
@@ -32,6 +34,7 @@ __all__ = [
     "leftovers",
     "lock_dir",
     "pick_leftover",
+    "recover_missing",
     "remove_leftovers",
     "restore_interrupted",
     "unlock",
@@ -138,6 +141,64 @@ def restore_interrupted(
     os.rename(chosen, target)
     fsync_dir(parent)
     return chosen
+
+
+#: Looks at a missing target while a save holds the parent's lock (about 0.25 s in all).
+_RECOVER_ATTEMPTS = 8
+
+
+def recover_missing(path: Path, complete: Callable[[Path], bool], what: str) -> None:
+    """If the directory ``path`` is missing but a save into its parent crashed between its
+    two renames, rename the copy it left back to ``path``: the new one if ``complete``
+    says so, else the old one (:func:`restore_interrupted`). ``what`` names the kind of
+    directory in messages.
+
+    Takes the parent's lock without waiting; while a save holds it with a replaced copy
+    beside the missing path (between its renames, for a moment) looks again a few times,
+    then raises ``StorageError`` (``EAGAIN``). ``InvalidIndexFileError`` if the copy cannot
+    be renamed back (the message says what to do). Does nothing when ``path`` exists or
+    nothing was left beside it.
+    """
+    parent = path.parent
+    for attempt in range(_RECOVER_ATTEMPTS):
+        if attempt:
+            time.sleep(min(0.05, 0.001 * 2**attempt))
+        if os.path.lexists(path) or not parent.is_dir():
+            return
+        tmps, olds = leftovers(parent, path.name)
+        if not tmps and not olds:
+            return
+        try:
+            lock = lock_dir(parent, wait=False)
+        except BlockingIOError:
+            if not olds:
+                return  # a first save still writing: nothing to recover (yet)
+            continue
+        except StorageError:
+            return  # the parent cannot be opened: the open reports the missing directory
+        try:
+            restored = restore_interrupted(parent, path.name, complete)
+        except OSError as exc:
+            found = pick_leftover(parent, path.name, complete)
+            raise InvalidIndexFileError(
+                f"{path}: missing; a save that crashed left a complete copy at {found}, "
+                f"which could not be renamed back ({exc.strerror or exc}): rename it to "
+                f"{path} (or save into {parent} again, which does so)"
+            ) from exc
+        finally:
+            unlock(lock)
+        if restored is not None:
+            log.warning(
+                "restored %s %s from %s (left by a save that crashed)", what, path, restored
+            )
+        return
+    if os.path.lexists(path):
+        return  # the save ended meanwhile
+    raise StorageError(
+        errno.EAGAIN,
+        f"{path}: {what} missing while a save into {parent} holds its lock; try again",
+        str(path),
+    )
 
 
 def remove_leftovers(

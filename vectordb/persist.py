@@ -50,12 +50,12 @@ import numpy.typing as npt
 from ._dirswap import (
     check_replaceable,
     install_dir,
-    leftovers,
     lock_dir,
-    pick_leftover,
     remove_leftovers,
-    restore_interrupted,
     unlock,
+)
+from ._dirswap import (
+    recover_missing as _recover_missing,
 )
 from ._files import _NEW_FILE_MODE, crc32_file, fsync_dir, storage_error
 from ._progress import log, progress_bar
@@ -323,40 +323,9 @@ def save_index(index: ClusteredIndex, path: Path, progress: bool | None = False)
 
 def recover_missing(directory: Path) -> None:
     """If ``directory`` is missing but a save into its parent crashed between its two
-    renames, rename the copy it left back to ``directory`` (see the module docstring).
-
-    Takes the parent's lock without waiting, and does nothing while a save holds it (the
-    reader waits out the moment between that save's renames). ``InvalidIndexFileError``
-    if the copy cannot be renamed back (the message says what to do).
-    """
-    directory = Path(directory)
-    parent = directory.parent
-    if os.path.lexists(directory) or not parent.is_dir():
-        return
-    tmps, olds = leftovers(parent, directory.name)
-    if not tmps and not olds:
-        return
-    try:
-        lock = lock_dir(parent, wait=False)
-    except BlockingIOError:
-        # A save under way: between its two renames for a moment, which the reader waits
-        # out (it retries while a replaced copy sits beside the missing path).
-        return
-    except StorageError:
-        return  # the parent cannot be opened: the open reports the missing index
-    try:
-        restored = restore_interrupted(parent, directory.name, _complete_index)
-    except OSError as exc:
-        found = pick_leftover(parent, directory.name, _complete_index)
-        raise InvalidIndexFileError(
-            f"{directory}: missing; a save that crashed left a complete copy at {found}, "
-            f"which could not be renamed back ({exc.strerror or exc}): rename it to "
-            f"{directory} (or save into {parent} again, which does so)"
-        ) from exc
-    finally:
-        unlock(lock)
-    if restored is not None:
-        log.warning("restored %s from %s (left by a save that crashed)", directory, restored)
+    renames, rename the copy it left back (see the module docstring and
+    :func:`._dirswap.recover_missing`)."""
+    _recover_missing(Path(directory), _complete_index, "index")
 
 
 def manifest_path(directory: Path) -> Path:

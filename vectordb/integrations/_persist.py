@@ -17,11 +17,9 @@ recovery, :func:`vectordb.persist.recover_missing`, with this test of completene
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,12 +28,12 @@ from typing import Any
 from .._dirswap import (
     check_replaceable,
     install_dir,
-    leftovers,
     lock_dir,
-    pick_leftover,
     remove_leftovers,
-    restore_interrupted,
     unlock,
+)
+from .._dirswap import (
+    recover_missing as _recover_missing,
 )
 from .._files import atomic_write, storage_error
 from .._progress import log
@@ -64,7 +62,6 @@ _KEYS: dict[str, tuple[type, str]] = {
 }
 #: How often :func:`recover_missing` looks again while a save holds the parent's lock
 #: (between its two renames, for a moment), then gives up with ``EAGAIN``.
-_RECOVER_ATTEMPTS = 8
 
 
 def save_store(
@@ -167,54 +164,12 @@ def _complete_store(directory: Path) -> bool:
 def recover_missing(path: str | os.PathLike[str]) -> None:
     """If the store directory ``path`` is missing but a save into its parent crashed
     between its two renames, rename the copy it left back to ``path``: the new one if
-    complete (:func:`_complete_store`), else the old one.
-
-    Takes the parent's lock without waiting; while a save holds it (between its renames,
-    for a moment) looks again a few times, then raises ``StorageError`` (``EAGAIN``).
-    ``InvalidIndexFileError`` if the copy cannot be renamed back (the message says what to
-    do). Does nothing when ``path`` exists or nothing was left beside it.
-    """
+    complete (:func:`_complete_store`), else the old one (see
+    :func:`vectordb._dirswap.recover_missing`)."""
     root = Path(os.path.abspath(path))
     if root.is_symlink():  # a save replaces what the link points to (see save_store)
         root = root.resolve()
-    parent = root.parent
-    for attempt in range(_RECOVER_ATTEMPTS):
-        if attempt:
-            time.sleep(min(0.05, 0.001 * 2**attempt))
-        if os.path.lexists(root) or not parent.is_dir():
-            return
-        tmps, olds = leftovers(parent, root.name)
-        if not tmps and not olds:
-            return
-        try:
-            lock = lock_dir(parent, wait=False)
-        except BlockingIOError:
-            if not olds:
-                return  # a first save still writing: nothing to recover (yet)
-            continue
-        except StorageError:
-            return  # the parent cannot be opened: the open reports the missing store
-        try:
-            restored = restore_interrupted(parent, root.name, _complete_store)
-        except OSError as exc:
-            found = pick_leftover(parent, root.name, _complete_store)
-            raise InvalidIndexFileError(
-                f"{root}: missing; a save that crashed left a complete copy at {found}, "
-                f"which could not be renamed back ({exc.strerror or exc}): rename it to "
-                f"{root} (or save into {parent} again, which does so)"
-            ) from exc
-        finally:
-            unlock(lock)
-        if restored is not None:
-            log.warning("restored %s from %s (left by a save that crashed)", root, restored)
-        return
-    if os.path.lexists(root):
-        return  # the save ended meanwhile
-    raise StorageError(
-        errno.EAGAIN,
-        f"{root}: missing while a save into {parent} holds its lock; try again",
-        str(root),
-    )
+    _recover_missing(root, _complete_store, "text store")
 
 
 def open_index(
