@@ -228,3 +228,32 @@ def kill_at_step(action: Callable[[], None], n: int) -> None:
     status, _ = _run(action, n)
     if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
         raise RuntimeError(f"the child was not killed at step {n} (status {status})")
+
+
+def crash_between_renames(path: Any, action: Callable[[], None]) -> None:
+    """Run ``action`` (a save into ``path``) in a forked child forced onto the two-rename
+    directory swap, which SIGKILLs itself right after the first rename (``path`` to
+    ``.NAME.old-*``); check that it died there, leaving both copies beside a missing path."""
+    import vectordb._dirswap as dirswap
+
+    name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            dirswap._renameat2_exchange = lambda: None  # type: ignore[assignment]
+            real = os.rename
+
+            def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+                real(src, dst, *args, **kwargs)
+                if os.path.basename(os.fspath(dst)).startswith(f".{name}.old-"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            os.rename = rename  # type: ignore[assignment]
+            action()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert not os.path.lexists(path), "the child must die between the renames"
+    names = [n for n in os.listdir(os.path.dirname(os.path.abspath(path))) if n.startswith(".")]
+    assert any(".old-" in n for n in names) and any(".tmp-" in n for n in names), names

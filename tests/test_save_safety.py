@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from crashpoints import crash_between_renames
 
 import vectordb as vdb
 import vectordb._dirswap as dirswap
@@ -295,29 +296,15 @@ def test_an_unsupported_exchange_falls_back_to_two_renames(data, tmp_path, monke
 
 
 def _crash_between_renames(path: Path, x: np.ndarray) -> None:
-    """In a child: force the two-rename swap, and SIGKILL it right after the first."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            dirswap._renameat2_exchange = lambda: None  # type: ignore[assignment]
-            real = os.rename
+    """In a child forced onto the two-rename swap: open, add ``x``, save, SIGKILLed right
+    after the first rename."""
 
-            def rename(src, dst, *args, **kwargs):
-                real(src, dst, *args, **kwargs)
-                if Path(dst).name.startswith(f".{path.name}.old-"):
-                    os.kill(os.getpid(), signal.SIGKILL)
+    def save() -> None:
+        with vdb.ClusteredIndex.open(path, mmap=True) as index:
+            index.add(x, ids=np.arange(5000, 5000 + len(x)))
+            index.save(path)
 
-            os.rename = rename  # type: ignore[assignment]
-            with vdb.ClusteredIndex.open(path, mmap=True) as index:
-                index.add(x, ids=np.arange(5000, 5000 + len(x)))
-                index.save(path)
-        finally:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    assert not path.exists(), "the child must die between the renames"
-    names = leftovers(path.parent)
-    assert any(".old-" in n for n in names) and any(".tmp-" in n for n in names), names
+    crash_between_renames(path, save)
 
 
 @pytest.fixture

@@ -10,15 +10,14 @@ import fcntl
 import os
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from crashpoints import crash_between_renames
 
 import vectordb as vdb
-import vectordb._dirswap as dirswap
 import vectordb.integrations._persist as store_persist
 import vectordb.storage as storage_module
 import vectordb.writes as writes
@@ -195,31 +194,6 @@ def test_verify_reports_a_compaction_still_writing_as_in_use(data, tmp_path, mon
 # --------------------------------------------------------------------------- item 3
 
 
-def _crash_between_renames(path: Path, save: Callable[[], None]) -> None:
-    """In a child: force the two-rename swap, run ``save``, SIGKILL it right after the
-    first rename of the store directory (``path`` -> ``.NAME.old-*``)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            dirswap._renameat2_exchange = lambda: None  # type: ignore[assignment]
-            real = os.rename
-
-            def rename(src, dst, *args, **kwargs):
-                real(src, dst, *args, **kwargs)
-                if Path(dst).name.startswith(f".{path.name}.old-"):
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            os.rename = rename  # type: ignore[assignment]
-            save()
-        finally:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    assert not path.exists(), "the child must die between the renames"
-    names = sorted(p for p in os.listdir(path.parent) if p.startswith("."))
-    assert any(".old-" in n for n in names) and any(".tmp-" in n for n in names), names
-
-
 @pytest.fixture
 def embedding():
     from langchain_core.embeddings import DeterministicFakeEmbedding
@@ -251,7 +225,7 @@ def crashed_store(embedding, tmp_path):
         again.add_texts(words, ids=ids)
         again.save(path)
 
-    _crash_between_renames(path, save)
+    crash_between_renames(path, save)
     return path, set(texts(0, 60)[1]), set(texts(0, 80)[1])
 
 
@@ -348,7 +322,7 @@ def test_llamaindex_load_after_a_crash_between_the_renames_restores_the_new_stor
         again.add(nodes(30, 40))
         again.persist(str(tmp_path / "store.json"))
 
-    _crash_between_renames(path, save)
+    crash_between_renames(path, save)
     back = VectorDBVectorStore.from_persist_path(tmp_path / "store.json")
     try:
         assert len(back.client) == 40
