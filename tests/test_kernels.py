@@ -112,19 +112,37 @@ def test_kmeans_with_fewer_distinct_points_than_clusters():
     assert len(set(labels.tolist())) == 2
 
 
-def test_routing_returns_distinct_leaves_and_respects_probes():
+def plain_route(tree, q: np.ndarray, probes: int) -> list[set[int]]:
+    """Leaves per query by the beam search ``Tree.route`` documents, query by query in
+    float64: at every level keep the ``probes`` nodes of the frontier nearest by l2 to
+    their centroids; kept leaves are answers, kept inner nodes are expanded."""
+    centroids = tree.centroids.astype(np.float64)
+    out = []
+    for v in q.astype(np.float64):
+        frontier, leaves = [int(c) for c in tree.children[0] if c >= 0], set()
+        while frontier:
+            dist = ((centroids[frontier] - v) ** 2).sum(axis=1)
+            kept = [frontier[i] for i in np.argsort(dist, kind="stable")[:probes]]
+            leaves |= {int(tree.leaf_of_node[n]) for n in kept if tree.leaf_of_node[n] >= 0}
+            frontier = [int(c) for n in kept for c in tree.children[n] if c >= 0]
+        out.append(leaves)
+    return out
+
+
+def test_routing_keeps_the_probes_nearest_nodes_of_every_level():
     x = vdb.make_clustered(3000, 16, seed=2)
     index = vdb.ClusteredIndex.build(x, branching_factor=3, max_leaf_size=20)
     tree = index._tree
-    q = index._quantizer.rotate(x[:50])
+    assert tree.leaf_of_node[0] < 0  # a real tree, several levels deep
+    q = index._quantizer.rotate(x[:50] + 0.05)
     for probes in (1, 2, 5):
-        leaves = tree.route(q, probes, Metric.L2)
-        for row in leaves:
-            found = row[row >= 0]
-            assert len(found) == len(set(found.tolist())) >= 1
-            assert (found < index.n_leaves).all()
-            depth = leaves.shape[1] // probes  # at most `probes` kept per level
-            assert len(found) <= probes * max(depth, 1)
+        want = plain_route(tree, q, probes)
+        # A batch (the fast product, rescored near ties) and lone queries (exact scores).
+        for got in (tree.route(q, probes, Metric.L2), tree.route(q[:3], probes, Metric.L2)):
+            for row, leaves in zip(got, want, strict=False):
+                found = row[row >= 0]
+                assert len(found) == len(set(found.tolist())), "a leaf listed twice"
+                assert set(found.tolist()) == leaves, f"probes={probes}"
     everything = tree.route(q, tree.n_nodes, Metric.L2)
     for row in everything:
         assert sorted(row[row >= 0].tolist()) == list(range(index.n_leaves))

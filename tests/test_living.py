@@ -256,32 +256,48 @@ def test_compact_reclaims_deleted_rows_and_keeps_answers(pool, tmp_path):
 
 @pytest.mark.asyncio
 async def test_engine_writes_while_searching(pool):
+    """A search sees the index before or after each write: never an id deleted before it
+    began nor one added after it ended, and every distance the exact one of its id."""
     index = vdb.ClusteredIndex.build(pool[:2_000], max_leaf_size=200)
-    queries = pool[-50:]
+    rng = np.random.default_rng(5)
+    doomed = [np.arange(start - 2_000, start - 1_900) for start in range(2_000, 4_000, 250)]
+    # Queries next to vectors that get deleted, and next to vectors that get added.
+    near = np.concatenate([[d[7], d[50], d[93]] for d in doomed] + [np.arange(2_010, 4_000, 80)])
+    queries = (pool[near] + rng.normal(0, 0.01, (near.shape[0], DIM))).astype(np.float32)
+    true = ((queries[:, None, :].astype(np.float64) - pool[None, :4_000]) ** 2).sum(-1)
     live = set(range(2_000))
-    seen_bad = []
+    gone: set[int] = set()  # deleted, the delete acknowledged
+    issued = [2_000]  # ids below this may exist
+    checked = [0]
 
     async def reader():
         for _ in range(20):
+            before = np.array(sorted(gone), dtype=np.int64)
             results = await asyncio.gather(*(engine.search(q, K) for q in queries))
-            for ids, _ in results:
-                # a search sees the index before or after a write: ids are ever-added ones
-                seen_bad.extend(i for i in ids.tolist() if i >= 0 and i >= 4_000)
+            for row, (ids, dists) in enumerate(results):
+                assert (ids >= 0).all() and (ids < issued[0]).all(), "an id not yet added"
+                assert not np.isin(ids, before).any(), "an id deleted before the search began"
+                assert np.unique(ids).size == K and (np.diff(dists) >= 0).all()
+                np.testing.assert_allclose(dists, true[row, ids], rtol=1e-4, atol=1e-3)
+                checked[0] += 1
 
     async with vdb.AsyncEngine(index) as engine:
         task = asyncio.ensure_future(reader())
-        for start in range(2_000, 4_000, 250):
+        for step, start in enumerate(range(2_000, 4_000, 250)):
+            issued[0] = start + 250
             await engine.add(pool[start : start + 250], ids=np.arange(start, start + 250))
             live |= set(range(start, start + 250))
-            await engine.delete(np.arange(start - 2_000, start - 1_900))
-            live -= set(range(start - 2_000, start - 1_900))
+            await engine.delete(doomed[step])
+            live -= set(doomed[step].tolist())
+            gone.update(doomed[step].tolist())
+            await asyncio.sleep(0)  # let the reader in between writes
         await task
         await engine.compact()
         ids, _ = await engine.search(pool[3_999], 1)
         assert ids.tolist() == [3_999]
         got = await engine.search_batch(queries, K, filter=None)
         assert set(got[0][got[0] >= 0].tolist()) <= live
-    assert not seen_bad
+    assert checked[0] == 20 * len(queries)
     assert sorted(index.ids.tolist()) == sorted(live)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 
-import numpy as np
 import pytest
 
 import vectordb as vdb
@@ -62,10 +61,20 @@ def test_warm_reads_the_mapped_file_and_is_a_no_op_in_ram(x, tmp_path):
 
 
 def test_builds_and_saves_are_logged_not_printed(x, tmp_path, caplog, capsys):
-    with caplog.at_level(logging.INFO, logger="vectordb"):
-        vdb.ClusteredIndex.build(x, max_leaf_size=300).save(tmp_path / "a")
-    messages = " ".join(r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.DEBUG, logger="vectordb"):
+        index = vdb.ClusteredIndex.build(x, max_leaf_size=300)
+        index.save(tmp_path / "a")
+    ours = [r for r in caplog.records if r.name.startswith("vectordb")]
+    messages = " ".join(r.getMessage() for r in ours)
     assert "built an index of 3000 x 64" in messages and "saved 3000 vectors" in messages
+    assert f"{index.n_leaves} leaves" in messages and str(tmp_path / "a") in messages
+    # INFO, on the "vectordb" logger: silent unless an application asks for it (Python
+    # prints unhandled WARNING records to stderr).
+    for start in ("built an index", "saved 3000 vectors"):
+        assert [r.levelno for r in ours if r.getMessage().startswith(start)] == [logging.INFO]
+    assert all(r.levelno <= logging.INFO for r in ours)
+    assert not logging.getLogger("vectordb").handlers or all(
+        isinstance(h, logging.NullHandler) for h in logging.getLogger("vectordb").handlers
+    )
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
-    assert np.isfinite(x).all()
