@@ -77,7 +77,10 @@ def test_use_mmap_storage_replaces_an_existing_file(small, tmp_path):
     assert index.search(small.vectors[3], 1)[0][0] == 3
 
 
-def test_memory_usage_falls_95_percent_with_mmap(tmp_path):
+def test_memory_usage_bytes_drops_the_vectors_with_mmap(tmp_path):
+    """The library's own count (``memory_usage_bytes``) leaves the mapped vectors out.
+    That the process really frees them is measured, not counted, in
+    ``test_leaf_scan.py::test_mmap_frees_the_vectors_from_process_memory``."""
     n, dim = 20_000, 768
     index = vdb.ClusteredIndex.build(vdb.make_clustered(n, dim, seed=4), max_leaf_size=1000)
     in_ram = index.memory_usage_bytes()
