@@ -519,3 +519,12 @@ def test_verify_reports_the_append_file_a_killed_process_left(data, tmp_path):
     with vdb.ClusteredIndex.open(path) as index:
         index.save(path)
     assert verify(path)[2] == ""
+
+
+def test_leftovers_of_a_name_with_glob_characters_are_found(tmp_path):
+    """``idx[1]`` must match its own ``.idx[1].tmp-*`` (and not ``.idx1.tmp-*``)."""
+    for name in (".idx[1].tmp-a", ".idx[1].old-b", ".idx1.tmp-c"):
+        (tmp_path / name).mkdir()
+    tmps, olds = dirswap.leftovers(tmp_path, "idx[1]")
+    assert [p.name for p in tmps] == [".idx[1].tmp-a"]
+    assert [p.name for p in olds] == [".idx[1].old-b"]

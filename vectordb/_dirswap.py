@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import glob
 import os
 import shutil
 import time
@@ -90,10 +91,11 @@ def unlock(fd: int | None) -> None:
 def leftovers(parent: Path, name: str) -> tuple[list[Path], list[Path]]:
     """The ``.name.tmp-*`` and the ``.name.old-*`` directories in ``parent``."""
 
-    def dirs(pattern: str) -> list[Path]:
+    def dirs(kind: str) -> list[Path]:
+        pattern = f".{glob.escape(name)}.{kind}-*"
         return [p for p in parent.glob(pattern) if p.is_dir() and not p.is_symlink()]
 
-    return dirs(f".{name}.tmp-*"), dirs(f".{name}.old-*")
+    return dirs("tmp"), dirs("old")
 
 
 def _newest_first(paths: list[Path]) -> list[Path]:
@@ -130,8 +132,8 @@ def restore_interrupted(
     parent: Path, name: str, complete: Callable[[Path], bool] | None = None
 ) -> Path | None:
     """If ``parent/name`` is missing, rename back the copy a save interrupted between its
-    two renames left (see :func:`pick_leftover`); return it (``None``: nothing done).
-    Call under the parent's lock."""
+    two renames left (see :func:`pick_leftover`), and log it; return it (``None``: nothing
+    done). Call under the parent's lock."""
     target = parent / name
     if os.path.lexists(target):
         return None
@@ -140,6 +142,7 @@ def restore_interrupted(
         return None
     os.rename(chosen, target)
     fsync_dir(parent)
+    log.warning("restored %s from %s (left by a save that crashed)", target, chosen)
     return chosen
 
 
@@ -151,7 +154,7 @@ def recover_missing(path: Path, complete: Callable[[Path], bool], what: str) -> 
     """If the directory ``path`` is missing but a save into its parent crashed between its
     two renames, rename the copy it left back to ``path``: the new one if ``complete``
     says so, else the old one (:func:`restore_interrupted`). ``what`` names the kind of
-    directory in messages.
+    directory in the message of a give-up.
 
     Takes the parent's lock without waiting; while a save holds it with a replaced copy
     beside the missing path (between its renames, for a moment) looks again a few times,
@@ -177,7 +180,7 @@ def recover_missing(path: Path, complete: Callable[[Path], bool], what: str) -> 
         except StorageError:
             return  # the parent cannot be opened: the open reports the missing directory
         try:
-            restored = restore_interrupted(parent, path.name, complete)
+            restore_interrupted(parent, path.name, complete)
         except OSError as exc:
             found = pick_leftover(parent, path.name, complete)
             raise InvalidIndexFileError(
@@ -187,10 +190,6 @@ def recover_missing(path: Path, complete: Callable[[Path], bool], what: str) -> 
             ) from exc
         finally:
             unlock(lock)
-        if restored is not None:
-            log.warning(
-                "restored %s %s from %s (left by a save that crashed)", what, path, restored
-            )
         return
     if os.path.lexists(path):
         return  # the save ended meanwhile
@@ -203,18 +202,17 @@ def recover_missing(path: Path, complete: Callable[[Path], bool], what: str) -> 
 
 def remove_leftovers(
     parent: Path, name: str, complete: Callable[[Path], bool] | None = None
-) -> Path | None:
+) -> None:
     """Remove ``.name.tmp-*`` and ``.name.old-*`` in ``parent``: under the lock, they are
     what a crashed save left behind. When ``parent/name`` is missing, the one copy
-    :func:`restore_interrupted` picks is renamed back first (and returned), not removed."""
+    :func:`restore_interrupted` picks is renamed back first, not removed."""
     try:
-        restored = restore_interrupted(parent, name, complete)
+        restore_interrupted(parent, name, complete)
     except OSError as exc:
         raise storage_error(exc, parent / name) from exc
     tmps, olds = leftovers(parent, name)
     for stale in tmps + olds:
         shutil.rmtree(stale, ignore_errors=True)
-    return restored
 
 
 def _renameat2_exchange() -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import tempfile
 import zlib
@@ -17,7 +18,7 @@ from typing import BinaryIO
 
 from .errors import StorageError
 
-__all__ = ["atomic_write", "crc32_file", "fsync_dir", "storage_error"]
+__all__ = ["atomic_write", "crc32_file", "crc32_of", "fsync_dir", "names_file", "storage_error"]
 
 _CHUNK = 8 << 20
 
@@ -79,10 +80,28 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
 
 def crc32_file(path: Path, progress: Callable[[int], None] | None = None) -> int:
     """CRC32 of a whole file, read in 8 MiB chunks."""
+    with open(path, "rb", buffering=0) as fh:
+        return crc32_of(fh, progress)
+
+
+def crc32_of(fh: io.FileIO, progress: Callable[[int], None] | None = None) -> int:
+    """CRC32 of the whole open file ``fh`` (from its start), read in 8 MiB chunks;
+    ``progress(n)`` after each."""
     crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            if progress is not None:
-                progress(len(chunk))
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    fh.seek(0)
+    while count := fh.readinto(buf):
+        crc = zlib.crc32(view[:count], crc)
+        if progress is not None:
+            progress(count)
     return crc
+
+
+def names_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` (not followed if a symlink) still names the file open as ``fd``."""
+    try:
+        st, own = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

@@ -222,11 +222,7 @@ class SaveJob:
             self.n = int(order.shape[0])
             lock = self._lock_parent()
             try:
-                restored = remove_leftovers(self.parent, self.path.name, _complete_index)
-                if restored is not None:
-                    log.warning(
-                        "restored %s from %s (left by a save that crashed)", self.path, restored
-                    )
+                remove_leftovers(self.parent, self.path.name, _complete_index)
                 tmp = self.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
                 tmp.mkdir()
                 try:

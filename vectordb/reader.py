@@ -12,7 +12,6 @@ other.
 from __future__ import annotations
 
 import errno
-import glob
 import io
 import json
 import math
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._files import storage_error
+from ._dirswap import leftovers
+from ._files import crc32_of, names_file, storage_error
 from ._progress import progress_bar
 from ._validation import MAX_BRANCHING, MAX_ITERATIONS
 from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
@@ -429,19 +429,11 @@ def _check_no_holes(fh: io.FileIO, path: Path, start: int, itemsize: int) -> Non
 
 
 def _crc32(fh: io.FileIO, path: Path, on_bytes: Callable[[int], None] | None) -> int:
-    """CRC32 of the whole file, read from its descriptor in 8 MiB chunks."""
-    crc = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+    """CRC32 of the whole file, read from its descriptor."""
     try:
-        fh.seek(0)
-        while count := fh.readinto(buf):
-            crc = zlib.crc32(view[:count], crc)
-            if on_bytes is not None:
-                on_bytes(count)
+        return crc32_of(fh, on_bytes)
     except OSError as exc:
         raise storage_error(exc, path) from exc
-    return crc
 
 
 def _load(
@@ -520,7 +512,7 @@ def _between_renames(directory: Path) -> bool:
     if os.path.lexists(directory):
         return True  # back already
     try:
-        return any(directory.parent.glob(f".{glob.escape(directory.name)}.old-*"))
+        return bool(leftovers(directory.parent, directory.name)[1])
     except OSError:
         return False
 
@@ -639,13 +631,9 @@ def _load_metadata(handle: _IndexDir, fh: io.FileIO, ids: npt.NDArray[np.int64])
     opened through the handle before and after (an installed directory is never
     installed again, and the open descriptor keeps the file's inode from being reused)."""
     path = handle.path / METADATA
-    ours = _identity(os.fstat(fh.fileno()))
 
     def still_ours() -> bool:
-        try:
-            return _identity(os.stat(path, follow_symlinks=False)) == ours
-        except OSError:
-            return False
+        return names_file(path, fh.fileno())
 
     if not still_ours():
         raise _Changed(f"{path} was replaced while the index was being opened")

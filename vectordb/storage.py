@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ._files import atomic_write, storage_error
+from ._files import atomic_write, names_file, storage_error
 from .errors import IndexClosedError, InvalidIndexFileError, StorageError
 
 __all__ = [
@@ -345,14 +345,14 @@ class MmapStorage:
         if fh is not None:
             # Only while the name is still this file's: a save onto the index's directory
             # removed the name with the old directory; never remove another file.
-            if self._append_path is not None and _names_file(self._append_path, fh.fileno()):
+            if self._append_path is not None and names_file(self._append_path, fh.fileno()):
                 with contextlib.suppress(OSError):
                     self._append_path.unlink()
             fh.close()
         if self._owned:
             # Likewise: after a save onto the index's directory the name is gone.
             with self._file_lock:
-                mine = self._file is not None and _names_file(self.path, self._file.fileno())
+                mine = self._file is not None and names_file(self.path, self._file.fileno())
             if mine:
                 with contextlib.suppress(OSError):
                     self.path.unlink()
@@ -393,15 +393,6 @@ def _lock_scratch(fd: int) -> None:
         return
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _names_file(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the file open as ``fd``."""
-    try:
-        st, own = os.stat(path, follow_symlinks=False), os.fstat(fd)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def scratch_files(directory: Path) -> list[Path]:

@@ -644,13 +644,9 @@ class AsyncEngine:
             await asyncio.shield(running)
         except asyncio.CancelledError:
             # A thread cannot be stopped: ask the job to, and wait until it has ended (it
-            # removes what it wrote, or finishes its swap), even if cancelled again.
+            # removes what it wrote, or finishes its swap); the caller gets its cancel.
             job.stop()
-            while not running.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({running})
-            if not running.cancelled():
-                running.exception()  # seen: the caller gets its cancellation instead
+            await _finish(running)
             raise
 
     async def warm(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -670,12 +666,7 @@ class AsyncEngine:
             try:
                 if hasattr(mmap, "MADV_WILLNEED"):
                     await self._call(storage.advise, mmap.MADV_WILLNEED)
-                opening = self._start(storage.mapped_fd)
-                try:
-                    fd = await asyncio.shield(opening)
-                except asyncio.CancelledError:
-                    opening.add_done_callback(_close_unclaimed_fd)
-                    raise
+                fd = storage.mapped_fd()  # a dup of a descriptor: no disk access
                 try:
                     total = os.fstat(fd).st_size  # on the loop: no disk access
                     while done < total:
@@ -700,8 +691,3 @@ def _close_unclaimed(opening: asyncio.Future[ClusteredIndex]) -> None:
     """Close an index opened for a caller that was cancelled meanwhile."""
     if not opening.cancelled() and opening.exception() is None:
         opening.result().close()
-
-
-def _close_unclaimed_fd(opening: asyncio.Future[int]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        os.close(opening.result())

@@ -36,7 +36,6 @@ from .._dirswap import (
     recover_missing as _recover_missing,
 )
 from .._files import atomic_write, storage_error
-from .._progress import log
 from ..errors import InvalidIndexFileError, StorageError
 from ..index import ClusteredIndex
 from ..metrics import Metric
@@ -60,8 +59,6 @@ _KEYS: dict[str, tuple[type, str]] = {
     "build_options": (dict, "an object"),
     "has_index": (bool, "true or false"),
 }
-#: How often :func:`recover_missing` looks again while a save holds the parent's lock
-#: (between its two renames, for a moment), then gives up with ``EAGAIN``.
 
 
 def save_store(
@@ -88,9 +85,7 @@ def save_store(
     lock = lock_dir(parent)
     tmp = parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        restored = remove_leftovers(parent, root.name, _complete_store)
-        if restored is not None:
-            log.warning("restored %s from %s (left by a save that crashed)", root, restored)
+        remove_leftovers(parent, root.name, _complete_store)
         tmp.mkdir()
         if index is not None:
             index.save(tmp / INDEX_DIR, progress=False)
