@@ -487,20 +487,28 @@ def verify(path: Path) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_verify_reports_the_append_file_of_a_running_process(data, tmp_path):
+@pytest.mark.parametrize("kind", ["append", "compact"])
+def test_verify_reports_the_scratch_file_of_a_running_process(data, tmp_path, kind):
+    """An append file (adds since open), or the compacted vector file after ``compact``."""
     path = tmp_path / "idx"
     build(data[:1000]).save(path)
     code, out, err = verify(path)
     assert code == 0 and out.startswith("OK:") and err == ""
     with vdb.ClusteredIndex.open(path, mmap=True) as index:
         index.add(data[1000:1100], ids=np.arange(1000, 1100))
+        if kind == "compact":
+            index.compact()  # the append file goes; the compacted file is the only one
         code, out, err = verify(path)
         assert code == 0 and out.startswith("OK:")
-        assert ".vectors.bin.append-" in err and "in use by a running process" in err
-    assert verify(path)[2] == ""  # closed: the append file went with it
+        assert f".vectors.bin.{kind}-" in err
+        assert "in use by a running process" in err and "died" not in err
+        if kind == "compact":
+            assert ".append-" not in err
+    assert verify(path)[2] == ""  # closed: the scratch file went with it
 
 
-def test_verify_reports_the_append_file_a_killed_process_left(data, tmp_path):
+@pytest.mark.parametrize("kind", ["append", "compact"])
+def test_verify_reports_the_scratch_file_a_killed_process_left(data, tmp_path, kind):
     path = tmp_path / "idx"
     build(data[:1000]).save(path)
     pid = os.fork()
@@ -508,6 +516,8 @@ def test_verify_reports_the_append_file_a_killed_process_left(data, tmp_path):
         try:
             index = vdb.ClusteredIndex.open(path, mmap=True)
             index.add(data[1000:1100], ids=np.arange(1000, 1100))
+            if kind == "compact":
+                index.compact()
             os.kill(os.getpid(), signal.SIGKILL)
         finally:
             os._exit(1)
@@ -515,7 +525,8 @@ def test_verify_reports_the_append_file_a_killed_process_left(data, tmp_path):
     assert os.WIFSIGNALED(status)
     code, out, err = verify(path)
     assert code == 0 and "1,000 vectors" in out
-    assert ".vectors.bin.append-" in err and "died" in err and "no part of the saved" in err
+    assert f".vectors.bin.{kind}-" in err and "died" in err and "no part of the saved" in err
+    assert "safe to delete" in err and "still running" not in err
     with vdb.ClusteredIndex.open(path) as index:
         index.save(path)
     assert verify(path)[2] == ""

@@ -8,7 +8,6 @@ import asyncio
 import errno
 import fcntl
 import os
-import signal
 import threading
 from pathlib import Path
 
@@ -124,39 +123,6 @@ def test_warm_after_close_raises_index_closed(data, tmp_path):
 def verify(path: Path) -> tuple[int, str, str]:
     result = CliRunner().invoke(cli, ["--no-progress", "verify", str(path)])
     return result.exit_code, result.stdout, result.stderr
-
-
-def test_verify_reports_the_compacted_file_of_a_running_process(data, tmp_path):
-    path = tmp_path / "idx"
-    build(data[:1000]).save(path)
-    with vdb.ClusteredIndex.open(path, mmap=True) as index:
-        index.add(data[1000:1100], ids=np.arange(1000, 1100))
-        index.compact()  # the append file goes; the compacted file is the only one
-        code, out, err = verify(path)
-        assert code == 0 and out.startswith("OK:")
-        assert ".vectors.bin.compact-" in err and ".append-" not in err
-        assert "in use by a running process" in err and "died" not in err
-    assert verify(path)[2] == ""  # closed: the compacted file went with it
-
-
-def test_verify_reports_the_compacted_file_a_killed_process_left(data, tmp_path):
-    path = tmp_path / "idx"
-    build(data[:1000]).save(path)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            index = vdb.ClusteredIndex.open(path, mmap=True)
-            index.add(data[1000:1100], ids=np.arange(1000, 1100))
-            index.compact()
-            os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status)
-    code, out, err = verify(path)
-    assert code == 0 and "1,000 vectors" in out
-    assert ".vectors.bin.compact-" in err
-    assert "safe to delete" in err and "still running" not in err
 
 
 def test_verify_reports_a_compaction_still_writing_as_in_use(data, tmp_path, monkeypatch):
