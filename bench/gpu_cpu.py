@@ -93,7 +93,7 @@ def truth(x: np.ndarray, q: np.ndarray, cupy: Any, k: int = 10) -> np.ndarray:
 def device_stages(index: Any, queries: np.ndarray, cupy: Any) -> dict[str, float]:
     """Milliseconds per stage of the CuPy search of ``queries``, each synchronised."""
     from vectordb.backends import device_search as ds
-    from vectordb.metrics import prepare
+    from vectordb.core.metrics import prepare
 
     sel = index._state.selector
     st = index._state

@@ -130,7 +130,7 @@ class _SteppingConnection(sqlite3.Connection):
 
 def _instrument(counter: _Counter) -> None:
     """Patch the file-system entry points the library uses (in this process only)."""
-    import vectordb._dirswap as dirswap
+    import vectordb.storage.dirswap as dirswap
 
     def ticking(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -234,7 +234,7 @@ def crash_between_renames(path: Any, action: Callable[[], None]) -> None:
     """Run ``action`` (a save into ``path``) in a forked child forced onto the two-rename
     directory swap, which SIGKILLs itself right after the first rename (``path`` to
     ``.NAME.old-*``); check that it died there, leaving both copies beside a missing path."""
-    import vectordb._dirswap as dirswap
+    import vectordb.storage.dirswap as dirswap
 
     name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
     pid = os.fork()

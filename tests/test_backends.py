@@ -24,7 +24,7 @@ import pytest
 
 import vectordb as vdb
 from vectordb import backends
-from vectordb.codes import pack_signs
+from vectordb.core.codes import pack_signs
 
 K = 10
 #: Share of result positions whose ids may differ between backends (ties within rounding).
@@ -181,7 +181,7 @@ def test_the_beam_widens_for_queries_short_of_candidates(data, backend_name, ora
 def test_a_query_that_widens_does_not_widen_the_others(monkeypatch, data):
     """One query far from the few live rows needs many leaves; the rest of its batch keeps
     its own few (device memory grows with the widest row otherwise)."""
-    from vectordb.metrics import prepare
+    from vectordb.core.metrics import prepare
 
     use_fake_cupy(monkeypatch)
     x = data[0]
@@ -370,7 +370,7 @@ def emulated_index(monkeypatch, x, **build):
 
 @pytest.mark.parametrize("probes", [1, 3, 8, 40])  # the kernel, and array code past 32
 def test_device_routing_picks_the_cpu_leaves(monkeypatch, data, probes):
-    from vectordb.metrics import prepare
+    from vectordb.core.metrics import prepare
 
     x, queries = data
     index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
@@ -385,7 +385,7 @@ def test_device_routing_picks_the_cpu_leaves(monkeypatch, data, probes):
 
 
 def test_device_routing_widens_for_queries_short_of_rows(monkeypatch, data):
-    from vectordb.metrics import prepare
+    from vectordb.core.metrics import prepare
 
     x, queries = data
     index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
@@ -412,8 +412,8 @@ def test_device_routing_of_a_one_leaf_tree(monkeypatch):
 
 @pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
 def test_device_rerank_matches_the_cpu_rerank(monkeypatch, metric):
-    from vectordb.metrics import prepare
-    from vectordb.scan import rerank
+    from vectordb.core.metrics import prepare
+    from vectordb.search.rerank import rerank
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((500, 40)).astype(np.float32)

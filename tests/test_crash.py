@@ -176,7 +176,7 @@ def with_swap(action: Action, swap: str) -> Action:
 
     def run(path: Path, x: np.ndarray) -> None:
         if swap == "two renames":
-            import vectordb._dirswap as dirswap
+            import vectordb.storage.dirswap as dirswap
 
             assert hasattr(dirswap, "_renameat2_exchange"), "the exchange moved: update me"
             dirswap._renameat2_exchange = lambda: None  # type: ignore[assignment]

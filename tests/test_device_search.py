@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb import topk
 from vectordb.backends import device_search as ds
-from vectordb.codes import Quantizer, pack_signs
-from vectordb.metrics import Metric, prepare
+from vectordb.core import topk
+from vectordb.core.codes import Quantizer, pack_signs
+from vectordb.core.metrics import Metric, prepare
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_tree_depth_and_single_leaf():
 
 
 def test_query_terms_match_the_cpu_query_side(index):
-    from vectordb.codes import query_side
+    from vectordb.core.codes import query_side
 
     idx, queries = index
     st = idx._state

@@ -7,9 +7,9 @@ import pytest
 
 import vectordb as vdb
 from vectordb.backends import NumpyBackend
-from vectordb.codes import Quantizer, cos_table, estimate, pack_signs
-from vectordb.kmeans import kmeans
-from vectordb.metrics import Metric
+from vectordb.core.codes import Quantizer, cos_table, estimate, pack_signs
+from vectordb.core.kmeans import kmeans
+from vectordb.core.metrics import Metric
 
 
 def naive_hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def test_routing_keeps_the_probes_nearest_nodes_of_every_level():
 
 
 def test_keys_sort_like_scores_then_rows():
-    from vectordb.topk import NO_KEY, keys_of, rows_of, smallest
+    from vectordb.core.topk import NO_KEY, keys_of, rows_of, smallest
 
     rng = np.random.default_rng(4)
     scores = rng.choice(np.array([-3.5, -0.0, 0.0, 1e-30, 2.0, 7.0], np.float32), size=(5, 40))
@@ -178,7 +178,7 @@ def test_duplicate_vectors_at_the_candidate_boundary_resolve_to_the_lower_row():
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
-    from vectordb.leafscan import select_candidates
+    from vectordb.search.candidates import select_candidates
 
     x = vdb.make_clustered(3_000, 128, seed=9)
     index = vdb.ClusteredIndex.build(x[:2_500], max_leaf_size=100, metric=metric, backend="numpy")
@@ -197,7 +197,7 @@ def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
 
 @pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])
 def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
-    from vectordb.tree import _approx_scores, _rounding_bound
+    from vectordb.core.tree import _approx_scores, _rounding_bound
 
     x = vdb.make_clustered(4000, 96, seed=3) * np.float32(37.0)
     index = vdb.ClusteredIndex.build(x, branching_factor=8, max_leaf_size=50, backend="numpy")
@@ -220,7 +220,7 @@ def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
 def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypatch):
     # Sibling centroids one float32 step apart (and exactly equal): the fast scores cannot
     # order them reliably, so such queries must be rescored the reference way.
-    from vectordb.tree import Tree
+    from vectordb.core.tree import Tree
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((1, 64)).astype(np.float32)
@@ -250,7 +250,7 @@ def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypa
 
 @pytest.mark.parametrize("seed", range(6))
 def test_best_keys_equal_the_keys_of_every_candidate_then_the_smallest(seed):
-    from vectordb.topk import best_keys, candidate_keys, smallest
+    from vectordb.core.topk import best_keys, candidate_keys, smallest
 
     rng = np.random.default_rng(seed)
     g, s = 30, 200

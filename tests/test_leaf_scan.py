@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb.building import AUTO_CODES_MIN_DIM
-from vectordb.reader import sign_manifest
+from vectordb.index.build import AUTO_CODES_MIN_DIM
+from vectordb.storage.load import sign_manifest
 
 K = 10
 MODES = ("codes", "vectors")

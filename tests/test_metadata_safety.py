@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb import metadata as md
-from vectordb.metadata import MetadataStore
-from vectordb.reader import sign_manifest
+from vectordb.storage import metadata as md
+from vectordb.storage.load import sign_manifest
+from vectordb.storage.metadata import MetadataStore
 
 SCHEMA = "CREATE TABLE meta (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)"
 RECURSIVE_VIEW = (
@@ -210,7 +210,7 @@ def test_an_endless_view_is_refused_by_load_without_hanging(tmp_path):
         f"""
         from pathlib import Path
         import vectordb as vdb
-        from vectordb.metadata import MetadataStore
+        from vectordb.storage.metadata import MetadataStore
         try:
             MetadataStore.load(Path({str(path)!r}))
         except vdb.InvalidIndexFileError as exc:

@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb import reader
 from vectordb.backends import resolve_backend
-from vectordb.metadata import MetadataStore
-from vectordb.reader import open_index, sign_manifest
-from vectordb.storage import MmapStorage
+from vectordb.storage import load as reader
+from vectordb.storage.load import open_index, sign_manifest
+from vectordb.storage.metadata import MetadataStore
+from vectordb.storage.vectors import MmapStorage
 
 LINUX = sys.platform.startswith("linux")
 #: Keep children's thread pools (and their address space) small.
@@ -397,8 +397,8 @@ SAVER = textwrap.dedent(
         return x, 1000 * v + np.arange(n, dtype=np.int64)
 
     if sys.argv[3] == "renames":  # as where the OS cannot exchange two directories
-        import vectordb._dirswap
-        vectordb._dirswap._renameat2_exchange = lambda: None
+        import vectordb.storage.dirswap
+        vectordb.storage.dirswap._renameat2_exchange = lambda: None
 
     indexes = []
     for v in range(int(sys.argv[2])):
@@ -438,7 +438,7 @@ async def engine_version(path: Path, mmap: bool) -> int:
 
 
 def open_direct(path: Path, mmap: bool, verify: bool) -> vdb.ClusteredIndex:
-    """``vectordb.reader.open_index`` itself, without what ``ClusteredIndex.open`` adds."""
+    """``vectordb.storage.load.open_index`` itself, without what ``ClusteredIndex.open`` adds."""
     return open_index(
         vdb.ClusteredIndex, path, mmap=mmap, verify=verify, backend=resolve_backend("numpy")
     )

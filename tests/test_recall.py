@@ -392,7 +392,7 @@ def test_vectors_whose_distances_overflow_float32_are_rejected(metric):
 
 
 def test_search_batch_on_threads_equals_one_thread(small, shared_index, monkeypatch):
-    import vectordb.index as index_module
+    import vectordb.index.clustered as index_module
 
     monkeypatch.setattr(index_module, "_MIN_QUERIES_PER_THREAD", 8)
     index = shared_index(small, "cosine")

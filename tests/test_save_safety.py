@@ -24,8 +24,8 @@ from click.testing import CliRunner
 from crashpoints import crash_between_renames
 
 import vectordb as vdb
-import vectordb._dirswap as dirswap
-import vectordb.persist as persist
+import vectordb.storage.dirswap as dirswap
+import vectordb.storage.save as persist
 from vectordb.cli import cli
 
 DIM = 24

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from crashpoints import crash_between_renames
 
 import vectordb as vdb
+import vectordb.index.writes as writes
 import vectordb.integrations._persist as store_persist
-import vectordb.storage as storage_module
-import vectordb.writes as writes
+import vectordb.storage.vectors as storage_module
 from vectordb.cli import cli
 
 DIM = 24

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from .backends import available_backends
+from .core.metrics import Metric
 from .engine import AsyncEngine, EngineState, EngineStats
 from .errors import (
     AlreadyUsingMmapError,
@@ -27,8 +28,7 @@ from .errors import (
     UnknownIdError,
     VectorDBError,
 )
-from .index import ClusteredIndex
-from .metrics import Metric
+from .index.clustered import ClusteredIndex
 from .synthetic import make_clustered
 
 __version__ = "0.1.0"

@@ -33,11 +33,11 @@ import numpy as np
 import numpy.typing as npt
 
 from . import __version__
-from ._dirswap import check_replaceable
 from .errors import InvalidParameterError, VectorDBError
-from .index import ClusteredIndex
-from .reader import MANIFEST, manifest_path, parse_manifest
-from .storage import scratch_files, scratch_in_use
+from .index.clustered import ClusteredIndex
+from .storage.dirswap import check_replaceable
+from .storage.load import MANIFEST, manifest_path, parse_manifest
+from .storage.vectors import scratch_files, scratch_in_use
 
 __all__ = ["main"]
 

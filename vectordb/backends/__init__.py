@@ -24,10 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..codes import CodeTable
+from ..core.codes import CodeTable
+from ..core.parts import Part
 from ..errors import BackendUnavailableError, InvalidParameterError
-from ..parts import Part
-from ..stages import Stages
+from ..search.pipeline import Stages
 from .numpy_backend import NumpyBackend
 
 __all__ = [

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..codes import CodeTable
-from ..metrics import Metric
-from ..parts import Part
-from ..scan import rerank as host_rerank
-from ..stages import Stages, host_search
+from ..core.codes import CodeTable
+from ..core.metrics import Metric
+from ..core.parts import Part
+from ..search.pipeline import Stages, host_search
+from ..search.rerank import rerank as host_rerank
 from . import device_search as ds
 from .cuda_kernels import SOURCE
 from .device_memory import DevicePart, IdCache, VectorMirror, fits, rotation

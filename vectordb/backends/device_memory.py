@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..parts import Part
+from ..core.parts import Part
 
 __all__ = ["DevicePart", "IdCache", "VectorMirror", "fits", "rotation"]
 

@@ -6,8 +6,8 @@ the query codes against each probed leaf, and take the exact distances of the ca
 Written against ``xp`` rather than CuPy so the same lines run, and are tested, with NumPy
 on machines without a GPU; this module imports neither.
 
-They compute what the NumPy stages compute (:mod:`vectordb.tree`, :mod:`vectordb.codes`,
-:mod:`vectordb.scan`), in float32 but without those stages' batch-independent summation
+They compute what the NumPy stages compute (:mod:`vectordb.core.tree`, :mod:`vectordb.core.codes`,
+:mod:`vectordb.search.rerank`), in float32 but without those stages' batch-independent summation
 order: a query's floats may differ from the CPU's in the last bits, so where two leaves or
 two candidates tie within rounding, either may be chosen. Hamming distances, and the
 estimates computed from the same query codes, are exact on both.
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import Metric
+from ..core.metrics import Metric
 
 __all__ = [
     "DeviceTree",
@@ -57,7 +57,7 @@ def tree_depth(children: np.ndarray) -> int:
 
 @dataclass(frozen=True)
 class DeviceTree:
-    """A :class:`vectordb.tree.Tree` as ``xp`` arrays.
+    """A :class:`vectordb.core.tree.Tree` as ``xp`` arrays.
 
     Attributes
     ----------
@@ -78,7 +78,7 @@ class DeviceTree:
 
     @classmethod
     def upload(cls, xp: Any, tree: Any) -> DeviceTree:
-        """Copy ``tree`` (a :class:`vectordb.tree.Tree`) into ``xp`` arrays."""
+        """Copy ``tree`` (a :class:`vectordb.core.tree.Tree`) into ``xp`` arrays."""
         none = np.full((1, tree.children.shape[1]), -1, dtype=np.int64)
         return cls(
             centroids=xp.asarray(tree.centroids),

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..codes import CodeTable, estimate, estimate_broadcast, query_side
-from ..leafscan import leaf_sizes, mostly_apart, select_candidates
-from ..parts import Part
-from ..stages import Stages, host_search
-from ..topk import NO_KEY, candidate_keys, rows_of, smallest
+from ..core.codes import CodeTable, estimate, estimate_broadcast, query_side
+from ..core.parts import Part
+from ..core.topk import NO_KEY, candidate_keys, rows_of, smallest
+from ..search.candidates import leaf_sizes, mostly_apart, select_candidates
+from ..search.pipeline import Stages, host_search
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
 

@@ -22,7 +22,6 @@ import aiofiles
 import numpy as np
 import numpy.typing as npt
 
-from .._files import storage_error
 from .._validation import as_query_matrix, check_k, positive_int
 from ..backends import resolve_backend
 from ..errors import (
@@ -31,10 +30,11 @@ from ..errors import (
     InvalidParameterError,
     StorageError,
 )
-from ..index import ClusteredIndex
-from ..metadata import Filter, check_filter
-from ..persist import MAX_MANIFEST_BYTES, SaveJob, manifest_path, open_index, parse_manifest
-from ..storage import MmapStorage
+from ..index.clustered import ClusteredIndex
+from ..storage.files import storage_error
+from ..storage.metadata import Filter, check_filter
+from ..storage.save import MAX_MANIFEST_BYTES, SaveJob, manifest_path, open_index, parse_manifest
+from ..storage.vectors import MmapStorage
 from .batcher import MicroBatcher
 from .stats import EngineStats, StatsRecorder
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from ..engine import AsyncEngine
 from ..errors import InvalidParameterError
-from ..index import ClusteredIndex
+from ..index.clustered import ClusteredIndex
 
 __all__ = ["LoopEngines"]
 

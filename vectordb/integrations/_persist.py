@@ -3,7 +3,7 @@
 ``store.json`` holds the format, the adapter's name, the metric, the search defaults and
 the build options; ``index/`` is the vectordb index (absent while the store is empty).
 :func:`save_store` writes both into a temporary directory beside the target, fsyncs it and
-swaps it in as :mod:`vectordb.persist` swaps an index directory (same flock, same leftover
+swaps it in as :mod:`vectordb.storage.save` swaps an index directory (same flock, same leftover
 cleanup), so a crash leaves the old store or the new one, never one's ``store.json`` with
 the other's index. :func:`read_info` checks every key of ``store.json``.
 
@@ -11,7 +11,7 @@ the other's index. :func:`read_info` checks every key of ``store.json``.
 it says so, a complete ``index/``) is a committed store. Where the swap takes two renames
 and a crash comes between them, the next save, or the next open of the missing path
 (:func:`recover_missing`), renames that new copy back, else the old one (the indexes'
-recovery, :func:`vectordb.persist.recover_missing`, with this test of completeness).
+recovery, :func:`vectordb.storage.save.recover_missing`, with this test of completeness).
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._dirswap import (
+from ..core.metrics import Metric
+from ..errors import InvalidIndexFileError, StorageError
+from ..index.clustered import ClusteredIndex
+from ..storage.dirswap import (
     check_replaceable,
     install_dir,
     lock_dir,
     remove_leftovers,
     unlock,
 )
-from .._dirswap import (
+from ..storage.dirswap import (
     recover_missing as _recover_missing,
 )
-from .._files import atomic_write, storage_error
-from ..errors import InvalidIndexFileError, StorageError
-from ..index import ClusteredIndex
-from ..metrics import Metric
-from ..persist import _complete_index
+from ..storage.files import atomic_write, storage_error
+from ..storage.save import _complete_index
 
 __all__ = ["INDEX_DIR", "STORE_FILE", "open_index", "read_info", "recover_missing", "save_store"]
 
@@ -160,7 +160,7 @@ def recover_missing(path: str | os.PathLike[str]) -> None:
     """If the store directory ``path`` is missing but a save into its parent crashed
     between its two renames, rename the copy it left back to ``path``: the new one if
     complete (:func:`_complete_store`), else the old one (see
-    :func:`vectordb._dirswap.recover_missing`)."""
+    :func:`vectordb.storage.dirswap.recover_missing`)."""
     root = Path(os.path.abspath(path))
     if root.is_symlink():  # a save replaces what the link points to (see save_store)
         root = root.resolve()

@@ -33,11 +33,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .._validation import as_matrix, build_params, check_k, positive_int
+from ..core.metrics import Metric, parse_metric
 from ..engine import AsyncEngine
 from ..errors import InvalidIndexFileError, InvalidParameterError, UnknownIdError
-from ..index import ClusteredIndex
-from ..metadata import Filter
-from ..metrics import Metric, parse_metric
+from ..index.clustered import ClusteredIndex
+from ..storage.metadata import Filter
 from ._engines import LoopEngines
 from ._persist import STORE_FILE, open_index, read_info, save_store
 from ._records import ID_KEY, RESERVED_KEYS, TEXT_KEY, Record, check_ids, record, stored

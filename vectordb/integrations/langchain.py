@@ -14,7 +14,7 @@ Install with ``pip install 'vectordb[langchain]'``::
 Documents keep their string ids (a uuid4 when none is given) and their metadata (JSON
 values, filterable with vectordb's dict filters or a callable on the metadata dict).
 ``similarity_search_with_score`` returns vectordb's distance (smaller is closer; see
-:mod:`vectordb.metrics`); relevance scores are in [0, 1] (see
+:mod:`vectordb.core.metrics`); relevance scores are in [0, 1] (see
 :meth:`VectorDBStore._select_relevance_score_fn`). Async methods are served by
 :class:`vectordb.AsyncEngine`, which batches concurrent searches.
 """
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ..core.metrics import Metric
 from ..errors import InvalidParameterError
-from ..index import ClusteredIndex
-from ..metrics import Metric
+from ..index.clustered import ClusteredIndex
 from ._store import Record, TextIndex
 
 try:

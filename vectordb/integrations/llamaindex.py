@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.metrics import Metric
 from ..errors import InvalidParameterError
-from ..index import ClusteredIndex
-from ..metadata import Filter
-from ..metrics import Metric
+from ..index.clustered import ClusteredIndex
+from ..storage.metadata import Filter
 from ._store import ID_KEY, Record, TextIndex
 
 try:

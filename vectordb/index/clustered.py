@@ -12,24 +12,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._progress import progress_bar
-from ._validation import as_query_matrix, check_k, positive_int
-from .backends import Backend, resolve_backend
-from .codes import CodeTable, Quantizer
-from .errors import (
+from .._progress import progress_bar
+from .._validation import as_query_matrix, check_k, positive_int
+from ..backends import Backend, resolve_backend
+from ..core.codes import CodeTable, Quantizer
+from ..core.metrics import Metric, prepare
+from ..core.parts import Part
+from ..core.tree import Tree
+from ..errors import (
     AlreadyUsingMmapError,
     InvalidParameterError,
 )
-from .idmap import IdMap, one_id
-from .leafscan import leaf_sizes
-from .metadata import Filter, MetadataStore, check_filter
-from .metrics import Metric, prepare
-from .parts import Part
-from .scan import VectorScorer, rerank
-from .stages import Stages
+from ..search.candidates import leaf_sizes
+from ..search.pipeline import Stages
+from ..search.rerank import VectorScorer, rerank
+from ..storage.idmap import IdMap, one_id
+from ..storage.metadata import Filter, MetadataStore, check_filter
+from ..storage.vectors import InMemoryStorage, MmapStorage, write_vectors
 from .state import IndexState, VectorSelector, ids_of
-from .storage import InMemoryStorage, MmapStorage, write_vectors
-from .tree import Tree
 from .writes import Writes
 
 __all__ = ["ClusteredIndex"]
@@ -208,7 +208,7 @@ class ClusteredIndex(Writes):
         BackendUnavailableError
             ``backend="cupy"`` where CuPy or a CUDA device cannot be used.
         """
-        from .building import build_components
+        from .build import build_components
 
         return cls(
             **build_components(
@@ -332,7 +332,7 @@ class ClusteredIndex(Writes):
         rerank_factor : int, >= 1
             ``k * rerank_factor`` candidates are reranked on the exact vectors.
         filter : dict or callable, optional
-            Only vectors whose metadata matches (see :mod:`vectordb.metadata`). Applied
+            Only vectors whose metadata matches (see :mod:`vectordb.storage.metadata`). Applied
             before the top-k: if k vectors match, k are returned.
 
         Returns
@@ -454,12 +454,12 @@ class ClusteredIndex(Writes):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str], *, progress: bool | None = None) -> None:
-        """Save to the directory ``path``, atomically (see :mod:`vectordb.persist`).
+        """Save to the directory ``path``, atomically (see :mod:`vectordb.storage.save`).
 
         The saved index is compact: deleted rows are left out, added ones folded in.
         ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
         """
-        from .persist import save_index
+        from ..storage.save import save_index
 
         with self._write_lock:
             save_index(self, Path(path), progress)
@@ -497,7 +497,7 @@ class ClusteredIndex(Writes):
             Missing or malformed manifest, unknown format version, a file of the wrong
             size, dtype or shape, or (with ``verify``) a checksum mismatch.
         """
-        from .persist import open_index
+        from ..storage.save import open_index
 
         return open_index(
             cls,

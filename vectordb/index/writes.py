@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._progress import progress_bar
-from ._validation import as_matrix
-from .codes import CodeTable, Quantizer
-from .errors import DuplicateIdError, InvalidParameterError, UnknownIdError
-from .idmap import MAX_ID, IdMap, as_ids, one_id
-from .living import Splitter, add_to_parts, assign_leaves, compacted, encode_part
-from .metadata import Filter, MetadataStore, check_filter
-from .metrics import Metric, prepare
-from .parts import Part
+from .._progress import progress_bar
+from .._validation import as_matrix
+from ..core.codes import CodeTable, Quantizer
+from ..core.metrics import Metric, prepare
+from ..core.parts import Part
+from ..core.tree import Tree
+from ..errors import DuplicateIdError, InvalidParameterError, UnknownIdError
+from ..storage.idmap import MAX_ID, IdMap, as_ids, one_id
+from ..storage.metadata import Filter, MetadataStore, check_filter
+from ..storage.vectors import InMemoryStorage, MmapStorage, write_rows
 from .state import IndexState, code_table
-from .storage import InMemoryStorage, MmapStorage, write_rows
-from .tree import Tree
+from .update import Splitter, add_to_parts, assign_leaves, compacted, encode_part
 
 __all__ = ["Writes", "check_new_ids", "encode_metadata"]
 
@@ -237,7 +237,7 @@ class Writes:
     def ids_matching(self, filter: Filter) -> I64:
         """Ids ``(m,)`` int64, ascending, of the vectors whose metadata matches ``filter``
         (a dict of conditions or a predicate, as for ``search(filter=...)``; see
-        :mod:`vectordb.metadata`). Vectors without metadata match no dict filter."""
+        :mod:`vectordb.storage.metadata`). Vectors without metadata match no dict filter."""
         filt = check_filter(filter)
         if filt is None:
             raise InvalidParameterError("ids_matching needs a filter (a dict or a callable)")

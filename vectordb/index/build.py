@@ -10,16 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from ._progress import log, progress_bar
-from ._validation import as_matrix, build_params
-from .backends import resolve_backend
-from .codes import Quantizer
-from .errors import InvalidVectorsError
-from .metadata import MetadataStore
-from .metrics import Metric, parse_metric, prepare
+from .._progress import log, progress_bar
+from .._validation import as_matrix, build_params
+from ..backends import resolve_backend
+from ..core.codes import Quantizer
+from ..core.metrics import Metric, parse_metric, prepare
+from ..core.tree import build_tree
+from ..errors import InvalidVectorsError
+from ..storage.metadata import MetadataStore
+from ..storage.vectors import InMemoryStorage
 from .state import build_part, code_table
-from .storage import InMemoryStorage
-from .tree import build_tree
 from .writes import check_new_ids, encode_metadata
 
 __all__ = ["AUTO_CODES_MIN_DIM", "MAX_DIM", "build_components"]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InvalidParameterError, InvalidVectorsError
+from ..errors import InvalidParameterError, InvalidVectorsError
 
 __all__ = ["Metric", "distances", "pairwise_distances", "parse_metric", "prepare"]
 

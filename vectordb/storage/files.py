@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import StorageError
+from ..errors import StorageError
 
 __all__ = ["atomic_write", "crc32_file", "crc32_of", "fsync_dir", "names_file", "storage_error"]
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .codes import Quantizer
-from .kmeans import kmeans
-from .metrics import Metric
-from .parts import Part, concat_by_leaf, merge_threshold
-from .tree import Tree
+from ..core.codes import Quantizer
+from ..core.kmeans import kmeans
+from ..core.metrics import Metric
+from ..core.parts import Part, concat_by_leaf, merge_threshold
+from ..core.tree import Tree
 
 __all__ = [
     "Splitter",

@@ -1,7 +1,7 @@
 """The search stages after validation, on the host: rotate, route, select, rerank.
 
 Shared by the CPU selectors (:class:`vectordb.backends.NumpyCodeSelector` and
-:class:`vectordb.state.VectorSelector`); the CuPy backend runs the same stages on its
+:class:`vectordb.index.state.VectorSelector`); the CuPy backend runs the same stages on its
 device instead.
 """
 
@@ -13,11 +13,11 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .codes import Quantizer
-from .metrics import Metric
-from .scan import rerank
-from .storage import InMemoryStorage, MmapStorage
-from .tree import Tree
+from ..core.codes import Quantizer
+from ..core.metrics import Metric
+from ..core.tree import Tree
+from ..storage.vectors import InMemoryStorage, MmapStorage
+from .rerank import rerank
 
 __all__ = ["CandidateSelector", "Stages", "host_search"]
 

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .backends import CodeSelector
-from .codes import CodeTable, Quantizer, cos_table
-from .idmap import IdMap
-from .leafscan import leaf_sizes, mostly_apart, select_by_runs, select_candidates
-from .metrics import Metric
-from .parts import Part
-from .scan import VectorScorer
-from .stages import Stages, host_search
-from .storage import InMemoryStorage, MmapStorage
-from .tree import Tree
+from ..backends import CodeSelector
+from ..core.codes import CodeTable, Quantizer, cos_table
+from ..core.metrics import Metric
+from ..core.parts import Part
+from ..core.tree import Tree
+from ..search.candidates import leaf_sizes, mostly_apart, select_by_runs, select_candidates
+from ..search.pipeline import Stages, host_search
+from ..search.rerank import VectorScorer
+from ..storage.idmap import IdMap
+from ..storage.vectors import InMemoryStorage, MmapStorage
 
 __all__ = ["IndexState", "VectorSelector", "build_part", "code_table", "ids_of"]
 

@@ -60,8 +60,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._files import storage_error
-from .errors import InvalidIndexFileError, InvalidParameterError, StorageError
+from ..errors import InvalidIndexFileError, InvalidParameterError, StorageError
+from .files import storage_error
 
 __all__ = [
     "MAX_DEPTH",

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ._files import atomic_write, names_file, storage_error
-from .errors import IndexClosedError, InvalidIndexFileError, StorageError
+from ..errors import IndexClosedError, InvalidIndexFileError, StorageError
+from .files import atomic_write, names_file, storage_error
 
 __all__ = [
     "InMemoryStorage",

@@ -1,6 +1,6 @@
 """Opening a saved index: the manifest, then every file checked before it is used.
 
-The layout is described in :mod:`vectordb.persist`. An open reads one version of the
+The layout is described in :mod:`vectordb.storage.save`. An open reads one version of the
 directory: it opens the directory once and every file relative to that handle
 (``dir_fd``), so a save that swaps a new directory in meanwhile cannot mix two versions;
 an open that finds its directory replaced under it starts again, a few times
@@ -27,21 +27,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._dirswap import leftovers
-from ._files import crc32_of, names_file, storage_error
-from ._progress import progress_bar
-from ._validation import MAX_BRANCHING, MAX_ITERATIONS
-from .codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
-from .errors import InvalidIndexFileError, StorageError
+from .._progress import progress_bar
+from .._validation import MAX_BRANCHING, MAX_ITERATIONS
+from ..core.codes import BLOCK, CodeTable, Quantizer, cos_table, words_for
+from ..core.metrics import Metric
+from ..core.parts import Part
+from ..core.tree import Tree
+from ..errors import InvalidIndexFileError, StorageError
+from .dirswap import leftovers
+from .files import crc32_of, names_file, storage_error
 from .metadata import MetadataStore
-from .metrics import Metric
-from .parts import Part
-from .storage import InMemoryStorage, MmapStorage
-from .tree import Tree
+from .vectors import InMemoryStorage, MmapStorage
 
 if TYPE_CHECKING:
-    from .backends import Backend
-    from .index import ClusteredIndex
+    from ..backends import Backend
+    from ..index.clustered import ClusteredIndex
 
 __all__ = ["OPEN_ATTEMPTS", "manifest_path", "open_index", "parse_manifest", "sign_manifest"]
 

@@ -24,8 +24,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .parts import Part
-from .topk import FMAX, NO_KEY, best_keys, keys_of, rows_of, smallest
+from ..core.parts import Part
+from ..core.topk import FMAX, NO_KEY, best_keys, keys_of, rows_of, smallest
 
 __all__ = ["LeafScorer", "leaf_sizes", "mostly_apart", "select_by_runs", "select_candidates"]
 

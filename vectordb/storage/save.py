@@ -47,23 +47,22 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from ._dirswap import (
+from .._progress import log, progress_bar
+from ..core.parts import Part
+from ..errors import InvalidIndexFileError, StorageError
+from ..index.update import compacted
+from .dirswap import (
     check_replaceable,
     install_dir,
     lock_dir,
     remove_leftovers,
     unlock,
 )
-from ._dirswap import (
+from .dirswap import (
     recover_missing as _recover_missing,
 )
-from ._files import _NEW_FILE_MODE, crc32_file, fsync_dir, storage_error
-from ._progress import log, progress_bar
-from .errors import InvalidIndexFileError, StorageError
-from .living import compacted
-from .metadata import MetadataStore
-from .parts import Part
-from .reader import (
+from .files import _NEW_FILE_MODE, crc32_file, fsync_dir, storage_error
+from .load import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -73,17 +72,18 @@ from .reader import (
     parse_manifest,
     sign_manifest,
 )
-from .reader import manifest_path as _manifest_path
-from .reader import open_index as _open_index
-from .storage import Storage, write_rows
+from .load import manifest_path as _manifest_path
+from .load import open_index as _open_index
+from .metadata import MetadataStore
+from .vectors import Storage, write_rows
 
 I64 = npt.NDArray[np.int64]
 
 
 if TYPE_CHECKING:
-    from .backends import Backend
-    from .index import ClusteredIndex
-    from .tree import Tree
+    from ..backends import Backend
+    from ..core.tree import Tree
+    from ..index.clustered import ClusteredIndex
 
 __all__ = [
     "FORMAT_NAME",

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._files import fsync_dir, storage_error
-from ._progress import log
-from .errors import InvalidIndexFileError, StorageError
+from .._progress import log
+from ..errors import InvalidIndexFileError, StorageError
+from .files import fsync_dir, storage_error
 
 __all__ = [
     "check_replaceable",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InvalidParameterError
+from ..errors import InvalidParameterError
 
 __all__ = ["MAX_ID", "IdMap", "as_ids", "one_id"]
 

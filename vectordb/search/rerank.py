@@ -11,9 +11,9 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from .metrics import Metric, distances
-from .parts import Part
-from .topk import NO_KEY, keys_of
+from ..core.metrics import Metric, distances
+from ..core.parts import Part
+from ..core.topk import NO_KEY, keys_of
 
 __all__ = ["VectorScorer", "rerank"]
 
