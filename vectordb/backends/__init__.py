@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .._types import F32, I64, U64, Mask
 from ..core.codes import CodeTable
 from ..core.parts import Part
 from ..errors import BackendUnavailableError, InvalidParameterError
@@ -44,11 +45,6 @@ log = logging.getLogger("vectordb")
 BACKEND_NAMES = ("auto", "numpy", "cupy")
 ENV_VAR = "VECTORDB_BACKEND"
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U64 = npt.NDArray[np.uint64]
-B = npt.NDArray[np.bool_]
-
 
 class CodeSelector(Protocol):
     """Searches one state of an index: its codes, held wherever the backend keeps them."""
@@ -59,7 +55,7 @@ class CodeSelector(Protocol):
         k: int,
         probes: int,
         m: int,
-        row_ok: B | None,
+        row_ok: Mask | None,
         sizes: I64,
         need: int,
     ) -> tuple[I64, F32]:

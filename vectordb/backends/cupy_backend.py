@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._types import F32, I64, U64, Mask
 from ..core.codes import CodeTable
 from ..core.metrics import Metric
 from ..core.parts import Part
@@ -45,10 +46,6 @@ __all__ = ["CupyBackend", "CupyCodeSelector", "probe"]
 
 log = logging.getLogger("vectordb")
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U64 = npt.NDArray[np.uint64]
-B = npt.NDArray[np.bool_]
 
 #: Most bytes of device temporaries (routing scores, keys, query codes) per block of queries.
 _BLOCK_BYTES = 512 << 20
@@ -163,7 +160,7 @@ class CupyCodeSelector:
         return value
 
     def search(
-        self, q: F32, k: int, probes: int, m: int, row_ok: B | None, sizes: I64, need: int
+        self, q: F32, k: int, probes: int, m: int, row_ok: Mask | None, sizes: I64, need: int
     ) -> tuple[I64, F32]:
         """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 for prepared ``q``.
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from .._types import F32, I64, U64, Mask
 from ..core.codes import CodeTable, estimate, estimate_broadcast, query_side
 from ..core.parts import Part
 from ..core.topk import NO_KEY, candidate_keys, rows_of, smallest
@@ -15,10 +16,6 @@ from ..search.pipeline import Stages, host_search
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U64 = npt.NDArray[np.uint64]
-B = npt.NDArray[np.bool_]
 
 #: Leaf by leaf pays off once leaves are shared by this many queries on average.
 _FLAT_MAX_QUERIES_PER_LEAF = 4
@@ -63,7 +60,7 @@ class NumpyCodeSelector:
         self.sizes = leaf_sizes(self.parts)  # parts never change: a write makes a new selector
 
     def search(
-        self, q: F32, k: int, probes: int, m: int, row_ok: B | None, sizes: I64, need: int
+        self, q: F32, k: int, probes: int, m: int, row_ok: Mask | None, sizes: I64, need: int
     ) -> tuple[I64, F32]:
         """Every stage on the CPU: see ``stages.host_search``."""
         return host_search(self.stages, self, q, k, probes, m, row_ok, sizes, need)
@@ -86,7 +83,7 @@ class NumpyCodeSelector:
                 side.c_q,
             )
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
         """``(nq, m')`` int64 rows: see ``leafscan.select_candidates``.
 
         Batches whose queries mostly probe different leaves (single queries, small batches
@@ -98,7 +95,7 @@ class NumpyCodeSelector:
             return self._select_flat(rotated_queries, leaves, m, row_ok)
         return select_candidates(self, self.parts, rotated_queries, leaves, m, row_ok)
 
-    def _select_flat(self, q: F32, leaves: I64, m: int, row_ok: B | None) -> I64:
+    def _select_flat(self, q: F32, leaves: I64, m: int, row_ok: Mask | None) -> I64:
         nq, n_slots = leaves.shape
         sizes = self.sizes
         keep = min(m, n_slots * max(1, min(m, int(sizes.max(initial=0)))))
@@ -117,7 +114,7 @@ class NumpyCodeSelector:
             out[rows, : found.shape[1]] = found
         return out
 
-    def _flat_keys(self, q: F32, leaves: I64, row_ok: B | None) -> U64:
+    def _flat_keys(self, q: F32, leaves: I64, row_ok: Mask | None) -> U64:
         """Keys of every probed slot, ``(nq, n)`` with ``NO_KEY`` padding."""
         table = self.table
         nq = leaves.shape[0]

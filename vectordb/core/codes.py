@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from .._types import F32, I64, U64
 from .metrics import Metric
 
 __all__ = [
@@ -38,10 +39,6 @@ __all__ = [
     "query_side",
     "words_for",
 ]
-
-F32 = npt.NDArray[np.float32]
-U64 = npt.NDArray[np.uint64]
-I64 = npt.NDArray[np.int64]
 
 
 def words_for(dim: int) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from .._types import F32, I64
+
 __all__ = ["assign", "kmeans"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 
 #: Like FAISS: at most this many training points per centroid.
 SAMPLE_PER_CENTROID = 256

@@ -17,13 +17,11 @@ import enum
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32
 from ..errors import InvalidParameterError, InvalidVectorsError
 
 __all__ = ["Metric", "distances", "pairwise_distances", "parse_metric", "prepare"]
-
-F32 = npt.NDArray[np.float32]
 
 
 class Metric(str, enum.Enum):

@@ -19,12 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Part", "concat_by_leaf", "merge_threshold"]
+from .._types import F32, I64, U64, Mask
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U64 = npt.NDArray[np.uint64]
-B = npt.NDArray[np.bool_]
+__all__ = ["Part", "concat_by_leaf", "merge_threshold"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,10 @@ class Part:
 
 
 def concat_by_leaf(
-    parts: list[Part], leaves: list[I64], keep: list[B] | None = None, n_leaves: int | None = None
+    parts: list[Part],
+    leaves: list[I64],
+    keep: list[Mask] | None = None,
+    n_leaves: int | None = None,
 ) -> Part:
     """One part holding the slots of ``parts`` (with leaf labels ``leaves``), leaf by leaf.
 

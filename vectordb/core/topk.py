@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from .._types import U64
+
 __all__ = ["FMAX", "NO_KEY", "best_keys", "candidate_keys", "keys_of", "rows_of", "smallest"]
 
-U64 = npt.NDArray[np.uint64]
 #: Key of an empty slot: larger than any real candidate's.
 NO_KEY = np.uint64(np.iinfo(np.uint64).max)
 #: Largest float32: stands in for overflowed scores.

@@ -23,15 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64
 from .kmeans import kmeans
 from .metrics import Metric
 
 __all__ = ["Tree", "build_tree"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 
 #: Bytes of gathered centroids per routing block; bounds temporary memory of batch routing.
 _ROUTE_BLOCK_BYTES = 32 << 20

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._types import F32
 from ..errors import EngineClosedError, EngineOverloadedError, VectorDBError
 from .stats import StatsRecorder
 
@@ -43,7 +44,6 @@ _MIN_SPLIT = 32
 #: callers keep cancelling while every worker is busy).
 _SWEEP_MIN = 64
 
-F32 = npt.NDArray[np.float32]
 Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
 #: Runs one batch in an executor thread: ``(queries (n, d), key) -> (ids, dists)``, ``(n, k)``.
 RunBatch = Callable[[F32, Any], Result]

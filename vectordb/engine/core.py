@@ -19,9 +19,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiofiles
-import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64
 from .._validation import as_query_matrix, check_k, positive_int
 from ..backends import resolve_backend
 from ..errors import (
@@ -41,8 +40,6 @@ from .stats import EngineStats, StatsRecorder
 __all__ = ["AsyncEngine", "EngineState"]
 
 T = TypeVar("T")
-I64 = npt.NDArray[np.int64]
-F32 = npt.NDArray[np.float32]
 
 _WARM_CHUNK = 16 << 20
 

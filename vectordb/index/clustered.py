@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from .._progress import progress_bar
+from .._types import F32, I64, Mask
 from .._validation import as_query_matrix, check_k, positive_int
 from ..backends import Backend, resolve_backend
 from ..core.codes import CodeTable, Quantizer
@@ -34,9 +34,6 @@ from .writes import Writes
 
 __all__ = ["ClusteredIndex"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-B = npt.NDArray[np.bool_]
 
 #: ``search_batch(threads=...)`` gives each thread at least this many queries.
 _MIN_QUERIES_PER_THREAD = 1024
@@ -93,7 +90,7 @@ class ClusteredIndex(Writes):
         base: Part,
         delta: Part,
         row_id: I64,
-        row_ok: B | None,
+        row_ok: Mask | None,
         idmap: IdMap,
         storage: InMemoryStorage | MmapStorage,
     ) -> IndexState:

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64, Mask
 from ..backends import CodeSelector
 from ..core.codes import CodeTable, Quantizer, cos_table
 from ..core.metrics import Metric
@@ -24,10 +24,6 @@ from ..storage.idmap import IdMap
 from ..storage.vectors import InMemoryStorage, MmapStorage
 
 __all__ = ["IndexState", "VectorSelector", "build_part", "code_table", "ids_of"]
-
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-B = npt.NDArray[np.bool_]
 
 
 def build_part(
@@ -75,7 +71,7 @@ class IndexState:
     base: Part
     delta: Part
     row_id: I64
-    row_ok: B | None
+    row_ok: Mask | None
     idmap: IdMap
     storage: InMemoryStorage | MmapStorage
     live_sizes: I64
@@ -105,7 +101,7 @@ class IndexState:
         rows = self.idmap.rows(ids)
         return np.sort(rows[rows >= 0])
 
-    def only(self, rows: I64) -> tuple[B, I64]:
+    def only(self, rows: I64) -> tuple[Mask, I64]:
         """A row mask ``(n_rows,)`` bool true at ``rows`` alone, and the leaf sizes under it."""
         row_ok = np.zeros(self.row_id.shape[0], dtype=bool)
         row_ok[rows] = True
@@ -142,12 +138,12 @@ class VectorSelector:
         self.stages = stages
 
     def search(
-        self, q: F32, k: int, probes: int, m: int, row_ok: B | None, sizes: I64, need: int
+        self, q: F32, k: int, probes: int, m: int, row_ok: Mask | None, sizes: I64, need: int
     ) -> tuple[I64, F32]:
         """Every stage on the CPU: see ``stages.host_search``."""
         return host_search(self.stages, self, q, k, probes, m, row_ok, sizes, need)
 
-    def select(self, queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+    def select(self, queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
         """``(nq, m')`` int64 rows (see ``leafscan.select_candidates``): grouped by leaf
         when leaves are shared by several queries of the batch, else query by query."""
         if mostly_apart(leaves, self.parts[0].offsets.shape[0] - 1, _BY_LEAF_MIN_QUERIES):

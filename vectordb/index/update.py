@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64, Mask
 from ..core.codes import Quantizer
 from ..core.kmeans import kmeans
 from ..core.metrics import Metric
@@ -26,10 +26,6 @@ __all__ = [
     "encode_part",
     "split_big_leaves",
 ]
-
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-B = npt.NDArray[np.bool_]
 
 
 def assign_leaves(tree: Tree, rotated: F32, metric: Metric) -> I64:
@@ -88,7 +84,7 @@ def add_to_parts(
     delta: Part,
     new: Part,
     new_leaves: I64,
-    row_ok: B | None,
+    row_ok: Mask | None,
     splitter: Splitter,
 ) -> tuple[Tree, Part, Part]:
     """New ``(tree, base, delta)`` with ``new`` (rows on ``new_leaves``) added.
@@ -177,7 +173,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
 
 
 def compacted(
-    tree: Tree, base: Part, delta: Part, row_ok: B | None, splitter: Splitter | None = None
+    tree: Tree, base: Part, delta: Part, row_ok: Mask | None, splitter: Splitter | None = None
 ) -> tuple[Tree, Part, I64]:
     """The live slots of both parts as one part, leaf by leaf, with rows renumbered.
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from .._progress import progress_bar
+from .._types import F32, I64, Mask
 from .._validation import as_matrix
 from ..core.codes import CodeTable, Quantizer
 from ..core.metrics import Metric, prepare
@@ -28,10 +28,6 @@ from .state import IndexState, code_table
 from .update import Splitter, add_to_parts, assign_leaves, compacted, encode_part
 
 __all__ = ["Writes", "check_new_ids", "encode_metadata"]
-
-I64 = npt.NDArray[np.int64]
-F32 = npt.NDArray[np.float32]
-B = npt.NDArray[np.bool_]
 
 
 class Writes:
@@ -59,7 +55,7 @@ class Writes:
             base: Part,
             delta: Part,
             row_id: I64,
-            row_ok: B | None,
+            row_ok: Mask | None,
             idmap: IdMap,
             storage: InMemoryStorage | MmapStorage,
         ) -> IndexState: ...

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64
 from .._validation import as_matrix, build_params, check_k, positive_int
 from ..core.metrics import Metric, parse_metric
 from ..engine import AsyncEngine
@@ -44,8 +44,6 @@ from ._records import ID_KEY, RESERVED_KEYS, TEXT_KEY, Record, check_ids, record
 
 __all__ = ["ID_KEY", "RESERVED_KEYS", "TEXT_KEY", "Record", "TextIndex"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 
 #: Deleted ids the maps may keep beyond twice the live ones (see ``TextIndex._prune``).
 _PRUNE_SLACK = 1024

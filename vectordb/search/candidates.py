@@ -22,17 +22,13 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64, Mask
 from ..core.parts import Part
 from ..core.topk import FMAX, NO_KEY, best_keys, keys_of, rows_of, smallest
 
 __all__ = ["LeafScorer", "leaf_sizes", "mostly_apart", "select_by_runs", "select_candidates"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U64 = npt.NDArray[np.uint64]
-B = npt.NDArray[np.bool_]
 
 #: Scores held at once per block of queries (one leaf's rows times the block's queries).
 _SCORE_BLOCK = 1 << 22
@@ -48,7 +44,7 @@ class LeafScorer(Protocol):
         ...
 
 
-def leaf_sizes(parts: Sequence[Part], row_ok: B | None = None) -> I64:
+def leaf_sizes(parts: Sequence[Part], row_ok: Mask | None = None) -> I64:
     """(n_leaves,) int64 slots per leaf over ``parts``; only rows with ``row_ok`` if given."""
     total = np.zeros(parts[0].offsets.shape[0] - 1, dtype=np.int64)
     for part in parts:
@@ -77,7 +73,7 @@ def select_candidates(
     queries: F32,
     leaves: I64,
     m: int,
-    row_ok: B | None = None,
+    row_ok: Mask | None = None,
 ) -> I64:
     """The ``m`` rows of the given leaves with the best scores, per query.
 
@@ -120,7 +116,7 @@ def select_by_runs(
     queries: F32,
     leaves: I64,
     m: int,
-    row_ok: B | None = None,
+    row_ok: Mask | None = None,
 ) -> I64:
     """:func:`select_candidates` one query at a time, for scorers that ignore the leaf.
 
@@ -158,7 +154,7 @@ def select_by_runs(
 
 
 def _select_block(
-    scorer: LeafScorer, parts: Sequence[Part], q: F32, leaves: I64, m: int, row_ok: B | None
+    scorer: LeafScorer, parts: Sequence[Part], q: F32, leaves: I64, m: int, row_ok: Mask | None
 ) -> I64:
     nq = leaves.shape[0]
     pool = _Pool(nq)
@@ -191,7 +187,7 @@ def _groups(leaf: I64, query: I64) -> Iterator[tuple[int, I64]]:
 
 
 def _scores(
-    scorer: LeafScorer, parts: Sequence[Part], q: F32, leaf: int, row_ok: B | None
+    scorer: LeafScorer, parts: Sequence[Part], q: F32, leaf: int, row_ok: Mask | None
 ) -> tuple[F32, I64]:
     """Scores ``(g, s)`` of every slot of ``leaf`` over ``parts`` and their rows ``(s,)``.
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
+from .._types import F32, I64, Mask
 from ..core.codes import Quantizer
 from ..core.metrics import Metric
 from ..core.tree import Tree
@@ -21,15 +19,11 @@ from .rerank import rerank
 
 __all__ = ["CandidateSelector", "Stages", "host_search"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-B = npt.NDArray[np.bool_]
-
 
 class CandidateSelector(Protocol):
     """Picks candidates from the probed leaves on the CPU (codes or full vectors)."""
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: B | None = None) -> I64:
+    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
         """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row),
         among rows with ``row_ok`` (``(R,)`` bool over storage rows; ``None``: all)."""
         ...
@@ -53,7 +47,7 @@ def host_search(
     k: int,
     probes: int,
     m: int,
-    row_ok: B | None,
+    row_ok: Mask | None,
     sizes: I64,
     need: int,
 ) -> tuple[I64, F32]:

@@ -9,17 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64
 from ..core.metrics import Metric, distances
 from ..core.parts import Part
 from ..core.topk import NO_KEY, keys_of
 
 __all__ = ["VectorScorer", "rerank"]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U64 = npt.NDArray[np.uint64]
 
 #: Bytes of gathered float32 vectors per rerank block: small enough to stay in the CPU's
 #: cache while the distances are taken (64 MiB blocks ran 2x slower end to end).

@@ -12,13 +12,12 @@ import numbers
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import I64
 from ..errors import InvalidParameterError
 
 __all__ = ["MAX_ID", "IdMap", "as_ids", "one_id"]
 
-I64 = npt.NDArray[np.int64]
 
 #: The largest id: ids are int64 >= 0 (``-1`` marks "no result" in search results).
 MAX_ID = int(np.iinfo(np.int64).max)

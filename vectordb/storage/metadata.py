@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import I64
 from ..errors import InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import storage_error
 
@@ -73,7 +73,6 @@ __all__ = [
     "check_filter",
 ]
 
-I64 = npt.NDArray[np.int64]
 Filter = Mapping[str, Any] | Callable[[dict[str, Any]], bool]
 
 #: Deepest nesting of dicts and lists in one document (the document itself is level 1).

@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._progress import log, progress_bar
+from .._types import I64
 from ..core.parts import Part
 from ..errors import InvalidIndexFileError, StorageError
 from ..index.update import compacted
@@ -76,9 +77,6 @@ from .load import manifest_path as _manifest_path
 from .load import open_index as _open_index
 from .metadata import MetadataStore
 from .vectors import Storage, write_rows
-
-I64 = npt.NDArray[np.int64]
-
 
 if TYPE_CHECKING:
     from ..backends import Backend

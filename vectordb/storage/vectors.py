@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
+from .._types import F32, I64
 from ..errors import IndexClosedError, InvalidIndexFileError, StorageError
 from .files import atomic_write, names_file, storage_error
 
@@ -34,8 +34,6 @@ __all__ = [
     "write_vectors",
 ]
 
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 
 _WRITE_BYTES = 8 << 20
 _WARM_BYTES = 16 << 20
