@@ -25,6 +25,7 @@ import pytest
 import vectordb as vdb
 from vectordb import backends
 from vectordb.core.codes import pack_signs
+from vectordb.search.route import route
 
 K = 10
 #: Share of result positions whose ids may differ between backends (ties within rounding).
@@ -189,8 +190,8 @@ def test_a_query_that_widens_does_not_widen_the_others(monkeypatch, data):
     near = np.argsort(((x - x[0]) ** 2).sum(axis=1))[:300]
     index.delete(np.setdiff1d(np.arange(len(x)), near))
     batch = np.concatenate([x[near[:63]] + 0.01, -x[:1]])
-    sel = index._state.selector
-    rotated = index._quantizer.rotate(prepare(batch, index.metric))
+    sel = index._state.searcher
+    rotated = index._state.quantizer.rotate(prepare(batch, index.metric))
     sizes = np.asarray(index._state.live_sizes, dtype=np.int64)
     leaves, wide = sel._route(rotated, 4, K, sizes)
     assert wide is not None and wide[0].tolist() == [63]
@@ -365,7 +366,7 @@ def emulated_index(monkeypatch, x, **build):
     """An index on the CuPy backend run by ``fake_cupy``, and its selector."""
     use_fake_cupy(monkeypatch)
     index = vdb.ClusteredIndex.build(x, backend="cupy", **build)
-    return index, index._state.selector
+    return index, index._state.searcher
 
 
 @pytest.mark.parametrize("probes", [1, 3, 8, 40])  # the kernel, and array code past 32
@@ -374,9 +375,9 @@ def test_device_routing_picks_the_cpu_leaves(monkeypatch, data, probes):
 
     x, queries = data
     index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
-    q = index._quantizer.rotate(prepare(queries, index.metric))
+    q = index._state.quantizer.rotate(prepare(queries, index.metric))
     got, wide = sel._route(q, probes, 1, np.asarray(index._state.live_sizes))
-    want = index._state.tree.route(q, probes, index.metric)
+    want = route(index._state.tree, q, probes, index.metric)
     assert wide is None
     same = [
         set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
@@ -389,7 +390,7 @@ def test_device_routing_widens_for_queries_short_of_rows(monkeypatch, data):
 
     x, queries = data
     index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
-    q = index._quantizer.rotate(prepare(queries[:20], index.metric))
+    q = index._state.quantizer.rotate(prepare(queries[:20], index.metric))
     sizes = np.asarray(index._state.live_sizes)
     need = 600  # more than a few leaves hold: the beam must widen
     leaves, wide = sel._route(q, 1, need, sizes)
@@ -404,7 +405,7 @@ def test_device_routing_of_a_one_leaf_tree(monkeypatch):
     index, sel = emulated_index(
         monkeypatch, np.eye(130, dtype=np.float32), max_leaf_size=200, leaf_scan="codes"
     )
-    q = np.ones((3, index._quantizer.bits), dtype=np.float32)
+    q = np.ones((3, index._state.quantizer.bits), dtype=np.float32)
     leaves, wide = sel._route(q, 4, K, np.asarray(index._state.live_sizes))
     np.testing.assert_array_equal(leaves, np.zeros((3, 1)))
     assert wide is None
@@ -435,10 +436,10 @@ def test_writes_send_only_what_changed(monkeypatch, data):
     x = data[0]
     index = vdb.ClusteredIndex.build(x[:3_000], max_leaf_size=300, backend="cupy")
     index.add(x[3_000:3_200])  # grows leaves past their split size: a new tree and base
-    before = index._state.selector
+    before = index._state.searcher
     assert before.vectors_on_device
     index.add(x[3_200:3_210])  # goes to the delta part alone
-    after = index._state.selector
+    after = index._state.searcher
     assert after._base is before._base  # the base part's codes were not copied again
     assert after._tree is before._tree
     assert after._vectors.shape[0] == 3_210
@@ -453,7 +454,7 @@ def test_vectors_too_large_for_the_device_are_reranked_on_the_host(monkeypatch, 
     x, queries = data
     with caplog.at_level(logging.INFO, logger="vectordb"):
         index = vdb.ClusteredIndex.build(x, max_leaf_size=300, backend="cupy")
-    assert index.backend == "cupy" and not index._state.selector.vectors_on_device
+    assert index.backend == "cupy" and not index._state.searcher.vectors_on_device
     assert any("reranking on the host" in r.getMessage() for r in caplog.records)
     want = vdb.ClusteredIndex.build(x, max_leaf_size=300, backend="numpy")
     assert_same_neighbours(index.search_batch(queries, K), want.search_batch(queries, K))
@@ -477,7 +478,7 @@ def test_writes_go_on_when_the_device_copy_cannot_grow(monkeypatch, caplog, data
     full[0] = True
     with caplog.at_level(logging.INFO, logger="vectordb"):
         index.add(x[3_000:3_500])
-    assert not index._state.selector.vectors_on_device
+    assert not index._state.searcher.vectors_on_device
     assert any("reranking on the host" in r.getMessage() for r in caplog.records)
     index.delete([5])
     index.add(x[3_500:3_600])

@@ -12,6 +12,7 @@ from vectordb.backends import device_search as ds
 from vectordb.core import topk
 from vectordb.core.codes import Quantizer, pack_signs
 from vectordb.core.metrics import Metric, prepare
+from vectordb.search.route import route
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,10 @@ def test_wide_beams_pick_the_cpu_leaves(index, probes):
     the backend (``test_backends``)."""
     idx, queries = index
     st = idx._state
-    q = idx._quantizer.rotate(prepare(queries, Metric.COSINE))
+    q = idx._state.quantizer.rotate(prepare(queries, Metric.COSINE))
     tree = ds.DeviceTree.upload(np, st.tree)
     got = ds.beam(np, ds.node_scores(np, q, tree, Metric.COSINE), tree, probes)
-    want = st.tree.route(q, probes, Metric.COSINE)
+    want = route(st.tree, q, probes, Metric.COSINE)
     same = [
         set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
     ]
@@ -77,11 +78,11 @@ def test_query_terms_match_the_cpu_query_side(index):
 
     idx, queries = index
     st = idx._state
-    q = idx._quantizer.rotate(prepare(queries[:10], Metric.COSINE))
-    leaves = st.tree.route(q, 3, Metric.COSINE)
+    q = idx._state.quantizer.rotate(prepare(queries[:10], Metric.COSINE))
+    leaves = route(st.tree, q, 3, Metric.COSINE)
     leaves[0, -1] = -1
     tree = ds.DeviceTree.upload(np, st.tree)
-    codes, a, b = ds.query_terms(np, q, leaves, tree, idx._quantizer.words, Metric.COSINE)
+    codes, a, b = ds.query_terms(np, q, leaves, tree, idx._state.quantizer.words, Metric.COSINE)
     flat = leaves.reshape(-1)
     valid = flat >= 0
     side = query_side(st.table, np.repeat(q, leaves.shape[1], axis=0)[valid], flat[valid])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb.storage.load import sign_manifest
+from vectordb.storage.format import sign_manifest
 
 K = 10
 

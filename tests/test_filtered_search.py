@@ -33,7 +33,7 @@ import pytest
 
 import vectordb as vdb
 from vectordb import backends
-from vectordb.index.clustered import EXACT_FILTER_ROWS
+from vectordb.index.state import EXACT_FILTER_ROWS
 
 N, DIM, NQ, K = 20_000, 48, 64, 10
 #: The first ``N - ADDED`` vectors are built, the rest added (a delta part); ``DELETED``

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import vectordb as vdb
-from vectordb.storage.load import sign_manifest
+from vectordb.storage.format import sign_manifest
 
 DIM = 16
 #: VECTORDB_FUZZ_SCALE=20 runs twenty times the examples (bench/reliability.py does).

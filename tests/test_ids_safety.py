@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
+from vectordb.index import update
 
 MAX_ID = 2**63 - 1
 DIM = 16
@@ -89,11 +90,11 @@ def test_assigned_ids_never_pass_int64(data, mode, tmp_path, top, n_ok, n_refuse
     added = index.add(data[N : N + n_ok])
     assert added.tolist() == list(range(top + 1, top + 1 + n_ok))
     queries = data[N + 20 : N + 25]
-    before, files, rows = snapshot(index, queries), scratch_files(index), index._storage.n
+    before, files, rows = snapshot(index, queries), scratch_files(index), index._state.storage.n
     with pytest.raises(vdb.InvalidParameterError, match="2\\*\\*63 - 1"):
         index.add(data[N + 5 : N + 5 + n_refused], metadata=[{"g": 1}] * n_refused)
     assert snapshot(index, queries) == before
-    assert index._storage.n == rows and scratch_files(index) == files  # storage untouched
+    assert index._state.storage.n == rows and scratch_files(index) == files  # storage untouched
     assert (index.ids >= 0).all()
     # Explicit free ids still work, and the saved index opens again.
     index.add(data[N + 10 : N + 11], ids=[N + 1000])
@@ -223,7 +224,7 @@ def test_delete_changes_nothing_when_the_metadata_step_fails(
 
 
 def test_delete_changes_nothing_when_preparing_the_state_fails(index, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(index, "_make_state", _boom)
+    monkeypatch.setattr(update, "deleted", _boom)
     _fail_and_compare(index, data, lambda: index.delete([10, 17]), tmp_path)
 
 

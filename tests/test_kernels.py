@@ -10,6 +10,8 @@ from vectordb.backends import NumpyBackend
 from vectordb.core.codes import Quantizer, cos_table, estimate, pack_signs
 from vectordb.core.kmeans import kmeans
 from vectordb.core.metrics import Metric
+from vectordb.search import route as route_module
+from vectordb.search.route import route
 
 
 def naive_hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,7 +115,7 @@ def test_kmeans_with_fewer_distinct_points_than_clusters():
 
 
 def plain_route(tree, q: np.ndarray, probes: int) -> list[set[int]]:
-    """Leaves per query by the beam search ``Tree.route`` documents, query by query in
+    """Leaves per query by the beam search ``search.route.route`` documents, query by query in
     float64: at every level keep the ``probes`` nodes of the frontier nearest by l2 to
     their centroids; kept leaves are answers, kept inner nodes are expanded."""
     centroids = tree.centroids.astype(np.float64)
@@ -132,18 +134,18 @@ def plain_route(tree, q: np.ndarray, probes: int) -> list[set[int]]:
 def test_routing_keeps_the_probes_nearest_nodes_of_every_level():
     x = vdb.make_clustered(3000, 16, seed=2)
     index = vdb.ClusteredIndex.build(x, branching_factor=3, max_leaf_size=20)
-    tree = index._tree
+    tree = index._state.tree
     assert tree.leaf_of_node[0] < 0  # a real tree, several levels deep
-    q = index._quantizer.rotate(x[:50] + 0.05)
+    q = index._state.quantizer.rotate(x[:50] + 0.05)
     for probes in (1, 2, 5):
         want = plain_route(tree, q, probes)
         # A batch (the fast product, rescored near ties) and lone queries (exact scores).
-        for got in (tree.route(q, probes, Metric.L2), tree.route(q[:3], probes, Metric.L2)):
+        for got in (route(tree, q, probes, Metric.L2), route(tree, q[:3], probes, Metric.L2)):
             for row, leaves in zip(got, want, strict=False):
                 found = row[row >= 0]
                 assert len(found) == len(set(found.tolist())), "a leaf listed twice"
                 assert set(found.tolist()) == leaves, f"probes={probes}"
-    everything = tree.route(q, tree.n_nodes, Metric.L2)
+    everything = route(tree, q, tree.n_nodes, Metric.L2)
     for row in everything:
         assert sorted(row[row >= 0].tolist()) == list(range(index.n_leaves))
 
@@ -185,10 +187,10 @@ def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
     index.add(x[2_500:2_900])  # a delta part
     index.delete(np.arange(0, 2_500, 7))  # tombstones
     st = index._state
-    selector = st.selector
-    q = index._quantizer.rotate(x[2_900:])
+    selector = st.searcher.selector
+    q = index._state.quantizer.rotate(x[2_900:])
     for probes, m in [(1, 5), (4, 50), (16, 500)]:
-        leaves = st.tree.route(q, probes, index.metric)
+        leaves = route(st.tree, q, probes, index.metric)
         flat = selector._select_flat(q, leaves, m, st.row_ok)
         grouped = select_candidates(selector, selector.parts, q, leaves, m, st.row_ok)
         assert flat.shape == grouped.shape
@@ -197,17 +199,17 @@ def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
 
 @pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])
 def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
-    from vectordb.core.tree import _approx_scores, _rounding_bound
+    from vectordb.search.route import _approx_scores, _rounding_bound, exact_scores
 
     x = vdb.make_clustered(4000, 96, seed=3) * np.float32(37.0)
     index = vdb.ClusteredIndex.build(x, branching_factor=8, max_leaf_size=50, backend="numpy")
-    tree = index._tree
+    tree = index._state.tree
     rng = np.random.default_rng(2)
-    q = index._quantizer.rotate(x[rng.integers(0, 4000, 300)] + rng.normal(0, 3, (300, 96)))
+    q = index._state.quantizer.rotate(x[rng.integers(0, 4000, 300)] + rng.normal(0, 3, (300, 96)))
     q = q.astype(np.float32)
     nodes = rng.integers(-1, tree.n_nodes, (300, 40))
     fast = _approx_scores(q, nodes, tree.centroids, tree.centroid_sq_norms, metric)
-    exact = tree._exact_scores(q, nodes, metric)
+    exact = exact_scores(tree, q, nodes, metric)
     np.testing.assert_array_equal(np.isinf(fast), nodes < 0)
     q_norms = np.sqrt(np.einsum("qd,qd->q", q, q))
     bound = _rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
@@ -231,19 +233,19 @@ def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypa
     children[0] = np.arange(1, 10)
     tree = Tree(centroids, children, np.array([-1, *range(9)], dtype=np.int64))
     calls: list[int] = []
-    exact = Tree._exact_scores
+    exact = route_module.exact_scores
 
-    def counting(self, q, nodes, metric):
+    def counting(tree, q, nodes, metric):
         calls.append(q.shape[0])
-        return exact(self, q, nodes, metric)
+        return exact(tree, q, nodes, metric)
 
-    monkeypatch.setattr(Tree, "_exact_scores", counting)
+    monkeypatch.setattr(route_module, "exact_scores", counting)
     q = (base + rng.normal(0, 1e-3, (257, 64))).astype(np.float32)
     for probes in (1, 3, 8):
-        together = tree.route(q, probes, Metric.L2)
+        together = route(tree, q, probes, Metric.L2)
         assert sum(calls) > 0
         for i in range(0, 257, 16):
-            alone = tree.route(q[i : i + 1], probes, Metric.L2)
+            alone = route(tree, q[i : i + 1], probes, Metric.L2)
             np.testing.assert_array_equal(alone, together[i : i + 1])
         calls.clear()
 

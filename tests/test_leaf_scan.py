@@ -13,7 +13,7 @@ import pytest
 
 import vectordb as vdb
 from vectordb.index.build import AUTO_CODES_MIN_DIM
-from vectordb.storage.load import sign_manifest
+from vectordb.storage.format import sign_manifest
 
 K = 10
 MODES = ("codes", "vectors")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb.storage.save import VECTORS
+from vectordb.storage.format import VECTORS
 
 K = 10
 DIM = 128  # codes (leaf_scan="auto" picks codes from 128 dimensions)

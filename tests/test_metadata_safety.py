@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
+from vectordb.storage import filters
 from vectordb.storage import metadata as md
-from vectordb.storage.load import sign_manifest
+from vectordb.storage.format import sign_manifest
 from vectordb.storage.metadata import MetadataStore
 
 SCHEMA = "CREATE TABLE meta (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)"
@@ -486,7 +487,7 @@ def filter_calls(index: vdb.ClusteredIndex, filt: Any) -> list[Any]:
         lambda: index.search(q, 5, filter=filt),
         lambda: index.search_batch(q[None, :], 5, filter=filt),
         lambda: index.ids_matching(filt),
-        lambda: md.check_filter(filt),
+        lambda: filters.check_filter(filt),
     ]
 
 
@@ -518,17 +519,20 @@ def test_too_many_filter_fields_are_refused(index):
     for call in filter_calls(index, filt):
         with pytest.raises(vdb.InvalidParameterError, match="fields") as info:
             call()
-        assert f"at most {md.MAX_FILTER_FIELDS} fields" in str(info.value)
+        assert f"at most {filters.MAX_FILTER_FIELDS} fields" in str(info.value)
 
 
 def test_a_filter_at_the_limits_runs(index):
     """MAX_FILTER_FIELDS fields with every operator each: within SQLite's limits."""
-    fields = {f"f{i}": 5 for i in range(md.MAX_FILTER_FIELDS)}
+    fields = {f"f{i}": 5 for i in range(filters.MAX_FILTER_FIELDS)}
     index.add(vectors(1, seed=9), ids=[N], metadata=[fields])
     cond = {"$gt": 0, "$gte": 5, "$lt": 9, "$lte": 5, "$ne": 4, "$in": [5], "$nin": [6]}
     filt = {name: dict(cond) for name in fields}
     # Each field's lists hold 2 values; f0's $in takes the rest of MAX_FILTER_VALUES.
-    filt["f0"]["$in"] = [5, *range(100, 100 + md.MAX_FILTER_VALUES - 2 * md.MAX_FILTER_FIELDS)]
+    filt["f0"]["$in"] = [
+        5,
+        *range(100, 100 + filters.MAX_FILTER_VALUES - 2 * filters.MAX_FILTER_FIELDS),
+    ]
     assert index.ids_matching(filt).tolist() == [N]
     ids, _ = index.search(vectors(1, seed=9)[0], 3, filter=filt)
     assert ids.tolist() == [N, -1, -1]
@@ -536,12 +540,12 @@ def test_a_filter_at_the_limits_runs(index):
 
 @pytest.mark.parametrize("size", [300_000, "limit + 1"])  # 300,000: beyond SQLite's own limit
 def test_too_many_filter_values_are_refused(index, size):
-    size = md.MAX_FILTER_VALUES + 1 if size == "limit + 1" else size
+    size = filters.MAX_FILTER_VALUES + 1 if size == "limit + 1" else size
     for filt in ({"i": {"$in": list(range(size))}}, {"a": {"$in": [1]}, "b": {"$nin": [0] * size}}):
         for call in filter_calls(index, filt):
             with pytest.raises(vdb.InvalidParameterError, match="values") as info:
                 call()
-            assert f"at most {md.MAX_FILTER_VALUES} values" in str(info.value)
+            assert f"at most {filters.MAX_FILTER_VALUES} values" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,8 @@ import pytest
 import vectordb as vdb
 from vectordb.backends import resolve_backend
 from vectordb.storage import load as reader
-from vectordb.storage.load import open_index, sign_manifest
+from vectordb.storage.format import sign_manifest
+from vectordb.storage.load import load_index
 from vectordb.storage.metadata import MetadataStore
 from vectordb.storage.vectors import MmapStorage
 
@@ -250,7 +251,7 @@ MAPPED_READER = textwrap.dedent(
     import vectordb as vdb
 
     index = vdb.ClusteredIndex.open(sys.argv[1], mmap=True)
-    vectors = index._storage.vectors
+    vectors = index._state.storage.vectors
     print(float(vectors.astype(np.float64).sum()), flush=True)  # touches every page
     for line in sys.stdin:
         print(float(vectors.astype(np.float64).sum()), flush=True)
@@ -438,10 +439,10 @@ async def engine_version(path: Path, mmap: bool) -> int:
 
 
 def open_direct(path: Path, mmap: bool, verify: bool) -> vdb.ClusteredIndex:
-    """``vectordb.storage.load.open_index`` itself, without what ``ClusteredIndex.open`` adds."""
-    return open_index(
-        vdb.ClusteredIndex, path, mmap=mmap, verify=verify, backend=resolve_backend("numpy")
-    )
+    """``vectordb.storage.load.load_index`` without the recovery ``ClusteredIndex.open`` runs
+    first."""
+    data = load_index(path, mmap=mmap, verify=verify, recover=False)
+    return vdb.ClusteredIndex(data, resolve_backend("numpy"))
 
 
 @pytest.mark.parametrize("swap", ["exchange", "renames"])

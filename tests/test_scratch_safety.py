@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from crashpoints import crash_between_renames
 
 import vectordb as vdb
-import vectordb.index.writes as writes
 import vectordb.integrations._persist as store_persist
 import vectordb.storage.vectors as storage_module
 from vectordb.cli import cli
@@ -78,7 +77,7 @@ def test_warm_and_drop_cache_after_a_save_onto_itself_read_the_mapped_file(
             assert mapped.stat().st_size == 1200 * DIM * 4  # the new file, not the mapped one
         assert index.warm(progress=False) == rows * DIM * 4
         seen = fadvised(monkeypatch)
-        index._storage.drop_cache()  # type: ignore[union-attr]
+        index._state.storage.drop_cache()  # type: ignore[union-attr]
         assert seen == [mapped_inode]
         monkeypatch.undo()
         ids, _ = index.search_batch(data[[3, 1100]], 1, probes=64)
@@ -108,7 +107,7 @@ def test_warm_after_close_raises_index_closed(data, tmp_path):
     path = tmp_path / "idx"
     build(data[:200]).save(path)
     index = vdb.ClusteredIndex.open(path, mmap=True)
-    storage = index._storage
+    storage = index._state.storage
     index.close()
     assert isinstance(storage, storage_module.MmapStorage)
     with pytest.raises(vdb.IndexClosedError):
@@ -129,7 +128,7 @@ def test_verify_reports_a_compaction_still_writing_as_in_use(data, tmp_path, mon
     path = tmp_path / "idx"
     build(data[:1000]).save(path)
     entered, go = threading.Event(), threading.Event()
-    real = writes.write_rows
+    real = storage_module.write_rows
 
     def held(take, order, dim, target, on_bytes=None):
         def hook(n: int) -> None:
@@ -140,7 +139,7 @@ def test_verify_reports_a_compaction_still_writing_as_in_use(data, tmp_path, mon
 
         return real(take, order, dim, target, hook)
 
-    monkeypatch.setattr(writes, "write_rows", held)
+    monkeypatch.setattr(storage_module, "write_rows", held)
     with vdb.ClusteredIndex.open(path, mmap=True) as index:
         index.delete(np.arange(10))
         worker = threading.Thread(target=index.compact)

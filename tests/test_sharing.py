@@ -41,7 +41,7 @@ READER = textwrap.dedent(
         return total
 
     index = vdb.ClusteredIndex.open(path, mmap=True)
-    float(np.asarray(index._storage.vectors).sum())  # map every page of vectors.bin
+    float(np.asarray(index._state.storage.vectors).sum())  # map every page of vectors.bin
     print(json.dumps({"before": answer(index)}), flush=True)
     for command in sys.stdin:
         command = command.strip()

@@ -6,8 +6,8 @@ import numbers
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from ._types import F32
 from .errors import DimensionMismatchError, InvalidParameterError, InvalidVectorsError
 
 __all__ = [
@@ -46,7 +46,7 @@ def check_k(k: Any) -> int:
     return k
 
 
-def _to_float32(data: Any, what: str) -> npt.NDArray[np.float32]:
+def _to_float32(data: Any, what: str) -> F32:
     try:
         arr = np.asarray(data)
     except ValueError as exc:  # ragged nested sequences
@@ -63,7 +63,7 @@ def _to_float32(data: Any, what: str) -> npt.NDArray[np.float32]:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _check_finite(arr: npt.NDArray[np.float32], what: str) -> None:
+def _check_finite(arr: F32, what: str) -> None:
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise InvalidVectorsError(
@@ -72,7 +72,7 @@ def _check_finite(arr: npt.NDArray[np.float32], what: str) -> None:
         )
 
 
-def as_matrix(data: Any, what: str, dim: int | None = None) -> npt.NDArray[np.float32]:
+def as_matrix(data: Any, what: str, dim: int | None = None) -> F32:
     """Convert ``data`` to a C-contiguous ``(n, d)`` float32 array with n >= 1, all finite.
 
     A copy is made only when the input is not already contiguous float32. Raises
@@ -93,7 +93,7 @@ def as_matrix(data: Any, what: str, dim: int | None = None) -> npt.NDArray[np.fl
     return arr
 
 
-def as_query_matrix(data: Any, dim: int, *, single: bool) -> npt.NDArray[np.float32]:
+def as_query_matrix(data: Any, dim: int, *, single: bool) -> F32:
     """Queries as ``(nq, dim)`` float32. With ``single``, accept ``(dim,)`` or ``(1, dim)``."""
     arr = _to_float32(data, "query" if single else "queries")
     if single:

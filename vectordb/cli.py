@@ -33,10 +33,12 @@ import numpy as np
 import numpy.typing as npt
 
 from . import __version__
+from ._types import F32, I64
 from .errors import InvalidParameterError, VectorDBError
 from .index.clustered import ClusteredIndex
 from .storage.dirswap import check_replaceable
-from .storage.load import MANIFEST, manifest_path, parse_manifest
+from .storage.format import MANIFEST, parse_manifest
+from .storage.load import manifest_path
 from .storage.vectors import scratch_files, scratch_in_use
 
 __all__ = ["main"]
@@ -191,7 +193,7 @@ def build(
     )
     del x
     index.save(out_dir, progress=_progress())
-    ram = index.memory_usage_bytes() - index._storage.ram_bytes
+    ram = index.memory_usage_bytes() - index.vector_ram_bytes
     click.echo(
         f"built {len(index):,} x {index.dim} ({index.metric.value}, {index.n_leaves} leaves, "
         f"leaf_scan={index.leaf_scan}) in {time.perf_counter() - started:.1f} s -> {out_dir}; "
@@ -251,9 +253,7 @@ def search(
             click.echo(_format_hits(start, ids, dists, as_json), nl=False)
 
 
-def _format_hits(
-    first: int, ids: npt.NDArray[np.int64], dists: npt.NDArray[np.float32], as_json: bool
-) -> str:
+def _format_hits(first: int, ids: I64, dists: F32, as_json: bool) -> str:
     """The lines of a batch's results ``(nq, k)``, its first query numbered ``first``."""
     lines = []
     for row in range(ids.shape[0]):

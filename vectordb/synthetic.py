@@ -11,7 +11,8 @@ and blurred by a little isotropic noise.
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
+
+from ._types import F32
 
 __all__ = ["make_clustered"]
 
@@ -24,7 +25,7 @@ def make_clustered(
     latent_dim: int = 48,
     noise: float = 0.05,
     seed: int = 0,
-) -> npt.NDArray[np.float32]:
+) -> F32:
     """``n`` clustered vectors of dimension ``dim``, as an ``(n, dim)`` float32 array.
 
     Parameters

@@ -1,6 +1,6 @@
 """Search backends: ``numpy`` (always) and ``cupy`` (a CUDA GPU, when usable).
 
-A backend makes the selector that searches each state of an index: it scores the binary
+A backend makes the searcher of each state of an index: it scores the binary
 codes, and with CuPy runs the whole batch on the device. The index picks one at build or
 open time and never branches on it afterwards::
 
@@ -24,17 +24,16 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .._types import F32, I64, U64, Mask
+from .._types import U64
 from ..core.codes import CodeTable
 from ..core.parts import Part
 from ..errors import BackendUnavailableError, InvalidParameterError
-from ..search.pipeline import Stages
+from ..search.pipeline import Searcher, SearchInputs
 from .numpy_backend import NumpyBackend
 
 __all__ = [
     "BACKEND_NAMES",
     "Backend",
-    "CodeSelector",
     "NumpyBackend",
     "available_backends",
     "resolve_backend",
@@ -46,24 +45,6 @@ BACKEND_NAMES = ("auto", "numpy", "cupy")
 ENV_VAR = "VECTORDB_BACKEND"
 
 
-class CodeSelector(Protocol):
-    """Searches one state of an index: its codes, held wherever the backend keeps them."""
-
-    def search(
-        self,
-        q: F32,
-        k: int,
-        probes: int,
-        m: int,
-        row_ok: Mask | None,
-        sizes: I64,
-        need: int,
-    ) -> tuple[I64, F32]:
-        """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 for prepared queries
-        ``q`` ``(nq, d)``: every stage after validation (see ``stages.host_search``)."""
-        ...
-
-
 class Backend(Protocol):
     """What an index needs of a backend."""
 
@@ -73,11 +54,9 @@ class Backend(Protocol):
         """(nq, w) query codes x (w, m) word-major codes -> (nq, m) uint16 distances."""
         ...
 
-    def code_selector(
-        self, table: CodeTable, parts: Sequence[Part], stages: Stages
-    ) -> CodeSelector:
-        """A selector over the codes of ``parts`` (copied to the device, if any, with what
-        ``stages`` holds)."""
+    def searcher(self, table: CodeTable, parts: Sequence[Part], inputs: SearchInputs) -> Searcher:
+        """A searcher over the codes of ``parts`` (copied to the device, if any, with what
+        ``inputs`` holds)."""
         ...
 
 

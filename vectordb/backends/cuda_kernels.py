@@ -10,7 +10,7 @@ kernel         one thread per
 =============  ==========================================================================
 hamming_u16    (query, code): Hamming distance
 score_keys     (query-leaf pair, slot): the estimate of a code, as a ``topk`` key
-beam_route     query: the beam search of ``tree.Tree.route`` over precomputed scores
+beam_route     query: the beam search of ``search.route.route`` over precomputed scores
 top_k          query: the best k of its reranked candidates
 =============  ==========================================================================
 """
@@ -95,7 +95,7 @@ extern "C" __global__ void score_keys(
     keys[t] = ((unsigned long long)ordered << 32) | (unsigned long long)row;
 }
 
-/* Beam search as tree.Tree.route, one thread per query. scores: (nq, stride) routing
+/* Beam search as search.route.route, one thread per query. scores: (nq, stride) routing
    scores, column = node; children: (n_nodes, B), -1 padded; scratch: (nq, 2 * probes * B);
    out: (nq, depth * probes) leaves, found ones first, then -1; held: (nq,) rows of the
    found leaves by sizes. Each level keeps the `probes` best nodes, ties to the lower id. */

@@ -31,18 +31,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._types import F32, I64, U64, Mask
+from .._types import F32, I64, U64
 from ..core.codes import CodeTable
 from ..core.metrics import Metric
 from ..core.parts import Part
-from ..search.pipeline import Stages, host_search
+from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
 from ..search.rerank import rerank as host_rerank
 from . import device_search as ds
 from .cuda_kernels import SOURCE
 from .device_memory import DevicePart, IdCache, VectorMirror, fits, rotation
 from .numpy_backend import NumpyCodeSelector
 
-__all__ = ["CupyBackend", "CupyCodeSelector", "probe"]
+__all__ = ["CupyBackend", "CupySearcher", "probe"]
 
 log = logging.getLogger("vectordb")
 
@@ -104,7 +104,7 @@ def probe() -> tuple[Any, str | None]:
     return cupy, None
 
 
-class CupyCodeSelector:
+class CupySearcher:
     """Searches one state of an index on the GPU (see the module docstring)."""
 
     def __init__(
@@ -112,12 +112,12 @@ class CupyCodeSelector:
         backend: CupyBackend,
         table: CodeTable,
         parts: Sequence[Part],
-        stages: Stages,
+        inputs: SearchInputs,
     ) -> None:
         cp = self._cp = backend._cp
         self.table = table
-        self.stages = stages
-        self.metric = stages.metric
+        self.inputs = inputs
+        self.metric = inputs.metric
         base, delta = parts
         if base.codes is None:
             raise TypeError("these parts hold no codes")
@@ -127,12 +127,13 @@ class CupyCodeSelector:
         self._top_k_kernel = backend._top_k
         self._base = backend._parts.get(base, lambda p: DevicePart(cp, p, self.words))
         self._delta = DevicePart(cp, delta, self.words)
-        self._tree = backend._trees.get(stages.tree, lambda t: ds.DeviceTree.upload(cp, t))
-        self._rotation = backend._rotations.get(stages.quantizer, lambda q: rotation(cp, q))
+        self._tree = backend._trees.get(inputs.tree, lambda t: ds.DeviceTree.upload(cp, t))
+        self._rotation = backend._rotations.get(inputs.quantizer, lambda q: rotation(cp, q))
         self._lut = backend._luts.get(table.cos_lut, cp.asarray)
-        self._vectors = backend.vectors_of(stages.storage)
-        self._host = NumpyCodeSelector(table, parts, stages)
-        self._max_rows = max(1, int(self._host.sizes.max(initial=0)))
+        self._vectors = backend.vectors_of(inputs.storage)
+        codes = NumpyCodeSelector(table, parts)
+        self._host = HostSearcher(inputs, codes)
+        self._max_rows = max(1, int(codes.sizes.max(initial=0)))
         self._no_mask = cp.zeros(1, dtype=cp.uint8)
         self._last: dict[str, tuple[weakref.ref[Any], Any]] = {}
         self._stream = backend.stream
@@ -159,17 +160,18 @@ class CupyCodeSelector:
             self._last[name] = (weakref.ref(host), value)
         return value
 
-    def search(
-        self, q: F32, k: int, probes: int, m: int, row_ok: Mask | None, sizes: I64, need: int
-    ) -> tuple[I64, F32]:
-        """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 for prepared ``q``.
+    def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
+        """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 for prepared ``q``
+        (see :class:`~vectordb.search.pipeline.Searcher`).
 
         Batches of fewer than ``MIN_DEVICE_BATCH`` queries run on the CPU instead.
         """
         nq = q.shape[0]
         if nq < MIN_DEVICE_BATCH:
-            return host_search(self.stages, self._host, q, k, probes, m, row_ok, sizes, need)
-        self.stages.storage.slice(0, 0)  # a closed storage raises, as on the CPU path
+            return self._host.search(q, request)
+        k, probes, m, need = request.k, request.probes, request.candidates, request.need
+        row_ok, sizes = request.row_ok, request.live_sizes
+        self.inputs.storage.slice(0, 0)  # a closed storage raises, as on the CPU path
         out_rows = np.empty((nq, k), dtype=np.int64)
         out_dist = np.empty((nq, k), dtype=np.float32)
         # Device bytes per query: routing scores, then per probed leaf (at most probes per
@@ -209,14 +211,14 @@ class CupyCodeSelector:
             merged[idx, : extra.shape[1]] = extra
             cand = merged
         if self._vectors is None:
-            return host_rerank(q, cand.get(), k, self.stages.storage.take, self.metric)
+            return host_rerank(q, cand.get(), k, self.inputs.storage.take, self.metric)
         rows, dists = self._rerank(dq, cand, k)
         return rows.get(), dists.get()
 
     def _route(
         self, rotated: Any, probes: int, need: int, sizes: Any
     ) -> tuple[Any, tuple[Any, Any] | None]:
-        """Leaves of rotated queries ``(nq, bits)``, as ``Tree.route_for``.
+        """Leaves of rotated queries ``(nq, bits)``, as :func:`~vectordb.search.route.route_for`.
 
         Returns ``(nq, L)`` int64 leaves, trimmed (see ``ds.trim``), and for the queries
         whose leaves hold fewer than ``need`` rows by ``sizes``: their indices and their
@@ -427,8 +429,8 @@ class CupyBackend:
             )
         return out
 
-    def code_selector(
-        self, table: CodeTable, parts: Sequence[Part], stages: Stages
-    ) -> CupyCodeSelector:
-        """A selector over ``parts`` and ``stages``, copied to the device (once each)."""
-        return CupyCodeSelector(self, table, parts, stages)
+    def searcher(
+        self, table: CodeTable, parts: Sequence[Part], inputs: SearchInputs
+    ) -> CupySearcher:
+        """A searcher over ``parts`` and ``inputs``, copied to the device (once each)."""
+        return CupySearcher(self, table, parts, inputs)

@@ -126,7 +126,7 @@ def node_scores(xp: Any, q: Any, tree: DeviceTree, metric: Metric) -> Any:
 
 
 def beam(xp: Any, scores: Any, tree: DeviceTree, probes: int) -> Any:
-    """The beam search of ``Tree.route`` over :func:`node_scores`: ``(nq, L)`` int64
+    """The beam search of ``search.route.route`` over :func:`node_scores`: ``(nq, L)`` int64
     leaves, ``-1`` padded (not necessarily at the end of a row)."""
     nq, n_nodes = scores.shape[0], tree.n_nodes
     frontier = xp.broadcast_to(tree.children[0], (nq, tree.children.shape[1]))

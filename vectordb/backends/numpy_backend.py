@@ -9,10 +9,10 @@ import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
 from ..core.codes import CodeTable, estimate, estimate_broadcast, query_side
-from ..core.parts import Part
+from ..core.parts import Part, leaf_sizes
 from ..core.topk import NO_KEY, candidate_keys, rows_of, smallest
-from ..search.candidates import leaf_sizes, mostly_apart, select_candidates
-from ..search.pipeline import Stages, host_search
+from ..search.candidates import mostly_apart, select_candidates
+from ..search.pipeline import HostSearcher, SearchInputs
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector"]
 
@@ -51,19 +51,13 @@ def hamming(queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
 
 
 class NumpyCodeSelector:
-    """Picks candidates from binary codes on the CPU, leaf by leaf (see ``leafscan``)."""
+    """Picks candidates from binary codes on the CPU, leaf by leaf (see
+    :mod:`vectordb.search.candidates`)."""
 
-    def __init__(self, table: CodeTable, parts: Sequence[Part], stages: Stages) -> None:
+    def __init__(self, table: CodeTable, parts: Sequence[Part]) -> None:
         self.table = table
         self.parts = tuple(parts)
-        self.stages = stages
         self.sizes = leaf_sizes(self.parts)  # parts never change: a write makes a new selector
-
-    def search(
-        self, q: F32, k: int, probes: int, m: int, row_ok: Mask | None, sizes: I64, need: int
-    ) -> tuple[I64, F32]:
-        """Every stage on the CPU: see ``stages.host_search``."""
-        return host_search(self.stages, self, q, k, probes, m, row_ok, sizes, need)
 
     def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
         """``(nq, b - a)`` float32 estimates of slots ``a:b`` for rotated queries ``q``."""
@@ -84,7 +78,7 @@ class NumpyCodeSelector:
             )
 
     def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
-        """``(nq, m')`` int64 rows: see ``leafscan.select_candidates``.
+        """``(nq, m')`` int64 rows: see :func:`~vectordb.search.candidates.select_candidates`.
 
         Batches whose queries mostly probe different leaves (single queries, small batches
         on many leaves) are scored pair by pair in one pass instead of leaf by leaf: the
@@ -164,8 +158,9 @@ class NumpyBackend:
     name = "numpy"
     hamming = staticmethod(hamming)
 
-    def code_selector(
-        self, table: CodeTable, parts: Sequence[Part], stages: Stages
-    ) -> NumpyCodeSelector:
-        """A candidate selector over the codes of ``parts`` (nothing to copy on the CPU)."""
-        return NumpyCodeSelector(table, parts, stages)
+    def searcher(
+        self, table: CodeTable, parts: Sequence[Part], inputs: SearchInputs
+    ) -> HostSearcher:
+        """Every stage on the CPU, candidates from the codes of ``parts`` (nothing to
+        copy)."""
+        return HostSearcher(inputs, NumpyCodeSelector(table, parts))

@@ -27,12 +27,14 @@ import numpy.typing as npt
 
 from .._types import F32, I64, U64
 from .metrics import Metric
+from .tree import Tree
 
 __all__ = [
     "CodeTable",
     "Quantizer",
     "QuerySide",
     "cos_table",
+    "encode_residuals",
     "estimate",
     "estimate_broadcast",
     "pack_signs",
@@ -97,7 +99,7 @@ class Quantizer:
     """
 
     dim: int
-    perm: npt.NDArray[np.int64] | None = None
+    perm: I64 | None = None
     blocks: F32 | None = None
 
     @classmethod
@@ -145,6 +147,33 @@ class Quantizer:
     def encode(self, rotated_residuals: F32) -> U64:
         """Word-major codes ``(words, n)`` uint64 of already rotated residuals ``(n, bits)``."""
         return np.ascontiguousarray(pack_signs(rotated_residuals).T)
+
+
+def encode_residuals(
+    quantizer: Quantizer, rotated: F32, centres: F32, metric: Metric
+) -> tuple[U64, F32, F32 | None]:
+    """The codes of rotated vectors against their leaves' centroids, with what the
+    estimate needs besides.
+
+    Parameters
+    ----------
+    rotated : (n, bits) float32, prepared and rotated vectors
+    centres : (n, bits) float32, each vector's leaf centroid, or (bits,) one for all
+    metric : ``Metric.IP`` also returns the dots
+
+    Returns
+    -------
+    codes : (words, n) uint64 word-major sign codes of the residuals
+    norms : (n,) float32 residual norms ``|x - c|``
+    dots : (n,) float32 ``<x - c, c>`` for ``Metric.IP``, else ``None``
+    """
+    residual = rotated - centres
+    norms = np.sqrt(np.einsum("nd,nd->n", residual, residual))
+    dots = None
+    if metric is Metric.IP:
+        subscripts = "nd,d->n" if centres.ndim == 1 else "nd,nd->n"
+        dots = np.einsum(subscripts, residual, centres)
+    return quantizer.encode(residual), norms, dots
 
 
 def estimate(
@@ -232,6 +261,17 @@ class CodeTable:
     leaf_nodes: I64
     cos_lut: F32
     metric: Metric
+
+    @classmethod
+    def for_tree(cls, tree: Tree, bits: int, metric: Metric) -> CodeTable:
+        """The table of ``tree`` (centroids rotated, ``(n_nodes, bits)``) for codes of
+        ``bits`` bits."""
+        return cls(
+            centroids=tree.centroids,
+            leaf_nodes=tree.leaf_nodes,
+            cos_lut=cos_table(bits),
+            metric=metric,
+        )
 
     @property
     def nbytes(self) -> int:

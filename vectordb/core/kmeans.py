@@ -6,7 +6,6 @@ Pure array code with no knowledge of trees or storage. Deterministic for a given
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 
 from .._types import F32, I64
 
@@ -57,7 +56,7 @@ def _kmeans_pp(x: F32, k: int, rng: np.random.Generator) -> F32:
     return centres
 
 
-def _repair_empty(centroids: F32, counts: npt.NDArray[np.int64], rng: np.random.Generator) -> None:
+def _repair_empty(centroids: F32, counts: I64, rng: np.random.Generator) -> None:
     """Split the largest clusters into the empty ones, in place (FAISS's strategy)."""
     eps = np.float32(1.0 / 1024)
     for empty in np.flatnonzero(counts == 0):

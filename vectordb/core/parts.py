@@ -13,6 +13,7 @@ Slot ``s`` of a part holds the codes of storage row ``rows[s]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
 
-__all__ = ["Part", "concat_by_leaf", "merge_threshold"]
+__all__ = ["Part", "concat_by_leaf", "leaf_sizes", "merge_threshold"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class Part:
             norms=None if words is None else np.empty(0, dtype=np.float32),
             dots=np.empty(0, dtype=np.float32) if with_dots else None,
         )
+
+    def empty_like(self, n_leaves: int) -> Part:
+        """An empty part over ``n_leaves`` leaves holding what this one holds (codes and
+        norms, dots)."""
+        words = None if self.codes is None else self.codes.shape[0]
+        return Part.empty(n_leaves, words, self.dots is not None)
 
     @property
     def size(self) -> int:
@@ -112,6 +119,18 @@ def concat_by_leaf(
         norms=cat([p.norms for p in parts]) if with_codes else None,  # type: ignore[misc]
         dots=cat([p.dots for p in parts]) if with_dots else None,  # type: ignore[misc]
     )
+
+
+def leaf_sizes(parts: Sequence[Part], row_ok: Mask | None = None) -> I64:
+    """(n_leaves,) int64 slots per leaf over ``parts``; only rows with ``row_ok`` if given."""
+    total = np.zeros(parts[0].offsets.shape[0] - 1, dtype=np.int64)
+    for part in parts:
+        if row_ok is None:
+            total += np.diff(part.offsets)
+        elif part.size:
+            ok = row_ok[part.all_rows].astype(np.int64)
+            total += np.diff(np.concatenate([[0], np.cumsum(ok)])[part.offsets])
+    return total
 
 
 def merge_threshold(base_size: int, max_leaf_size: int) -> int:

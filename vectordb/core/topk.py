@@ -11,9 +11,18 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .._types import U64
+from .._types import F32, I64, U64, Mask
 
-__all__ = ["FMAX", "NO_KEY", "best_keys", "candidate_keys", "keys_of", "rows_of", "smallest"]
+__all__ = [
+    "FMAX",
+    "NO_KEY",
+    "best_keys",
+    "candidate_keys",
+    "clamp_scores",
+    "keys_of",
+    "rows_of",
+    "smallest",
+]
 
 #: Key of an empty slot: larger than any real candidate's.
 NO_KEY = np.uint64(np.iinfo(np.uint64).max)
@@ -23,7 +32,7 @@ _ROW_MASK = np.uint64(0xFFFFFFFF)
 _SIGN = np.uint32(0x80000000)
 
 
-def keys_of(scores: npt.NDArray[np.float32], rows: npt.NDArray[np.integer]) -> U64:
+def keys_of(scores: F32, rows: npt.NDArray[np.integer]) -> U64:
     """Keys of ``scores`` (any shape, finite float32) at storage ``rows`` (broadcastable)."""
     # + 0.0 turns -0.0 into +0.0, so that the two zeros tie (and fall back on the row).
     bits = np.ascontiguousarray(scores + np.float32(0.0), dtype=np.float32).view(np.uint32)
@@ -38,17 +47,27 @@ def smallest(keys: U64, m: int) -> U64:
     return np.partition(keys, m - 1, axis=1)[:, :m]
 
 
-def rows_of(keys: U64) -> npt.NDArray[np.int64]:
+def rows_of(keys: U64) -> I64:
     """Storage rows of ``keys``; ``-1`` for empty slots."""
     rows = (keys & _ROW_MASK).astype(np.int64)
     rows[keys == NO_KEY] = -1
     return rows
 
 
+def clamp_scores(scores: F32) -> F32:
+    """Clamp non-finite ``scores`` (any shape, float32; float32 overflow of huge vectors)
+    in place to ``+-FMAX`` (NaN to ``FMAX``), so that they stay ordered and apart from
+    padding; returns ``scores``."""
+    # One float64 sum is finite exactly when every score is (and cheaper than isfinite).
+    if not np.isfinite(scores.sum(dtype=np.float64)):
+        np.nan_to_num(scores, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
+    return scores
+
+
 def candidate_keys(
-    scores: npt.NDArray[np.float32],
+    scores: F32,
     rows: npt.NDArray[np.integer],
-    row_ok: npt.NDArray[np.bool_] | None = None,
+    row_ok: Mask | None = None,
 ) -> U64:
     """Keys of scanned candidates: ``scores`` ``(..., m)`` at storage ``rows`` ``(m,)``.
 
@@ -56,8 +75,7 @@ def candidate_keys(
     stay ordered and apart from padding; rows without ``row_ok`` (deleted or filtered out)
     get ``NO_KEY``.
     """
-    if not np.isfinite(scores).all():
-        np.nan_to_num(scores, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
+    clamp_scores(scores)
     keys = keys_of(scores, rows)
     if row_ok is not None:
         keys[..., ~row_ok[rows]] = NO_KEY
@@ -65,10 +83,10 @@ def candidate_keys(
 
 
 def best_keys(
-    scores: npt.NDArray[np.float32],
+    scores: F32,
     rows: npt.NDArray[np.integer],
     m: int,
-    row_ok: npt.NDArray[np.bool_] | None = None,
+    row_ok: Mask | None = None,
 ) -> U64:
     """``smallest(candidate_keys(scores, rows, row_ok), m)``, keying only the winners.
 
@@ -91,8 +109,7 @@ def best_keys(
     g, s = scores.shape
     if s <= m or g == 0:
         return smallest(candidate_keys(scores, rows, row_ok), m)
-    if not np.isfinite(scores).all():
-        np.nan_to_num(scores, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
+    clamp_scores(scores)
     bad = None
     if row_ok is not None:
         bad = ~row_ok[rows]

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from .._types import F32
+from .._types import F32, I64
 from ..errors import EngineClosedError, EngineOverloadedError, VectorDBError
 from .stats import StatsRecorder
 
@@ -44,7 +43,7 @@ _MIN_SPLIT = 32
 #: callers keep cancelling while every worker is busy).
 _SWEEP_MIN = 64
 
-Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
+Result = tuple[I64, F32]
 #: Runs one batch in an executor thread: ``(queries (n, d), key) -> (ids, dists)``, ``(n, k)``.
 RunBatch = Callable[[F32, Any], Result]
 

@@ -7,169 +7,32 @@ import concurrent.futures
 import contextlib
 import enum
 import functools
-import math
-import mmap
-import numbers
 import os
 import warnings
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import aiofiles
-
 from .._types import F32, I64
 from .._validation import as_query_matrix, check_k, positive_int
-from ..backends import resolve_backend
 from ..errors import (
     EngineClosedError,
-    InvalidIndexFileError,
     InvalidParameterError,
-    StorageError,
 )
 from ..index.clustered import ClusteredIndex
-from ..storage.files import storage_error
-from ..storage.metadata import Filter, check_filter
-from ..storage.save import MAX_MANIFEST_BYTES, SaveJob, manifest_path, open_index, parse_manifest
-from ..storage.vectors import MmapStorage
+from ..storage.filters import Filter, check_filter
+from ..storage.save import SaveJob
 from .batcher import MicroBatcher
+from .keys import BatchKey, FilterKey
 from .stats import EngineStats, StatsRecorder
+from .waiting import check_timeout, finish, within
 
 __all__ = ["AsyncEngine", "EngineState"]
 
 T = TypeVar("T")
 
 _WARM_CHUNK = 16 << 20
-
-
-class _FilterKey:
-    """A filter as part of a batch key: two keys are equal only for the same filter.
-
-    A dict filter is copied when the call is made, into plain dicts, lists and exact
-    builtin scalars: equal dict filters batch together, a caller changing its dict later
-    changes nothing, and filters that could select differently never share a key. A
-    callable is its own key, by identity (two lambdas never batch together); the key holds
-    it, so its ``id`` cannot be reused meanwhile.
-    """
-
-    __slots__ = ("_hash", "_identity", "value")
-
-    def __init__(self, filt: Filter | None) -> None:
-        self.value: Filter | None
-        self._identity: Hashable
-        if filt is None:
-            self.value, self._identity = None, None
-        elif callable(filt):
-            self.value, self._identity = filt, ("callable", id(filt))
-        else:
-            plain = _plain(filt)
-            self.value, self._identity = plain, _frozen(plain)
-        self._hash = hash(self._identity)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _FilterKey) and self._identity == other._identity
-
-
-def _plain(value: Any) -> Any:
-    """A validated dict filter (or part of one) rebuilt from plain dicts, lists and exact
-    builtin scalars, which select exactly as the original does."""
-    if isinstance(value, Mapping):
-        return {str.__str__(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Sequence):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _frozen(value: Any) -> Hashable:
-    """A hashable twin of a :func:`_plain` filter, equal only for equal types and values."""
-    if isinstance(value, dict):
-        return ("dict", frozenset((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("list", tuple(_frozen(v) for v in value))
-    if type(value) is float:
-        return ("float", value.hex())
-    if value is None or type(value) in (str, int, bool):
-        return (type(value).__name__, value)
-    return ("object", id(value))
-
-
-def _check_timeout(timeout: Any) -> float | None:
-    """``timeout`` as seconds >= 0, ``None`` (also for infinity) for none."""
-    if timeout is None:
-        return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, numbers.Real)
-        or math.isnan(timeout)
-        or timeout < 0
-    ):
-        raise InvalidParameterError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
-    return None if math.isinf(timeout) else float(timeout)
-
-
-async def _within(timeout: float, awaitable: Awaitable[T]) -> T:
-    """``await awaitable`` in this task, raising ``asyncio.TimeoutError`` after ``timeout``
-    seconds. Unlike ``asyncio.wait_for`` before Python 3.12 it runs no task of its own, so
-    the awaited call always starts and sees its own cancellation (and counts it)."""
-    task = asyncio.current_task()
-    if task is None:  # not run by an asyncio task: nothing of ours to cancel
-        return await asyncio.wait_for(awaitable, timeout)
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    handle = asyncio.get_running_loop().call_later(timeout, expire)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
-        if uncancel is not None and uncancel() > 0:
-            raise  # cancelled from outside as well: that wins
-        raise asyncio.TimeoutError(f"no answer within {timeout} s") from None
-    finally:
-        handle.cancel()
-
-
-@dataclass(frozen=True)
-class _Key:
-    k: int
-    probes: int
-    rerank_factor: int
-    filter: _FilterKey
-
-
-async def _read_manifest(file: Path, executor: concurrent.futures.Executor) -> bytes:
-    """The first ``MAX_MANIFEST_BYTES + 1`` bytes of ``file``, read through aiofiles."""
-    async with aiofiles.open(file, "rb", executor=executor) as fh:
-        return await fh.read(MAX_MANIFEST_BYTES + 1)
-
-
-async def _finish(fut: asyncio.Future[Any]) -> None:
-    """Wait for ``fut`` to end, whatever its outcome and however often the waiter is
-    cancelled meanwhile (the cancel is the caller's to raise afterwards)."""
-    while not fut.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait([fut])
-    if not fut.cancelled():
-        fut.exception()  # retrieved, so that asyncio does not log it
 
 
 class EngineState(enum.Enum):
@@ -283,44 +146,23 @@ class AsyncEngine:
     ) -> AsyncEngine:
         """Open a saved index without blocking the loop, and serve it.
 
-        The manifest is read with aiofiles and every array on the engine's executor.
-        ``options`` are the constructor's (``max_workers``, ``max_batch_size``, ...). The
-        engine owns the index: closing the engine unmaps it.
+        The whole open (``ClusteredIndex.open``: every file checked, then loaded or
+        mapped) runs on an executor thread. ``options`` are the constructor's
+        (``max_workers``, ``max_batch_size``, ...). The engine owns the index: closing the
+        engine unmaps it.
         """
-        directory = Path(path)
         # The engine's own executor needs the index first; a one-thread one opens it.
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        loop = asyncio.get_running_loop()
+        load = functools.partial(
+            ClusteredIndex.open,
+            Path(path),
+            mmap=mmap,
+            verify=verify,
+            backend=backend,
+            progress=False,
+        )
         try:
-            manifest_file = await loop.run_in_executor(executor, manifest_path, directory)
-            # Shielded: a cancel must not strand the file object aiofiles opens on its
-            # thread. The read (one small file) is waited for, so that it closes the file
-            # while the executor is still there; then the cancel goes on.
-            reading = asyncio.ensure_future(_read_manifest(manifest_file, executor))
-            try:
-                raw = await asyncio.shield(reading)
-            except asyncio.CancelledError:
-                await _finish(reading)
-                raise
-            except FileNotFoundError:
-                raise InvalidIndexFileError(
-                    f"{manifest_file}: missing; this directory is not a saved vectordb index"
-                ) from None
-            except OSError as exc:
-                raise storage_error(exc, manifest_file) from exc
-            manifest = parse_manifest(raw, manifest_file)
-            chosen = resolve_backend(backend)
-            opening = loop.run_in_executor(
-                executor,
-                lambda: open_index(
-                    ClusteredIndex,
-                    directory,
-                    mmap=mmap,
-                    verify=verify,
-                    backend=chosen,
-                    manifest=manifest,
-                ),
-            )
+            opening = asyncio.get_running_loop().run_in_executor(executor, load)
             try:
                 index = await asyncio.shield(opening)
             except asyncio.CancelledError:
@@ -482,7 +324,7 @@ class AsyncEngine:
         self._check_open()
         q = as_query_matrix(query, self._index.dim, single=True)
         key = self._key(k, probes, rerank_factor, filter)
-        ids, dists = await self._submit(q, key, _check_timeout(timeout))
+        ids, dists = await self._submit(q, key, check_timeout(timeout))
         return ids[0], dists[0]
 
     async def search_batch(
@@ -499,18 +341,18 @@ class AsyncEngine:
         self._check_open()
         q = as_query_matrix(queries, self._index.dim, single=False)
         key = self._key(k, probes, rerank_factor, filter)
-        return await self._submit(q, key, _check_timeout(timeout))
+        return await self._submit(q, key, check_timeout(timeout))
 
     @staticmethod
-    def _key(k: Any, probes: Any, rerank_factor: Any, filt: Any) -> _Key:
-        return _Key(
+    def _key(k: Any, probes: Any, rerank_factor: Any, filt: Any) -> BatchKey:
+        return BatchKey(
             check_k(k),
             positive_int("probes", probes),
             positive_int("rerank_factor", rerank_factor),
-            _FilterKey(check_filter(filt)),
+            FilterKey(check_filter(filt)),
         )
 
-    async def _submit(self, q: F32, key: _Key, timeout: float | None) -> tuple[I64, F32]:
+    async def _submit(self, q: F32, key: BatchKey, timeout: float | None) -> tuple[I64, F32]:
         self._bind_loop()
         if self._batcher is None:
             self._batcher = MicroBatcher(
@@ -525,9 +367,9 @@ class AsyncEngine:
             )
         if timeout is None:
             return await self._batcher.submit(q, key)
-        return await _within(timeout, self._batcher.submit(q, key))
+        return await within(timeout, self._batcher.submit(q, key))
 
-    def _run_batch(self, queries: F32, key: _Key) -> tuple[I64, F32]:
+    def _run_batch(self, queries: F32, key: BatchKey) -> tuple[I64, F32]:
         return self._index.search_batch(
             queries,
             key.k,
@@ -635,7 +477,7 @@ class AsyncEngine:
                 await self._save(Path(path))
 
     async def _save(self, path: Path) -> None:
-        job = SaveJob(self._index, path)
+        job = SaveJob(self._index.snapshot, path)
         running = self._start(job.run)
         try:
             await asyncio.shield(running)
@@ -643,45 +485,31 @@ class AsyncEngine:
             # A thread cannot be stopped: ask the job to, and wait until it has ended (it
             # removes what it wrote, or finishes its swap); the caller gets its cancel.
             job.stop()
-            await _finish(running)
+            await finish(running)
             raise
 
     async def warm(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Page the memory-mapped vector file into the page cache; return bytes read.
 
-        Hints the kernel (``MADV_WILLNEED``) and reads the file sequentially in 16 MiB
-        chunks on the executor. ``progress(done, total)`` is called on the loop after each
-        chunk. A no-op (returns 0) when the vectors are in RAM. Reads the file mapped (by
-        a descriptor of it), whatever ``index.mmap_path`` names by now: a save onto the
-        index's own directory puts another file there (after ``compact``, none).
+        The steps of ``ClusteredIndex.warmer`` (a kernel hint, then the file read in
+        chunks), each awaited on the executor. ``progress(done, total)`` is called on the
+        loop after each chunk. A no-op (returns 0) when the vectors are in RAM. Reads the
+        file mapped (by a descriptor of it), whatever ``index.mmap_path`` names by now: a
+        save onto the index's own directory puts another file there (after ``compact``,
+        none).
         """
         with self._operation():
-            storage = self._index._storage
-            if not isinstance(storage, MmapStorage):
+            warmer = self._index.warmer()
+            if warmer is None:
                 return 0
-            done = 0
-            try:
-                if hasattr(mmap, "MADV_WILLNEED"):
-                    await self._call(storage.advise, mmap.MADV_WILLNEED)
-                fd = storage.mapped_fd()  # a dup of a descriptor: no disk access
-                try:
-                    total = os.fstat(fd).st_size  # on the loop: no disk access
-                    while done < total:
-                        chunk = await self._call(os.pread, fd, _WARM_CHUNK, done)
-                        if not chunk:
-                            break
-                        done += len(chunk)
-                        if progress is not None:
-                            progress(done, total)
-                finally:
-                    # On the loop: instant for a regular file, and a cancellation (even a
-                    # second one) cannot skip it.
-                    os.close(fd)
-            except OSError as exc:
-                if isinstance(exc, StorageError):
-                    raise
-                raise storage_error(exc, storage.path) from exc
-            return done
+            # Closed on the loop: instant for a regular file, and a cancellation (even a
+            # second one) cannot skip it.
+            with warmer:
+                await self._call(warmer.advise)
+                while await self._call(warmer.step):
+                    if progress is not None:
+                        progress(warmer.done, warmer.total)
+            return warmer.done
 
 
 def _close_unclaimed(opening: asyncio.Future[ClusteredIndex]) -> None:

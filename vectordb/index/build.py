@@ -1,28 +1,28 @@
-"""Building an index: checks, the tree, the rotation, the codes; what ``ClusteredIndex``
-is made of. Kept out of ``index.py`` to keep that module small."""
+"""Building an index: checks, the tree, the rotation, the codes, as one ``IndexData``."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .._progress import log, progress_bar
-from .._validation import as_matrix, build_params
-from ..backends import resolve_backend
-from ..core.codes import Quantizer
-from ..core.metrics import Metric, parse_metric, prepare
-from ..core.tree import build_tree
+from .._types import F32, I64
+from .._validation import as_matrix
+from ..core.codes import Quantizer, encode_residuals
+from ..core.metrics import Metric, prepare
+from ..core.parts import Part
+from ..core.tree import Tree, build_tree
 from ..errors import InvalidVectorsError
-from ..storage.metadata import MetadataStore
+from ..storage.idmap import check_new_ids
+from ..storage.metadata import MetadataStore, encode_documents
+from ..storage.snapshot import IndexData
 from ..storage.vectors import InMemoryStorage
-from .state import build_part, code_table
-from .writes import check_new_ids, encode_metadata
 
-__all__ = ["AUTO_CODES_MIN_DIM", "MAX_DIM", "build_components"]
+__all__ = ["AUTO_CODES_MIN_DIM", "MAX_DIM", "build_data", "build_part"]
 
 #: Hamming distances are accumulated in uint16.
 MAX_DIM = 65535
@@ -30,32 +30,56 @@ MAX_DIM = 65535
 AUTO_CODES_MIN_DIM = 128
 
 
-def build_components(
+def build_part(
+    x: F32,
+    tree: Tree,
+    leaf_offsets: I64,
+    quantizer: Quantizer,
+    metric: Metric,
+    codes: bool,
+    on_rows: Callable[[int], None] | None = None,
+) -> Part:
+    """The base part of storage-ordered ``x`` ``(n, d)``: codes, residual norms (and ip
+    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``.
+    ``on_rows(n)`` is called as every leaf's ``n`` rows are coded (progress)."""
+    n = x.shape[0]
+    if not codes:
+        return Part(offsets=leaf_offsets, rows=None)
+    words = np.empty((quantizer.words, n), dtype=np.uint64)
+    norms = np.empty(n, dtype=np.float32)
+    dots = np.empty(n, dtype=np.float32) if metric is Metric.IP else None
+    for leaf, node in enumerate(tree.leaf_nodes):
+        a, b = int(leaf_offsets[leaf]), int(leaf_offsets[leaf + 1])
+        rotated = quantizer.rotate(x[a:b])
+        words[:, a:b], norms[a:b], leaf_dots = encode_residuals(
+            quantizer, rotated, tree.centroids[node], metric
+        )
+        if dots is not None and leaf_dots is not None:
+            dots[a:b] = leaf_dots
+        if on_rows is not None:
+            on_rows(b - a)
+    return Part(offsets=leaf_offsets, rows=None, codes=words, norms=norms, dots=dots)
+
+
+def build_data(
     vectors: Any,
-    *,
     ids: Any,
     metadata: Sequence[Mapping[str, Any] | None] | None,
-    branching_factor: int,
-    max_leaf_size: int,
-    metric: str | Metric,
-    max_iterations: int,
-    seed: int,
-    rotate: bool,
-    leaf_scan: str,
-    backend: str,
+    metric: Metric,
+    params: dict[str, Any],
     progress: bool | None,
-) -> dict[str, Any]:
-    """Keyword arguments of ``ClusteredIndex(...)`` for ``ClusteredIndex.build`` (see it)."""
+) -> IndexData:
+    """The index ``ClusteredIndex.build`` makes (see it for the arguments); ``params``
+    from ``_validation.build_params``."""
     started = time.perf_counter()
-    metric = parse_metric(metric)
-    chosen = resolve_backend(backend)
-    params = build_params(branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan)
+    params = dict(params)
+    rotate, leaf_scan = params["rotate"], params["leaf_scan"]
     x = as_matrix(vectors, "vectors")
     if x.shape[1] > MAX_DIM:
         raise InvalidVectorsError(f"dimension {x.shape[1]} exceeds the maximum {MAX_DIM}")
     n = x.shape[0]
     user_ids = np.arange(n, dtype=np.int64) if ids is None else check_new_ids(ids, n)
-    docs = encode_metadata(metadata, n)
+    docs = encode_documents(metadata, n)
     x = prepare(x, metric, copy=False)
     if leaf_scan == "auto":
         leaf_scan = "vectors" if x.shape[1] < AUTO_CODES_MIN_DIM else "codes"
@@ -96,15 +120,14 @@ def build_components(
         leaf_scan,
         time.perf_counter() - started,
     )
-    return {
-        "tree": tree,
-        "table": code_table(tree, quantizer, metric) if codes else None,
-        "base": base,
-        "quantizer": quantizer,
-        "ids": user_ids[order],
-        "storage": InMemoryStorage(stored),
-        "metric": metric,
-        "params": params,
-        "backend": chosen,
-        "metadata": store,
-    }
+    return IndexData(
+        tree=tree,
+        base=base,
+        quantizer=quantizer,
+        ids=user_ids[order],
+        storage=InMemoryStorage(stored),
+        rows=None,
+        metric=metric,
+        params=params,
+        metadata=store,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,36 +12,29 @@ from typing import Any
 import numpy as np
 
 from .._progress import progress_bar
-from .._types import F32, I64, Mask
-from .._validation import as_query_matrix, check_k, positive_int
+from .._types import F32, I64
+from .._validation import as_matrix, as_query_matrix, build_params, check_k, positive_int
 from ..backends import Backend, resolve_backend
-from ..core.codes import CodeTable, Quantizer
-from ..core.metrics import Metric, prepare
-from ..core.parts import Part
-from ..core.tree import Tree
-from ..errors import (
-    AlreadyUsingMmapError,
-    InvalidParameterError,
-)
-from ..search.candidates import leaf_sizes
-from ..search.pipeline import Stages
-from ..search.rerank import VectorScorer, rerank
-from ..storage.idmap import IdMap, one_id
-from ..storage.metadata import Filter, MetadataStore, check_filter
-from ..storage.vectors import InMemoryStorage, MmapStorage, write_vectors
-from .state import IndexState, VectorSelector, ids_of
-from .writes import Writes
+from ..core.metrics import Metric, parse_metric, prepare
+from ..errors import AlreadyUsingMmapError, InvalidParameterError, UnknownIdError
+from ..storage.filters import Filter, check_filter
+from ..storage.idmap import as_ids, one_id
+from ..storage.load import load_index
+from ..storage.metadata import MetadataStore, encode_documents
+from ..storage.save import SaveJob
+from ..storage.snapshot import IndexData
+from ..storage.vectors import MmapStorage, Warmer, mapped_copy
+from . import update
+from .build import build_data
+from .state import IndexState
 
 __all__ = ["ClusteredIndex"]
 
-
 #: ``search_batch(threads=...)`` gives each thread at least this many queries.
 _MIN_QUERIES_PER_THREAD = 1024
-#: A filter matching at most this many vectors is answered by scoring them all exactly.
-EXACT_FILTER_ROWS = 4096
 
 
-class ClusteredIndex(Writes):
+class ClusteredIndex:
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
     A hierarchical k-means tree routes each query to a few leaves; 1-bit codes of the
@@ -56,89 +49,16 @@ class ClusteredIndex(Writes):
     during searches.
     """
 
-    def __init__(
-        self,
-        *,
-        tree: Tree,
-        table: CodeTable | None,
-        base: Part,
-        quantizer: Quantizer,
-        ids: I64,
-        storage: InMemoryStorage | MmapStorage,
-        metric: Metric,
-        params: dict[str, Any],
-        backend: Backend,
-        metadata: MetadataStore | None = None,
-    ) -> None:
+    def __init__(self, data: IndexData, backend: Backend) -> None:
         """Internal: use :meth:`build` or :meth:`open`."""
-        self._quantizer = quantizer
-        self._metric = metric
-        self._params = dict(params)
-        self._backend = backend
-        self._metadata = metadata if metadata is not None else MetadataStore()
+        self._params = dict(data.params)
+        self._metadata = data.metadata if data.metadata is not None else MetadataStore()
         self._write_lock = threading.RLock()
-        self._meta_lock = threading.Lock()  # see Writes._state_and_matches
-        words = None if base.codes is None else base.codes.shape[0]
-        delta = Part.empty(tree.n_leaves, words, base.dots is not None)
-        idmap = IdMap.from_rows(ids, np.arange(ids.shape[0], dtype=np.int64))
-        self._state = self._make_state(tree, table, base, delta, ids, None, idmap, storage)
+        # Held while a write changes metadata and publishes its state, and while a filtered
+        # search reads both (see _state_and_matches).
+        self._meta_lock = threading.Lock()
+        self._state = IndexState.of(data, backend)
 
-    def _make_state(
-        self,
-        tree: Tree,
-        table: CodeTable | None,
-        base: Part,
-        delta: Part,
-        row_id: I64,
-        row_ok: Mask | None,
-        idmap: IdMap,
-        storage: InMemoryStorage | MmapStorage,
-    ) -> IndexState:
-        parts = (base, delta)
-        stages = Stages(self._quantizer, tree, storage, self._metric)
-        if table is not None:
-            selector = self._backend.code_selector(table, parts, stages)
-        else:
-            scorer = VectorScorer(storage.take, storage.slice, self._metric)
-            selector = VectorSelector(scorer, parts, stages)
-        sizes = leaf_sizes(parts, row_ok)
-        return IndexState(tree, table, base, delta, row_id, row_ok, idmap, storage, sizes, selector)
-
-    def _replace(self, **changes: Any) -> None:
-        """Publish the current state with ``changes`` (keyword names of ``IndexState``)."""
-        self._state = self._changed(**changes)
-
-    def _changed(self, **changes: Any) -> IndexState:
-        """The current state with ``changes`` (keyword names of ``IndexState``), not yet
-        published: a write prepares it first, so that nothing that can fail comes after
-        its first visible change."""
-        st = self._state
-        fields: dict[str, Any] = {
-            "tree": st.tree,
-            "table": st.table,
-            "base": st.base,
-            "delta": st.delta,
-            "row_id": st.row_id,
-            "row_ok": st.row_ok,
-            "idmap": st.idmap,
-            "storage": st.storage,
-        }
-        fields.update(changes)
-        return self._make_state(**fields)
-
-    @property
-    def _storage(self) -> InMemoryStorage | MmapStorage:
-        return self._state.storage
-
-    @property
-    def _tree(self) -> Tree:
-        return self._state.tree
-
-    @property
-    def _table(self) -> CodeTable | None:
-        return self._state.table
-
-    # ------------------------------------------------------------------ construction
     @classmethod
     def build(
         cls,
@@ -157,6 +77,11 @@ class ClusteredIndex(Writes):
         progress: bool | None = None,
     ) -> ClusteredIndex:
         """Build an index over ``vectors``.
+
+        Raises ``InvalidVectorsError`` for empty, ragged, non-numeric or non-finite vectors
+        (and zero rows with cosine), ``InvalidParameterError`` for any parameter out of
+        range or an unknown metric, ``BackendUnavailableError`` for ``backend="cupy"``
+        where CuPy or a CUDA device cannot be used.
 
         Parameters
         ----------
@@ -193,38 +118,14 @@ class ClusteredIndex(Writes):
             usable, else NumPy (see :mod:`vectordb.backends`). The same neighbours, up to
             ties within float32 rounding.
         progress : bool, optional
-            Progress bars for clustering and coding on a terminal (needs tqdm); ``False``
-            never draws them. See :mod:`vectordb._progress`.
+            Progress bars on a terminal (needs tqdm); ``False`` never.
 
-        Raises
-        ------
-        InvalidVectorsError
-            Empty, ragged, non-numeric or non-finite vectors; zero rows with cosine.
-        InvalidParameterError
-            Any parameter out of range, or an unknown metric.
-        BackendUnavailableError
-            ``backend="cupy"`` where CuPy or a CUDA device cannot be used.
         """
-        from .build import build_components
+        metric = parse_metric(metric)
+        chosen = resolve_backend(backend)
+        p = build_params(branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan)
+        return cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
 
-        return cls(
-            **build_components(
-                vectors,
-                ids=ids,
-                metadata=metadata,
-                branching_factor=branching_factor,
-                max_leaf_size=max_leaf_size,
-                metric=metric,
-                max_iterations=max_iterations,
-                seed=seed,
-                rotate=rotate,
-                leaf_scan=leaf_scan,
-                backend=backend,
-                progress=progress,
-            )
-        )
-
-    # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
         """Number of live vectors."""
         return len(self._state.idmap)
@@ -236,9 +137,7 @@ class ClusteredIndex(Writes):
             value = one_id(id_)
         except InvalidParameterError:
             return False
-        if value is None:
-            return False
-        return bool(self._state.idmap.rows(np.array([value], dtype=np.int64))[0] >= 0)
+        return value is not None and self._state.has(value)
 
     @property
     def ids(self) -> I64:
@@ -248,12 +147,12 @@ class ClusteredIndex(Writes):
     @property
     def dim(self) -> int:
         """Vector dimension d."""
-        return self._quantizer.dim
+        return self._state.quantizer.dim
 
     @property
     def metric(self) -> Metric:
         """The distance metric (a ``str`` enum: compares equal to ``"l2"`` etc.)."""
-        return self._metric
+        return self._state.metric
 
     @property
     def n_leaves(self) -> int:
@@ -263,15 +162,14 @@ class ClusteredIndex(Writes):
     @property
     def backend(self) -> str:
         """``"numpy"`` or ``"cupy"``: the backend really in use."""
-        return self._backend.name
+        return self._state.backend.name
 
     def use_backend(self, backend: str) -> None:
         """Switch the search backend (``"auto"``, ``"numpy"``, ``"cupy"``) without a rebuild:
         the same neighbours, up to ties within float32 rounding (see ``backends``)."""
         chosen = resolve_backend(backend)
         with self._write_lock:
-            self._backend = chosen
-            self._replace()
+            self._state = self._state.replace(backend=chosen)
 
     @property
     def leaf_scan(self) -> str:
@@ -286,17 +184,22 @@ class ClusteredIndex(Writes):
     @property
     def is_using_mmap(self) -> bool:
         """True when the full vectors live in a memory-mapped file."""
-        return self._storage.is_mmap
+        return self._state.storage.is_mmap
 
     @property
     def mmap_path(self) -> Path | None:
         """The memory-mapped vector file, or ``None`` in RAM mode."""
-        return self._storage.path
+        return self._state.storage.path
+
+    @property
+    def vector_ram_bytes(self) -> int:
+        """Bytes of process memory the full vectors take (0 when memory-mapped)."""
+        return self._state.storage.ram_bytes
 
     def __repr__(self) -> str:
-        where = f"mmap={str(self._storage.path)!r}" if self.is_using_mmap else "in RAM"
+        where = f"mmap={str(self.mmap_path)!r}" if self.is_using_mmap else "in RAM"
         return (
-            f"ClusteredIndex(n={len(self)}, dim={self.dim}, metric={self._metric.value!r}, "
+            f"ClusteredIndex(n={len(self)}, dim={self.dim}, metric={self.metric.value!r}, "
             f"leaves={self.n_leaves}, vectors {where})"
         )
 
@@ -304,9 +207,8 @@ class ClusteredIndex(Writes):
         """Bytes of process memory held by the index: tree, codes, norms, ids, tombstones,
         rotation, metadata database, and the full vectors when in RAM. Memory-mapped vectors
         count 0: page cache, shared and reclaimable (shown in RSS as file-backed pages)."""
-        return self._state.nbytes + self._quantizer.nbytes + self._metadata.nbytes
+        return self._state.nbytes + self._metadata.nbytes
 
-    # ------------------------------------------------------------------ search
     def search(
         self,
         query: Any,
@@ -329,7 +231,7 @@ class ClusteredIndex(Writes):
         rerank_factor : int, >= 1
             ``k * rerank_factor`` candidates are reranked on the exact vectors.
         filter : dict or callable, optional
-            Only vectors whose metadata matches (see :mod:`vectordb.storage.metadata`). Applied
+            Only vectors whose metadata matches (see :mod:`vectordb.storage.filters`). Applied
             before the top-k: if k vectors match, k are returned.
 
         Returns
@@ -338,7 +240,7 @@ class ClusteredIndex(Writes):
         distances : (k,) float32, ascending
         """
         q = as_query_matrix(query, self.dim, single=True)
-        ids, dists = self._search(q, k, probes, rerank_factor, filter)
+        ids, dists = self._searcher(k, probes, rerank_factor, filter)(q)
         return ids[0], dists[0]
 
     def search_batch(
@@ -360,46 +262,153 @@ class ClusteredIndex(Writes):
         """
         q = as_query_matrix(queries, self.dim, single=False)
         threads = positive_int("threads", threads)
+        run = self._searcher(k, probes, rerank_factor, filter)
         parts = min(threads, q.shape[0] // _MIN_QUERIES_PER_THREAD)
         if parts < 2:
-            return self._search(q, k, probes, rerank_factor, filter)
-        # Validate once, here, rather than in every thread.
-        self._search(q[:1], k, probes, rerank_factor, filter)
-        chunks = np.array_split(q, parts)
+            return run(q)
         with ThreadPoolExecutor(parts, thread_name_prefix="vectordb-search") as pool:
-            found = list(
-                pool.map(lambda c: self._search(c, k, probes, rerank_factor, filter), chunks)
-            )
+            found = list(pool.map(run, np.array_split(q, parts)))
         return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
-    def _search(
-        self, q: F32, k: Any, probes: Any, rerank_factor: Any, filt: Any
-    ) -> tuple[I64, F32]:
+    def _searcher(
+        self, k: Any, probes: Any, rerank_factor: Any, filt: Any
+    ) -> Callable[[F32], tuple[I64, F32]]:
+        """The parameters checked and one state taken (with the filter's matches of that
+        moment): the search of query rows ``(nq, d)`` against it."""
         k = check_k(k)
         probes = positive_int("probes", probes)
         rerank_factor = positive_int("rerank_factor", rerank_factor)
-        filt = check_filter(filt)
-        st, matching = self._state_and_matches(filt)
-        q = prepare(q, self._metric)
-        row_ok, sizes, allowed = st.row_ok, st.live_sizes, len(st.idmap)
-        if matching is not None or allowed == 0:  # (an emptied index has no row to read)
-            rows = st.live_rows_of(matching) if matching is not None else np.empty(0, np.int64)
-            allowed = int(rows.shape[0])
-            if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
-                # Few matches: score them all exactly, like a brute force.
-                cand = np.broadcast_to(rows, (q.shape[0], allowed))
-                found, dists = rerank(
-                    q, np.ascontiguousarray(cand), k, st.storage.take, self._metric
-                )
-                return ids_of(st, found), dists
-            row_ok, sizes = st.only(rows)
-            # A selective filter leaves fewer matches per leaf: probe more leaves for them.
-            probes = min(st.tree.n_nodes, probes * min(8, -(-len(st.idmap) // allowed)))
-        m, need = k * rerank_factor, min(k, allowed)
-        found, dists = st.selector.search(q, k, probes, m, row_ok, sizes, need)
-        return ids_of(st, found), dists
+        st, matching = self._state_and_matches(check_filter(filt))
+        return lambda q: st.search(prepare(q, st.metric), k, probes, rerank_factor, matching)
 
-    # ------------------------------------------------------------------ storage
+    def _state_and_matches(self, filt: Filter | None) -> tuple[IndexState, I64 | None]:
+        """The published state and, with a filter, the ids whose metadata matches it at
+        the same moment. Writes change metadata and publish the state that goes with it
+        under ``_meta_lock`` too, so a filtered search never pairs an id's new metadata
+        with its old vector, or the reverse."""
+        if filt is None:
+            return self._state, None
+        with self._meta_lock:
+            return self._state, self._metadata.matching(filt)
+
+    def add(
+        self,
+        vectors: Any,
+        ids: Any = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> I64:
+        """Add vectors; return their ids ``(n,)`` int64.
+
+        ``ids``: distinct integers in ``[0, 2**63 - 1]`` not in the index
+        (``DuplicateIdError`` otherwise); default: consecutive ids after the largest ever
+        used (``InvalidParameterError`` if they would pass ``2**63 - 1``: pass ids then).
+        ``metadata``: one dict (or None) per vector. Each vector goes to its nearest leaf;
+        no rebuild. In mmap mode the vectors are appended to a file beside the mapped one
+        and written into the index by the next :meth:`save`. A write that raises changes
+        nothing a caller can see (ids, vectors, metadata, search results).
+        """
+        return self._write(vectors, ids, metadata, replace=False)
+
+    def upsert(
+        self,
+        vectors: Any,
+        ids: Any,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> I64:
+        """Add vectors, replacing those whose ids exist (and their metadata, when given;
+        without ``metadata`` an existing id keeps its metadata). Returns the ids."""
+        if ids is None:
+            raise InvalidParameterError("upsert needs ids")
+        return self._write(vectors, ids, metadata, replace=True)
+
+    def _write(self, vectors: Any, ids: Any, metadata: Any, *, replace: bool) -> I64:
+        """Checks first, then the new state is prepared, then metadata and state change
+        together: a write that raises changes nothing a caller can see."""
+        st = self._state
+        x = prepare(as_matrix(vectors, "vectors", self.dim), st.metric, copy=False)
+        n = x.shape[0]
+        docs = encode_documents(metadata, n)
+        rotated = st.quantizer.rotate(x)
+        with self._write_lock:
+            new_state, new_ids = update.added(self._state, x, rotated, ids, replace, self._params)
+            # The metadata change is one SQLite transaction (all or nothing) and the only
+            # step left that can fail: if it does, no state was published and the rows
+            # just appended stay unreferenced (invisible; save and compact drop them).
+            with self._meta_lock:
+                if docs is not None:
+                    self._metadata.put(new_ids, docs)
+                elif not replace:
+                    self._metadata.delete(new_ids)  # ids reused after a delete start bare
+                self._state = new_state
+        return new_ids
+
+    def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
+        """Delete vectors by id, at once for every later search; return how many.
+
+        Unknown ids raise ``UnknownIdError`` unless ``missing_ok``. The rows stay in
+        storage until :meth:`compact` (or are left out by the next :meth:`save`).
+        """
+        wanted = as_ids(ids)
+        with self._write_lock:
+            st = self._state
+            rows = st.rows_of(wanted, missing_ok=missing_ok)
+            rows = np.unique(rows[rows >= 0])
+            if rows.size == 0:
+                return 0
+            new_state = update.deleted(st, rows)
+            with self._meta_lock:  # metadata first (a transaction), then publish: all or none
+                self._metadata.delete(st.row_id[rows])
+                self._state = new_state
+        return int(rows.size)
+
+    def compact(self, *, progress: bool | None = None) -> None:
+        """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
+        split leaves that grew past twice their size at build (at most ``2 * max_leaf_size``).
+
+        In RAM the vectors are copied; in mmap mode a new vector file is written beside the
+        mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
+        the index directory). Searches may run meanwhile. ``progress``: a progress bar for
+        the file written in mmap mode, on a terminal (needs tqdm); ``False`` never.
+        """
+        with self._write_lock:
+            st = self._state
+            self._state = update.compacted_state(st, self._params, progress)
+            st.storage.discard()  # searches still reading the old storage keep its mapping
+
+    def get_metadata(self, id_: int) -> dict[str, Any] | None:
+        """The metadata of ``id_`` (``None`` if it has none).
+
+        ``UnknownIdError`` if no live vector has this id (any int: also negative ones and
+        ones beyond int64); ``InvalidParameterError`` if ``id_`` is not an int (a bool,
+        a float, a string).
+        """
+        value = one_id(id_)
+        if value is None or not self._state.has(value):
+            raise UnknownIdError(f"id {id_!r} is not in the index")
+        return self._metadata.get(value)
+
+    def ids_matching(self, filter: Filter) -> I64:
+        """Ids ``(m,)`` int64, ascending, of the vectors whose metadata matches ``filter``
+        (a dict of conditions or a predicate, as for ``search(filter=...)``; see
+        :mod:`vectordb.storage.filters`). Vectors without metadata match no dict filter."""
+        filt = check_filter(filter)
+        if filt is None:
+            raise InvalidParameterError("ids_matching needs a filter (a dict or a callable)")
+        return np.sort(self._metadata.matching(filt))
+
+    def get_vectors(self, ids: Any) -> F32:
+        """The stored vectors of ``ids``: ``(n,)`` ints in, ``(n, d)`` float32 out, in order.
+
+        What the index holds: with ``metric="cosine"`` the vectors normalised to unit
+        length. Unknown ids raise ``UnknownIdError``. In mmap mode the rows are read from
+        the file (page faults, no copy of the rest).
+        """
+        st = self._state
+        rows = st.rows_of(as_ids(ids))
+        if rows.size == 0:
+            return np.empty((0, self.dim), np.float32)
+        return np.ascontiguousarray(st.storage.take(rows), dtype=np.float32)
+
     def use_mmap_storage(
         self, path: str | os.PathLike[str], *, progress: bool | None = None
     ) -> None:
@@ -411,37 +420,37 @@ class ClusteredIndex(Writes):
         ``StorageError`` if writing fails (the vectors then stay in RAM, usable).
         ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
         """
-        if self._storage.is_mmap:
-            raise AlreadyUsingMmapError(
-                f"vectors are already memory-mapped from {self._storage.path}"
-            )
-        target = Path(path)
-        if target.is_dir():
-            raise InvalidParameterError(f"{target} is a directory; pass a file path")
+        if self.is_using_mmap:
+            raise AlreadyUsingMmapError(f"vectors are already memory-mapped from {self.mmap_path}")
         with self._write_lock:
-            vectors = self._storage.vectors
+            vectors = self._state.storage.vectors
             with progress_bar(int(vectors.nbytes), "writing", unit="B", progress=progress) as bar:
-                write_vectors(vectors, target, bar.update)
-            self._replace(storage=MmapStorage(target, vectors.shape[0], self.dim))
+                storage = mapped_copy(vectors, Path(path), bar.update)
+            self._state = self._state.replace(storage=storage)
 
     def warm(self, *, progress: bool | None = None) -> int:
         """Read the memory-mapped vector file once, so that its pages are in the page cache
         and the first searches do not wait for the disk; returns bytes read (0 in RAM).
 
-        Reads sequentially in 16 MiB chunks (hinting the kernel first). ``progress``: a
-        progress bar on a terminal (needs tqdm); ``False`` never.
+        Reads sequentially (the steps of :meth:`warmer`). ``progress``: a progress bar on
+        a terminal (needs tqdm); ``False`` never.
         """
-        storage = self._storage
+        storage = self._state.storage
         if not isinstance(storage, MmapStorage):
             return 0
-        size = storage.vectors.nbytes
-        with progress_bar(size, "warming", unit="B", progress=progress) as bar:
+        with progress_bar(storage.vectors.nbytes, "warming", unit="B", progress=progress) as bar:
             return storage.warm(bar.update)
+
+    def warmer(self) -> Warmer | None:
+        """The steps of :meth:`warm` (``None`` in RAM): a read of the mapped file, chunk by
+        chunk, for callers that run each step elsewhere (the async engine's executor)."""
+        storage = self._state.storage
+        return storage.warmer() if isinstance(storage, MmapStorage) else None
 
     def close(self) -> None:
         """Release the memory-mapped file, if any. Searching afterwards raises
         ``IndexClosedError`` in mmap mode; idempotent."""
-        self._storage.close()
+        self._state.storage.close()
 
     def __enter__(self) -> ClusteredIndex:
         return self
@@ -449,17 +458,21 @@ class ClusteredIndex(Writes):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str], *, progress: bool | None = None) -> None:
         """Save to the directory ``path``, atomically (see :mod:`vectordb.storage.save`).
 
         The saved index is compact: deleted rows are left out, added ones folded in.
         ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
         """
-        from ..storage.save import save_index
-
         with self._write_lock:
-            save_index(self, Path(path), progress)
+            SaveJob(self.snapshot, Path(path), progress, stoppable=False).run()
+
+    def snapshot(self) -> IndexData:
+        """The index now as one compact :class:`~vectordb.storage.snapshot.IndexData`
+        (what a save writes): one consistent state, even while writes go on, and a copy
+        of the metadata of that moment."""
+        with self._write_lock:
+            return update.snapshot(self._state, self._params, self._metadata.copy())
 
     @classmethod
     def open(
@@ -471,36 +484,17 @@ class ClusteredIndex(Writes):
         backend: str = "auto",
         progress: bool | None = None,
     ) -> ClusteredIndex:
-        """Open an index saved with :meth:`save`, without rebuilding.
+        """Open the index saved with :meth:`save` in the directory ``path``, without
+        rebuilding (see :mod:`vectordb.storage.load`).
 
-        Parameters
-        ----------
-        path : str or path-like
-            The index directory.
-        mmap : bool
-            Map ``vectors.bin`` instead of reading it into RAM.
-        verify : bool
-            Check every file's CRC32 (reads everything once); sizes, dtypes and shapes
-            are always checked.
-        backend : {"auto", "numpy", "cupy"}
-            As for :meth:`build`.
-        progress : bool, optional
-            A progress bar while ``verify`` reads the files, on a terminal (needs tqdm);
-            ``False`` never.
+        ``mmap``: map ``vectors.bin`` instead of reading it into RAM. ``verify``: check
+        every file's CRC32 (reads everything once); sizes, dtypes and shapes are always
+        checked. ``backend``: as for :meth:`build`. ``progress``: a progress bar while
+        ``verify`` reads the files, on a terminal (needs tqdm); ``False`` never.
 
-        Raises
-        ------
-        InvalidIndexFileError
-            Missing or malformed manifest, unknown format version, a file of the wrong
-            size, dtype or shape, or (with ``verify``) a checksum mismatch.
+        Raises ``InvalidIndexFileError`` for a missing or malformed manifest, an unknown
+        format version, a file of the wrong size, dtype or shape, or (with ``verify``) a
+        checksum mismatch; ``StorageError`` for what the OS refuses.
         """
-        from ..storage.save import open_index
-
-        return open_index(
-            cls,
-            Path(path),
-            mmap=mmap,
-            verify=verify,
-            backend=resolve_backend(backend),
-            progress=progress,
-        )
+        chosen = resolve_backend(backend)
+        return cls(load_index(Path(path), mmap=mmap, verify=verify, progress=progress), chosen)

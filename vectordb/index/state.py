@@ -1,4 +1,4 @@
-"""The state a search reads: parts, ids, tombstones, storage, and the selector over them.
+"""The state a search reads: parts, ids, tombstones, storage, and the searcher over them.
 
 A write never changes a published state; it publishes a new one. So a search that took the
 state at its start sees the index before or after any write, never half of it.
@@ -6,66 +6,45 @@ state at its start sees the index before or after any write, never half of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .._types import F32, I64, Mask
-from ..backends import CodeSelector
-from ..core.codes import CodeTable, Quantizer, cos_table
+from ..backends import Backend
+from ..core.codes import CodeTable, Quantizer
 from ..core.metrics import Metric
-from ..core.parts import Part
+from ..core.parts import Part, leaf_sizes
 from ..core.tree import Tree
-from ..search.candidates import leaf_sizes, mostly_apart, select_by_runs, select_candidates
-from ..search.pipeline import Stages, host_search
-from ..search.rerank import VectorScorer
+from ..errors import UnknownIdError
+from ..search.candidates import VectorScorer, VectorSelector
+from ..search.pipeline import HostSearcher, Searcher, SearchInputs, SearchRequest
+from ..search.rerank import rerank
 from ..storage.idmap import IdMap
-from ..storage.vectors import InMemoryStorage, MmapStorage
+from ..storage.snapshot import IndexData
+from ..storage.vectors import VectorStore
 
-__all__ = ["IndexState", "VectorSelector", "build_part", "code_table", "ids_of"]
+__all__ = ["EXACT_FILTER_ROWS", "IndexState"]
 
-
-def build_part(
-    x: F32,
-    tree: Tree,
-    leaf_offsets: I64,
-    quantizer: Quantizer,
-    metric: Metric,
-    codes: bool,
-    on_rows: Callable[[int], None] | None = None,
-) -> Part:
-    """The base part of storage-ordered ``x`` ``(n, d)``: codes, residual norms (and ip
-    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``.
-    ``on_rows(n)`` is called as every leaf's ``n`` rows are coded (progress)."""
-    n = x.shape[0]
-    rows = None  # slot i is storage row i
-    if not codes:
-        return Part(offsets=leaf_offsets, rows=rows)
-    words = np.empty((quantizer.words, n), dtype=np.uint64)
-    norms = np.empty(n, dtype=np.float32)
-    dots = np.empty(n, dtype=np.float32) if metric is Metric.IP else None
-    for leaf, node in enumerate(tree.leaf_nodes):
-        a, b = int(leaf_offsets[leaf]), int(leaf_offsets[leaf + 1])
-        centre = tree.centroids[node]
-        residual = quantizer.rotate(x[a:b]) - centre
-        norms[a:b] = np.sqrt(np.einsum("nd,nd->n", residual, residual))
-        if dots is not None:
-            dots[a:b] = np.einsum("nd,d->n", residual, centre)
-        words[:, a:b] = quantizer.encode(residual)
-        if on_rows is not None:
-            on_rows(b - a)
-    return Part(offsets=leaf_offsets, rows=rows, codes=words, norms=norms, dots=dots)
+#: A filter matching at most this many vectors is answered by scoring them all exactly.
+EXACT_FILTER_ROWS = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class IndexState:
     """One consistent state: a search takes it whole, a write publishes a new one.
 
     ``row_id``/``row_ok`` are over storage rows (``row_ok`` is ``None`` while nothing was
-    deleted); ``live_sizes`` counts live rows per leaf.
+    deleted); ``next_id`` is the first id ``add`` assigns without ids (past every id ever
+    used, deleted ones included). ``live_sizes`` (live rows per leaf) and ``searcher`` are
+    derived at construction; :meth:`replace` makes a new state with some fields changed.
     """
 
+    quantizer: Quantizer
+    metric: Metric
+    backend: Backend
     tree: Tree
     table: CodeTable | None
     base: Part
@@ -73,9 +52,52 @@ class IndexState:
     row_id: I64
     row_ok: Mask | None
     idmap: IdMap
-    storage: InMemoryStorage | MmapStorage
-    live_sizes: I64
-    selector: CodeSelector
+    storage: VectorStore
+    next_id: int
+    live_sizes: I64 = field(init=False)
+    searcher: Searcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: derived fields are set once, here
+        set_(self, "live_sizes", leaf_sizes(self.parts, self.row_ok))
+        inputs = SearchInputs(self.quantizer, self.tree, self.storage, self.metric)
+        searcher: Searcher
+        if self.table is not None:
+            searcher = self.backend.searcher(self.table, self.parts, inputs)
+        else:
+            scorer = VectorScorer(self.storage.take, self.storage.slice, self.metric)
+            searcher = HostSearcher(inputs, VectorSelector(scorer, self.parts))
+        set_(self, "searcher", searcher)
+
+    @classmethod
+    def of(cls, data: IndexData, backend: Backend) -> IndexState:
+        """The first state of an index built or loaded as ``data``."""
+        tree, base, ids = data.tree, data.base, data.ids
+        has_codes = base.codes is not None
+        return cls(
+            quantizer=data.quantizer,
+            metric=data.metric,
+            backend=backend,
+            tree=tree,
+            table=CodeTable.for_tree(tree, data.quantizer.bits, data.metric) if has_codes else None,
+            base=base,
+            delta=base.empty_like(tree.n_leaves),
+            row_id=ids,
+            row_ok=None,
+            idmap=IdMap.from_rows(ids, np.arange(ids.shape[0], dtype=np.int64)),
+            storage=data.storage,
+            next_id=int(ids.max(initial=-1)) + 1,
+        )
+
+    def replace(self, **changes: Any) -> IndexState:
+        """This state with ``changes`` (field names), its derived fields made anew."""
+        return dataclasses.replace(self, **changes)
+
+    def table_for(self, tree: Tree) -> CodeTable | None:
+        """The code table for ``tree`` (this state's own when the tree is unchanged)."""
+        if tree is self.tree or self.table is None:
+            return self.table
+        return CodeTable.for_tree(tree, self.quantizer.bits, self.metric)
 
     @property
     def parts(self) -> tuple[Part, Part]:
@@ -83,8 +105,8 @@ class IndexState:
 
     @property
     def nbytes(self) -> int:
-        """Process memory of this state: tree, code table, parts, ids, tombstones and the
-        vectors when in RAM (memory-mapped vectors count 0)."""
+        """Process memory of this state: tree, code table, parts, ids, tombstones, rotation
+        and the vectors when in RAM (memory-mapped vectors count 0)."""
         return (
             self.tree.nbytes
             + (self.table.nbytes if self.table is not None else 0)
@@ -94,12 +116,25 @@ class IndexState:
             + (int(self.row_ok.nbytes) if self.row_ok is not None else 0)
             + self.idmap.nbytes
             + self.storage.ram_bytes
+            + self.quantizer.nbytes
         )
+
+    def has(self, id_: int) -> bool:
+        """Whether a live vector has the id ``id_``."""
+        return bool(self.idmap.rows(np.array([id_], dtype=np.int64))[0] >= 0)
 
     def live_rows_of(self, ids: I64) -> I64:
         """Sorted storage rows ``(m,)`` int64 of those ``ids`` that are in the index."""
         rows = self.idmap.rows(ids)
         return np.sort(rows[rows >= 0])
+
+    def rows_of(self, ids: I64, *, missing_ok: bool = False) -> I64:
+        """Storage rows ``(n,)`` int64 of ``ids`` (``-1`` for absent ones, or
+        ``UnknownIdError`` naming the first few unless ``missing_ok``)."""
+        rows = self.idmap.rows(ids)
+        if not missing_ok and (rows < 0).any():
+            raise UnknownIdError(f"ids not in the index: {ids[rows < 0][:5].tolist()}")
+        return rows
 
     def only(self, rows: I64) -> tuple[Mask, I64]:
         """A row mask ``(n_rows,)`` bool true at ``rows`` alone, and the leaf sizes under it."""
@@ -107,45 +142,42 @@ class IndexState:
         row_ok[rows] = True
         return row_ok, leaf_sizes(self.parts, row_ok)
 
-
-def code_table(tree: Tree, quantizer: Quantizer, metric: Metric) -> CodeTable:
-    return CodeTable(
-        centroids=tree.centroids,
-        leaf_nodes=tree.leaf_nodes,
-        cos_lut=cos_table(quantizer.bits),
-        metric=metric,
-    )
-
-
-def ids_of(st: IndexState, rows: I64) -> I64:
-    """Ids ``(...)`` int64 of storage ``rows``, ``-1`` where a row is ``-1``."""
-    out = np.full(rows.shape, -1, dtype=np.int64)
-    found = rows >= 0
-    out[found] = st.row_id[rows[found]]
-    return out
-
-
-#: Grouping by leaf pays off once leaves are shared by this many queries on average.
-_BY_LEAF_MIN_QUERIES = 4
-
-
-class VectorSelector:
-    """``leaf_scan="vectors"``: candidates by exact distances on the full vectors (CPU)."""
-
-    def __init__(self, scorer: VectorScorer, parts: tuple[Part, Part], stages: Stages) -> None:
-        self.scorer = scorer
-        self.parts = parts
-        self.stages = stages
+    def ids_of(self, rows: I64) -> I64:
+        """Ids ``(...)`` int64 of storage ``rows``, ``-1`` where a row is ``-1``."""
+        out = np.full(rows.shape, -1, dtype=np.int64)
+        found = rows >= 0
+        out[found] = self.row_id[rows[found]]
+        return out
 
     def search(
-        self, q: F32, k: int, probes: int, m: int, row_ok: Mask | None, sizes: I64, need: int
+        self, q: F32, k: int, probes: int, rerank_factor: int, matching: I64 | None
     ) -> tuple[I64, F32]:
-        """Every stage on the CPU: see ``stages.host_search``."""
-        return host_search(self.stages, self, q, k, probes, m, row_ok, sizes, need)
+        """Ids ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of prepared queries
+        ``q`` ``(nq, d)``, among the ids ``matching`` a filter (``None``: all live ones).
 
-    def select(self, queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
-        """``(nq, m')`` int64 rows (see ``leafscan.select_candidates``): grouped by leaf
-        when leaves are shared by several queries of the batch, else query by query."""
-        if mostly_apart(leaves, self.parts[0].offsets.shape[0] - 1, _BY_LEAF_MIN_QUERIES):
-            return select_by_runs(self.scorer, self.parts, queries, leaves, m, row_ok)
-        return select_candidates(self.scorer, self.parts, queries, leaves, m, row_ok)
+        Few matches are scored exactly, like a brute force; otherwise the pipeline runs
+        with the matches as its row mask, probing more leaves the fewer they are.
+        """
+        row_ok, sizes, allowed = self.row_ok, self.live_sizes, len(self.idmap)
+        if matching is not None or allowed == 0:  # (an emptied index has no row to read)
+            rows = self.live_rows_of(matching) if matching is not None else np.empty(0, np.int64)
+            allowed = int(rows.shape[0])
+            if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
+                cand = np.broadcast_to(rows, (q.shape[0], allowed))
+                found, dists = rerank(
+                    q, np.ascontiguousarray(cand), k, self.storage.take, self.metric
+                )
+                return self.ids_of(found), dists
+            row_ok, sizes = self.only(rows)
+            # A selective filter leaves fewer matches per leaf: probe more leaves for them.
+            probes = min(self.tree.n_nodes, probes * min(8, -(-len(self.idmap) // allowed)))
+        request = SearchRequest(
+            k=k,
+            probes=probes,
+            candidates=k * rerank_factor,
+            need=min(k, allowed),
+            row_ok=row_ok,
+            live_sizes=sizes,
+        )
+        found, dists = self.searcher.search(q, request)
+        return self.ids_of(found), dists

@@ -1,38 +1,47 @@
-"""Array steps of a living index: place new vectors, fold the delta in, compact.
+"""The writes of a living index as steps over its state: add, delete, split, compact.
 
-Pure functions over ``Part``s and the tree; the index calls them under its write lock and
-publishes their results as one new state.
+Pure functions: each takes the published ``IndexState`` (and what the write brings) and
+returns the new one, without publishing it; the index runs them under its write lock and
+publishes the result. Only the vector store is touched on the way (``append`` before an
+add, a new store for a compaction), and rows it holds that no state references are
+invisible.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .._progress import progress_bar
 from .._types import F32, I64, Mask
-from ..core.codes import Quantizer
+from ..core.codes import Quantizer, encode_residuals
 from ..core.kmeans import kmeans
 from ..core.metrics import Metric
 from ..core.parts import Part, concat_by_leaf, merge_threshold
 from ..core.tree import Tree
+from ..errors import DuplicateIdError, InvalidParameterError
+from ..search.route import nearest_leaf
+from ..storage.idmap import MAX_ID, IdMap, check_new_ids
+from ..storage.metadata import MetadataStore
+from ..storage.snapshot import IndexData
+from ..storage.vectors import compacted_store
+from .state import IndexState
 
 __all__ = [
     "Splitter",
     "add_to_parts",
-    "assign_leaves",
+    "added",
     "compacted",
+    "compacted_state",
+    "deleted",
     "encode_part",
+    "snapshot",
     "split_big_leaves",
+    "splitter_for",
 ]
-
-
-def assign_leaves(tree: Tree, rotated: F32, metric: Metric) -> I64:
-    """The nearest leaf of each rotated vector ``(n, bits)``: ``(n,)`` int64 (greedy descent)."""
-    leaves = tree.route(rotated, 1, metric)
-    first = np.argmax(leaves >= 0, axis=1)
-    return leaves[np.arange(leaves.shape[0]), first]
 
 
 def encode_part(
@@ -49,19 +58,12 @@ def encode_part(
     ``rotated`` ``(n, bits)``: the rows' prepared and rotated vectors; ``leaves``: their
     leaves. The same arithmetic as at build, row by row.
     """
-    n_leaves = tree.n_leaves
+    offsets = np.zeros(tree.n_leaves + 1, np.int64)
     if not with_codes:
-        return Part(offsets=np.zeros(n_leaves + 1, np.int64), rows=rows)
+        return Part(offsets=offsets, rows=rows)
     centres = tree.centroids[tree.leaf_nodes[leaves]]
-    residual = rotated - centres
-    dots = np.einsum("nd,nd->n", residual, centres) if metric is Metric.IP else None
-    return Part(
-        offsets=np.zeros(n_leaves + 1, np.int64),
-        rows=rows,
-        codes=quantizer.encode(residual),
-        norms=np.sqrt(np.einsum("nd,nd->n", residual, residual)),
-        dots=dots,
-    )
+    codes, norms, dots = encode_residuals(quantizer, rotated, centres, metric)
+    return Part(offsets=offsets, rows=rows, codes=codes, norms=norms, dots=dots)
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,7 @@ def add_to_parts(
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
     merged = concat_by_leaf([base, delta], [base.leaf_of_slot, delta.leaf_of_slot], keep)
     tree, merged = split_big_leaves(tree, merged, splitter)
-    return tree, merged, _empty_like(merged, tree.n_leaves)
-
-
-def _empty_like(part: Part, n_leaves: int) -> Part:
-    words = None if part.codes is None else part.codes.shape[0]
-    return Part.empty(n_leaves, words, part.dots is not None)
+    return tree, merged, merged.empty_like(tree.n_leaves)
 
 
 def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, Part]:
@@ -156,11 +153,11 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
         slot_leaf = slot_leaf.copy()
         slot_leaf[a:b] = new_leaves[local]
         if codes is not None and norms is not None:
-            residual = rotated - means[local]
-            codes[:, a:b] = splitter.quantizer.encode(residual)
-            norms[a:b] = np.sqrt(np.einsum("nd,nd->n", residual, residual))
-            if dots is not None:
-                dots[a:b] = np.einsum("nd,nd->n", residual, means[local])
+            codes[:, a:b], norms[a:b], leaf_dots = encode_residuals(
+                splitter.quantizer, rotated, means[local], splitter.metric
+            )
+            if dots is not None and leaf_dots is not None:
+                dots[a:b] = leaf_dots
         n_nodes += len(groups)
         n_leaves += len(groups) - 1
     new_tree = Tree(
@@ -194,3 +191,131 @@ def compacted(
         dots=merged.dots,
     )
     return tree, renumbered, order
+
+
+def splitter_for(st: IndexState, params: dict[str, Any]) -> Splitter:
+    """The splitter of an index with build parameters ``params``, reading ``st``'s vectors."""
+    most = int(params["max_leaf_size"])
+    built = int(params.get("leaf_target", most))
+    return Splitter(
+        quantizer=st.quantizer,
+        metric=st.metric,
+        take=st.storage.take,
+        max_leaf_size=most,
+        # Twice the leaf size the build made (at most 2 * max_leaf_size): k-means splits
+        # leave leaves far below max_leaf_size, and letting them all double before a
+        # split halves the share of the index that `probes` leaves cover. At least a
+        # third of max_leaf_size (about what large builds make): an index built from a
+        # handful of vectors and grown by adds must not split into leaves of two.
+        split_above=2 * min(most, max(built, most // 3, 1)),
+        branching_factor=params["branching_factor"],
+        max_iterations=params["max_iterations"],
+        seed=params["seed"],
+    )
+
+
+def added(
+    st: IndexState, x: F32, rotated: F32, ids: Any, replace: bool, params: dict[str, Any]
+) -> tuple[IndexState, I64]:
+    """``st`` with prepared vectors ``x`` ``(n, d)`` (``rotated`` ``(n, bits)``) added
+    under ``ids`` (``None``: the next free ones), and those ids ``(n,)`` int64.
+
+    ``replace``: ids already present are replaced (their old rows become tombstones);
+    else they raise ``DuplicateIdError``. The vectors are appended to the store (rows
+    that no state references until the result is published).
+    """
+    n = x.shape[0]
+    new_ids = _new_ids(st, ids, n)
+    old_rows = st.idmap.rows(new_ids)
+    if not replace and (old_rows >= 0).any():
+        taken = new_ids[old_rows >= 0][:5].tolist()
+        raise DuplicateIdError(f"ids already in the index: {taken}; use upsert()")
+    leaves = nearest_leaf(st.tree, rotated, st.metric)
+    first = st.storage.append(x)
+    rows = np.arange(first, first + n, dtype=np.int64)
+    part = encode_part(
+        st.tree, st.quantizer, rotated, leaves, rows, st.metric, st.table is not None
+    )
+    replaced = old_rows[old_rows >= 0]
+    row_ok = st.row_ok
+    if row_ok is not None or replaced.size:
+        row_ok = (
+            np.ones(first + n, dtype=bool)
+            if row_ok is None
+            else np.concatenate([row_ok, np.ones(first + n - row_ok.shape[0], dtype=bool)])
+        )
+        row_ok[replaced] = False
+    splitter = splitter_for(st, params)
+    tree, base, delta = add_to_parts(st.tree, st.base, st.delta, part, leaves, row_ok, splitter)
+    row_id = np.concatenate([st.row_id, np.full(first - st.row_id.shape[0], -1, np.int64), new_ids])
+    new_state = st.replace(
+        tree=tree,
+        table=st.table_for(tree),
+        base=base,
+        delta=delta,
+        row_id=row_id,
+        row_ok=row_ok,
+        idmap=st.idmap.without(new_ids[old_rows >= 0]).with_added(row_id, rows),
+        next_id=max(st.next_id, int(new_ids.max()) + 1),
+    )
+    return new_state, new_ids
+
+
+def _new_ids(st: IndexState, ids: Any, n: int) -> I64:
+    """The ids of ``n`` new vectors: ``ids`` checked, or the next ``n`` free ones."""
+    if ids is not None:
+        return check_new_ids(ids, n)
+    if st.next_id > MAX_ID - n + 1:
+        raise InvalidParameterError(
+            f"cannot assign {n} ids: the next free id is {st.next_id} and ids must"
+            f" stay <= 2**63 - 1 ({MAX_ID}); pass ids= explicitly"
+        )
+    return np.arange(st.next_id, st.next_id + n, dtype=np.int64)
+
+
+def deleted(st: IndexState, rows: I64) -> IndexState:
+    """``st`` without the vectors at storage ``rows`` (distinct, live)."""
+    row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
+    row_ok[rows] = False
+    return st.replace(row_ok=row_ok, idmap=st.idmap.without(st.row_id[rows]))
+
+
+def compacted_state(
+    st: IndexState, params: dict[str, Any], progress: bool | None = False
+) -> IndexState:
+    """``st`` compacted: live rows only, leaf by leaf, in a new vector store (see
+    :func:`compacted` and ``vectors.compacted_store``), oversized leaves split.
+    ``progress``: a bar for the file written in mmap mode."""
+    tree, base, order = compacted(st.tree, st.base, st.delta, st.row_ok, splitter_for(st, params))
+    dim = st.quantizer.dim
+    size = order.shape[0] * dim * 4 if st.storage.is_mmap else 0
+    with progress_bar(size, "compacting", unit="B", progress=progress) as bar:
+        storage = compacted_store(st.storage, order, dim, bar.update)
+    row_id = st.row_id[order]
+    return st.replace(
+        tree=tree,
+        table=st.table_for(tree),
+        base=base,
+        delta=base.empty_like(tree.n_leaves),
+        row_id=row_id,
+        row_ok=None,
+        idmap=IdMap.from_rows(row_id, np.arange(row_id.shape[0], dtype=np.int64)),
+        storage=storage,
+    )
+
+
+def snapshot(st: IndexState, params: dict[str, Any], metadata: MetadataStore) -> IndexData:
+    """``st`` as one compact :class:`IndexData` (deleted rows left out, added ones folded
+    in; the vectors stay where they are, listed by ``rows``), for a save."""
+    tree, base, order = compacted(st.tree, st.base, st.delta, st.row_ok)
+    return IndexData(
+        tree=tree,
+        base=base,
+        quantizer=st.quantizer,
+        ids=st.row_id[order],
+        storage=st.storage,
+        rows=order,
+        metric=st.metric,
+        params=dict(params),
+        metadata=metadata,
+    )

@@ -39,7 +39,7 @@ from ..storage.dirswap import (
     recover_missing as _recover_missing,
 )
 from ..storage.files import atomic_write, storage_error
-from ..storage.save import _complete_index
+from ..storage.load import is_complete
 
 __all__ = ["INDEX_DIR", "STORE_FILE", "open_index", "read_info", "recover_missing", "save_store"]
 
@@ -153,7 +153,7 @@ def _complete_store(directory: Path) -> bool:
         info = _parse_info(directory)
     except InvalidIndexFileError:
         return False
-    return not info["has_index"] or _complete_index(directory / INDEX_DIR)
+    return not info["has_index"] or is_complete(directory / INDEX_DIR)
 
 
 def recover_missing(path: str | os.PathLike[str]) -> None:

@@ -37,7 +37,7 @@ from ..core.metrics import Metric, parse_metric
 from ..engine import AsyncEngine
 from ..errors import InvalidIndexFileError, InvalidParameterError, UnknownIdError
 from ..index.clustered import ClusteredIndex
-from ..storage.metadata import Filter
+from ..storage.filters import Filter
 from ._engines import LoopEngines
 from ._persist import STORE_FILE, open_index, read_info, save_store
 from ._records import ID_KEY, RESERVED_KEYS, TEXT_KEY, Record, check_ids, record, stored

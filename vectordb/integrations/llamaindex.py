@@ -28,7 +28,7 @@ from typing import Any
 from ..core.metrics import Metric
 from ..errors import InvalidParameterError
 from ..index.clustered import ClusteredIndex
-from ..storage.metadata import Filter
+from ..storage.filters import Filter
 from ._store import ID_KEY, Record, TextIndex
 
 try:

@@ -1,8 +1,13 @@
-"""The search stages after validation, on the host: rotate, route, select, rerank.
+"""The search pipeline after validation: rotate, route, select candidates, rerank.
 
-Shared by the CPU selectors (:class:`vectordb.backends.NumpyCodeSelector` and
-:class:`vectordb.index.state.VectorSelector`); the CuPy backend runs the same stages on its
-device instead.
+::
+
+    prepared queries --rotate--> route (tree) --> probed leaves, nearest first
+        --> candidates (codes or full vectors of those leaves) --> rerank (exact) --> top k
+
+:class:`HostSearcher` runs the stages on the CPU with any :class:`CandidateSelector` (the
+NumPy backend's codes, or :class:`~vectordb.search.candidates.VectorSelector`); the CuPy
+backend runs the same stages on its device. Both take one :class:`SearchRequest`.
 """
 
 from __future__ import annotations
@@ -14,10 +19,46 @@ from .._types import F32, I64, Mask
 from ..core.codes import Quantizer
 from ..core.metrics import Metric
 from ..core.tree import Tree
-from ..storage.vectors import InMemoryStorage, MmapStorage
+from ..storage.vectors import VectorStore
 from .rerank import rerank
+from .route import nearest_first, route_for
 
-__all__ = ["CandidateSelector", "Stages", "host_search"]
+__all__ = ["CandidateSelector", "HostSearcher", "SearchInputs", "SearchRequest", "Searcher"]
+
+
+@dataclass(frozen=True, eq=False)
+class SearchRequest:
+    """What one search asks, after validation.
+
+    Attributes
+    ----------
+    k : results per query
+    probes : tree nodes kept per level of the beam
+    candidates : rows per query the candidate stage passes to the rerank (``k *
+        rerank_factor``)
+    need : rows a query's leaves must hold before the beam stops widening
+    row_ok : (R,) bool over storage rows (live, and matching the filter), or ``None``
+        for all
+    live_sizes : (n_leaves,) int64 rows per leaf under ``row_ok``
+    """
+
+    k: int
+    probes: int
+    candidates: int
+    need: int
+    row_ok: Mask | None
+    live_sizes: I64
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    """What the stages read besides the codes: one state's tree and full vectors (in RAM
+    or memory-mapped), and the index's rotation and metric."""
+
+    quantizer: Quantizer
+    tree: Tree
+    storage: VectorStore
+    metric: Metric
 
 
 class CandidateSelector(Protocol):
@@ -29,37 +70,29 @@ class CandidateSelector(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Stages:
-    """What a search reads besides the codes: one state's tree and storage, and the
-    index's rotation and metric."""
+class Searcher(Protocol):
+    """Searches one state of an index: every stage, wherever the backend runs them."""
 
-    quantizer: Quantizer
-    tree: Tree
-    storage: InMemoryStorage | MmapStorage
-    metric: Metric
+    def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
+        """Storage rows ``(nq, k)`` int64 (``-1`` padded) and distances ``(nq, k)``
+        float32 (ascending, ``inf`` padded) for prepared queries ``q`` ``(nq, d)``."""
+        ...
 
 
-def host_search(
-    stages: Stages,
-    selector: CandidateSelector,
-    q: F32,
-    k: int,
-    probes: int,
-    m: int,
-    row_ok: Mask | None,
-    sizes: I64,
-    need: int,
-) -> tuple[I64, F32]:
-    """Storage rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of the ``k`` best
-    of ``m`` candidates per prepared query ``q`` ``(nq, d)``.
+class HostSearcher:
+    """Every stage on the CPU, candidates from ``selector``."""
 
-    ``probes``, ``row_ok`` and ``sizes`` (live rows per leaf under ``row_ok``) go to
-    routing and selection; ``need`` is the number of rows a query's leaves must hold
-    before the beam stops widening.
-    """
-    rotated = stages.quantizer.rotate(q)
-    leaves = stages.tree.route_for(rotated, probes, need, sizes, stages.metric)
-    leaves = stages.tree.nearest_first(rotated, leaves, stages.metric)
-    rows = selector.select(rotated, leaves, m, row_ok)
-    return rerank(q, rows, k, stages.storage.take, stages.metric)
+    def __init__(self, inputs: SearchInputs, selector: CandidateSelector) -> None:
+        self.inputs = inputs
+        self.selector = selector
+
+    def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
+        """See :class:`Searcher`."""
+        inputs = self.inputs
+        rotated = inputs.quantizer.rotate(q)
+        leaves = route_for(
+            inputs.tree, rotated, request.probes, request.need, request.live_sizes, inputs.metric
+        )
+        leaves = nearest_first(inputs.tree, rotated, leaves, inputs.metric)
+        rows = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
+        return rerank(q, rows, request.k, inputs.storage.take, inputs.metric)

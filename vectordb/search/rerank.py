@@ -1,7 +1,7 @@
-"""Search stages on the full vectors: scoring whole leaves, and the exact rerank.
+"""The last stage of a search: exact distances to the candidates, best ``k`` kept.
 
-Pure functions over arrays; the index supplies its arrays and storage. Shapes use ``nq``
-queries, ``L`` leaf slots per query, ``w`` code words, ``d`` dimensions.
+A pure function over arrays and a ``take`` that reads storage rows (RAM or a memory-mapped
+file): the rerank reads only the candidates' full vectors.
 """
 
 from __future__ import annotations
@@ -12,53 +12,14 @@ import numpy as np
 
 from .._types import F32, I64
 from ..core.metrics import Metric, distances
-from ..core.parts import Part
 from ..core.topk import NO_KEY, keys_of
 
-__all__ = ["VectorScorer", "rerank"]
+__all__ = ["rerank"]
 
 
 #: Bytes of gathered float32 vectors per rerank block: small enough to stay in the CPU's
 #: cache while the distances are taken (64 MiB blocks ran 2x slower end to end).
 _RERANK_BLOCK_BYTES = 1 << 20
-
-
-class VectorScorer:
-    """Exact distances from a leaf's full vectors, for low dimensions where 1-bit codes
-    cannot rank (GloVe-50: recall@10 0.42 by codes at the defaults).
-
-    A leaf's rows are contiguous in storage after a build, an open or a compaction, so in
-    mmap mode this usually reads whole pages in order.
-    """
-
-    def __init__(
-        self, take: Callable[[I64], F32], slice_: Callable[[int, int], F32], metric: Metric
-    ) -> None:
-        self.take = take
-        self.slice = slice_
-        self.metric = metric
-
-    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 scores of slots ``a:b`` for prepared queries ``q``.
-
-        Scores rank the rows *of one query*: each row of the result is the distance less a
-        constant of its query (``|q|^2`` for l2, ``1`` for cosine), which saves a pass.
-        """
-        if part.rows is None:
-            x = self.slice(a, b)
-        else:
-            rows = part.rows[a:b]
-            first, last = int(rows[0]), int(rows[-1])
-            contiguous = last - first == b - a - 1 and bool((np.diff(rows) == 1).all())
-            x = self.slice(first, last + 1) if contiguous else self.take(rows)
-        # A BLAS product, 5-10x faster than einsum here. Its rounding depends on the batch
-        # size, but these scores only pick candidates: the rerank recomputes their distances
-        # batch-independently, so only a tie at the last candidate's score could differ.
-        if self.metric is Metric.L2:
-            scores = (np.float32(-2.0) * q) @ x.T
-            scores += np.einsum("nd,nd->n", x, x)[None, :]
-            return scores
-        return (-q) @ x.T
 
 
 def rerank(

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from .._types import I64
-from ..errors import InvalidParameterError
+from ..errors import DuplicateIdError, InvalidParameterError
 
-__all__ = ["MAX_ID", "IdMap", "as_ids", "one_id"]
+__all__ = ["MAX_ID", "IdMap", "as_ids", "check_new_ids", "one_id"]
 
 
 #: The largest id: ids are int64 >= 0 (``-1`` marks "no result" in search results).
@@ -88,6 +88,18 @@ def one_id(id_: object) -> int | None:
         raise InvalidParameterError(f"an id must be an integer, got {id_!r} ({type(id_).__name__})")
     value = int(id_)
     return value if 0 <= value <= MAX_ID else None
+
+
+def check_new_ids(ids: Any, n: int) -> I64:
+    """``ids`` for ``n`` new vectors as ``(n,)`` int64 (see :func:`as_ids`), distinct:
+    ``InvalidParameterError`` for another count, ``DuplicateIdError`` for a repeat."""
+    arr = as_ids(ids)
+    if arr.shape[0] != n:
+        raise InvalidParameterError(f"got {arr.shape[0]} ids for {n} vectors")
+    if np.unique(arr).shape[0] != n:
+        dup = arr[np.flatnonzero(np.diff(np.sort(arr)) == 0)[0]]
+        raise DuplicateIdError(f"id {int(dup)} appears twice")
+    return arr
 
 
 class IdMap:

@@ -1,10 +1,11 @@
-"""Metadata of vectors (a JSON object per id) and the filters that select on it.
+"""The metadata store: a JSON object per vector id, and the checks on what enters it.
 
 Stored in SQLite, from Python's standard library: an in-memory database while the index
 lives, copied into ``metadata.sqlite`` of the index directory by ``save`` (SQLite's backup
 API) and back into memory by ``open``. Chosen over hand-written columnar arrays because it
-takes any keys and value types without a schema, evaluates filters with its JSON functions
-and query planner, and its file format is stable and checkable; it adds no dependency.
+takes any keys and value types without a schema, evaluates filters (the language of
+:mod:`vectordb.storage.filters`) with its JSON functions and query planner, and its file
+format is stable and checkable; it adds no dependency.
 
 Documents
 ---------
@@ -14,22 +15,6 @@ finite float, bool, None, lists (or tuples) and dicts. It may nest at most
 :data:`MAX_DEPTH` containers deep (the document itself is level 1) and take at most
 :data:`MAX_DOC_BYTES` bytes as JSON. Anything else raises ``InvalidParameterError``
 before the index changes.
-
-Filters
--------
-A ``dict`` of conditions on top-level fields, all of which must hold::
-
-    {"user": "ann"}                      equality (None: null or missing)
-    {"user": {"$in": ["ann", "bob"]}}    membership; "$nin" for the opposite
-    {"ts": {"$gte": 10, "$lt": 20}}      ranges: "$gt", "$gte", "$lt", "$lte"; "$ne"
-
-or a predicate ``callable(metadata: dict) -> bool`` (evaluated in Python for every vector
-that has metadata: flexible, slower on large indexes). A dict filter names at most
-:data:`MAX_FILTER_FIELDS` fields (non-empty strings without quotes, backslashes or NUL),
-its ``$in``/``$nin`` lists hold at most :data:`MAX_FILTER_VALUES` values in all, its
-integers lie in SQLite's range ``[-2**63, 2**63)`` and its strings hold no NUL; otherwise
-``InvalidParameterError``. (SQLite's JSON functions read a stored string up to its first
-NUL character: a filter compares that part of it.)
 
 Files
 -----
@@ -53,7 +38,7 @@ import re
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,35 +47,14 @@ import numpy as np
 from .._types import I64
 from ..errors import InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import storage_error
+from .filters import Filter, compile_filter
 
-__all__ = [
-    "MAX_DEPTH",
-    "MAX_DOC_BYTES",
-    "MAX_FILTER_FIELDS",
-    "MAX_FILTER_VALUES",
-    "Filter",
-    "MetadataStore",
-    "check_filter",
-]
-
-Filter = Mapping[str, Any] | Callable[[dict[str, Any]], bool]
+__all__ = ["MAX_DEPTH", "MAX_DOC_BYTES", "MetadataStore", "encode_documents"]
 
 #: Deepest nesting of dicts and lists in one document (the document itself is level 1).
 MAX_DEPTH = 64
 #: Largest document, as compact ASCII JSON.
 MAX_DOC_BYTES = 16 << 20
-#: Most fields one dict filter may name. Each field has at most 7 operators, so the SQL
-#: expression stays far below SQLite's default depth limit of 1000.
-MAX_FILTER_FIELDS = 100
-#: Most values in all the ``$in`` / ``$nin`` lists of one filter (SQL parameters: SQLite
-#: builds may allow as few as 32766 in a statement).
-MAX_FILTER_VALUES = 10_000
-
-_SCALARS = (str, int, float, bool, type(None))
-_RANGE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<=", "$ne": "!="}
-_LISTS = {"$in": "IN", "$nin": "NOT IN"}
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
 #: The one schema object a metadata file may hold, as SQLite records its SQL.
 _SCHEMA = "CREATE TABLE meta (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -113,101 +77,6 @@ _DOC_CHECK = (
 _BATCH = 4096
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(rb"[\[\]{}]")
-
-
-def _path(field: Any) -> str:
-    if not isinstance(field, str) or not field or '"' in field or "\\" in field or "\x00" in field:
-        raise InvalidParameterError(
-            "filter fields must be non-empty strings without quotes, backslashes or NUL,"
-            f" got {field!r}"
-        )
-    return f'$."{field}"'
-
-
-def _scalar(value: Any, where: str) -> Any:
-    if not isinstance(value, _SCALARS) or (isinstance(value, float) and not np.isfinite(value)):
-        raise InvalidParameterError(
-            f"{where}: filter values must be str, int, finite float, bool or None, got {value!r}"
-        )
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str) and "\x00" in value:
-        # SQLite's JSON functions cut a stored string at its first NUL: such a value
-        # could never match, and silently so.
-        raise InvalidParameterError(f"{where}: filter strings cannot contain NUL, got {value!r}")
-    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
-        raise InvalidParameterError(
-            f"{where}: filter integers must lie in [-2**63, 2**63) (SQLite's range), got {value}"
-        )
-    return value
-
-
-def _compile(filt: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """SQL ``WHERE`` clause and parameters for a dict filter."""
-    if len(filt) > MAX_FILTER_FIELDS:
-        raise InvalidParameterError(
-            f"a filter may name at most {MAX_FILTER_FIELDS} fields, got {len(filt)}"
-        )
-    clauses: list[str] = []
-    params: list[Any] = []
-    n_values = 0
-    for field, cond in filt.items():
-        path = _path(field)
-        expr = "json_extract(doc, ?)"
-        if isinstance(cond, Mapping):
-            if not cond:
-                raise InvalidParameterError(f"filter on {field!r}: empty condition")
-            for op, value in cond.items():
-                if op in _RANGE:
-                    v = _scalar(value, f"{field}.{op}")
-                    if v is None:
-                        raise InvalidParameterError(
-                            f"filter on {field!r}: {op} None is not allowed"
-                        )
-                    clauses.append(f"{expr} {_RANGE[op]} ?")
-                    params += [path, v]
-                elif op in _LISTS:
-                    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                        raise InvalidParameterError(f"filter on {field!r}: {op} needs a list")
-                    n_values += len(value)
-                    if n_values > MAX_FILTER_VALUES:
-                        raise InvalidParameterError(
-                            f"filter on {field!r}: a filter's $in/$nin lists may hold at most"
-                            f" {MAX_FILTER_VALUES} values in all"
-                        )
-                    values = [_scalar(v, f"{field}.{op}") for v in value]
-                    if not values:
-                        clauses.append("0" if op == "$in" else "1")
-                        continue
-                    marks = ", ".join("?" * len(values))
-                    clauses.append(f"{expr} {_LISTS[op]} ({marks})")
-                    params += [path, *values]
-                else:
-                    known = ", ".join([*_RANGE, *_LISTS])
-                    raise InvalidParameterError(
-                        f"filter on {field!r}: unknown operator {op!r}; use one of {known}"
-                    )
-        else:
-            value = _scalar(cond, field)
-            if value is None:
-                clauses.append(f"{expr} IS NULL")
-                params.append(path)
-            else:
-                clauses.append(f"{expr} = ?")
-                params += [path, value]
-    return (" AND ".join(clauses) or "1"), params
-
-
-def check_filter(filt: Any) -> Filter | None:
-    """Validate a filter (raises ``InvalidParameterError``); ``None`` means no filter."""
-    if filt is None or callable(filt):
-        return filt
-    if not isinstance(filt, Mapping):
-        raise InvalidParameterError(
-            f"filter must be a dict of conditions or a callable, got {type(filt).__name__}"
-        )
-    _compile(filt)
-    return filt
 
 
 def _where(path: tuple[Any, ...]) -> str:
@@ -288,6 +157,20 @@ def _check_doc(doc: Any) -> str:
             f"a metadata document may take at most {MAX_DOC_BYTES} bytes as JSON, got {len(text)}"
         )
     return text
+
+
+def encode_documents(metadata: Any, n: int) -> list[str | None] | None:
+    """Check and serialise the ``metadata`` argument of a write of ``n`` vectors, before
+    any change is made: ``None`` (returned as is) or a sequence of ``n`` entries, each a
+    document (see the module docstring) or ``None``. Returns one compact ASCII JSON
+    string, or ``None`` for no metadata, per vector; ``InvalidParameterError`` otherwise."""
+    if metadata is None:
+        return None
+    if isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
+        raise InvalidParameterError("metadata must be a list with one dict (or None) per vector")
+    if len(metadata) != n:
+        raise InvalidParameterError(f"got {len(metadata)} metadata entries for {n} vectors")
+    return [None if d is None else _check_doc(d) for d in metadata]
 
 
 def _text_depth(text: bytes) -> int:
@@ -396,7 +279,7 @@ class MetadataStore:
         """Ids whose metadata satisfies ``filt``, as ``(m,)`` int64 (unsorted)."""
         if callable(filt):
             return np.fromiter((i for i, doc in self.items() if filt(doc)), dtype=np.int64)
-        where, params = _compile(filt)
+        where, params = compile_filter(filt)
         with self._lock:
             rows = self._db.execute(f"SELECT id FROM meta WHERE {where}", params).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

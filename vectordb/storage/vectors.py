@@ -21,13 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from .._types import F32, I64
-from ..errors import IndexClosedError, InvalidIndexFileError, StorageError
+from ..errors import IndexClosedError, InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import atomic_write, names_file, storage_error
 
 __all__ = [
     "InMemoryStorage",
     "MmapStorage",
-    "Storage",
+    "VectorStore",
+    "Warmer",
+    "compacted_store",
+    "mapped_copy",
     "scratch_files",
     "scratch_in_use",
     "write_rows",
@@ -36,7 +39,6 @@ __all__ = [
 
 
 _WRITE_BYTES = 8 << 20
-_WARM_BYTES = 16 << 20
 
 
 def write_rows(
@@ -295,29 +297,24 @@ class MmapStorage:
             except OSError as exc:
                 raise storage_error(exc, self.path) from exc
 
+    def warmer(self) -> Warmer:
+        """A :class:`Warmer` of the mapped file (``IndexClosedError`` once closed)."""
+        if self._closed:
+            raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
+        return Warmer(self)
+
     def warm(self, on_bytes: Callable[[int], None] | None = None) -> int:
         """Read the mapped file once, sequentially, so its pages are in the page cache.
 
-        Hints the kernel (``MADV_WILLNEED``) first; ``on_bytes(n)`` after every chunk.
+        The steps of a :class:`Warmer`, in a row; ``on_bytes(n)`` after every chunk.
         Returns the bytes read (the mapped file's size).
         """
-        if self._closed:
-            raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
-        if hasattr(mmap, "MADV_WILLNEED"):
-            self.advise(mmap.MADV_WILLNEED)
-        fd = self.mapped_fd()
-        done = 0
-        try:
-            # pread: a descriptor's duplicates share one offset; concurrent warms don't.
-            while chunk := os.pread(fd, _WARM_BYTES, done):
-                done += len(chunk)
+        with self.warmer() as warmer:
+            warmer.advise()
+            while n := warmer.step():
                 if on_bytes is not None:
-                    on_bytes(len(chunk))
-        except OSError as exc:
-            raise storage_error(exc, self.path) from exc
-        finally:
-            os.close(fd)
-        return done
+                    on_bytes(n)
+            return warmer.done
 
     def drop_cache(self) -> None:
         """Evict the mapped file's pages from this mapping and from the OS page cache.
@@ -375,10 +372,89 @@ class MmapStorage:
             self._release()  # releases the flock of an owned file
 
 
-Storage = InMemoryStorage | MmapStorage
+class Warmer:
+    """One sequential read of a store's mapped file, in steps, to fill the page cache.
+
+    :meth:`MmapStorage.warm` runs the steps in a row; the async engine awaits each on its
+    executor. Made on any thread without disk access (it duplicates the mapped file's
+    descriptor: the file the store reads, whatever its path names by now); close it.
+    """
+
+    #: Bytes read per :meth:`step`.
+    CHUNK = 16 << 20
+
+    def __init__(self, storage: MmapStorage) -> None:
+        self.path = storage.path
+        self._storage = storage
+        self._fd = storage.mapped_fd()
+        try:
+            self.total = os.fstat(self._fd).st_size
+        except OSError as exc:
+            os.close(self._fd)
+            raise storage_error(exc, self.path) from exc
+        self.done = 0
+
+    def advise(self) -> None:
+        """Hint the kernel to read the whole mapping ahead (``MADV_WILLNEED``)."""
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self._storage.advise(mmap.MADV_WILLNEED)
+
+    def step(self) -> int:
+        """Read the next chunk; return its size (0 once the whole file was read)."""
+        try:
+            # pread: a descriptor's duplicates share one offset; concurrent warms don't.
+            n = len(os.pread(self._fd, self.CHUNK, self.done))
+        except OSError as exc:
+            raise storage_error(exc, self.path) from exc
+        self.done += n
+        return n
+
+    def close(self) -> None:
+        """Close the descriptor (instant for a regular file); idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Warmer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: Where an index keeps its full vectors.
+VectorStore = InMemoryStorage | MmapStorage
+
+
+def mapped_copy(
+    vectors: F32, path: Path, on_bytes: Callable[[int], None] | None = None
+) -> MmapStorage:
+    """``vectors`` ``(n, d)`` float32 written to ``path`` atomically (see
+    :func:`write_vectors`) and mapped from there. ``InvalidParameterError`` if ``path`` is
+    a directory."""
+    if path.is_dir():
+        raise InvalidParameterError(f"{path} is a directory; pass a file path")
+    write_vectors(vectors, path, on_bytes)
+    return MmapStorage(path, vectors.shape[0], vectors.shape[1])
+
+
+def compacted_store(
+    old: VectorStore, order: I64, dim: int, on_bytes: Callable[[int], None] | None = None
+) -> VectorStore:
+    """The rows ``order`` ``(m,)`` int64 of ``old`` as rows ``0..m-1`` of a new store of the
+    same kind: in RAM a copy; in mmap mode a new file beside the mapped one, written
+    atomically (``on_bytes(n)`` after every chunk) and owned by the new store."""
+    if isinstance(old, MmapStorage):
+        path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
+        write_rows(old.take, order, dim, path, on_bytes)
+        return MmapStorage(path, order.shape[0], dim, owned=True)
+    return InMemoryStorage(np.ascontiguousarray(old.take(order)))
+
 
 #: Working files an index in mmap mode creates inside its directory: rows appended since
 #: open or since ``compact``, never part of the saved index (its manifest lists its files).
+
+
 _SCRATCH_PATTERNS = (".*.append-*", ".*.compact-*")
 
 

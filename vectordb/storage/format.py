@@ -1,0 +1,273 @@
+"""The index directory's format: file names, versions, the manifest, the arrays.
+
+Layout of a saved index (format version 2; version 1 lacks the manifest checksum)::
+
+    my_index/
+      manifest.json     format, version, dim, metric, n, build parameters, the size and
+                        CRC32 of every other file, and its own checksum (the CRC32 of its
+                        canonical JSON without it; see ``reader.sign_manifest``)
+      centroids.npy     (n_nodes, bits) float32     tree node centroids, rotated
+      children.npy      (n_nodes, branching) int64  child node ids, -1 padded
+      leaf_of_node.npy  (n_nodes,) int64            leaf number, -1 for inner nodes
+      leaf_offsets.npy  (n_leaves + 1,) int64       storage rows of each leaf
+      codes.npy         (words, n) uint64           word-major residual sign codes  } only with
+      norms.npy         (n,) float32                residual norms                  } leaf_scan
+      dots.npy          (n,) float32                <residual, centroid> (ip only)  } "codes"
+      ids.npy           (n,) int64                  id of every storage row
+      perm.npy          (bits,) int64               rotation: permutation  } only when built
+      blocks.npy        (bits/64, 64, 64) float32   rotation: blocks       } with rotate=True
+      vectors.bin       raw little-endian float32, n * dim * 4 bytes, storage order
+
+All ``.npy`` files are read with ``allow_pickle=False`` after their header was checked
+against the manifest, so a damaged file cannot trigger a huge allocation.
+
+What a directory holds is decided here and only here: :func:`arrays_of` names the arrays a
+save writes, :func:`expected_arrays` the dtypes and shapes a load accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._validation import MAX_BRANCHING, MAX_ITERATIONS
+from ..core.codes import BLOCK, words_for
+from ..core.metrics import Metric
+from ..errors import InvalidIndexFileError
+from .snapshot import IndexData
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KNOWN_FILES",
+    "MANIFEST",
+    "MAX_MANIFEST_BYTES",
+    "METADATA",
+    "NO_ZERO_RUNS",
+    "READABLE_VERSIONS",
+    "VECTORS",
+    "arrays_of",
+    "bad_file",
+    "expected_arrays",
+    "manifest_of",
+    "parse_manifest",
+    "sign_manifest",
+]
+
+FORMAT_NAME = "vectordb.ClusteredIndex"
+#: Version 2 adds the manifest's own checksum; version 1 directories still open.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "manifest.json"
+VECTORS = "vectors.bin"
+METADATA = "metadata.sqlite"
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+#: Every file an index directory may hold; a manifest naming another is rejected.
+KNOWN_FILES = frozenset(
+    {
+        "centroids.npy",
+        "children.npy",
+        "leaf_of_node.npy",
+        "leaf_offsets.npy",
+        "codes.npy",
+        "norms.npy",
+        "dots.npy",
+        "ids.npy",
+        "perm.npy",
+        "blocks.npy",
+        VECTORS,
+        METADATA,
+    }
+)
+#: Integer build parameters and their valid ranges.
+_INT_PARAMS = {
+    "branching_factor": (2, MAX_BRANCHING),
+    "max_leaf_size": (1, None),
+    "max_iterations": (1, MAX_ITERATIONS),
+    "seed": (0, None),
+    "leaf_target": (1, None),
+}
+#: Parameters every manifest has had since format version 1.
+_REQUIRED_PARAMS = frozenset({"branching_factor"})
+
+
+#: Arrays whose valid content never holds two equal zero elements (distinct ids; node 0 is
+#: never a child; leaf numbers and a permutation each appear once), so a hole in one is
+#: damage: a sparse file cannot declare millions of elements without holding them on disk.
+NO_ZERO_RUNS = frozenset({"ids.npy", "children.npy", "leaf_of_node.npy", "perm.npy"})
+
+
+def bad_file(path: Path, problem: str) -> InvalidIndexFileError:
+    """The error for a damaged or foreign file at ``path``."""
+    return InvalidIndexFileError(f"{path}: {problem}")
+
+
+def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
+    """Validate the manifest's bytes (read from ``path``, at most ``MAX_MANIFEST_BYTES + 1``)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise bad_file(path, f"larger than {MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_file(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_file(path, "nested too deeply; not a vectordb manifest") from None
+    if not isinstance(manifest, dict):
+        raise bad_file(path, f"expected a JSON object, found {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT_NAME:
+        raise bad_file(path, f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise bad_file(
+            path,
+            f"format_version is {version!r}, expected one of {READABLE_VERSIONS} "
+            "(saved by another version of vectordb?)",
+        )
+    _check_manifest_checksum(raw, manifest, version, path)
+    for key in ("dim", "n", "n_nodes", "n_leaves"):
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_file(path, f"{key!r} must be a positive integer, found {value!r}")
+    try:
+        manifest["metric"] = Metric(manifest.get("metric"))
+    except ValueError:
+        raise bad_file(path, f"unknown metric {manifest.get('metric')!r}") from None
+    params = manifest.get("params")
+    if not isinstance(params, dict):
+        raise bad_file(path, "'params' must be an object")
+    for key, (low, high) in _INT_PARAMS.items():
+        value = params.get(key)
+        if value is None and key not in _REQUIRED_PARAMS:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            limits = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise bad_file(path, f"params.{key} must be an integer {limits}, found {value!r}")
+    if not isinstance(params.get("rotate"), bool):
+        raise bad_file(path, f"params.rotate must be true or false, found {params.get('rotate')!r}")
+    if params.get("leaf_scan") not in ("codes", "vectors"):
+        raise bad_file(
+            path,
+            f"params.leaf_scan must be 'codes' or 'vectors', found {params.get('leaf_scan')!r}",
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad_file(path, "'files' must be an object")
+    for name, entry in files.items():
+        if name not in KNOWN_FILES:
+            # Also keeps names such as "../x" or "/etc/passwd" from ever becoming paths.
+            raise bad_file(path, f"lists an unknown file {name!r}")
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(f), int) and not isinstance(entry.get(f), bool) and entry[f] >= 0
+            for f in ("size", "crc32")
+        )
+        if not ok:
+            raise bad_file(
+                path, f"files[{name!r}] must have non-negative integer 'size' and 'crc32'"
+            )
+    return manifest
+
+
+def sign_manifest(manifest: dict[str, Any]) -> bytes:
+    """The bytes of ``manifest`` as saved: canonical JSON with its CRC32 as ``checksum``.
+
+    The checksum covers the canonical JSON of everything else; the file must be exactly
+    the canonical JSON of the whole, so that a changed byte anywhere (whitespace
+    included) is caught.
+    """
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    crc = zlib.crc32(_canonical(body))
+    return _canonical({**body, "checksum": crc})
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+
+
+def _check_manifest_checksum(
+    raw: bytes, manifest: dict[str, Any], version: int, path: Path
+) -> None:
+    """Version 2 manifests carry the CRC32 of their content (see :func:`sign_manifest`)."""
+    checksum = manifest.get("checksum")
+    if version == 1:
+        if "checksum" in manifest:
+            raise bad_file(path, "a version 1 manifest has no checksum: damaged")
+        return
+    if isinstance(checksum, bool) or not isinstance(checksum, int):
+        raise bad_file(path, f"'checksum' must be an integer, found {checksum!r}")
+    if sign_manifest(manifest) != raw:
+        raise bad_file(path, "checksum mismatch: the manifest was changed or damaged")
+
+
+def expected_arrays(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+    """Every ``.npy`` file the manifest implies: name -> (dtype, shape)."""
+    dim, n = manifest["dim"], manifest["n"]
+    n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
+    params = manifest["params"]
+    bits = words_for(dim) * 64 if params["rotate"] else dim
+    expected: dict[str, tuple[type, tuple[int, ...]]] = {
+        "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
+        "children.npy": (np.int64, (n_nodes, params["branching_factor"])),
+        "leaf_of_node.npy": (np.int64, (n_nodes,)),
+        "centroids.npy": (np.float32, (n_nodes, bits)),
+        "ids.npy": (np.int64, (n,)),
+    }
+    if params["leaf_scan"] == "codes":
+        expected["codes.npy"] = (np.uint64, (words_for(bits), n))
+        expected["norms.npy"] = (np.float32, (n,))
+        if manifest["metric"] is Metric.IP:
+            expected["dots.npy"] = (np.float32, (n,))
+    if params["rotate"]:
+        expected["perm.npy"] = (np.int64, (bits,))
+        expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
+    return {name: (np.dtype(dt), shape) for name, (dt, shape) in expected.items()}
+
+
+def arrays_of(data: IndexData) -> dict[str, npt.NDArray[Any]]:
+    """The ``.npy`` files a save writes for ``data`` (compact: slot ``i`` is row ``i``):
+    name -> array, as :func:`expected_arrays` expects them."""
+    tree, base, quantizer = data.tree, data.base, data.quantizer
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "centroids.npy": tree.centroids,
+        "children.npy": tree.children,
+        "leaf_of_node.npy": tree.leaf_of_node,
+        "leaf_offsets.npy": base.offsets,
+        "ids.npy": data.ids,
+    }
+    if base.codes is not None and base.norms is not None:
+        arrays["codes.npy"] = base.codes
+        arrays["norms.npy"] = base.norms
+    if base.dots is not None:
+        arrays["dots.npy"] = base.dots
+    if quantizer.perm is not None and quantizer.blocks is not None:
+        arrays["perm.npy"] = quantizer.perm
+        arrays["blocks.npy"] = quantizer.blocks
+    return arrays
+
+
+def manifest_of(data: IndexData, files: dict[str, dict[str, int]]) -> bytes:
+    """The signed manifest of ``data`` whose files have the sizes and CRC32s ``files``."""
+    return sign_manifest(
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dim": data.dim,
+            "metric": data.metric.value,
+            "n": data.n,
+            "n_nodes": data.tree.n_nodes,
+            "n_leaves": data.tree.n_leaves,
+            "params": dict(data.params),
+            "files": files,
+        }
+    )
