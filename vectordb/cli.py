@@ -39,7 +39,7 @@ from .index.clustered import ClusteredIndex
 from .storage.dirswap import check_replaceable
 from .storage.format import MANIFEST, parse_manifest
 from .storage.load import manifest_path
-from .storage.vectors import scratch_files, scratch_in_use
+from .storage.scratch import scratch_files, scratch_in_use
 
 __all__ = ["main"]
 

@@ -147,7 +147,7 @@ extern "C" __global__ void beam_route(
     held[q] = rows;
 }
 
-/* The k best of each query's m candidates by (distance, row), as scan.rerank: one thread
+/* The k best of each query's m candidates by (distance, row), as search.rerank.rerank: one thread
    per query, insertion into its sorted output. dist: (nq, m); rows: (nq, m), -1 for none;
    out_rows, out_dist: (nq, k), padded with -1 and inf. */
 extern "C" __global__ void top_k(

@@ -284,7 +284,7 @@ class CupySearcher:
 
     def _rerank(self, dq: Any, cand: Any, k: int) -> tuple[Any, Any]:
         """Device rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of the ``k``
-        best candidates, as ``scan.rerank``: exact distances, then the ``top_k`` kernel."""
+        best candidates, as ``search.rerank.rerank``: exact distances, then the ``top_k`` kernel."""
         cp = self._cp
         dist = ds.candidate_distances(cp, dq, cand, self._vectors, self.metric)
         nq, m = cand.shape

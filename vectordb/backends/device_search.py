@@ -6,10 +6,11 @@ the query codes against each probed leaf, and take the exact distances of the ca
 Written against ``xp`` rather than CuPy so the same lines run, and are tested, with NumPy
 on machines without a GPU; this module imports neither.
 
-They compute what the NumPy stages compute (:mod:`vectordb.core.tree`, :mod:`vectordb.core.codes`,
-:mod:`vectordb.search.rerank`), in float32 but without those stages' batch-independent summation
-order: a query's floats may differ from the CPU's in the last bits, so where two leaves or
-two candidates tie within rounding, either may be chosen. Hamming distances, and the
+They compute what the NumPy stages compute (:mod:`vectordb.search.route`,
+:mod:`vectordb.core.codes`, :mod:`vectordb.search.rerank`), in float32 but without those
+stages' batch-independent summation order: a query's floats may differ from the CPU's in
+the last bits, so where two leaves or two candidates tie within rounding, either may be
+chosen. Hamming distances, and the
 estimates computed from the same query codes, are exact on both.
 
 Shapes use ``nq`` queries, ``L`` probed leaves per query, ``w`` code words, ``bits`` rotated

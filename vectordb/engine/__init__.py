@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .core import AsyncEngine, EngineState
+from .core import AsyncEngine
+from .lifecycle import EngineState
 from .stats import EngineStats
 
 __all__ = ["AsyncEngine", "EngineState", "EngineStats"]

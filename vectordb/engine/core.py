@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import enum
 import functools
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .._types import F32, I64
-from .._validation import as_query_matrix, check_k, positive_int
+from .._validation import as_query_matrix, positive_int
 from ..errors import (
     EngineClosedError,
     InvalidParameterError,
 )
 from ..index.clustered import ClusteredIndex
-from ..storage.filters import Filter, check_filter
+from ..storage.filters import Filter
 from ..storage.save import SaveJob
 from .batcher import MicroBatcher
-from .keys import BatchKey, FilterKey
+from .keys import BatchKey
+from .lifecycle import EngineState, Lifecycle
 from .stats import EngineStats, StatsRecorder
 from .waiting import check_timeout, finish, within
 
@@ -33,14 +32,6 @@ __all__ = ["AsyncEngine", "EngineState"]
 T = TypeVar("T")
 
 _WARM_CHUNK = 16 << 20
-
-
-class EngineState(enum.Enum):
-    """Lifecycle of an :class:`AsyncEngine`."""
-
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 class AsyncEngine:
@@ -127,10 +118,7 @@ class AsyncEngine:
         self._stats = StatsRecorder()
         self._batcher: MicroBatcher | None = None
         self._write_lock: asyncio.Lock | None = None
-        self._state = EngineState.OPEN
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._active = 0  # calls under way (see _operation); aclose waits for them
-        self._idle: asyncio.Event | None = None
+        self._life = Lifecycle()
         self._closing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -177,7 +165,7 @@ class AsyncEngine:
             raise
 
     async def __aenter__(self) -> AsyncEngine:
-        self._check_open()
+        self._life.check_open()
         return self
 
     async def __aexit__(
@@ -190,7 +178,7 @@ class AsyncEngine:
 
     @property
     def state(self) -> EngineState:
-        return self._state
+        return self._life.state
 
     @property
     def index(self) -> ClusteredIndex:
@@ -207,18 +195,18 @@ class AsyncEngine:
         timeout) stops only its wait, never the close. Called from another event loop than
         the engine's once that one has stopped, it closes as :meth:`close` does.
         """
-        if self._state is EngineState.CLOSED:
+        if self._life.state is EngineState.CLOSED:
             return
-        loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            if self._loop.is_running():
+        loop, mine = asyncio.get_running_loop(), self._life.loop
+        if mine is not None and mine is not loop:
+            if mine.is_running():
                 raise InvalidParameterError(
                     "the engine's event loop runs in another thread: close it from there"
                 )
             self.close()
             return
         if self._closing is None:
-            self._state = EngineState.CLOSING
+            self._life.state = EngineState.CLOSING
             self._closing = loop.create_task(self._close())
         await asyncio.shield(self._closing)
 
@@ -226,9 +214,7 @@ class AsyncEngine:
         try:
             if self._batcher is not None:
                 await self._batcher.close()
-            while self._active:
-                self._idle = asyncio.Event()
-                await self._idle.wait()
+            await self._life.idle()
             if self._write_lock is not None:
                 async with self._write_lock:  # writes begun by a caller that left, a save
                     pass
@@ -238,7 +224,7 @@ class AsyncEngine:
             self._executor.shutdown(wait=False)
             if self._owns_index:
                 self._index.close()
-            self._state = EngineState.CLOSED
+            self._life.state = EngineState.CLOSED
 
     def close(self) -> None:
         """Close from synchronous code, once the event loop that used the engine is not
@@ -248,9 +234,9 @@ class AsyncEngine:
 
         Raises ``InvalidParameterError`` if the engine's loop is running.
         """
-        if self._state is EngineState.CLOSED:
+        if self._life.state is EngineState.CLOSED:
             return
-        if self._loop is not None and self._loop.is_running():
+        if self._life.loop is not None and self._life.loop.is_running():
             raise InvalidParameterError(
                 "the engine's event loop is running: use 'await engine.aclose()'"
             )
@@ -259,10 +245,11 @@ class AsyncEngine:
         self._executor.shutdown(wait=False)
         if self._owns_index:
             self._index.close()
-        self._state = EngineState.CLOSED
+        self._life.state = EngineState.CLOSED
 
     def __del__(self) -> None:
-        if getattr(self, "_state", EngineState.CLOSED) is not EngineState.CLOSED:
+        life = getattr(self, "_life", None)
+        if life is not None and life.state is not EngineState.CLOSED:
             warnings.warn(
                 f"{self!r} was not closed; use 'async with' or 'await engine.aclose()'",
                 ResourceWarning,
@@ -272,35 +259,7 @@ class AsyncEngine:
             self._executor.shutdown(wait=False)
 
     def __repr__(self) -> str:
-        return f"<AsyncEngine {self._state.value} {self._index!r}>"
-
-    def _check_open(self) -> None:
-        if self._state is not EngineState.OPEN:
-            raise EngineClosedError(f"the engine is {self._state.value}")
-
-    def _bind_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif loop is not self._loop:
-            raise InvalidParameterError(
-                "this engine belongs to another event loop (the first one that used it); "
-                "create one engine per event loop"
-            )
-
-    @contextlib.contextmanager
-    def _operation(self) -> Iterator[None]:
-        """One call other than a search, from its first step to its last: refused unless
-        the engine is open, and waited for by :meth:`aclose`."""
-        self._check_open()
-        self._bind_loop()
-        self._active += 1
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if not self._active and self._idle is not None:
-                self._idle.set()
+        return f"<AsyncEngine {self._life.state.value} {self._index!r}>"
 
     # ------------------------------------------------------------------ search
     async def search(
@@ -321,9 +280,9 @@ class AsyncEngine:
         (O(d)), so a bad one fails alone, not its batch. A dict ``filter`` is copied when
         the call is made.
         """
-        self._check_open()
+        self._life.check_open()
         q = as_query_matrix(query, self._index.dim, single=True)
-        key = self._key(k, probes, rerank_factor, filter)
+        key = BatchKey.of(k, probes, rerank_factor, filter)
         ids, dists = await self._submit(q, key, check_timeout(timeout))
         return ids[0], dists[0]
 
@@ -338,22 +297,13 @@ class AsyncEngine:
         timeout: float | None = None,
     ) -> tuple[I64, F32]:
         """``search`` for each row of ``queries`` ``(nq, d)``: ``(nq, k)`` ids and distances."""
-        self._check_open()
+        self._life.check_open()
         q = as_query_matrix(queries, self._index.dim, single=False)
-        key = self._key(k, probes, rerank_factor, filter)
+        key = BatchKey.of(k, probes, rerank_factor, filter)
         return await self._submit(q, key, check_timeout(timeout))
 
-    @staticmethod
-    def _key(k: Any, probes: Any, rerank_factor: Any, filt: Any) -> BatchKey:
-        return BatchKey(
-            check_k(k),
-            positive_int("probes", probes),
-            positive_int("rerank_factor", rerank_factor),
-            FilterKey(check_filter(filt)),
-        )
-
     async def _submit(self, q: F32, key: BatchKey, timeout: float | None) -> tuple[I64, F32]:
-        self._bind_loop()
+        self._life.bind_loop()
         if self._batcher is None:
             self._batcher = MicroBatcher(
                 self._run_batch,
@@ -384,7 +334,7 @@ class AsyncEngine:
 
         The write lock is held until the executor has finished the write, even if the
         caller is cancelled meanwhile (a thread cannot be stopped): writes never overlap."""
-        with self._operation():
+        with self._life.operation():
             if self._write_lock is None:
                 self._write_lock = asyncio.Lock()
             lock = self._write_lock
@@ -432,7 +382,7 @@ class AsyncEngine:
         """``fn(*args)`` on the engine's executor, for other work on the index that may page
         in the mapped vectors or take a while; :meth:`aclose` waits for it. Raises
         ``EngineClosedError`` once the engine is closed."""
-        with self._operation():
+        with self._life.operation():
             return await self._call(fn, *args)
 
     async def ids_matching(self, filter: Filter) -> I64:
@@ -456,7 +406,7 @@ class AsyncEngine:
         try:
             return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except RuntimeError as exc:  # the executor was shut down: the engine closed
-            raise EngineClosedError(f"the engine is {self._state.value}") from exc
+            raise EngineClosedError(f"the engine is {self._life.state.value}") from exc
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._start(fn, *args)
@@ -470,7 +420,7 @@ class AsyncEngine:
         released before ``CancelledError`` is raised, and ``path`` holds the old index or
         the new one. :meth:`aclose` waits for a save under way.
         """
-        with self._operation():
+        with self._life.operation():
             if self._write_lock is None:
                 self._write_lock = asyncio.Lock()
             async with self._write_lock:  # a consistent snapshot: no write during the save
@@ -498,7 +448,7 @@ class AsyncEngine:
         save onto the index's own directory puts another file there (after ``compact``,
         none).
         """
-        with self._operation():
+        with self._life.operation():
             warmer = self._index.warmer()
             if warmer is None:
                 return 0

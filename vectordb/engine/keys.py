@@ -11,7 +11,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..storage.filters import Filter
+from .._validation import check_k, positive_int
+from ..storage.filters import Filter, check_filter
 
 __all__ = ["BatchKey", "FilterKey"]
 
@@ -81,6 +82,16 @@ def _frozen(value: Any) -> Hashable:
 @dataclass(frozen=True)
 class BatchKey:
     """The search parameters of a batch: one key, one ``search_batch`` call."""
+
+    @classmethod
+    def of(cls, k: Any, probes: Any, rerank_factor: Any, filt: Any) -> BatchKey:
+        """The key of a call's parameters, checked (``InvalidParameterError``)."""
+        return cls(
+            check_k(k),
+            positive_int("probes", probes),
+            positive_int("rerank_factor", rerank_factor),
+            FilterKey(check_filter(filt)),
+        )
 
     k: int
     probes: int

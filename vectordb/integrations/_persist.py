@@ -11,7 +11,7 @@ the other's index. :func:`read_info` checks every key of ``store.json``.
 it says so, a complete ``index/``) is a committed store. Where the swap takes two renames
 and a crash comes between them, the next save, or the next open of the missing path
 (:func:`recover_missing`), renames that new copy back, else the old one (the indexes'
-recovery, :func:`vectordb.storage.save.recover_missing`, with this test of completeness).
+recovery, :func:`vectordb.storage.load.recover_missing`, with this test of completeness).
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def route_for(tree: Tree, q: F32, probes: int, need: int, sizes: I64, metric: Me
 def nearest_first(tree: Tree, q: F32, leaves: I64, metric: Metric) -> I64:
     """``leaves`` ``(nq, L)`` with each row's nearest leaf (by centroid) moved to column 0.
 
-    Only an ordering hint for the scan (see ``leafscan``): near ties may go either way.
+    Only an ordering hint for the scan (see :mod:`vectordb.search.candidates`): near ties
+    may go either way.
     """
     if leaves.shape[1] < 2:
         return leaves

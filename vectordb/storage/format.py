@@ -5,7 +5,7 @@ Layout of a saved index (format version 2; version 1 lacks the manifest checksum
     my_index/
       manifest.json     format, version, dim, metric, n, build parameters, the size and
                         CRC32 of every other file, and its own checksum (the CRC32 of its
-                        canonical JSON without it; see ``reader.sign_manifest``)
+                        canonical JSON without it; see :func:`sign_manifest`)
       centroids.npy     (n_nodes, bits) float32     tree node centroids, rotated
       children.npy      (n_nodes, branching) int64  child node ids, -1 padded
       leaf_of_node.npy  (n_nodes,) int64            leaf number, -1 for inner nodes

@@ -23,6 +23,7 @@ import numpy as np
 from .._types import F32, I64
 from ..errors import IndexClosedError, InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import atomic_write, names_file, storage_error
+from .scratch import lock_scratch
 
 __all__ = [
     "InMemoryStorage",
@@ -31,8 +32,6 @@ __all__ = [
     "Warmer",
     "compacted_store",
     "mapped_copy",
-    "scratch_files",
-    "scratch_in_use",
     "write_rows",
     "write_vectors",
 ]
@@ -57,7 +56,7 @@ def write_rows(
     with atomic_write(path) as fh:
         # Held until the file is complete: `vectordb verify` tells a compaction still
         # writing (its temporary file is named like the working file) from a dead one's.
-        _lock_scratch(fh.fileno())
+        lock_scratch(fh.fileno())
         for start in range(0, order.shape[0], rows):
             chunk = np.ascontiguousarray(take(order[start : start + rows]), dtype="<f4").tobytes()
             crc = zlib.crc32(chunk, crc)
@@ -149,7 +148,7 @@ class MmapStorage:
     ) -> None:
         """Map ``path`` (``n`` rows of ``dim`` float32). ``owned``: a working file of the
         index's own, removed by :meth:`close`, and ``flock``-ed while open (see
-        :func:`scratch_in_use`). ``fd``: an open descriptor of ``path`` to map instead of
+        :func:`.scratch.scratch_in_use`). ``fd``: an open descriptor of ``path`` to map instead of
         opening it again (the reader's, so that the file whose size is checked is the file
         mapped, whatever the path names by now); not closed here (a duplicate is kept).
 
@@ -175,7 +174,7 @@ class MmapStorage:
         self._release = weakref.finalize(self, file.close)
         try:
             if owned:
-                _lock_scratch(file.fileno())
+                lock_scratch(file.fileno())
             self._mmap: mmap.mmap | None = self._map(file.fileno(), n, dim)
         except BaseException as exc:
             self._release()
@@ -245,7 +244,7 @@ class MmapStorage:
 
         The file is created (never opened again by path) with an exclusive ``flock`` held
         while it is open, so that a leftover of a process that died can be told from the
-        file of one still running (:func:`scratch_in_use`).
+        file of one still running (:func:`.scratch.scratch_in_use`).
         """
         first = self.n
         if self._closed:
@@ -260,7 +259,7 @@ class MmapStorage:
                 fh = open(path, "x+b", buffering=0)  # noqa: SIM115 (open until discard)
             except OSError as exc:
                 raise storage_error(exc, path) from exc
-            _lock_scratch(fh.fileno())
+            lock_scratch(fh.fileno())
             self._append_path, self._append_file, self._append_bytes = path, fh, 0
         end = self._append_bytes
         try:
@@ -449,53 +448,3 @@ def compacted_store(
         write_rows(old.take, order, dim, path, on_bytes)
         return MmapStorage(path, order.shape[0], dim, owned=True)
     return InMemoryStorage(np.ascontiguousarray(old.take(order)))
-
-
-#: Working files an index in mmap mode creates inside its directory: rows appended since
-#: open or since ``compact``, never part of the saved index (its manifest lists its files).
-
-
-_SCRATCH_PATTERNS = (".*.append-*", ".*.compact-*")
-
-
-def _lock_scratch(fd: int) -> None:
-    """Hold an exclusive ``flock`` on a working file while it is open (none where flock
-    is unavailable: :func:`scratch_in_use` then cannot tell)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def scratch_files(directory: Path) -> list[Path]:
-    """The working files (``.*.append-*``, ``.*.compact-*``) inside an index directory."""
-    found = {p for pattern in _SCRATCH_PATTERNS for p in Path(directory).glob(pattern)}
-    return sorted(p for p in found if p.is_file() and not p.is_symlink())
-
-
-def scratch_in_use(path: Path) -> bool | None:
-    """Whether a running process holds the working file ``path`` open (its ``flock``:
-    an append file, a compacted vector file, or one still being written); ``None`` where
-    that cannot be told (no flock, or a file of no such name)."""
-    name = Path(path).name
-    if ".append-" not in name and ".compact-" not in name:
-        return None
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # releases the shared lock, if taken
-    return False
