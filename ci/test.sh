@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv, install vectordb with its test extra, check
-# formatting, lint and types, run the tests.
+# formatting, lint, types and import layering, run the tests.
 # Usage: bash ci/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,8 +8,9 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
-echo "ruff format --check; ruff check; mypy (strict) on vectordb/"
+echo "ruff format --check; ruff check; mypy (strict) on vectordb/; lint-imports (layers in pyproject.toml)"
 .venv/bin/python -m ruff format --check --quiet .
 .venv/bin/python -m ruff check --quiet .
 .venv/bin/python -m mypy vectordb
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

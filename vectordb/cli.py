@@ -41,7 +41,7 @@ from .storage.format import MANIFEST, parse_manifest
 from .storage.load import manifest_path
 from .storage.scratch import scratch_files, scratch_in_use
 
-__all__ = ["main"]
+__all__ = ["bench", "build", "cli", "info", "main", "search", "verify", "warm"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -114,7 +114,7 @@ def rotate(xp: Any, x: Any, perm: Any, blocks_t: Any, bits: int) -> Any:
 
 def node_scores(xp: Any, q: Any, tree: DeviceTree, metric: Metric) -> Any:
     """Routing scores ``(nq, n_nodes + 1)`` float32 of rotated queries ``q`` against every
-    node, as ``tree._approx_scores``; the last column, ``inf``, scores "no node"."""
+    node, as ``search.route._approx_scores``; the last column, ``inf``, scores "no node"."""
     nq, n_nodes = q.shape[0], tree.n_nodes
     scores = xp.empty((nq, n_nodes + 1), dtype=xp.float32)
     dots = q @ tree.centroids.T

@@ -14,7 +14,7 @@ from ..core.topk import NO_KEY, candidate_keys, rows_of, smallest
 from ..search.candidates import mostly_apart, select_candidates
 from ..search.pipeline import HostSearcher, SearchInputs
 
-__all__ = ["NumpyBackend", "NumpyCodeSelector"]
+__all__ = ["NumpyBackend", "NumpyCodeSelector", "hamming"]
 
 
 #: Leaf by leaf pays off once leaves are shared by this many queries on average.

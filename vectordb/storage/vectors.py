@@ -149,7 +149,7 @@ class MmapStorage:
         """Map ``path`` (``n`` rows of ``dim`` float32). ``owned``: a working file of the
         index's own, removed by :meth:`close`, and ``flock``-ed while open (see
         :func:`.scratch.scratch_in_use`). ``fd``: an open descriptor of ``path`` to map instead of
-        opening it again (the reader's, so that the file whose size is checked is the file
+        opening it again (the loader's, so that the file whose size is checked is the file
         mapped, whatever the path names by now); not closed here (a duplicate is kept).
 
         The size is checked with ``fstat`` on the descriptor mapped. Should the file be
