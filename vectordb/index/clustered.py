@@ -325,9 +325,9 @@ class ClusteredIndex:
         """Checks first, then the new state is prepared, then metadata and state change
         together: a write that raises changes nothing a caller can see."""
         st = self._state
-        x = prepare(as_matrix(vectors, "vectors", self.dim), st.metric, copy=False)
-        n = x.shape[0]
-        docs = encode_documents(metadata, n)
+        x = as_matrix(vectors, "vectors", self.dim)
+        docs = encode_documents(metadata, x.shape[0])
+        x = prepare(x, st.metric, copy=False)
         rotated = st.quantizer.rotate(x)
         with self._write_lock:
             new_state, new_ids = update.added(self._state, x, rotated, ids, replace, self._params)
