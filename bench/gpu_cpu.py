@@ -95,7 +95,7 @@ def device_stages(index: Any, queries: np.ndarray, cupy: Any) -> dict[str, float
     from vectordb.backends import device_search as ds
     from vectordb.core.metrics import prepare
 
-    sel = index._state.selector
+    sel = index._state.searcher
     st = index._state
     metric = index.metric
     sync = cupy.cuda.Device().synchronize
@@ -165,7 +165,7 @@ def end_to_end(n: int, dim: int, cupy: Any, n_queries: int) -> list[dict[str, An
                     "use_backend_s": switch_s,
                 }
             )
-        if name == "cupy" and index._state.selector.vectors_on_device:
+        if name == "cupy" and index._state.searcher.vectors_on_device:
             for size in (64, 1024):
                 stages = device_stages(index, queries[:size], cupy)
                 rows[-1][f"stages_ms_{size}"] = stages

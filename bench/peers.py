@@ -133,7 +133,7 @@ class VectorDB(Runner):
         return self.index.memory_usage_bytes()
 
     def before_cold_query(self) -> None:
-        self.index._storage.drop_cache()  # type: ignore[union-attr]
+        self.index.drop_cache()
 
 
 class FaissFlat(Runner):

@@ -77,12 +77,20 @@ def test_warm_and_drop_cache_after_a_save_onto_itself_read_the_mapped_file(
             assert mapped.stat().st_size == 1200 * DIM * 4  # the new file, not the mapped one
         assert index.warm(progress=False) == rows * DIM * 4
         seen = fadvised(monkeypatch)
-        index._state.storage.drop_cache()  # type: ignore[union-attr]
+        index.drop_cache()
         assert seen == [mapped_inode]
         monkeypatch.undo()
         ids, _ = index.search_batch(data[[3, 1100]], 1, probes=64)
         assert ids[:, 0].tolist() == [3, 1100]
     assert not [p for p in os.listdir(path) if p.startswith(".")]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_in_ram_drop_cache_and_warm_touch_no_file(data, monkeypatch):
+    index = build(data[:300])
+    seen = fadvised(monkeypatch)
+    index.drop_cache()
+    assert seen == [] and index.warmer() is None and index.warm(progress=False) == 0
 
 
 @pytest.mark.asyncio

@@ -54,9 +54,7 @@ class ClusteredIndex:
         self._params = dict(data.params)
         self._metadata = data.metadata if data.metadata is not None else MetadataStore()
         self._write_lock = threading.RLock()
-        # Held while a write changes metadata and publishes its state, and while a filtered
-        # search reads both (see _state_and_matches).
-        self._meta_lock = threading.Lock()
+        self._meta_lock = threading.Lock()  # see _state_and_matches
         self._state = IndexState.of(data, backend)
 
     @classmethod
@@ -282,10 +280,9 @@ class ClusteredIndex:
         return lambda q: st.search(prepare(q, st.metric), k, probes, rerank_factor, matching)
 
     def _state_and_matches(self, filt: Filter | None) -> tuple[IndexState, I64 | None]:
-        """The published state and, with a filter, the ids whose metadata matches it at
-        the same moment. Writes change metadata and publish the state that goes with it
-        under ``_meta_lock`` too, so a filtered search never pairs an id's new metadata
-        with its old vector, or the reverse."""
+        """The published state and, with a filter, the ids its metadata matches then: writes
+        publish state and metadata under ``_meta_lock`` too, so that a filtered search never
+        pairs an id's new metadata with its old vector, or the reverse."""
         if filt is None:
             return self._state, None
         with self._meta_lock:
@@ -367,8 +364,7 @@ class ClusteredIndex:
 
         In RAM the vectors are copied; in mmap mode a new vector file is written beside the
         mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
-        the index directory). Searches may run meanwhile. ``progress``: a progress bar for
-        the file written in mmap mode, on a terminal (needs tqdm); ``False`` never.
+        the index directory). Searches may run meanwhile. ``progress``: as for :meth:`save`.
         """
         with self._write_lock:
             st = self._state
@@ -418,8 +414,7 @@ class ClusteredIndex:
         ``path`` is replaced). Format: raw little-endian float32, ``n * dim * 4`` bytes,
         rows in storage order. Raises ``AlreadyUsingMmapError`` if already mapped, and
         ``StorageError`` if writing fails (the vectors then stay in RAM, usable).
-        ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
-        """
+        ``progress``: as for :meth:`save`."""
         if self.is_using_mmap:
             raise AlreadyUsingMmapError(f"vectors are already memory-mapped from {self.mmap_path}")
         with self._write_lock:
@@ -429,12 +424,9 @@ class ClusteredIndex:
             self._state = self._state.replace(storage=storage)
 
     def warm(self, *, progress: bool | None = None) -> int:
-        """Read the memory-mapped vector file once, so that its pages are in the page cache
-        and the first searches do not wait for the disk; returns bytes read (0 in RAM).
-
-        Reads sequentially (the steps of :meth:`warmer`). ``progress``: a progress bar on
-        a terminal (needs tqdm); ``False`` never.
-        """
+        """Read the mapped vector file once, in order (the steps of :meth:`warmer`), so that
+        its pages are in the page cache and the first searches do not wait for the disk;
+        returns bytes read (0 in RAM). ``progress``: as for :meth:`save`."""
         storage = self._state.storage
         if not isinstance(storage, MmapStorage):
             return 0
@@ -446,6 +438,13 @@ class ClusteredIndex:
         chunk, for callers that run each step elsewhere (the async engine's executor)."""
         storage = self._state.storage
         return storage.warmer() if isinstance(storage, MmapStorage) else None
+
+    def drop_cache(self) -> None:
+        """Evict the mapped vectors' pages (this process's and the OS page cache's), to
+        measure cold reads; a no-op in RAM."""
+        storage = self._state.storage
+        if isinstance(storage, MmapStorage):
+            storage.drop_cache()
 
     def close(self) -> None:
         """Release the memory-mapped file, if any. Searching afterwards raises
