@@ -35,6 +35,7 @@ from .._types import F32, I64, U64
 from ..core.codes import CodeTable
 from ..core.metrics import Metric
 from ..core.parts import Part
+from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
 from ..search.rerank import rerank as host_rerank
 from . import device_search as ds
@@ -310,7 +311,7 @@ class CupySearcher:
         """``(nq, m')`` int64 device rows: the ``m`` best by (estimate, row)."""
         cp = self._cp
         nq, n_slots = leaves.shape
-        keep = min(m, n_slots * max(1, min(m, self._max_rows)))
+        keep = candidate_width(m, n_slots, self._max_rows)
         qcodes, a_term, b_term = ds.query_terms(
             cp, rotated, leaves, self._tree, self.words, self.metric
         )

@@ -11,7 +11,7 @@ from .._types import F32, I64, U64, Mask
 from ..core.codes import CodeTable, estimate, estimate_broadcast, query_side
 from ..core.parts import Part, leaf_sizes
 from ..core.topk import NO_KEY, candidate_keys, rows_of, smallest
-from ..search.candidates import mostly_apart, select_candidates
+from ..search.candidates import candidate_width, mostly_apart, select_candidates
 from ..search.pipeline import HostSearcher, SearchInputs
 
 __all__ = ["NumpyBackend", "NumpyCodeSelector", "hamming"]
@@ -92,7 +92,7 @@ class NumpyCodeSelector:
     def _select_flat(self, q: F32, leaves: I64, m: int, row_ok: Mask | None) -> I64:
         nq, n_slots = leaves.shape
         sizes = self.sizes
-        keep = min(m, n_slots * max(1, min(m, int(sizes.max(initial=0)))))
+        keep = candidate_width(m, n_slots, int(sizes.max(initial=0)))
         out = np.full((nq, keep), -1, dtype=np.int64)
         # Blocks of queries holding about _FLAT_ROWS probed slots each.
         per_query = np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)

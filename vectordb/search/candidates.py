@@ -32,6 +32,7 @@ __all__ = [
     "LeafScorer",
     "VectorScorer",
     "VectorSelector",
+    "candidate_width",
     "mostly_apart",
     "select_by_runs",
     "select_candidates",
@@ -50,6 +51,12 @@ class LeafScorer(Protocol):
     def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
         """``(nq, b - a)`` float32 scores of slots ``a:b`` of ``part`` (all in ``leaf``)."""
         ...
+
+
+def candidate_width(m: int, n_slots: int, max_leaf_rows: int) -> int:
+    """Columns of a candidate matrix: ``m``, or fewer when ``n_slots`` probed leaves of at
+    most ``max_leaf_rows`` rows each cannot hold ``m`` rows."""
+    return min(m, n_slots * max(1, min(m, max_leaf_rows)))
 
 
 def mostly_apart(leaves: I64, n_leaves: int, shared: int) -> bool:
@@ -95,7 +102,7 @@ def select_candidates(
     """
     nq, n_slots = leaves.shape
     max_leaf_rows = int(leaf_sizes(parts).max(initial=0))
-    keep = min(m, n_slots * max(1, min(m, max_leaf_rows)))
+    keep = candidate_width(m, n_slots, max_leaf_rows)
     out = np.full((nq, keep), -1, dtype=np.int64)
     block = max(1, _SCORE_BLOCK // max(1, max_leaf_rows))
     for start in range(0, nq, block):
@@ -124,7 +131,7 @@ def select_by_runs(
     """
     nq, n_slots = leaves.shape
     max_leaf_rows = int(leaf_sizes(parts).max(initial=0))
-    keep = min(m, n_slots * max(1, min(m, max_leaf_rows)))
+    keep = candidate_width(m, n_slots, max_leaf_rows)
     out = np.full((nq, keep), -1, dtype=np.int64)
     for i in range(nq):
         mine = np.unique(leaves[i][leaves[i] >= 0])
