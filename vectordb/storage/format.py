@@ -110,17 +110,9 @@ def bad_file(path: Path, problem: str) -> InvalidIndexFileError:
 
 
 def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
-    """Validate the manifest's bytes (read from ``path``, at most ``MAX_MANIFEST_BYTES + 1``)."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise bad_file(path, f"larger than {MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_file(path, f"not valid JSON ({exc})") from None
-    except RecursionError:
-        raise bad_file(path, "nested too deeply; not a vectordb manifest") from None
-    if not isinstance(manifest, dict):
-        raise bad_file(path, f"expected a JSON object, found {type(manifest).__name__}")
+    """Validate the manifest's bytes (read from ``path``, at most ``MAX_MANIFEST_BYTES + 1``):
+    JSON, format and version, checksum, counts, metric, parameters, file entries."""
+    manifest = _json_object(raw, path)
     if manifest.get("format") != FORMAT_NAME:
         raise bad_file(path, f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
@@ -139,7 +131,28 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
         manifest["metric"] = Metric(manifest.get("metric"))
     except ValueError:
         raise bad_file(path, f"unknown metric {manifest.get('metric')!r}") from None
-    params = manifest.get("params")
+    _check_params(manifest.get("params"), path)
+    _check_file_entries(manifest.get("files"), path)
+    return manifest
+
+
+def _json_object(raw: bytes, path: Path) -> dict[str, Any]:
+    """``raw`` parsed as one JSON object of at most ``MAX_MANIFEST_BYTES``."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise bad_file(path, f"larger than {MAX_MANIFEST_BYTES} bytes; not a vectordb manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_file(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_file(path, "nested too deeply; not a vectordb manifest") from None
+    if not isinstance(manifest, dict):
+        raise bad_file(path, f"expected a JSON object, found {type(manifest).__name__}")
+    return manifest
+
+
+def _check_params(params: Any, path: Path) -> None:
+    """The manifest's build parameters: integers in range, ``rotate``, ``leaf_scan``."""
     if not isinstance(params, dict):
         raise bad_file(path, "'params' must be an object")
     for key, (low, high) in _INT_PARAMS.items():
@@ -161,7 +174,10 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
             path,
             f"params.leaf_scan must be 'codes' or 'vectors', found {params.get('leaf_scan')!r}",
         )
-    files = manifest.get("files")
+
+
+def _check_file_entries(files: Any, path: Path) -> None:
+    """The manifest's ``files``: known names only, each with a size and a CRC32."""
     if not isinstance(files, dict):
         raise bad_file(path, "'files' must be an object")
     for name, entry in files.items():
@@ -176,7 +192,6 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
             raise bad_file(
                 path, f"files[{name!r}] must have non-negative integer 'size' and 'crc32'"
             )
-    return manifest
 
 
 def sign_manifest(manifest: dict[str, Any]) -> bytes:
