@@ -12,7 +12,7 @@ from vectordb.backends import device_search as ds
 from vectordb.core import topk
 from vectordb.core.codes import Quantizer, pack_signs
 from vectordb.core.metrics import Metric, prepare
-from vectordb.search.route import route
+from vectordb.search.route import beam, route
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,39 @@ def test_wide_beams_pick_the_cpu_leaves(index, probes):
     q = idx._state.quantizer.rotate(prepare(queries, Metric.COSINE))
     tree = ds.DeviceTree.upload(np, st.tree)
     got = ds.beam(np, ds.node_scores(np, q, tree, Metric.COSINE), tree, probes)
-    want = route(st.tree, q, probes, Metric.COSINE)
+    want = beam(st.tree, q, probes, Metric.COSINE)
     same = [
         set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
     ]
     assert np.mean(same) >= 0.99
+
+
+@pytest.mark.parametrize("probes", [1, 3, 8, 40])
+@pytest.mark.parametrize("flat", [True, False])
+def test_nearest_leaves_pick_the_cpu_leaves(index, monkeypatch, probes, flat):
+    """The GPU's routing as array code: the nearest leaves of all (flat trees) or of those a
+    wide beam reached (larger trees; forced here by lowering the flat limit)."""
+    import vectordb.search.route as route_module
+
+    idx, queries = index
+    st = idx._state
+    q = idx._state.quantizer.rotate(prepare(queries, Metric.COSINE))
+    tree = ds.DeviceTree.upload(np, st.tree)
+    scores = ds.node_scores(np, q, tree, Metric.COSINE)
+    reached = None
+    if not flat:
+        monkeypatch.setattr(route_module, "FLAT_MAX_LEAVES", 10)
+        reached = ds.beam(np, scores, tree, route_module.beam_width(probes))
+    got = ds.nearest_leaves(np, scores, tree, probes, reached)
+    want = route(st.tree, q, probes, Metric.COSINE)
+    assert got.shape == want.shape == (len(q), min(probes, st.tree.n_leaves))
+    same = [
+        set(g[g >= 0].tolist()) == set(w[w >= 0].tolist()) for g, w in zip(got, want, strict=True)
+    ]
+    assert np.mean(same) >= 0.99
+    for row in got:  # ascending, distinct, padding last
+        found = row[row >= 0]
+        assert (np.diff(found) > 0).all() and (row[len(found) :] == -1).all()
 
 
 def test_tree_depth_and_single_leaf():

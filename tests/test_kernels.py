@@ -11,7 +11,7 @@ from vectordb.core.codes import Quantizer, cos_table, estimate, pack_signs
 from vectordb.core.kmeans import kmeans
 from vectordb.core.metrics import Metric
 from vectordb.search import route as route_module
-from vectordb.search.route import route
+from vectordb.search.route import beam, route
 
 
 def naive_hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -114,8 +114,8 @@ def test_kmeans_with_fewer_distinct_points_than_clusters():
     assert len(set(labels.tolist())) == 2
 
 
-def plain_route(tree, q: np.ndarray, probes: int) -> list[set[int]]:
-    """Leaves per query by the beam search ``search.route.route`` documents, query by query in
+def plain_beam(tree, q: np.ndarray, probes: int) -> list[set[int]]:
+    """Leaves per query by the beam search ``search.route.beam`` documents, query by query in
     float64: at every level keep the ``probes`` nodes of the frontier nearest by l2 to
     their centroids; kept leaves are answers, kept inner nodes are expanded."""
     centroids = tree.centroids.astype(np.float64)
@@ -131,20 +131,55 @@ def plain_route(tree, q: np.ndarray, probes: int) -> list[set[int]]:
     return out
 
 
-def test_routing_keeps_the_probes_nearest_nodes_of_every_level():
+def test_the_beam_keeps_the_probes_nearest_nodes_of_every_level():
     x = vdb.make_clustered(3000, 16, seed=2)
     index = vdb.ClusteredIndex.build(x, branching_factor=3, max_leaf_size=20)
     tree = index._state.tree
     assert tree.leaf_of_node[0] < 0  # a real tree, several levels deep
     q = index._state.quantizer.rotate(x[:50] + 0.05)
     for probes in (1, 2, 5):
-        want = plain_route(tree, q, probes)
+        want = plain_beam(tree, q, probes)
         # A batch (the fast product, rescored near ties) and lone queries (exact scores).
-        for got in (route(tree, q, probes, Metric.L2), route(tree, q[:3], probes, Metric.L2)):
+        for got in (beam(tree, q, probes, Metric.L2), beam(tree, q[:3], probes, Metric.L2)):
             for row, leaves in zip(got, want, strict=False):
                 found = row[row >= 0]
                 assert len(found) == len(set(found.tolist())), "a leaf listed twice"
                 assert set(found.tolist()) == leaves, f"probes={probes}"
+    everything = beam(tree, q, tree.n_nodes, Metric.L2)
+    for row in everything:
+        assert sorted(row[row >= 0].tolist()) == list(range(index.n_leaves))
+
+
+def plain_route(tree, q: np.ndarray, probes: int) -> list[set[int]]:
+    """The ``probes`` leaves whose centroids are nearest by l2, query by query in float64
+    (what ``search.route.route`` documents)."""
+    leaf_centroids = tree.centroids[tree.leaf_nodes].astype(np.float64)
+    out = []
+    for v in q.astype(np.float64):
+        dist = ((leaf_centroids - v) ** 2).sum(axis=1)
+        out.append(set(np.argsort(dist, kind="stable")[:probes].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_routing_keeps_the_probes_nearest_leaves(monkeypatch, flat):
+    x = vdb.make_clustered(3000, 16, seed=2)
+    index = vdb.ClusteredIndex.build(x, branching_factor=3, max_leaf_size=20)
+    tree = index._state.tree
+    if not flat:  # the path of large trees: the nearest of the leaves a wide beam reached
+        monkeypatch.setattr(route_module, "FLAT_MAX_LEAVES", 10)
+    q = index._state.quantizer.rotate(x[:50] + 0.05)
+    for probes in (1, 2, 5, 12):
+        want = plain_route(tree, q, probes)
+        for got in (route(tree, q, probes, Metric.L2), route(tree, q[:3], probes, Metric.L2)):
+            assert got.shape[1] == probes
+            agree = []
+            for row, leaves in zip(got, want, strict=False):
+                found = row[row >= 0]
+                assert (np.diff(found) > 0).all(), "leaves ascending, none twice"
+                agree.append(set(found.tolist()) == leaves)
+            # Flat routing is exact; a beam 4x wider than probes may miss a leaf rarely.
+            assert np.mean(agree) >= (1.0 if flat else 0.9), f"probes={probes}"
     everything = route(tree, q, tree.n_nodes, Metric.L2)
     for row in everything:
         assert sorted(row[row >= 0].tolist()) == list(range(index.n_leaves))
@@ -219,7 +254,8 @@ def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
     assert (gap > 0).any(), "the two ways should round differently somewhere"
 
 
-def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypatch):
+@pytest.mark.parametrize("flat", [True, False])
+def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypatch, flat):
     # Sibling centroids one float32 step apart (and exactly equal): the fast scores cannot
     # order them reliably, so such queries must be rescored the reference way.
     from vectordb.core.tree import Tree
@@ -233,13 +269,24 @@ def test_near_ties_in_routing_are_settled_the_same_alone_and_in_a_batch(monkeypa
     children[0] = np.arange(1, 10)
     tree = Tree(centroids, children, np.array([-1, *range(9)], dtype=np.int64))
     calls: list[int] = []
-    exact = route_module.exact_scores
+    if flat:
+        leaf_scores = route_module.leaf_scores
 
-    def counting(tree, q, nodes, metric):
-        calls.append(q.shape[0])
-        return exact(tree, q, nodes, metric)
+        def counting_leaves(tree, q, metric, *, exact):
+            if exact:
+                calls.append(q.shape[0])
+            return leaf_scores(tree, q, metric, exact=exact)
 
-    monkeypatch.setattr(route_module, "exact_scores", counting)
+        monkeypatch.setattr(route_module, "leaf_scores", counting_leaves)
+    else:
+        monkeypatch.setattr(route_module, "FLAT_MAX_LEAVES", 1)
+        exact = route_module.exact_scores
+
+        def counting(tree, q, nodes, metric):
+            calls.append(q.shape[0])
+            return exact(tree, q, nodes, metric)
+
+        monkeypatch.setattr(route_module, "exact_scores", counting)
     q = (base + rng.normal(0, 1e-3, (257, 64))).astype(np.float32)
     for probes in (1, 3, 8):
         together = route(tree, q, probes, Metric.L2)

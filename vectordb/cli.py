@@ -3,7 +3,7 @@
 ::
 
     vectordb build VECTORS.npy OUT_DIR --metric cosine [--ids IDS.npy] [--no-mmap]
-    vectordb search OUT_DIR QUERIES.npy -k 10 [--probes 4 --rerank-factor 5] [--json]
+    vectordb search OUT_DIR QUERIES.npy -k 10 [--probes 16 --rerank-factor 5] [--json]
     vectordb info OUT_DIR          n, dim, metric, RAM vs disk bytes, format, checksums
     vectordb verify OUT_DIR        every file's CRC32
     vectordb warm OUT_DIR          read the vector file into the page cache
@@ -205,7 +205,7 @@ def build(
 @click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("queries", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-k", type=int, default=10, show_default=True, help="Results per query.")
-@click.option("--probes", type=int, default=4, show_default=True)
+@click.option("--probes", type=int, default=16, show_default=True)
 @click.option("--rerank-factor", type=int, default=5, show_default=True)
 @click.option("--filter", "filter_json", help='Metadata filter as JSON, e.g. \'{"user": "ann"}\'.')
 @click.option("--ram", is_flag=True, help="Load the vectors into RAM instead of mapping them.")

@@ -38,6 +38,7 @@ from ..core.parts import Part
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
 from ..search.rerank import rerank as host_rerank
+from ..search.route import FLAT_MAX_LEAVES, beam_width
 from . import device_search as ds
 from .cuda_kernels import SOURCE
 from .device_memory import DevicePart, IdCache, VectorMirror, fits, rotation
@@ -223,31 +224,40 @@ class CupySearcher:
 
         Returns ``(nq, L)`` int64 leaves, trimmed (see ``ds.trim``), and for the queries
         whose leaves hold fewer than ``need`` rows by ``sizes``: their indices and their
-        leaves from a beam doubled until they hold enough (else ``None``).
+        leaves with ``probes`` doubled until they hold enough (else ``None``).
         """
         cp, tree = self._cp, self._tree
         nq = rotated.shape[0]
         if tree.depth == 0:
             return cp.zeros((nq, 1), dtype=cp.int64), None
+        n_leaves = int(tree.leaf_nodes.shape[0])
         scores = ds.node_scores(cp, rotated, tree, self.metric)
-        leaves, held = self._beam(scores, probes, sizes)
-        leaves = ds.trim(cp, leaves, packed=probes <= _KERNEL_PROBES)
-        short = cp.flatnonzero(held < need)
-        if short.shape[0] == 0 or probes >= tree.n_nodes:
+        leaves = self._nearest(scores, probes, sizes)
+        short = cp.flatnonzero(ds.rows_held(cp, leaves, sizes) < need)
+        if short.shape[0] == 0 or probes >= n_leaves:
             return leaves, None
         wide = cp.full((short.shape[0], 1), -1, dtype=cp.int64)
         pos, idx, wider = cp.arange(short.shape[0]), short, probes
-        while wider < tree.n_nodes and idx.shape[0]:
+        while wider < n_leaves and idx.shape[0]:
             wider *= 2
-            more, more_held = self._beam(cp.ascontiguousarray(scores[idx]), wider, sizes)
+            more = self._nearest(cp.ascontiguousarray(scores[idx]), wider, sizes)
             if more.shape[1] > wide.shape[1]:
                 pad = cp.full((wide.shape[0], more.shape[1] - wide.shape[1]), -1, cp.int64)
                 wide = cp.concatenate([wide, pad], axis=1)
             wide[pos] = -1
             wide[pos, : more.shape[1]] = more
-            still = more_held < need
+            still = ds.rows_held(cp, more, sizes) < need
             pos, idx = pos[still], idx[still]
         return leaves, (short, ds.trim(cp, wide))
+
+    def _nearest(self, scores: Any, probes: int, sizes: Any) -> Any:
+        """The ``probes`` nearest leaves ``(nq, L)`` (trimmed) for :func:`ds.node_scores`
+        ``scores``: of all leaves up to ``FLAT_MAX_LEAVES``, else of a wide beam's."""
+        cp, tree = self._cp, self._tree
+        reached = None
+        if int(tree.leaf_nodes.shape[0]) > FLAT_MAX_LEAVES:
+            reached, _ = self._beam(scores, beam_width(probes), sizes)
+        return ds.trim(cp, ds.nearest_leaves(cp, scores, tree, probes, reached), packed=True)
 
     def _beam(self, scores: Any, probes: int, sizes: Any) -> tuple[Any, Any]:
         """Leaves ``(nq, L)`` int64 (``-1`` padded) and the rows they hold ``(nq,)`` for

@@ -30,6 +30,7 @@ __all__ = [
     "DeviceTree",
     "beam",
     "candidate_distances",
+    "nearest_leaves",
     "node_scores",
     "pack_signs",
     "query_terms",
@@ -144,6 +145,28 @@ def beam(xp: Any, scores: Any, tree: DeviceTree, probes: int) -> Any:
         expand = xp.where(valid & (leaf < 0), frontier, n_nodes)
         frontier = tree.children[expand].reshape(nq, -1)
     return xp.concatenate(found, axis=1)
+
+
+def nearest_leaves(xp: Any, scores: Any, tree: DeviceTree, probes: int, reached: Any = None) -> Any:
+    """The ``probes`` leaves of best :func:`node_scores` ``scores`` per query, as
+    ``search.route.route`` keeps them: among all leaves (``reached`` ``None``), or among
+    the leaf numbers ``reached`` ``(nq, L)`` (``-1`` padded) that a :func:`beam` found.
+
+    Returns ``(nq, min(probes, L))`` int64 leaf numbers, ascending, ``-1`` padded at the end.
+    """
+    nq, n_nodes = scores.shape[0], tree.n_nodes
+    n_leaves = int(tree.leaf_nodes.shape[0])
+    if reached is None:
+        nodes = xp.broadcast_to(tree.leaf_nodes, (nq, n_leaves))
+    else:
+        nodes = xp.where(reached >= 0, tree.leaf_nodes[xp.maximum(reached, 0)], n_nodes)
+    keep = min(probes, int(nodes.shape[1]))
+    best = xp.argsort(xp.take_along_axis(scores, nodes, axis=1), axis=1)[:, :keep]
+    chosen = xp.take_along_axis(nodes, best, axis=1)
+    valid = chosen < n_nodes
+    leaves = xp.where(valid, tree.leaf_of_node[xp.where(valid, chosen, 0)], n_leaves)
+    leaves = xp.sort(leaves, axis=1)
+    return xp.where(leaves < n_leaves, leaves, -1)
 
 
 def trim(xp: Any, leaves: Any, packed: bool = False) -> Any:

@@ -137,7 +137,7 @@ class Quantizer:
         padded = np.zeros((n, self.bits), dtype=np.float32)
         padded[:, : self.dim] = x
         # np.take along axis 1: ~8x faster than fancy-indexing the columns.
-        grouped = np.take(padded, self.perm, axis=1).reshape(n, -1, 1, BLOCK)
+        grouped = np.take(padded, self.perm, axis=1).reshape(n, self.bits // BLOCK, 1, BLOCK)
         # A stack of (1 x 64) @ (64 x 64) products: every row goes through the same BLAS call
         # shape whatever n is, so a query rotates to the same bits alone or in a batch (one
         # (n x 64) product per block rounds differently for different n).

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._types import F32, I64
 
-__all__ = ["assign", "kmeans"]
+__all__ = ["assign", "kmeans", "repair_empty"]
 
 
 #: Like FAISS: at most this many training points per centroid.
@@ -56,7 +56,7 @@ def _kmeans_pp(x: F32, k: int, rng: np.random.Generator) -> F32:
     return centres
 
 
-def _repair_empty(centroids: F32, counts: I64, rng: np.random.Generator) -> None:
+def repair_empty(centroids: F32, counts: I64, rng: np.random.Generator) -> None:
     """Split the largest clusters into the empty ones, in place (FAISS's strategy)."""
     eps = np.float32(1.0 / 1024)
     for empty in np.flatnonzero(counts == 0):
@@ -104,7 +104,7 @@ def kmeans(x: F32, k: int, *, max_iterations: int, rng: np.random.Generator) -> 
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
         if not nonempty.all():
-            _repair_empty(centroids, counts, rng)
+            repair_empty(centroids, counts, rng)
         new_labels = assign(train, centroids)
         if np.array_equal(new_labels, labels):
             break

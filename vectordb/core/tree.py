@@ -23,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from .._types import F32, I64
-from .kmeans import kmeans
+from .kmeans import assign, kmeans, repair_empty
 
-__all__ = ["Tree", "build_tree"]
+__all__ = ["REFINE_MAX_LEAVES", "Tree", "build_tree", "refine_leaves"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,13 @@ class Tree:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.centroids, self.children, self.leaf_of_node, self.centroid_sq_norms)
+        arrays = (
+            self.centroids,
+            self.children,
+            self.leaf_of_node,
+            self.centroid_sq_norms,
+            self.leaf_centroids,
+        )
         return sum(int(a.nbytes) for a in arrays)
 
     @functools.cached_property
@@ -74,6 +81,17 @@ class Tree:
         """``children`` with one more row of ``-1`` (at index ``n_nodes``) for "no node"."""
         none = np.full((1, self.children.shape[1]), -1, dtype=np.int64)
         return np.concatenate([self.children, none])
+
+    @functools.cached_property
+    def leaf_centroids(self) -> F32:
+        """(n_leaves, d) float32 centroids of the leaves, in leaf order (a copy, for flat
+        routing)."""
+        return np.ascontiguousarray(self.centroids[self.leaf_nodes_cached])
+
+    @functools.cached_property
+    def leaf_sq_norms(self) -> F32:
+        """(n_leaves,) float32 squared norms of :attr:`leaf_centroids`."""
+        return self.centroid_sq_norms[self.leaf_nodes_cached]
 
     @functools.cached_property
     def leaf_nodes_cached(self) -> I64:
@@ -154,3 +172,91 @@ def build_tree(
         leaf_of_node=leaf_of_node,
     )
     return tree, np.concatenate(order_parts), leaf_offsets
+
+
+#: Leaves are refined (:func:`refine_leaves`) only up to this many: each pass costs
+#: ``n * n_leaves * d`` multiply-adds ...
+REFINE_MAX_LEAVES = 4096
+#: ... and the passes together at most this many (at least one pass is made): about 20 s
+#: of one core; 110k x 384 with 586 leaves gets all 8 passes in 3 s.
+REFINE_WORK = 10**12
+
+
+def refine_leaves(
+    x: F32, tree: Tree, order: I64, leaf_offsets: I64, iterations: int, seed: int = 0
+) -> tuple[Tree, I64, I64]:
+    """Lloyd passes over all the leaves at once: every row to its nearest leaf centroid
+    (squared l2), every leaf centroid to the mean of its rows; then every inner node's
+    centroid to the mean of the rows below it.
+
+    A tree split level by level leaves each row in the leaf its ancestors' k-means chose,
+    which is often not its nearest leaf: on sentence embeddings (110k x 384, 586 leaves)
+    the nearest 32 leaf centroids held 0.89 of a query's true top-10 before and 0.93 after
+    8 passes, what one flat k-means of as many clusters reaches. The tree keeps its shape
+    (a leaf stays under its parent); leaves may end up holding somewhat more than
+    ``max_leaf_size`` rows. A leaf emptied by a pass takes half of the largest one
+    (``kmeans.repair_empty``, seeded by ``seed``); passes stop once no row moves.
+
+    Parameters
+    ----------
+    x : (n, d) float32 rows, prepared; ``tree``, ``order``, ``leaf_offsets`` as
+        :func:`build_tree` returned them for ``x``
+    iterations : passes, >= 0 (0 returns the input)
+
+    Returns
+    -------
+    The tree with moved centroids, and the new ``order`` and ``leaf_offsets``.
+    """
+    n_leaves = tree.n_leaves
+    if iterations <= 0 or n_leaves < 2 or n_leaves > REFINE_MAX_LEAVES:
+        return tree, order, leaf_offsets
+    n, d = x.shape
+    iterations = min(iterations, max(1, REFINE_WORK // max(1, n * n_leaves * d)))
+    leaf_nodes = tree.leaf_nodes
+    centres = np.ascontiguousarray(tree.centroids[leaf_nodes], dtype=np.float32)
+    rng = np.random.default_rng([seed, 3])
+    labels = assign(x, centres)
+    for _ in range(iterations - 1):
+        sums, counts = _sums(x, labels, n_leaves)
+        _move(centres, sums, counts)
+        if not (counts > 0).all():
+            repair_empty(centres, counts, rng)
+        new_labels = assign(x, centres)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+    sums, counts = _sums(x, labels, n_leaves)
+    _move(centres, sums, counts)  # every leaf's centroid the mean of its rows
+    centroids = tree.centroids.copy()
+    centroids[leaf_nodes] = centres
+    node_sums = np.zeros((tree.n_nodes, x.shape[1]), dtype=np.float64)
+    node_counts = np.zeros(tree.n_nodes, dtype=np.int64)
+    node_sums[leaf_nodes], node_counts[leaf_nodes] = sums, counts
+    for node in range(tree.n_nodes - 1, -1, -1):  # children are numbered after parents
+        kids = tree.children[node]
+        kids = kids[kids >= 0]
+        if kids.shape[0]:
+            node_sums[node] = node_sums[kids].sum(axis=0)
+            node_counts[node] = node_counts[kids].sum()
+            if node_counts[node]:
+                centroids[node] = node_sums[node] / node_counts[node]
+    new_order = np.argsort(labels, kind="stable").astype(np.int64)
+    new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    refined = Tree(centroids=centroids, children=tree.children, leaf_of_node=tree.leaf_of_node)
+    return refined, new_order, new_offsets
+
+
+def _move(centres: F32, sums: npt.NDArray[np.float64], counts: I64) -> None:
+    """Centroids of the non-empty groups to their means, in place."""
+    kept = counts > 0
+    centres[kept] = (sums[kept] / counts[kept, None]).astype(np.float32)
+
+
+def _sums(x: F32, labels: I64, k: int) -> tuple[npt.NDArray[np.float64], I64]:
+    """Per-label float64 sums ``(k, d)`` of the rows of ``x`` and counts ``(k,)``, one
+    coordinate at a time (no copy of ``x``)."""
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    sums = np.empty((k, x.shape[1]), dtype=np.float64)
+    for j in range(x.shape[1]):
+        sums[:, j] = np.bincount(labels, weights=x[:, j], minlength=k)
+    return sums, counts

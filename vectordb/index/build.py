@@ -15,19 +15,21 @@ from .._validation import as_matrix
 from ..core.codes import Quantizer, encode_residuals
 from ..core.metrics import Metric, prepare
 from ..core.parts import Part
-from ..core.tree import Tree, build_tree
+from ..core.tree import Tree, build_tree, refine_leaves
 from ..errors import InvalidVectorsError
 from ..storage.idmap import check_new_ids
 from ..storage.metadata import MetadataStore, encode_documents
 from ..storage.snapshot import IndexData
 from ..storage.vectors import InMemoryStorage
 
-__all__ = ["AUTO_CODES_MIN_DIM", "MAX_DIM", "build_data", "build_part"]
+__all__ = ["AUTO_CODES_MIN_DIM", "MAX_DIM", "REFINE_PASSES", "build_data", "build_part"]
 
 #: Hamming distances are accumulated in uint16.
 MAX_DIM = 65535
 #: ``leaf_scan="auto"`` ranks by 1-bit codes from this dimension up, else by full vectors.
 AUTO_CODES_MIN_DIM = 128
+#: Lloyd passes over all leaves after the tree is split (``core.tree.refine_leaves``).
+REFINE_PASSES = 4
 
 
 def build_part(
@@ -95,6 +97,9 @@ def build_data(
             seed=int(params["seed"]),
             on_leaf=bar.update,
         )
+    tree, order, leaf_offsets = refine_leaves(
+        x, tree, order, leaf_offsets, REFINE_PASSES, int(params["seed"])
+    )
     stored = np.ascontiguousarray(x[order])
     quantizer = Quantizer.create(
         x.shape[1], rotate=rotate, rng=np.random.default_rng([int(params["seed"]), 2**32 - 1])

@@ -212,7 +212,7 @@ class ClusteredIndex:
         query: Any,
         k: int = 10,
         *,
-        probes: int = 4,
+        probes: int = 16,
         rerank_factor: int = 5,
         filter: Filter | None = None,
     ) -> tuple[I64, F32]:
@@ -225,7 +225,8 @@ class ClusteredIndex:
             Results wanted. With fewer than ``k`` (matching) vectors, ids are padded with
             ``-1`` and distances with ``inf``.
         probes : int, >= 1
-            Tree nodes kept per level of the beam search; more = higher recall, slower.
+            Leaves searched, those whose centroids are nearest the query (an IVF index's
+            ``nprobe``); more = higher recall, slower.
         rerank_factor : int, >= 1
             ``k * rerank_factor`` candidates are reranked on the exact vectors.
         filter : dict or callable, optional
@@ -246,7 +247,7 @@ class ClusteredIndex:
         queries: Any,
         k: int = 10,
         *,
-        probes: int = 4,
+        probes: int = 16,
         rerank_factor: int = 5,
         filter: Filter | None = None,
         threads: int = 1,

@@ -79,7 +79,7 @@ class TextIndex:
         self,
         kind: str,
         metric: str | Metric = "cosine",
-        probes: int = 4,
+        probes: int = 16,
         rerank_factor: int = 5,
         build_options: Mapping[str, Any] | None = None,
     ) -> None:

@@ -91,7 +91,7 @@ class VectorDBStore(VectorStore):
         embedding: Embeddings,
         *,
         metric: str | Metric = "cosine",
-        probes: int = 4,
+        probes: int = 16,
         rerank_factor: int = 5,
         **build_options: Any,
     ) -> None:

@@ -173,7 +173,7 @@ class VectorDBVectorStore(BasePydanticVectorStore):
         self,
         *,
         metric: str | Metric = "cosine",
-        probes: int = 4,
+        probes: int = 16,
         rerank_factor: int = 5,
         **build_options: Any,
     ) -> None:

@@ -33,7 +33,7 @@ class SearchRequest:
     Attributes
     ----------
     k : results per query
-    probes : tree nodes kept per level of the beam
+    probes : leaves searched per query (see ``route.route``)
     candidates : rows per query the candidate stage passes to the rerank (``k *
         rerank_factor``)
     need : rows a query's leaves must hold before the beam stops widening

@@ -1,8 +1,15 @@
-"""Routing: which leaves a query searches, by a beam search over the tree.
+"""Routing: which leaves a query searches: the ``probes`` leaves whose centroids are nearest.
 
 Pure array code over a :class:`~vectordb.core.tree.Tree` whose centroids are in the same
-space as the queries (the index keeps both rotated). Routing is exact and batch-independent:
-a query is routed the same alone or in any batch (see :func:`route`).
+space as the queries (the index keeps both rotated). A tree of up to
+:data:`FLAT_MAX_LEAVES` leaves is routed flat, every leaf centroid scored, as an IVF index
+routes; a larger one is descended first by a beam several times wider than ``probes``
+(:func:`beam`), and the nearest ``probes`` of the leaves it reaches are kept. A beam that
+commits level by level to ``probes`` nodes loses true neighbours at the upper levels
+(measured on sentence embeddings: 0.84 of the true top-10 inside the probed leaves at
+6,200 vectors scanned, where the nearest leaf centroids hold 0.93 at 6,000).
+
+Routing is exact and batch-independent: a query is routed the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -13,10 +20,32 @@ from .._types import F32, I64
 from ..core.metrics import Metric
 from ..core.tree import Tree
 
-__all__ = ["exact_scores", "nearest_first", "nearest_leaf", "route", "route_for"]
+__all__ = [
+    "FLAT_MAX_LEAVES",
+    "beam",
+    "beam_width",
+    "exact_scores",
+    "leaf_scores",
+    "nearest_first",
+    "nearest_leaf",
+    "route",
+    "route_for",
+]
 
 #: Bytes of gathered centroids per routing block; bounds temporary memory of batch routing.
 _ROUTE_BLOCK_BYTES = 32 << 20
+#: Trees with at most this many leaves are routed flat (every leaf centroid scored: at 4,096
+#: leaves of 384 dimensions, 1.6 M multiply-adds a query).
+FLAT_MAX_LEAVES = 4096
+#: Larger trees are descended by a beam this many times wider than ``probes`` ...
+_BEAM_FACTOR = 4
+#: ... and at least this wide.
+_MIN_BEAM = 32
+
+
+def beam_width(probes: int) -> int:
+    """Nodes kept per level by the beam that finds a large tree's candidate leaves."""
+    return max(_MIN_BEAM, _BEAM_FACTOR * probes)
 
 
 def nearest_leaf(tree: Tree, rotated: F32, metric: Metric) -> I64:
@@ -27,7 +56,85 @@ def nearest_leaf(tree: Tree, rotated: F32, metric: Metric) -> I64:
 
 
 def route(tree: Tree, queries: F32, probes: int, metric: Metric) -> I64:
-    """Leaves to search for each query, by a beam search over the tree.
+    """The ``probes`` leaves nearest each query, by their centroids' routing scores
+    (:func:`exact_scores`): all leaves scored for trees of up to :data:`FLAT_MAX_LEAVES`,
+    else the nearest of those a :func:`beam` of :func:`beam_width` nodes reaches.
+
+    Parameters
+    ----------
+    queries : (nq, d') float32, prepared for ``metric``, in the same space as
+        ``centroids`` (the index keeps both rotated)
+    probes : leaves wanted per query, >= 1
+
+    Returns
+    -------
+    (nq, L) int64 leaf numbers, ascending, ``-1`` padded; ``L = min(probes, n_leaves)``.
+    Ties at the last place go either way, but the same way alone or in any batch.
+    """
+    nq = queries.shape[0]
+    if tree.leaf_of_node[0] >= 0:  # the root is the only leaf
+        return np.zeros((nq, 1), dtype=np.int64)
+    q_norms = np.sqrt(np.einsum("qd,qd->q", queries, queries))
+    if tree.n_leaves <= FLAT_MAX_LEAVES:
+        return _nearest_leaves(tree, queries, q_norms, probes, metric)
+    reached = beam(tree, queries, beam_width(probes), metric)
+    nodes = np.where(reached >= 0, tree.leaf_nodes_cached[np.maximum(reached, 0)], -1)
+    if probes < nodes.shape[1]:
+        nodes = _keep_best(tree, queries, q_norms, nodes, probes, metric)
+    leaves = np.where(nodes >= 0, tree.leaf_of_node[np.maximum(nodes, 0)], tree.n_leaves)
+    leaves.sort(axis=1)  # ascending, "no leaf" (n_leaves) last
+    leaves[leaves == tree.n_leaves] = -1
+    return leaves
+
+
+def _nearest_leaves(tree: Tree, q: F32, q_norms: F32, probes: int, metric: Metric) -> I64:
+    """Flat routing: the ``probes`` leaves of best :func:`leaf_scores` per query,
+    ``(nq, min(probes, n_leaves))`` ascending. The same set as ranking by the exact scores:
+    a row is trusted to the fast product only when its last kept and first dropped leaf
+    stay apart by more than twice the rounding bound; other rows are rescored exactly."""
+    nq, n_leaves = q.shape[0], tree.n_leaves
+    keep = min(probes, n_leaves)
+    if keep == n_leaves:
+        return np.broadcast_to(np.arange(n_leaves, dtype=np.int64), (nq, n_leaves)).copy()
+    if nq <= _EXACT_MAX_QUERIES:
+        scores = leaf_scores(tree, q, metric, exact=True)
+        kept = np.argpartition(scores, keep - 1, axis=1)[:, :keep]
+        kept.sort(axis=1)
+        return kept.astype(np.int64, copy=False)
+    kept = np.empty((nq, keep), dtype=np.int64)
+    rows = max(1, _ROUTE_BLOCK_BYTES // (4 * n_leaves))
+    for start in range(0, nq, rows):
+        sl = slice(start, start + rows)
+        approx = leaf_scores(tree, q[sl], metric, exact=False)
+        pick = np.argpartition(approx, keep - 1, axis=1)
+        last_kept = np.take_along_axis(approx, pick[:, keep - 1 : keep], axis=1)[:, 0]
+        first_dropped = np.partition(approx, keep, axis=1)[:, keep]
+        bound = _rounding_bound(q_norms[sl], tree.max_centroid_norm, q.shape[1], metric)
+        unsure = np.flatnonzero(~(last_kept + 2.0 * bound < first_dropped))
+        block = pick[:, :keep]
+        if unsure.shape[0]:
+            exact = leaf_scores(tree, q[sl][unsure], metric, exact=True)
+            block[unsure] = np.argpartition(exact, keep - 1, axis=1)[:, :keep]
+        kept[sl] = block
+    kept.sort(axis=1)
+    return kept
+
+
+def leaf_scores(tree: Tree, q: F32, metric: Metric, *, exact: bool) -> F32:
+    """(nq, n_leaves) float32 routing scores of every leaf centroid, smaller is better.
+
+    ``exact``: row by row the same arithmetic whatever the batch (no BLAS), the reference;
+    else one BLAS product, within :func:`_rounding_bound` of it.
+    """
+    centroids, c_sq = tree.leaf_centroids, tree.leaf_sq_norms
+    dots = np.einsum("ld,qd->ql", centroids, q) if exact else q @ centroids.T
+    # Inner-product indexes route by inner product, as FAISS's IVF does.
+    return -dots if metric is Metric.IP else c_sq[None, :] - np.float32(2.0) * dots
+
+
+def beam(tree: Tree, queries: F32, probes: int, metric: Metric) -> I64:
+    """Leaves reached by a beam search over the tree (:func:`route` keeps the nearest of
+    them for trees over :data:`FLAT_MAX_LEAVES` leaves).
 
     At every level the ``probes`` best nodes of the frontier (by full-precision distance to
     their centroids) are kept; kept leaves are final candidates, kept inner nodes are
@@ -70,12 +177,13 @@ def route(tree: Tree, queries: F32, probes: int, metric: Metric) -> I64:
 
 
 def route_for(tree: Tree, q: F32, probes: int, need: int, sizes: I64, metric: Metric) -> I64:
-    """:func:`route`, widening the beam (doubling ``probes``) for queries whose leaves
-    hold fewer than ``need`` rows, by ``sizes`` ``(n_leaves,)`` rows per leaf."""
+    """:func:`route`, doubling ``probes`` for queries whose leaves hold fewer than ``need``
+    rows (by ``sizes`` ``(n_leaves,)`` rows per leaf), until they do or every leaf is
+    probed."""
     leaves = route(tree, q, probes, metric)
     short = _count(leaves, sizes) < need
     wider = probes
-    while short.any() and wider < tree.n_nodes:
+    while short.any() and wider < tree.n_leaves:
         wider *= 2
         idx = np.flatnonzero(short)
         more = route(tree, q[idx], wider, metric)
