@@ -370,11 +370,16 @@ def emulated_index(monkeypatch, x, **build):
 
 
 @pytest.mark.parametrize("probes", [1, 3, 8, 40])  # the kernel, and array code past 32
-def test_device_routing_picks_the_cpu_leaves(monkeypatch, data, probes):
+@pytest.mark.parametrize("flat", [True, False])  # False: the beam first, as large trees do
+def test_device_routing_picks_the_cpu_leaves(monkeypatch, data, probes, flat):
     from vectordb.core.metrics import prepare
+    from vectordb.search import route as route_module
 
     x, queries = data
     index, sel = emulated_index(monkeypatch, x, max_leaf_size=100)
+    if not flat:
+        assert index.n_leaves > 10
+        monkeypatch.setattr(route_module, "FLAT_MAX_LEAVES", 10)
     q = index._state.quantizer.rotate(prepare(queries, index.metric))
     got, wide = sel._route(q, probes, 1, np.asarray(index._state.live_sizes))
     want = route(index._state.tree, q, probes, index.metric)

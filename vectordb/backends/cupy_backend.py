@@ -35,10 +35,10 @@ from .._types import F32, I64, U64
 from ..core.codes import CodeTable
 from ..core.metrics import Metric
 from ..core.parts import Part
+from ..search import route as routing
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
 from ..search.rerank import rerank as host_rerank
-from ..search.route import FLAT_MAX_LEAVES, beam_width
 from . import device_search as ds
 from .cuda_kernels import SOURCE
 from .device_memory import DevicePart, IdCache, VectorMirror, fits, rotation
@@ -255,8 +255,8 @@ class CupySearcher:
         ``scores``: of all leaves up to ``FLAT_MAX_LEAVES``, else of a wide beam's."""
         cp, tree = self._cp, self._tree
         reached = None
-        if int(tree.leaf_nodes.shape[0]) > FLAT_MAX_LEAVES:
-            reached, _ = self._beam(scores, beam_width(probes), sizes)
+        if int(tree.leaf_nodes.shape[0]) > routing.FLAT_MAX_LEAVES:
+            reached, _ = self._beam(scores, routing.beam_width(probes), sizes)
         return ds.trim(cp, ds.nearest_leaves(cp, scores, tree, probes, reached), packed=True)
 
     def _beam(self, scores: Any, probes: int, sizes: Any) -> tuple[Any, Any]:
