@@ -104,7 +104,7 @@ class ClusteredIndex:
             Rotate vectors randomly (a permutation and 64 x 64 orthogonal blocks,
             ``256 * d`` bytes) before taking code bits. Keep it on: without it, data with
             uneven or constant coordinates ranks badly (fashion-mnist recall@10 0.63
-            instead of 0.96 at the default search parameters).
+            instead of 0.96 at the earlier defaults, a beam of probes=4).
         leaf_scan : {"auto", "codes", "vectors"}
             How the vectors of the probed leaves are ranked before the rerank. ``codes``:
             1-bit codes in RAM (``d/8`` bytes per vector). ``vectors``: exact distances on
