@@ -29,7 +29,7 @@ MAX_DIM = 65535
 #: ``leaf_scan="auto"`` ranks by 1-bit codes from this dimension up, else by full vectors.
 AUTO_CODES_MIN_DIM = 128
 #: Lloyd passes over all leaves after the tree is split (``core.tree.refine_leaves``).
-REFINE_PASSES = 4
+REFINE_PASSES = 8
 
 
 def build_part(
