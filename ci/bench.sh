@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with the benchmark extra (peers, data, plots) and run the quick benchmark:
 # pydocs-minilm, fashion-mnist, glove-50 and synthetic-100k, one thread, vectordb beside faiss
-# (IVFFlat, IVFRaBitQ), ScaNN, hnswlib and usearch. Usage: bash ci/bench.sh [bench/run.py args...]  (default: --dataset all --quick)
+# (IVFFlat, IVFRaBitQ), ScaNN, hnswlib and usearch.
+# Usage: bash ci/bench.sh [bench/run.py args...]  (default: --dataset all --quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
