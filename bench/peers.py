@@ -189,7 +189,9 @@ class FaissFlat(Runner):
 class FaissIVF(FaissFlat):
     name = "faiss-ivfflat"
 
-    def build(self, train: F32, **params: Any) -> None:
+    def _coarse(self, train: F32) -> tuple[F32, Any, Any]:
+        """The training vectors (normalised for cosine), faiss's metric and a flat coarse
+        quantizer; sets ``nlist = 4 sqrt(n)``."""
         import faiss
 
         faiss.omp_set_num_threads(self.threads)
@@ -199,8 +201,13 @@ class FaissIVF(FaissFlat):
         self.nlist = int(4 * math.sqrt(train.shape[0]))
         metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
         quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
-        self.index = faiss.IndexIVFFlat(quantizer, d, self.nlist, metric)
-        train = np.ascontiguousarray(train)
+        return np.ascontiguousarray(train), metric, quantizer
+
+    def build(self, train: F32, **params: Any) -> None:
+        import faiss
+
+        train, metric, quantizer = self._coarse(train)
+        self.index = faiss.IndexIVFFlat(quantizer, train.shape[1], self.nlist, metric)
         self.index.train(train)
         self.index.add(train)
         self._quantizer = quantizer
@@ -247,17 +254,10 @@ class FaissIVFRaBitQ(FaissIVF):
     def build(self, train: F32, **params: Any) -> None:
         import faiss
 
-        faiss.omp_set_num_threads(self.threads)
-        d = train.shape[1]
-        if self.metric == "cosine":
-            train = _normalise(train)
-        self.nlist = int(4 * math.sqrt(train.shape[0]))
-        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
-        quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
-        ivf = faiss.IndexIVFRaBitQ(quantizer, d, self.nlist, metric)
+        train, metric, quantizer = self._coarse(train)
+        ivf = faiss.IndexIVFRaBitQ(quantizer, train.shape[1], self.nlist, metric)
         ivf.qb = self.QB
         self.index = faiss.IndexRefineFlat(ivf)
-        train = np.ascontiguousarray(train)
         self.index.train(train)
         self.index.add(train)
         self._quantizer, self._ivf = quantizer, ivf
