@@ -216,17 +216,17 @@ def refine_leaves(
     centres = np.ascontiguousarray(tree.centroids[leaf_nodes], dtype=np.float32)
     rng = np.random.default_rng([seed, 3])
     labels = assign(x, centres)
-    for _ in range(iterations - 1):
+    for done in range(1, iterations + 1):
         sums, counts = _sums(x, labels, n_leaves)
-        _move(centres, sums, counts)
+        _move(centres, sums, counts)  # every leaf's centroid the mean of its rows
+        if done == iterations:
+            break
         if not (counts > 0).all():
             repair_empty(centres, counts, rng)
         new_labels = assign(x, centres)
         if np.array_equal(new_labels, labels):
-            break
+            break  # the sums of these labels are the ones just taken
         labels = new_labels
-    sums, counts = _sums(x, labels, n_leaves)
-    _move(centres, sums, counts)  # every leaf's centroid the mean of its rows
     centroids = tree.centroids.copy()
     centroids[leaf_nodes] = centres
     node_sums = np.zeros((tree.n_nodes, x.shape[1]), dtype=np.float64)

@@ -14,6 +14,8 @@ Routing is exact and batch-independent: a query is routed the same alone or in a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .._types import F32, I64
@@ -104,20 +106,37 @@ def _nearest_leaves(tree: Tree, q: F32, q_norms: F32, probes: int, metric: Metri
     kept = np.empty((nq, keep), dtype=np.int64)
     rows = max(1, _ROUTE_BLOCK_BYTES // (4 * n_leaves))
     for start in range(0, nq, rows):
-        sl = slice(start, start + rows)
-        approx = leaf_scores(tree, q[sl], metric, exact=False)
-        pick = np.argpartition(approx, keep - 1, axis=1)
-        last_kept = np.take_along_axis(approx, pick[:, keep - 1 : keep], axis=1)[:, 0]
-        first_dropped = np.partition(approx, keep, axis=1)[:, keep]
-        bound = _rounding_bound(q_norms[sl], tree.max_centroid_norm, q.shape[1], metric)
-        unsure = np.flatnonzero(~(last_kept + 2.0 * bound < first_dropped))
-        block = pick[:, :keep]
-        if unsure.shape[0]:
-            exact = leaf_scores(tree, q[sl][unsure], metric, exact=True)
-            block[unsure] = np.argpartition(exact, keep - 1, axis=1)[:, :keep]
-        kept[sl] = block
+        block = q[start : start + rows]
+
+        def rescore(unsure: I64, block: F32 = block) -> F32:
+            return leaf_scores(tree, block[unsure], metric, exact=True)
+
+        bound = _rounding_bound(
+            q_norms[start : start + rows], tree.max_centroid_norm, q.shape[1], metric
+        )
+        approx = leaf_scores(tree, block, metric, exact=False)
+        kept[start : start + rows] = _best_columns(approx, keep, bound, rescore)
     kept.sort(axis=1)
     return kept
+
+
+def _best_columns(approx: F32, keep: int, bound: F32, rescore: Callable[[I64], F32]) -> I64:
+    """Columns ``(nq, keep)`` of the ``keep`` smallest of ``approx`` ``(nq, f)`` per row, the
+    same set as by the exact scores: a row is trusted to ``approx`` only when its ``keep``-th
+    and ``keep + 1``-th best stay apart by more than twice the rounding ``bound`` ``(nq,)``;
+    other rows are ranked by ``rescore(rows)``, their exact scores ``(len(rows), f)``.
+    A row whose ``keep + 1``-th score is infinite (padding) needs no rescoring."""
+    # (Two separate selections: argpartition with two kth costs 3x one.)
+    pick = np.argpartition(approx, keep - 1, axis=1)
+    last_kept = np.take_along_axis(approx, pick[:, keep - 1 : keep], axis=1)[:, 0]
+    first_dropped = np.partition(approx, keep, axis=1)[:, keep]
+    with np.errstate(invalid="ignore"):
+        apart = last_kept + 2.0 * bound < first_dropped
+    unsure = np.flatnonzero(np.isfinite(first_dropped) & ~apart)
+    columns = pick[:, :keep]
+    if unsure.shape[0]:
+        columns[unsure] = np.argpartition(rescore(unsure), keep - 1, axis=1)[:, :keep]
+    return columns
 
 
 def leaf_scores(tree: Tree, q: F32, metric: Metric, *, exact: bool) -> F32:
@@ -231,19 +250,11 @@ def _keep_best(tree: Tree, q: F32, q_norms: F32, nodes: I64, keep: int, metric: 
         kept.sort(axis=1)
         return kept
     approx = _approx_scores(q, nodes, tree.centroids, tree.centroid_sq_norms, metric)
-    # (Two separate selections: argpartition with two kth costs 3x one.)
-    pick = np.argpartition(approx, keep - 1, axis=1)
-    last_kept = np.take_along_axis(approx, pick[:, keep - 1 : keep], axis=1)[:, 0]
-    first_dropped = np.partition(approx, keep, axis=1)[:, keep]
     bound = _rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
-    with np.errstate(invalid="ignore"):
-        apart = last_kept + 2.0 * bound < first_dropped
-    unsure = np.flatnonzero(np.isfinite(first_dropped) & ~apart)
-    kept = np.take_along_axis(nodes, pick[:, :keep], axis=1)
-    if unsure.shape[0]:
-        exact = exact_scores(tree, q[unsure], nodes[unsure], metric)
-        redo = np.argpartition(exact, keep - 1, axis=1)[:, :keep]
-        kept[unsure] = np.take_along_axis(nodes[unsure], redo, axis=1)
+    columns = _best_columns(
+        approx, keep, bound, lambda unsure: exact_scores(tree, q[unsure], nodes[unsure], metric)
+    )
+    kept = np.take_along_axis(nodes, columns, axis=1)
     # A canonical order, so that later levels see the same rows whichever way this
     # level was scored.
     kept.sort(axis=1)

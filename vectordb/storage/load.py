@@ -243,7 +243,7 @@ def _load_version(handle: DirHandle, mmap: bool, verify: bool, progress: bool | 
         if name not in files:
             raise bad_file(directory / MANIFEST, f"does not list {name}")
     opened = {name: handle.open(name) for name in names}
-    offsets = _check_files(directory, manifest, opened)
+    offsets = _check_files(directory, manifest, expected, opened)
     if verify:
         _verify(directory, files, opened, progress)
     arrays = {
@@ -264,12 +264,16 @@ def _load_version(handle: DirHandle, mmap: bool, verify: bool, progress: bool | 
 
 
 def _check_files(
-    directory: Path, manifest: dict[str, Any], opened: dict[str, io.FileIO]
+    directory: Path,
+    manifest: dict[str, Any],
+    expected: dict[str, tuple[np.dtype[Any], tuple[int, ...]]],
+    opened: dict[str, io.FileIO],
 ) -> dict[str, int]:
     """Sizes (on the descriptors read later) against the manifest, each header's shape
     against the manifest's counts, the vector file against ``n x dim``, no holes where
-    none can be; returns where each array's data starts."""
-    files, expected = manifest["files"], expected_arrays(manifest)
+    none can be (``expected``: :func:`.format.expected_arrays` of the manifest); returns
+    where each array's data starts."""
+    files = manifest["files"]
     for name, fh in opened.items():
         _check_size(fh, directory / name, files[name]["size"])
     offsets = {
