@@ -33,7 +33,7 @@ FILES = [
     "leaf_offsets.npy",
     "ids.npy",
     "perm.npy",
-    "norms.npy",
+    "factors.npy",
     "centroids.npy",
     "codes.npy",
     "blocks.npy",

@@ -2,8 +2,9 @@
 
     python bench/gpu_cpu.py [--sizes 100000 1000000] [--dim 768] [--kernel-codes 10000000]
 
-1. The Hamming kernel alone over ``--kernel-codes`` random codes: codes scanned per second,
-   and GB/s of code words read (each query reads every code once).
+1. The scoring kernel alone (``plane_dots``: the query's 4 bit planes against every code)
+   over ``--kernel-codes`` random codes: codes scanned per second, and GB/s of code words
+   read (each query reads every code once).
 2. End to end, for each size: one index (vectors memory-mapped and warm), both backends,
    batched QPS and recall@10 at batch sizes 1, 64, 256, 1024 and 10,000, and the time
    of each GPU stage for batches of 64 and 1,024.
@@ -26,7 +27,7 @@ import numpy as np
 
 import vectordb as vdb
 from vectordb import backends
-from vectordb.backends import numpy_backend
+from vectordb.core.codes import QUERY_BITS, plane_dots
 
 BATCHES = (1, 64, 256, 1024, 10_000)
 
@@ -53,13 +54,14 @@ def kernel_bench(n: int, words: int, cupy: Any, gpu_queries: int) -> list[dict[s
     for name, nq in (("numpy", 4), ("cupy", gpu_queries)):
         if name == "cupy" and cupy is None:
             continue
-        queries = rng.integers(0, 2**63, size=(nq, words), dtype=np.int64).view(np.uint64)
+        planes = rng.integers(0, 2**63, size=(nq, QUERY_BITS, words), dtype=np.int64)
+        planes = planes.view(np.uint64)
         if name == "numpy":
-            seconds = timed(functools.partial(numpy_backend.hamming, queries, codes))
+            seconds = timed(functools.partial(plane_dots, planes, codes))
         else:
             gpu = backends.resolve_backend("cupy")
-            dq, dc = cupy.asarray(queries), cupy.asarray(codes)
-            kernel = functools.partial(gpu.hamming_device, dq, dc)
+            dq, dc = cupy.asarray(planes), cupy.asarray(codes)
+            kernel = functools.partial(gpu.plane_dots_device, dq, dc)
             seconds = timed(kernel, sync=cupy.cuda.Device().synchronize)
         out.append(
             {
@@ -215,7 +217,7 @@ def main() -> None:
     for spec in args.kernel.split(","):
         n_codes, gpu_queries = (int(v) for v in spec.split("x"))
         kernel += kernel_bench(n_codes, words, cupy, gpu_queries)
-    print(f"device: {device}\n\nHamming kernel alone, codes of {words * 64} bits\n")
+    print(f"device: {device}\n\nScoring kernel alone (plane dots), codes of {words * 64} bits\n")
     print("| backend | codes | queries | codes scanned / s | GB/s of codes read |")
     print("|---|---|---|---|---|")
     for r in kernel:

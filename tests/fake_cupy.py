@@ -114,6 +114,7 @@ def compiler() -> str | None:
 _DTYPES = {
     "unsigned long long*": np.uint64,
     "unsigned short*": np.uint16,
+    "unsigned int*": np.uint32,
     "unsigned char*": np.uint8,
     "long long*": np.int64,
     "float*": np.float32,

@@ -151,7 +151,13 @@ def test_index_properties(small, shared_index):
         "rotate": True,
         "leaf_scan": "codes",
         "leaf_target": index.params["leaf_target"],
+        "target_recall": 0.95,
+        "calibration": index.params["calibration"],
     }
+    calibration = index.params["calibration"]
+    assert calibration["k"] == 10 and calibration["recall"][-1] >= 0.995
+    assert calibration["n"] == len(index) and calibration["leaves"] == index.n_leaves
+    assert calibration["probes"] == sorted(calibration["probes"])
     assert not index.is_using_mmap and index.mmap_path is None
     text = repr(index)
     assert "n=2000" in text and "dim=32" in text and "cosine" in text

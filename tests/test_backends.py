@@ -24,7 +24,7 @@ import pytest
 
 import vectordb as vdb
 from vectordb import backends
-from vectordb.core.codes import pack_signs
+from vectordb.core.codes import pack_signs, quantize_queries
 from vectordb.search.route import route
 
 K = 10
@@ -89,22 +89,23 @@ def data():
 # ---------------------------------------------------------------------- one body per backend
 
 
-def test_hamming_counts_the_differing_signs(backend_name):
-    """Against a plain count of the coordinates whose signs differ (no bit packing)."""
+def test_plane_dots_sum_the_query_levels_at_the_set_bits(backend_name):
+    """Against a plain sum of the quantised query's levels where a code's bit is set."""
     backend = backends.resolve_backend(backend_name)
     assert backend.name == backend_name
     rng = np.random.default_rng(0)
     qx = rng.standard_normal((37, 300)).astype(np.float32)
     xx = rng.standard_normal((5000, 300)).astype(np.float32)
-    q = pack_signs(qx)
+    qc = quantize_queries(qx)
     codes = np.ascontiguousarray(pack_signs(xx).T)
-    got = backend.hamming(q, codes)
-    assert got.dtype == np.uint16 and got.shape == (37, 5000)
-    a, b = (qx > 0).astype(np.int64), (xx > 0).astype(np.int64)
-    np.testing.assert_array_equal(got, a @ (1 - b).T + (1 - a) @ b.T)
+    got = backend.plane_dots(qc.planes, codes)
+    assert got.shape == (37, 5000)
+    levels = np.rint((qx - qc.lo[:, None]) / qc.delta[:, None]).astype(np.int64)
+    b = (xx > 0).astype(np.int64)
+    np.testing.assert_array_equal(got, levels @ b.T)
     # A column slice of the codes, and a lone query (other block sizes, other paths).
     np.testing.assert_array_equal(
-        backend.hamming(q[:1], codes[:, 7:70]), (a[:1] @ (1 - b[7:70]).T + (1 - a[:1]) @ b[7:70].T)
+        backend.plane_dots(qc.planes[:1], codes[:, 7:70]), levels[:1] @ b[7:70].T
     )
 
 

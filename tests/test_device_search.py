@@ -10,7 +10,7 @@ import pytest
 import vectordb as vdb
 from vectordb.backends import device_search as ds
 from vectordb.core import topk
-from vectordb.core.codes import Quantizer, pack_signs
+from vectordb.core.codes import CodeTable, Quantizer, pack_signs
 from vectordb.core.metrics import Metric, prepare
 from vectordb.search.route import beam, route
 
@@ -101,8 +101,9 @@ def test_tree_depth_and_single_leaf():
     assert ds.DeviceTree.upload(np, small._state.tree).depth == 0
 
 
-def test_query_terms_match_the_cpu_query_side(index):
-    from vectordb.core.codes import query_side
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.IP])
+def test_query_terms_match_the_cpu_query_codes_and_pair_terms(index, metric):
+    from vectordb.core.codes import pair_terms, quantize_queries
 
     idx, queries = index
     st = idx._state
@@ -110,14 +111,19 @@ def test_query_terms_match_the_cpu_query_side(index):
     leaves = route(st.tree, q, 3, Metric.COSINE)
     leaves[0, -1] = -1
     tree = ds.DeviceTree.upload(np, st.tree)
-    codes, a, b = ds.query_terms(np, q, leaves, tree, idx._state.quantizer.words, Metric.COSINE)
+    terms = ds.query_terms(np, q, leaves, tree, idx._state.quantizer.words, metric)
+    cpu = quantize_queries(q)
+    np.testing.assert_array_equal(terms.planes, cpu.planes)
+    np.testing.assert_array_equal(terms.lo, cpu.lo)
+    np.testing.assert_array_equal(terms.delta, cpu.delta)
+    np.testing.assert_array_equal(terms.total, cpu.total)
     flat = leaves.reshape(-1)
     valid = flat >= 0
-    side = query_side(st.table, np.repeat(q, leaves.shape[1], axis=0)[valid], flat[valid])
-    np.testing.assert_array_equal(codes[valid], side.codes)
-    np.testing.assert_allclose(a[valid], -2 * side.r_q, rtol=1e-6)
-    np.testing.assert_allclose(b[valid], side.r_q**2, rtol=1e-5)
-    assert (a[~valid] == 0).all() and (b[~valid] == 0).all()
+    table = CodeTable(st.table.centroids, st.table.leaf_nodes, metric)
+    pair = pair_terms(table, np.repeat(q, leaves.shape[1], axis=0)[valid], flat[valid])
+    np.testing.assert_allclose(terms.p[valid], pair.p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(terms.r_q[valid], pair.r_q, rtol=1e-5, atol=1e-6)
+    assert (terms.p[~valid] == 0).all() and (terms.r_q[~valid] == 0).all()
 
 
 # ---------------------------------------------------------------------- the GPU emulation

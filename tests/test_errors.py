@@ -70,7 +70,11 @@ def test_bad_build_parameters(small, params, fragment):
         ({"k": True}, "k"),
         ({"k": "5"}, "k"),
         ({"probes": 0}, "probes"),
-        ({"probes": None}, "probes"),
+        ({"probes": "4"}, "probes"),
+        ({"probes": 4, "target_recall": 0.9}, "not both"),
+        ({"target_recall": 0}, "target_recall"),
+        ({"target_recall": 1.5}, "target_recall"),
+        ({"target_recall": True}, "target_recall"),
         ({"rerank_factor": 0}, "rerank_factor"),
         ({"rerank_factor": 1.5}, "rerank_factor"),
     ],
@@ -326,7 +330,7 @@ def test_open_with_huge_manifest(damaged):
 @pytest.mark.parametrize(
     "version",
     [
-        3,
+        4,
         0,
         "1",
         None,
@@ -351,7 +355,85 @@ def test_unsigned_or_edited_manifest_is_rejected(damaged):
     open_fails(damaged, "manifest.json", "checksum")
 
 
+def as_version_2(directory: Path) -> None:
+    """Turn the saved index ``directory`` into what format version 2 wrote: residual norms
+    (and, for ip, ``<residual, centroid>``) in place of the code factors."""
+    manifest = read_manifest(directory)
+    with vdb.ClusteredIndex.open(directory, mmap=False) as index:
+        st = index._state
+        centres = st.tree.centroids[st.tree.leaf_nodes[st.base.leaf_of_slot]]
+        residual = st.quantizer.rotate(st.storage.take(np.arange(len(index)))) - centres
+    (directory / "factors.npy").unlink()
+    del manifest["files"]["factors.npy"]
+    arrays = {"norms.npy": np.sqrt(np.einsum("nd,nd->n", residual, residual))}
+    if manifest["metric"] == "ip":
+        arrays["dots.npy"] = np.einsum("nd,nd->n", residual, centres)
+    for name, array in arrays.items():
+        np.save(directory / name, array.astype(np.float32))
+        data = (directory / name).read_bytes()
+        manifest["files"][name] = {"size": len(data), "crc32": zlib.crc32(data)}
+    manifest["format_version"] = 2
+    write_manifest(directory, manifest)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_version_2_directories_open_with_factors_from_their_vectors(
+    small, tmp_path, metric, caplog
+):
+    index = vdb.ClusteredIndex.build(
+        small.vectors, metric=metric, max_leaf_size=200, leaf_scan="codes"
+    )
+    index.save(tmp_path / "v3")
+    index.save(tmp_path / "v2")
+    as_version_2(tmp_path / "v2")
+    with caplog.at_level("INFO", logger="vectordb"):
+        old = vdb.ClusteredIndex.open(tmp_path / "v2", verify=True)
+    assert "format version 2" in caplog.text
+    with old, vdb.ClusteredIndex.open(tmp_path / "v3") as new:
+        np.testing.assert_array_equal(old._state.base.factors, new._state.base.factors)
+        got, expected = old.search_batch(small.queries, 5), new.search_batch(small.queries, 5)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+        old.save(tmp_path / "again")  # saved again: the current version, with its factors
+    assert read_manifest(tmp_path / "again")["format_version"] == 3
+    assert (tmp_path / "again" / "factors.npy").exists()
+    assert not (tmp_path / "again" / "norms.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda c: c.update(probes=[4, 2]), "rising"),
+        (lambda c: c.update(probes=[]), "rising"),
+        (lambda c: c.update(probes=[0]), "rising"),
+        (lambda c: c.update(recall=c["recall"][:-1]), "as long as"),
+        (lambda c: c.update(recall=[2.0] * len(c["recall"])), "[0, 1]"),
+        (lambda c: c.update(recall=[True] * len(c["recall"])), "[0, 1]"),
+        (lambda c: c.update(k=0), "k must"),
+        (lambda c: c.pop("k"), "an object"),
+        (lambda c: c.update(extra=1), "an object"),
+    ],
+)
+def test_open_with_a_bad_calibration(damaged, change, fragment):
+    manifest = read_manifest(damaged)
+    change(manifest["params"]["calibration"])
+    write_manifest(damaged, manifest)
+    open_fails(damaged, "manifest.json", fragment)
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "0.9", True, None])
+def test_open_with_a_bad_target_recall(damaged, value):
+    manifest = read_manifest(damaged)
+    manifest["params"]["target_recall"] = value
+    write_manifest(damaged, manifest)
+    if value is None:  # absent means the default
+        vdb.ClusteredIndex.open(damaged).close()
+    else:
+        open_fails(damaged, "manifest.json", "target_recall")
+
+
 def test_version_1_manifests_still_open_and_may_not_carry_a_checksum(damaged, small):
+    as_version_2(damaged)
     manifest = read_manifest(damaged)
     manifest["format_version"] = 1
     del manifest["checksum"]
@@ -431,9 +513,9 @@ def test_open_with_manifest_inconsistent_with_files(damaged, key, value):
 
 def test_open_with_a_file_missing_from_the_manifest(damaged):
     manifest = read_manifest(damaged)
-    del manifest["files"]["norms.npy"]
+    del manifest["files"]["factors.npy"]
     write_manifest(damaged, manifest)
-    open_fails(damaged, "manifest.json", "norms.npy")
+    open_fails(damaged, "manifest.json", "factors.npy")
 
 
 @pytest.mark.parametrize("name", ["codes.npy", "ids.npy", "blocks.npy", "vectors.bin"])
@@ -485,7 +567,10 @@ def test_bit_flip_is_caught_by_verify(damaged, name):
         ),
         pytest.param("codes.npy", lambda a: a.T.copy(), "expected uint64", id="codes-transposed"),
         pytest.param("codes.npy", lambda a: a[:, :-1], "expected uint64", id="codes-one-short"),
-        pytest.param("norms.npy", lambda a: a.astype(np.float64), "float64", id="norms-float64"),
+        pytest.param(
+            "factors.npy", lambda a: a.astype(np.float64), "float64", id="factors-float64"
+        ),
+        pytest.param("factors.npy", lambda a: a[:3].copy(), "expected float32", id="factors-3"),
         pytest.param("ids.npy", lambda a: a.astype(np.int32), "int32", id="ids-int32"),
         pytest.param("ids.npy", lambda a: a.reshape(1, -1), "expected int64", id="ids-2-D"),
         pytest.param("blocks.npy", np.asfortranarray, "Fortran", id="blocks-fortran-order"),
@@ -527,10 +612,10 @@ def test_open_with_truncated_npy(damaged, keep, fragment):
 
 
 def test_open_with_garbage_npy(damaged):
-    path = damaged / "norms.npy"
+    path = damaged / "factors.npy"
     path.write_bytes(os.urandom(path.stat().st_size))
-    record_in_manifest(damaged, "norms.npy")
-    open_fails(damaged, "norms.npy", "not a valid .npy")
+    record_in_manifest(damaged, "factors.npy")
+    open_fails(damaged, "factors.npy", "not a valid .npy")
 
 
 @pytest.mark.parametrize(
@@ -546,7 +631,8 @@ def test_open_with_garbage_npy(damaged):
             "centroids.npy",
             lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, np.nan, a).astype(a.dtype),
         ),
-        ("norms.npy", lambda a: np.full_like(a, np.inf)),
+        ("factors.npy", lambda a: np.full_like(a, np.nan)),
+        ("factors.npy", lambda a: np.where(np.arange(4)[:, None] == 3, -1.0, a).astype(a.dtype)),
     ],
 )
 def test_open_with_inconsistent_arrays(damaged, name, damage):

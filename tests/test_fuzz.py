@@ -504,7 +504,7 @@ FILE_NAMES = [
     "leaf_of_node.npy",
     "leaf_offsets.npy",
     "codes.npy",
-    "norms.npy",
+    "factors.npy",
     "ids.npy",
     "perm.npy",
     "blocks.npy",

@@ -1,4 +1,4 @@
-"""The array kernels alone: bit packing, Hamming scoring, rotation, k-means, routing."""
+"""The array kernels alone: bit packing, the RaBitQ estimate, rotation, k-means, routing."""
 
 from __future__ import annotations
 
@@ -7,16 +7,41 @@ import pytest
 
 import vectordb as vdb
 from vectordb.backends import NumpyBackend
-from vectordb.core.codes import Quantizer, cos_table, estimate, pack_signs
+from vectordb.core.codes import (
+    QUERY_BITS,
+    CodeTable,
+    Quantizer,
+    QueryCodes,
+    encode_residuals,
+    estimate,
+    pack_signs,
+    pair_terms,
+    plane_dots,
+    quantize_queries,
+)
 from vectordb.core.kmeans import kmeans
 from vectordb.core.metrics import Metric
 from vectordb.search import route as route_module
 from vectordb.search.route import beam, route
 
 
-def naive_hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(nq, n) Hamming distances of boolean rows, the slow obvious way."""
-    return (a[:, None, :] != b[None, :, :]).sum(axis=2)
+def naive_plane_dots(u: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """(nq, n) ``sum_i bits_i u_i`` of quantised queries ``u`` and boolean codes, the slow
+    obvious way."""
+    return u.astype(np.int64) @ bits.T.astype(np.int64)
+
+
+def levels_of(q: np.ndarray, codes: QueryCodes) -> np.ndarray:
+    """The integer levels ``u`` (nq, D) that ``codes`` planes hold."""
+    d = q.shape[1]
+    u = np.zeros((q.shape[0], d), dtype=np.int64)
+    for j in range(QUERY_BITS):
+        plane = codes.planes[:, j, :]
+        for i in range(d):
+            u[:, i] += ((plane[:, i // 64] >> np.uint64(i % 64)) & np.uint64(1)).astype(
+                np.int64
+            ) << j
+    return u
 
 
 @pytest.mark.parametrize("dim", [1, 50, 64, 65, 128, 784])
@@ -35,26 +60,86 @@ def test_pack_signs_sets_bit_j_for_positive_coordinate_j(dim):
             assert (int(packed[i, j // 64]) >> (j % 64)) & 1 == 0
 
 
-@pytest.mark.parametrize(("nq", "n"), [(1, 10), (3, 500), (40, 1000), (200, 300)])
-def test_hamming_matches_naive_count_on_both_paths(nq, n):
-    # Small blocks take the one-shot path, large ones the per-word loop; both must agree.
+def test_quantized_queries_round_to_the_nearest_of_sixteen_levels():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((5, 130)).astype(np.float32)
+    codes = quantize_queries(q)
+    u = levels_of(q, codes)
+    assert u.min() == 0 and u.max() == (1 << QUERY_BITS) - 1
+    back = codes.lo[:, None] + codes.delta[:, None] * u
+    assert np.abs(back - q).max() <= codes.delta.max() / 2 * (1 + 1e-5)
+    np.testing.assert_array_equal(codes.total, u.sum(axis=1))
+    flat = quantize_queries(np.full((1, 64), 0.5, dtype=np.float32))  # no range: all lo
+    assert flat.total[0] == 0 and flat.lo[0] == 0.5
+
+
+@pytest.mark.parametrize(("nq", "n", "dim"), [(1, 10, 64), (3, 500, 200), (40, 1000, 130)])
+def test_plane_dots_match_the_naive_sum(nq, n, dim):
     rng = np.random.default_rng(nq * 1000 + n)
-    dim = 200
-    qbits = rng.standard_normal((nq, dim)).astype(np.float32)
-    xbits = rng.standard_normal((n, dim)).astype(np.float32)
-    got = NumpyBackend.hamming(pack_signs(qbits), np.ascontiguousarray(pack_signs(xbits).T))
-    assert got.dtype == np.uint16
-    np.testing.assert_array_equal(got, naive_hamming(qbits > 0, xbits > 0))
-
-
-def test_hamming_on_a_column_slice_of_word_major_codes():
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((100, 130)).astype(np.float32)
-    codes = np.ascontiguousarray(pack_signs(x).T)
-    q = pack_signs(x[:2])
+    q = rng.standard_normal((nq, dim)).astype(np.float32)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    qc = quantize_queries(q)
+    got = NumpyBackend.plane_dots(qc.planes, np.ascontiguousarray(pack_signs(x).T))
+    np.testing.assert_array_equal(got, naive_plane_dots(levels_of(q, qc), x > 0))
+    cols = np.ascontiguousarray(pack_signs(x).T)[:, 7 : min(n, 70)]  # a column slice
     np.testing.assert_array_equal(
-        NumpyBackend.hamming(q, codes[:, 40:70]), naive_hamming(x[:2] > 0, x[40:70] > 0)
+        NumpyBackend.plane_dots(qc.planes, cols),
+        naive_plane_dots(levels_of(q, qc), x[7:70] > 0),
     )
+
+
+def _estimates(metric, x, q, centre):
+    """Estimates, radii and true scores of rotated ``x`` (n, D) for ``q`` (nq, D), one leaf."""
+    codes, factors = encode_residuals(Quantizer(x.shape[1]), x, centre, metric)
+    qc = quantize_queries(q)
+    table = CodeTable(centre[None, :], np.zeros(1, dtype=np.int64), metric)
+    pair = pair_terms(table, q, np.zeros(q.shape[0], dtype=np.int64))
+    est = estimate(
+        plane_dots(qc.planes, codes),
+        factors[:, None, :],
+        qc.lo[:, None],
+        qc.delta[:, None],
+        qc.total[:, None],
+        pair.p[:, None],
+    )
+    radius = factors[3][None, :] * pair.r_q[:, None]
+    true = -(q @ x.T) if metric is Metric.IP else ((q[:, None] - x[None]) ** 2).sum(axis=2)
+    return est, radius, true
+
+
+@pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])
+def test_estimate_is_exact_for_sign_vector_residuals_and_grid_queries(metric):
+    # |r_i| all equal: the code is the residual's direction exactly (<o_bar, o> = 1, radius 0);
+    # queries on the 16-level grid quantise exactly: nothing is left to estimate.
+    rng = np.random.default_rng(2)
+    d = 128
+    centre = rng.standard_normal(d).astype(np.float32)
+    signs = np.where(rng.random((30, d)) < 0.5, -1.0, 1.0).astype(np.float32)
+    x = centre + np.float32(0.25) * signs
+    grid = rng.integers(0, 16, (4, d)).astype(np.float32)
+    grid[:, 0], grid[:, 1] = 0, 15  # the full range, so lo = 0 and delta = 1/8
+    q = np.float32(-1.0) + grid / np.float32(8)
+    est, radius, true = _estimates(metric, x, q, centre)
+    np.testing.assert_allclose(est, true, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(radius, 0, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])
+def test_estimate_is_unbiased_and_within_its_radius(metric):
+    rng = np.random.default_rng(3)
+    d = 384
+    quantizer = Quantizer.create(d, rotate=True, rng=rng)
+    centre = quantizer.rotate(rng.standard_normal((1, d)).astype(np.float32))[0]
+    x = centre + quantizer.rotate(rng.standard_normal((2000, d)).astype(np.float32))
+    q = centre + quantizer.rotate(rng.standard_normal((20, d)).astype(np.float32))
+    est, radius, true = _estimates(metric, x, q, centre)
+    err = est - true
+    # The radius is EPS0 = 1.9 standard deviations of the estimator (RaBitQ's bound): ~94%
+    # of estimates fall inside it, nearly all inside twice it.
+    assert np.mean(np.abs(err) <= radius) > 0.9
+    assert np.mean(np.abs(err) <= 2 * radius) > 0.998
+    assert abs(err.mean()) < 0.05 * np.abs(err).mean() + 1e-3 * np.abs(true).mean()
+    assert 1.5 < radius.mean() / err.std() < 2.3  # the radius is ~1.9 sigma, not looser
 
 
 @pytest.mark.parametrize("dim", [3, 64, 100, 384])
@@ -82,16 +167,6 @@ def test_without_rotation_vectors_pass_through():
     x = np.ones((2, 10), dtype=np.float32)
     assert quantizer.rotate(x) is x
     assert quantizer.bits == 10 and quantizer.nbytes == 0
-
-
-def test_estimate_is_exact_for_equal_and_opposite_residual_directions():
-    lut = cos_table(64)
-    r_x = np.array([1.0, 2.0], dtype=np.float32)
-    r_q = np.array([3.0], dtype=np.float32)
-    same = estimate(np.array([[0, 0]]), r_x, r_q, lut, Metric.L2)  # h=0: cos=1
-    np.testing.assert_allclose(same, [[(3 - 1) ** 2, (3 - 2) ** 2]], rtol=1e-6)
-    opposite = estimate(np.array([[64, 64]]), r_x, r_q, lut, Metric.L2)  # h=d: cos=-1
-    np.testing.assert_allclose(opposite, [[(3 + 1) ** 2, (3 + 2) ** 2]], rtol=1e-6)
 
 
 def test_kmeans_is_deterministic_and_separates_clear_clusters():
@@ -215,6 +290,8 @@ def test_duplicate_vectors_at_the_candidate_boundary_resolve_to_the_lower_row():
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
+    from vectordb.backends.numpy_backend import _BatchScorer
+    from vectordb.core import topk
     from vectordb.search.candidates import select_candidates
 
     x = vdb.make_clustered(3_000, 128, seed=9)
@@ -224,12 +301,22 @@ def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
     st = index._state
     selector = st.searcher.selector
     q = index._state.quantizer.rotate(x[2_900:])
+    scorer = _BatchScorer(selector.table, q)
+    qi = np.arange(q.shape[0])
     for probes, m in [(1, 5), (4, 50), (16, 500)]:
         leaves = route(st.tree, q, probes, index.metric)
-        flat = selector._select_flat(q, leaves, m, st.row_ok)
-        grouped = select_candidates(selector, selector.parts, q, leaves, m, st.row_ok)
+        flat, flat_radius = selector._select_flat(scorer, leaves, m, st.row_ok)
+        grouped, radius = select_candidates(scorer, selector.parts, qi, leaves, m, st.row_ok)
         assert flat.shape == grouped.shape
-        np.testing.assert_array_equal(np.sort(flat, axis=1), np.sort(grouped, axis=1))
+        a, b = np.argsort(flat, axis=1), np.argsort(grouped, axis=1)
+        np.testing.assert_array_equal(
+            np.take_along_axis(flat, a, axis=1), np.take_along_axis(grouped, b, axis=1)
+        )
+        found = np.take_along_axis(flat, a, axis=1) != topk.NO_KEY
+        np.testing.assert_array_equal(
+            np.take_along_axis(flat_radius, a, axis=1)[found],
+            np.take_along_axis(radius, b, axis=1)[found],
+        )
 
 
 @pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])

@@ -32,14 +32,15 @@ def test_recall_and_exact_mode_in_both_modes(small, truth, oracle, shared_index,
 
 def test_vectors_mode_beats_codes_on_low_dimensional_data(small, truth, oracle, shared_index):
     # Large leaves and few reranked candidates, so that ranking inside a leaf decides:
-    # measured 0.66 (codes) vs 0.95 (vectors) on this 32-d set.
+    # measured 0.81 (RaBitQ codes; 0.66 with the earlier Hamming estimate) vs 0.95
+    # (vectors) on this 32-d set.
     true = truth(small, "cosine")
     by_mode = {}
     for mode in MODES:
         index = shared_index(small, "cosine", max_leaf_size=1000, leaf_scan=mode)
         ids, _ = index.search_batch(small.queries, K, probes=2, rerank_factor=2)
         by_mode[mode] = oracle.recall(ids, true, K)
-    assert by_mode["vectors"] >= by_mode["codes"] + 0.15, by_mode
+    assert by_mode["vectors"] >= by_mode["codes"] + 0.1, by_mode
 
 
 @pytest.mark.parametrize(("dim", "expected"), [(16, "vectors"), (AUTO_CODES_MIN_DIM, "codes")])

@@ -3,7 +3,8 @@
 ::
 
     vectordb build VECTORS.npy OUT_DIR --metric cosine [--ids IDS.npy] [--no-mmap]
-    vectordb search OUT_DIR QUERIES.npy -k 10 [--probes 16 --rerank-factor 5] [--json]
+    vectordb search OUT_DIR QUERIES.npy -k 10 [--target-recall 0.95 | --probes 16]
+                                           [--rerank-factor 5] [--json]
     vectordb info OUT_DIR          n, dim, metric, RAM vs disk bytes, format, checksums
     vectordb verify OUT_DIR        every file's CRC32
     vectordb warm OUT_DIR          read the vector file into the page cache
@@ -205,8 +206,9 @@ def build(
 @click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("queries", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-k", type=int, default=10, show_default=True, help="Results per query.")
-@click.option("--probes", type=int, default=16, show_default=True)
-@click.option("--rerank-factor", type=int, default=5, show_default=True)
+@click.option("--probes", type=int, help="Leaves per query (default: calibrated).")
+@click.option("--rerank-factor", type=int, help="Rerank exactly k * this many (default: bound).")
+@click.option("--target-recall", type=float, help="Recall@10 to aim at (default: the build's).")
 @click.option("--filter", "filter_json", help='Metadata filter as JSON, e.g. \'{"user": "ann"}\'.')
 @click.option("--ram", is_flag=True, help="Load the vectors into RAM instead of mapping them.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
@@ -215,8 +217,9 @@ def search(
     index_dir: Path,
     queries: Path,
     k: int,
-    probes: int,
-    rerank_factor: int,
+    probes: int | None,
+    rerank_factor: int | None,
+    target_recall: float | None,
     filter_json: str | None,
     ram: bool,
     as_json: bool,
@@ -241,7 +244,12 @@ def search(
             block = np.asarray(q[start : start + batch])
             try:
                 ids, dists = index.search_batch(
-                    block, k, probes=probes, rerank_factor=rerank_factor, filter=filt
+                    block,
+                    k,
+                    probes=probes,
+                    rerank_factor=rerank_factor,
+                    filter=filt,
+                    target_recall=target_recall,
                 )
             except VectorDBError as exc:
                 if not start:

@@ -50,8 +50,9 @@ class Backend(Protocol):
 
     name: str
 
-    def hamming(self, queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
-        """(nq, w) query codes x (w, m) word-major codes -> (nq, m) uint16 distances."""
+    def plane_dots(self, planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:
+        """``core.codes.plane_dots``: (nq, QUERY_BITS, w) query bit planes x (w, m)
+        word-major codes -> (nq, m) unsigned ``T``."""
         ...
 
     def searcher(self, table: CodeTable, parts: Sequence[Part], inputs: SearchInputs) -> Searcher:

@@ -8,8 +8,9 @@ and then again reversed, to catch indexing bugs and races (``tests/fake_cupy.py`
 =============  ==========================================================================
 kernel         one thread per
 =============  ==========================================================================
-hamming_u16    (query, code): Hamming distance
-score_keys     (query-leaf pair, slot): the estimate of a code, as a ``topk`` key
+plane_dots     (query, code): ``T`` of ``core.codes.plane_dots``
+score_keys     (query-leaf pair, slot): the estimate of a code as a ``topk`` key, and its
+               error bound
 beam_route     query: the beam search of ``search.route.route`` over precomputed scores
 top_k          query: the best k of its reranked candidates
 =============  ==========================================================================
@@ -21,72 +22,83 @@ SOURCE = r"""
 #define FMAX 3.4028234663852886e+38f
 #define NO_KEY 0xFFFFFFFFFFFFFFFFULL
 
-extern "C" __global__ void hamming_u16(
-    const unsigned long long* codes, const long long n, const int w,
-    const unsigned long long* queries, const long long nq, unsigned short* out)
+extern "C" __global__ void plane_dots(
+    const unsigned long long* codes, const long long n, const int w, const int planes_n,
+    const unsigned long long* planes, const long long nq, unsigned int* out)
 {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= nq * n) return;
     const long long q = t / n, row = t % n;
-    int h = 0;
-    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + row] ^ queries[q * w + k]);
-    out[t] = (unsigned short)h;
+    unsigned int total = 0;
+    for (int j = planes_n - 1; j >= 0; --j) {
+        const unsigned long long* plane = planes + (q * planes_n + j) * w;
+        int h = 0;
+        for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + row] & plane[k]);
+        total = (total << 1) + (unsigned int)h;
+    }
+    out[t] = total;
 }
 
 /* Slots of leaf l: base[l]..base[l+1] of the base part, then delta[l]..delta[l+1] of the
    delta part. A base slot is its own storage row when base_rows is null. row_ok (when
-   use_ok) masks storage rows. One thread per (pair, j < max_rows). */
+   use_ok) masks storage rows. factors_*: (4, n) rows A, M, B, E of core.codes. Pair p is
+   query p / n_slots; planes: (nq, planes_n, w); lo, delta, total: (nq,); p_term, r_q:
+   (pairs,). One thread per (pair, j < max_rows); writes the key and the radius. */
 extern "C" __global__ void score_keys(
     const unsigned long long* codes_b, const long long n_b,
     const unsigned long long* codes_d, const long long n_d, const int w,
-    const float* norms_b, const float* norms_d,
-    const float* dots_b, const float* dots_d,
+    const float* factors_b, const float* factors_d,
     const long long* rows_b, const int rows_b_given, const long long* rows_d,
     const long long* base, const long long* delta,
     const unsigned char* row_ok, const int use_ok,
-    const long long* pair_leaf, const unsigned long long* qcodes,
-    const float* a_term, const float* b_term, const float* lut, const int ip,
-    const int max_rows, const long long pairs, unsigned long long* keys)
+    const long long* pair_leaf, const long long n_slots,
+    const unsigned long long* planes, const int planes_n,
+    const float* lo, const float* step, const float* total,
+    const float* p_term, const float* r_q,
+    const int max_rows, const long long pairs, unsigned long long* keys, float* radius)
 {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= pairs * max_rows) return;
     const long long p = t / max_rows;
     const long long leaf = pair_leaf[p];
+    radius[t] = 0.0f;
     if (leaf < 0) { keys[t] = NO_KEY; return; }
     const long long j = t % max_rows;
     const long long in_base = base[leaf + 1] - base[leaf];
     const unsigned long long* codes;
-    const float* norms;
-    const float* dots;
+    const float* factors;
     long long n, slot, row;
     if (j < in_base) {
         slot = base[leaf] + j;
-        codes = codes_b; n = n_b; norms = norms_b; dots = dots_b;
+        codes = codes_b; n = n_b; factors = factors_b;
         row = rows_b_given ? rows_b[slot] : slot;
     } else {
         slot = delta[leaf] + (j - in_base);
         if (slot >= delta[leaf + 1]) { keys[t] = NO_KEY; return; }
-        codes = codes_d; n = n_d; norms = norms_d; dots = dots_d;
+        codes = codes_d; n = n_d; factors = factors_d;
         row = rows_d[slot];
     }
     if (use_ok && !row_ok[row]) { keys[t] = NO_KEY; return; }
-    int h = 0;
-    for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] ^ qcodes[p * w + k]);
-    const float rx = norms[slot];
-    float out = lut[h];
-    /* The same float32 steps, in the same order, as codes.estimate. */
-    if (ip) {
-        out = out * a_term[p];      /* -r_q */
-        out = out * rx;
-        out = out - dots[slot];
-        out = out - b_term[p];      /* c_q */
-    } else {
-        out = out * a_term[p];      /* -2 r_q */
-        out = out * rx;
-        const float rx2 = rx * rx;
-        out = out + rx2;
-        out = out + b_term[p];      /* r_q^2 */
+    const long long q = p / n_slots;
+    unsigned int dot = 0;
+    for (int b = planes_n - 1; b >= 0; --b) {
+        const unsigned long long* plane = planes + (q * planes_n + b) * w;
+        int h = 0;
+        for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] & plane[k]);
+        dot = (dot << 1) + (unsigned int)h;
     }
+    /* The same float32 steps, in the same order, as codes.estimate. */
+    float out = (float)dot;
+    out = out * 2.0f;
+    out = out - total[q];
+    out = out * step[q];
+    out = out * factors[n + slot];          /* M */
+    out = out - factors[slot];              /* A */
+    out = out - p_term[p];
+    const float low = factors[2 * n + slot] * lo[q];  /* B * lo */
+    out = out + low;
+    out = -out;
+    radius[t] = factors[3 * n + slot] * r_q[p];      /* E * r_q */
     if (isnan(out)) out = FMAX;
     else if (isinf(out)) out = out > 0.0f ? FMAX : -FMAX;
     out = out + 0.0f;

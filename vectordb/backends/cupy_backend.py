@@ -8,7 +8,9 @@ sent). A batch then crosses the bus twice: its queries in, its ``(nq, k)`` resul
 
 On the device (see ``device_search``): rotate, route, compute the query codes, score every
 (query, probed leaf, slot) in one kernel that also masks deleted or filtered rows and
-builds the ``topk`` keys, sort each query's keys, and rerank the best ``m`` exactly. When
+builds the ``topk`` keys and error bounds, sort each query's keys, keep the best ``m``
+less those outside the bound of the ``k``-th (``topk.within_bound``), and rerank them
+exactly. When
 the vectors stay on the host, the candidate rows come back and are reranked there.
 
 The scoring kernel computes the estimate of a code from the same inputs exactly as NumPy
@@ -33,8 +35,8 @@ import numpy.typing as npt
 
 from .._types import F32, I64, U64
 from ..core.codes import CodeTable
-from ..core.metrics import Metric
 from ..core.parts import Part
+from ..core.topk import within_bound
 from ..search import route as routing
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
@@ -91,12 +93,14 @@ def probe() -> tuple[Any, str | None]:
     if devices < 1:
         return None, "no CUDA device found"
     try:
-        kernel = _module(cupy).get_function("hamming_u16")
+        kernel = _module(cupy).get_function("plane_dots")
         codes = cupy.asarray(np.array([[0b1011], [0b1]], dtype=np.uint64))  # (w=2, n=1)
-        query = cupy.asarray(np.array([[0b0001, 0b0]], dtype=np.uint64))
-        out = cupy.zeros((1, 1), dtype=np.uint16)
-        kernel((1,), (32,), (codes, np.int64(1), np.int32(2), query, np.int64(1), out))
-        if int(out.get()[0, 0]) != 3:
+        planes = cupy.asarray(np.array([[[0b0011, 0b1], [0b1000, 0b0]]], dtype=np.uint64))
+        out = cupy.zeros((1, 1), dtype=np.uint32)
+        kernel(
+            (1,), (32,), (codes, np.int64(1), np.int32(2), np.int32(2), planes, np.int64(1), out)
+        )
+        if int(out.get()[0, 0]) != 3 + 2 * 1:
             return None, "a CUDA test kernel returned a wrong result"
     except Exception as exc:
         return None, (
@@ -131,7 +135,6 @@ class CupySearcher:
         self._delta = DevicePart(cp, delta, self.words)
         self._tree = backend._trees.get(inputs.tree, lambda t: ds.DeviceTree.upload(cp, t))
         self._rotation = backend._rotations.get(inputs.quantizer, lambda q: rotation(cp, q))
-        self._lut = backend._luts.get(table.cos_lut, cp.asarray)
         self._vectors = backend.vectors_of(inputs.storage)
         codes = NumpyCodeSelector(table, parts)
         self._host = HostSearcher(inputs, codes)
@@ -187,25 +190,27 @@ class CupySearcher:
             d_sizes = self._upload("sizes", np.asarray(sizes, dtype=np.int64))
             for start in range(0, nq, block):
                 stop = min(nq, start + block)
-                rows, dists = self._search_block(q[start:stop], k, probes, m, ok, d_sizes, need)
+                rows, dists = self._search_block(
+                    q[start:stop], k, probes, m, ok, d_sizes, need, request.bounded
+                )
                 out_rows[start:stop], out_dist[start:stop] = rows, dists
             stream.synchronize()
         return out_rows, out_dist
 
     def _search_block(
-        self, q: F32, k: int, probes: int, m: int, ok: Any, sizes: Any, need: int
+        self, q: F32, k: int, probes: int, m: int, ok: Any, sizes: Any, need: int, bounded: bool
     ) -> tuple[I64, F32]:
         cp = self._cp
         dq = cp.asarray(q)
         perm, blocks_t, bits = self._rotation
         rotated = ds.rotate(cp, dq, perm, blocks_t, bits)
         leaves, wide = self._route(rotated, probes, need, sizes)
-        cand = self._candidates(rotated, leaves, m, ok)
+        cand = self._candidates(rotated, leaves, m, ok, k if bounded else m)
         if wide is not None:
             # Queries whose beam had to widen are scored on their own, so that their many
             # leaves do not pad every other query's row.
             idx, more = wide
-            extra = self._candidates(rotated[idx], more, m, ok)
+            extra = self._candidates(rotated[idx], more, m, ok, k if bounded else m)
             width = max(cand.shape[1], extra.shape[1])
             merged = cp.full((cand.shape[0], width), -1, dtype=cp.int64)
             merged[:, : cand.shape[1]] = cand
@@ -317,16 +322,16 @@ class CupySearcher:
             )
         return rows, dists
 
-    def _candidates(self, rotated: Any, leaves: Any, m: int, ok: Any) -> Any:
-        """``(nq, m')`` int64 device rows: the ``m`` best by (estimate, row)."""
+    def _candidates(self, rotated: Any, leaves: Any, m: int, ok: Any, k: int) -> Any:
+        """``(nq, m')`` int64 device rows, ``-1`` padded: the ``m`` best by (estimate, row),
+        less those outside the error bound of the ``k``-th (``topk.within_bound``)."""
         cp = self._cp
         nq, n_slots = leaves.shape
         keep = candidate_width(m, n_slots, self._max_rows)
-        qcodes, a_term, b_term = ds.query_terms(
-            cp, rotated, leaves, self._tree, self.words, self.metric
-        )
+        terms = ds.query_terms(cp, rotated, leaves, self._tree, self.words, self.metric)
         pairs = nq * n_slots
         keys = cp.empty((pairs, self._max_rows), dtype=cp.uint64)
+        radius = cp.empty((pairs, self._max_rows), dtype=cp.float32)
         total = pairs * self._max_rows
         b, d = self._base, self._delta
         if total:
@@ -339,10 +344,8 @@ class CupySearcher:
                     d.codes,
                     np.int64(d.codes.shape[1]),
                     np.int32(self.words),
-                    b.norms,
-                    d.norms,
-                    b.dots,
-                    d.dots,
+                    b.factors,
+                    d.factors,
                     b.rows,
                     np.int32(b.rows_given),
                     d.rows,
@@ -351,18 +354,24 @@ class CupySearcher:
                     ok if ok is not None else self._no_mask,
                     np.int32(ok is not None),
                     cp.ascontiguousarray(leaves.reshape(-1)),
-                    cp.ascontiguousarray(qcodes),
-                    cp.ascontiguousarray(a_term, dtype=cp.float32),
-                    cp.ascontiguousarray(b_term, dtype=cp.float32),
-                    self._lut,
-                    np.int32(self.metric is Metric.IP),
+                    np.int64(n_slots),
+                    cp.ascontiguousarray(terms.planes),
+                    np.int32(terms.planes.shape[1]),
+                    cp.ascontiguousarray(terms.lo, dtype=cp.float32),
+                    cp.ascontiguousarray(terms.delta, dtype=cp.float32),
+                    cp.ascontiguousarray(terms.total, dtype=cp.float32),
+                    cp.ascontiguousarray(terms.p, dtype=cp.float32),
+                    cp.ascontiguousarray(terms.r_q, dtype=cp.float32),
                     np.int32(self._max_rows),
                     np.int64(pairs),
                     keys,
+                    radius,
                 ),
             )
-        best = cp.sort(keys.reshape(nq, -1), axis=1)[:, :keep]
-        return ds.rows_of(cp, best)
+        keys, radius = keys.reshape(nq, -1), radius.reshape(nq, -1)
+        order = cp.argsort(keys, axis=1)[:, :keep]
+        best = cp.take_along_axis(keys, order, axis=1)
+        return within_bound(best, cp.take_along_axis(radius, order, axis=1), k, xp=cp)
 
 
 class CupyBackend:
@@ -373,14 +382,13 @@ class CupyBackend:
     def __init__(self, cupy: Any) -> None:
         self._cp = cupy
         module = _module(cupy)
-        self._hamming = module.get_function("hamming_u16")
+        self._plane_dots = module.get_function("plane_dots")
         self._score = module.get_function("score_keys")
         self._beam = module.get_function("beam_route")
         self._top_k = module.get_function("top_k")
         self._parts = IdCache()
         self._trees = IdCache()
         self._rotations = IdCache()
-        self._luts = IdCache()
         self._mirrors = IdCache()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -417,26 +425,28 @@ class CupyBackend:
             return None
         return VectorMirror(self._cp, dim, _VECTOR_SHARE)
 
-    def hamming(self, queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
-        """Same contract as the NumPy backend's ``hamming``, computed on the device.
+    def plane_dots(self, planes: U64, codes: U64) -> npt.NDArray[np.uint32]:
+        """``core.codes.plane_dots`` computed on the device: ``(nq, m)`` uint32.
 
         Accepts host (NumPy) or device (CuPy) arrays; returns a NumPy array.
         """
-        return self.hamming_device(self._cp.asarray(queries), self._cp.asarray(codes)).get()
-
-    def hamming_device(self, queries: Any, codes: Any) -> Any:
-        """``hamming`` on device arrays, result left on the device: ``(nq, m)`` uint16."""
         cp = self._cp
-        queries = cp.ascontiguousarray(queries)
+        return self.plane_dots_device(cp.asarray(planes), cp.asarray(codes)).get()
+
+    def plane_dots_device(self, planes: Any, codes: Any) -> Any:
+        """``plane_dots`` on device arrays, the result left on the device."""
+        cp = self._cp
+        planes = cp.ascontiguousarray(planes)
         codes = cp.ascontiguousarray(codes)
-        nq, m = int(queries.shape[0]), int(codes.shape[1])
-        out = cp.empty((nq, m), dtype=cp.uint16)
+        nq, n_planes, w = (int(x) for x in planes.shape)
+        m = int(codes.shape[1])
+        out = cp.empty((nq, m), dtype=cp.uint32)
         total = nq * m
         if total:
-            self._hamming(
+            self._plane_dots(
                 ((total + _THREADS - 1) // _THREADS,),
                 (_THREADS,),
-                (codes, np.int64(m), np.int32(codes.shape[0]), queries, np.int64(nq), out),
+                (codes, np.int64(m), np.int32(w), np.int32(n_planes), planes, np.int64(nq), out),
             )
         return out
 

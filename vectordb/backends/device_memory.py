@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.codes import FACTORS
 from ..core.parts import Part
 
 __all__ = ["DevicePart", "IdCache", "VectorMirror", "fits", "rotation"]
@@ -105,13 +106,12 @@ class DevicePart:
     """One part's slot arrays on the device (see ``parts.Part``)."""
 
     def __init__(self, cupy: Any, part: Part, words: int) -> None:
-        if part.codes is None or part.norms is None:
+        if part.codes is None or part.factors is None:
             raise TypeError("this part holds no codes")
         self.n = part.size
         self.codes = cupy.asarray(part.codes if part.size else np.zeros((words, 1), np.uint64))
-        self.norms = cupy.asarray(part.norms if part.size else np.zeros(1, np.float32))
-        dots = part.dots if part.dots is not None and part.size else np.zeros(1, np.float32)
-        self.dots = cupy.asarray(dots)
+        factors = part.factors if part.size else np.zeros((FACTORS, 1), np.float32)
+        self.factors = cupy.asarray(np.ascontiguousarray(factors))
         self.rows_given = part.rows is not None
         rows = part.rows if part.rows is not None and part.size else np.zeros(1, np.int64)
         self.rows = cupy.asarray(rows)

@@ -10,8 +10,8 @@ They compute what the NumPy stages compute (:mod:`vectordb.search.route`,
 :mod:`vectordb.core.codes`, :mod:`vectordb.search.rerank`), in float32 but without those
 stages' batch-independent summation order: a query's floats may differ from the CPU's in
 the last bits, so where two leaves or two candidates tie within rounding, either may be
-chosen. Hamming distances, and the
-estimates computed from the same query codes, are exact on both.
+chosen. Plane dots, and the estimates computed from the same query codes, are exact on
+both.
 
 Shapes use ``nq`` queries, ``L`` probed leaves per query, ``w`` code words, ``bits`` rotated
 dimensions (``64 * w`` after padding), ``d`` stored dimensions.
@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from ..core.codes import QUERY_BITS
 from ..core.metrics import Metric
 
 __all__ = [
     "DeviceTree",
+    "QueryTerms",
     "beam",
     "candidate_distances",
     "nearest_leaves",
@@ -195,35 +197,57 @@ def pack_signs(xp: Any, x: Any, words: int) -> Any:
     return (positive.reshape(n, words, 64) * weights).sum(axis=2, dtype=xp.uint64)
 
 
+@dataclass(frozen=True)
+class QueryTerms:
+    """What the scoring kernel needs of the queries (``core.codes.QueryCodes``) and of each
+    (query, probed leaf) pair (``core.codes.PairTerms``), on the device.
+
+    Attributes
+    ----------
+    planes : (nq, QUERY_BITS, w) uint64 bit planes of the quantised rotated queries
+    lo, delta, total : (nq,) float32
+    p, r_q : (nq * L,) float32 per-pair terms; zero for padding
+    """
+
+    planes: Any
+    lo: Any
+    delta: Any
+    total: Any
+    p: Any
+    r_q: Any
+
+
 def query_terms(
     xp: Any, q: Any, leaves: Any, tree: DeviceTree, words: int, metric: Metric
-) -> tuple[Any, Any, Any]:
-    """What the scoring kernel needs of each (query, probed leaf) pair.
-
-    Parameters
-    ----------
-    q : (nq, bits) float32 rotated queries
-    leaves : (nq, L) int64 probed leaves, ``-1`` padded
-
-    Returns
-    -------
-    codes : (nq * L, words) uint64 sign codes of the query residuals
-    a, b : (nq * L,) float32 per-pair terms of ``codes.estimate``: ``-2 r_q`` and ``r_q^2``
-        (``-r_q`` and ``<c, q>`` for ip); zero for padding
-    """
+) -> QueryTerms:
+    """:class:`QueryTerms` of rotated queries ``q`` ``(nq, bits)`` float32 probing
+    ``leaves`` ``(nq, L)`` int64 (``-1`` padded): ``core.codes.quantize_queries`` and
+    ``core.codes.pair_terms``, the same float32 steps."""
+    levels = (1 << QUERY_BITS) - 1
+    lo = q.min(axis=1)
+    delta = (q.max(axis=1) - lo) / xp.float32(levels)
+    delta = xp.where(delta > 0, delta, xp.float32(1.0)).astype(xp.float32)
+    u = xp.rint((q - lo[:, None]) / delta[:, None])
+    u = xp.clip(u, 0, levels).astype(xp.uint8)
+    planes = xp.stack([pack_signs(xp, (u >> j) & 1, words) for j in range(QUERY_BITS)], axis=1)
+    total = u.sum(axis=1, dtype=xp.int64).astype(xp.float32)
     n_slots = leaves.shape[1]
     flat = leaves.reshape(-1)
     valid = flat >= 0
     centres = tree.centroids[tree.leaf_nodes[xp.where(valid, flat, 0)]]
     qq = xp.repeat(q, n_slots, axis=0)
     residual = qq - centres
-    r_q = xp.sqrt((residual * residual).sum(axis=1))
-    if metric is Metric.IP:
-        a, b = -r_q, (qq * centres).sum(axis=1)
-    else:
-        a, b = xp.float32(-2.0) * r_q, r_q * r_q
+    sq = (residual * residual).sum(axis=1)
+    p = -(qq * centres).sum(axis=1) if metric is Metric.IP else sq
     zero = xp.float32(0.0)
-    return pack_signs(xp, residual, words), xp.where(valid, a, zero), xp.where(valid, b, zero)
+    return QueryTerms(
+        planes=planes,
+        lo=lo.astype(xp.float32),
+        delta=delta,
+        total=total,
+        p=xp.where(valid, p, zero),
+        r_q=xp.where(valid, xp.sqrt(sq), zero),
+    )
 
 
 def rows_of(xp: Any, keys: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The CPU backend: Hamming distances with NumPy (XOR + ``np.bitwise_count``)."""
+"""The CPU backend: RaBitQ estimates with NumPy (AND + ``np.bitwise_count`` over the query's
+bit planes, see ``core.codes``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
-from ..core.codes import CodeTable, estimate, estimate_broadcast, query_side
+from ..core.codes import CodeTable, estimate, pair_terms, plane_dots, quantize_queries
 from ..core.parts import Part, leaf_sizes
-from ..core.topk import NO_KEY, candidate_keys, rows_of, smallest
-from ..search.candidates import candidate_width, mostly_apart, select_candidates
+from ..core.topk import NO_KEY, candidate_keys
+from ..search.candidates import candidate_width, mostly_apart, select_candidates, smallest_with
 from ..search.pipeline import HostSearcher, SearchInputs
 
-__all__ = ["NumpyBackend", "NumpyCodeSelector", "hamming"]
+__all__ = ["NumpyBackend", "NumpyCodeSelector"]
 
 
 #: Leaf by leaf pays off once leaves are shared by this many queries on average.
@@ -22,32 +23,34 @@ _FLAT_MAX_QUERIES_PER_LEAF = 4
 #: Probed slots per block of the pair-by-pair path (bounds its temporaries).
 _FLAT_ROWS = 1 << 18
 
-#: Below this many (query, code) pairs one broadcast XOR beats a loop over words: the loop
-#: costs ~3 NumPy calls per word, which dominates small blocks (measured on x86-64, w=12).
-_ONE_SHOT_PAIRS = 16384
 
+class _BatchScorer:
+    """Scores codes for one batch of rotated queries, quantised once (``LeafScorer``: the
+    "queries" it is handed are indices into the batch)."""
 
-def hamming(queries: U64, codes: U64) -> npt.NDArray[np.uint16]:
-    """Hamming distances between every query and every code.
+    def __init__(self, table: CodeTable, rotated: F32) -> None:
+        self.table = table
+        self.rotated = rotated
+        self.codes = quantize_queries(rotated)
 
-    Parameters
-    ----------
-    queries : (nq, w) uint64, row-major query codes
-    codes : (w, m) uint64, word-major codes (each row one word of every code); may be a
-        column slice of a larger array
-
-    Returns
-    -------
-    (nq, m) uint16 distances (at most 64 * w, so w <= 1024).
-    """
-    if queries.shape[0] * codes.shape[1] <= _ONE_SHOT_PAIRS:
-        x = np.bitwise_count(queries[:, :, None] ^ codes[None, :, :])
-        return x.sum(axis=1, dtype=np.uint16)
-    # One contiguous word row at a time keeps temporaries at (nq, m) for large blocks.
-    acc = np.bitwise_count(queries[:, 0, None] ^ codes[0][None, :]).astype(np.uint16)
-    for j in range(1, codes.shape[0]):
-        acc += np.bitwise_count(queries[:, j, None] ^ codes[j][None, :])
-    return acc
+    def score(self, qi: I64, leaf: int, part: Part, a: int, b: int) -> tuple[F32, F32]:
+        """Estimates and radii ``(g, b - a)`` float32 of slots ``a:b`` for queries ``qi``."""
+        if part.codes is None or part.factors is None:
+            raise TypeError("this part holds no codes")
+        qc = self.codes
+        pair = pair_terms(self.table, self.rotated[qi], np.full(qi.shape[0], leaf, np.int64))
+        factors = part.factors[:, None, a:b]
+        with np.errstate(over="ignore", invalid="ignore"):
+            est = estimate(
+                plane_dots(qc.planes[qi], part.codes[:, a:b]),
+                factors,
+                qc.lo[qi, None],
+                qc.delta[qi, None],
+                qc.total[qi, None],
+                pair.p[:, None],
+            )
+            radius = factors[3] * pair.r_q[:, None]
+        return est, radius
 
 
 class NumpyCodeSelector:
@@ -59,41 +62,31 @@ class NumpyCodeSelector:
         self.parts = tuple(parts)
         self.sizes = leaf_sizes(self.parts)  # parts never change: a write makes a new selector
 
-    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 estimates of slots ``a:b`` for rotated queries ``q``."""
-        table = self.table
-        if part.codes is None or part.norms is None:
-            raise TypeError("this part holds no codes")
-        side = query_side(table, q, np.full(q.shape[0], leaf, dtype=np.int64))
-        dots = part.dots[a:b] if part.dots is not None else None
-        with np.errstate(over="ignore", invalid="ignore"):
-            return estimate(
-                hamming(side.codes, part.codes[:, a:b]),
-                part.norms[a:b],
-                side.r_q,
-                table.cos_lut,
-                table.metric,
-                dots,
-                side.c_q,
-            )
-
-    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
-        """``(nq, m')`` int64 rows: see :func:`~vectordb.search.candidates.select_candidates`.
+    def select(
+        self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None
+    ) -> tuple[U64, F32]:
+        """Keys and radii ``(nq, m')``: see
+        :func:`~vectordb.search.candidates.select_candidates`.
 
         Batches whose queries mostly probe different leaves (single queries, small batches
         on many leaves) are scored pair by pair in one pass instead of leaf by leaf: the
         per-leaf loop would pay ~20 NumPy calls for one or two queries per leaf. Both ways
         compute the same estimates and pick the same rows.
         """
+        scorer = _BatchScorer(self.table, rotated_queries)
         if mostly_apart(leaves, self.sizes.shape[0], _FLAT_MAX_QUERIES_PER_LEAF):
-            return self._select_flat(rotated_queries, leaves, m, row_ok)
-        return select_candidates(self, self.parts, rotated_queries, leaves, m, row_ok)
+            return self._select_flat(scorer, leaves, m, row_ok)
+        qi = np.arange(leaves.shape[0], dtype=np.int64)
+        return select_candidates(scorer, self.parts, qi, leaves, m, row_ok)  # type: ignore[arg-type]
 
-    def _select_flat(self, q: F32, leaves: I64, m: int, row_ok: Mask | None) -> I64:
+    def _select_flat(
+        self, scorer: _BatchScorer, leaves: I64, m: int, row_ok: Mask | None
+    ) -> tuple[U64, F32]:
         nq, n_slots = leaves.shape
         sizes = self.sizes
         keep = candidate_width(m, n_slots, int(sizes.max(initial=0)))
-        out = np.full((nq, keep), -1, dtype=np.int64)
+        out = np.full((nq, keep), NO_KEY, dtype=np.uint64)
+        out_radius = np.zeros((nq, keep), dtype=np.float32)
         # Blocks of queries holding about _FLAT_ROWS probed slots each.
         per_query = np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).sum(axis=1)
         blocks = [np.arange(nq)]
@@ -103,21 +96,26 @@ class NumpyCodeSelector:
             )
             blocks = np.split(np.arange(nq), np.unique(cuts[(cuts > 0) & (cuts < nq)]))
         for rows in blocks:
-            keys = self._flat_keys(q[rows], leaves[rows], row_ok)
-            found = rows_of(smallest(keys, keep))  # fewer columns if fewer rows were probed
-            out[rows, : found.shape[1]] = found
-        return out
+            keys, radius = self._flat_keys(scorer, rows, leaves[rows], row_ok)
+            found, found_radius = smallest_with(keys, radius, keep)
+            out[rows, : found.shape[1]] = found  # fewer columns if fewer rows were probed
+            out_radius[rows, : found.shape[1]] = found_radius
+        return out, out_radius
 
-    def _flat_keys(self, q: F32, leaves: I64, row_ok: Mask | None) -> U64:
-        """Keys of every probed slot, ``(nq, n)`` with ``NO_KEY`` padding."""
-        table = self.table
+    def _flat_keys(
+        self, scorer: _BatchScorer, batch: I64, leaves: I64, row_ok: Mask | None
+    ) -> tuple[U64, F32]:
+        """Keys and radii of every probed slot, ``(nq, n)`` with ``NO_KEY`` padding, for
+        the queries ``batch`` of the scorer's batch."""
+        table, qc = self.table, scorer.codes
         nq = leaves.shape[0]
         qi, slot = np.nonzero(leaves >= 0)  # pairs, grouped by query
         leaf = leaves[qi, slot]
-        side = query_side(table, q[qi], leaf)
+        pairs = pair_terms(table, scorer.rotated[batch[qi]], leaf)
         blocks = [np.full((nq, 0), NO_KEY, dtype=np.uint64)]
+        radii = [np.zeros((nq, 0), dtype=np.float32)]
         for part in self.parts:
-            if part.codes is None or part.norms is None:
+            if part.codes is None or part.factors is None:
                 raise TypeError("this part holds no codes")
             first = part.offsets[leaf]
             lens = part.offsets[leaf + 1] - first
@@ -126,37 +124,52 @@ class NumpyCodeSelector:
                 continue
             pair = np.repeat(np.arange(leaf.shape[0]), lens)
             slots = np.arange(total) - np.repeat(np.cumsum(lens) - lens - first, lens)
-            # Word by word over 1-D gathers: 2x faster than an (n, w) block summed along
-            # its short axis.
-            h = np.zeros(total, dtype=np.uint16)
-            for j in range(part.codes.shape[0]):
-                h += np.bitwise_count(part.codes[j][slots] ^ side.codes[pair, j])
+            query = qi[pair]
+            of_slot = batch[query]
+            t = _flat_plane_dots(qc.planes, of_slot, part.codes, slots)
+            factors = part.factors[:, slots]
             with np.errstate(over="ignore", invalid="ignore"):
-                est = estimate_broadcast(
-                    h,
-                    part.norms[slots],
-                    side.r_q[pair],
-                    table.cos_lut,
-                    table.metric,
-                    None if part.dots is None else part.dots[slots],
-                    None if side.c_q is None else side.c_q[pair],
+                est = estimate(
+                    t, factors, qc.lo[of_slot], qc.delta[of_slot], qc.total[of_slot], pairs.p[pair]
                 )
+                radius = factors[3] * pairs.r_q[pair]
             rows = slots if part.rows is None else part.rows[slots]
             keys = candidate_keys(est, rows, row_ok)
-            query = qi[pair]
             counts = np.bincount(query, minlength=nq)
             position = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-            dense = np.full((nq, int(counts.max())), NO_KEY, dtype=np.uint64)
+            width = int(counts.max())
+            dense = np.full((nq, width), NO_KEY, dtype=np.uint64)
             dense[query, position] = keys
+            dense_radius = np.zeros((nq, width), dtype=np.float32)
+            dense_radius[query, position] = radius
             blocks.append(dense)
-        return np.concatenate(blocks, axis=1)
+            radii.append(dense_radius)
+        return np.concatenate(blocks, axis=1), np.concatenate(radii, axis=1)
+
+
+def _flat_plane_dots(planes: U64, query: I64, codes: U64, slots: I64) -> npt.NDArray[np.uint32]:
+    """``plane_dots`` pair by pair: ``T`` ``(n,)`` of query ``query[i]`` ``(n,)`` with the
+    code in slot ``slots[i]`` ``(n,)`` of ``codes`` ``(w, s)``."""
+    n_planes, w = planes.shape[1], planes.shape[2]
+    acc = [np.zeros(slots.shape[0], dtype=np.uint32) for _ in range(n_planes)]
+    # Word by word over 1-D gathers: 2x faster than an (n, w) block summed along its short
+    # axis.
+    for word in range(w):
+        code = codes[word][slots]
+        for j in range(n_planes):
+            acc[j] += np.bitwise_count(code & planes[query, j, word])
+    out = acc[n_planes - 1]
+    for j in range(n_planes - 2, -1, -1):
+        out <<= 1
+        out += acc[j]
+    return out
 
 
 class NumpyBackend:
     """NumPy on the CPU: always available."""
 
     name = "numpy"
-    hamming = staticmethod(hamming)
+    plane_dots = staticmethod(plane_dots)
 
     def searcher(
         self, table: CodeTable, parts: Sequence[Part], inputs: SearchInputs

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
+from .codes import FACTORS
 
 __all__ = ["Part", "concat_by_leaf", "leaf_sizes", "merge_threshold"]
 
@@ -35,31 +36,29 @@ class Part:
     rows : (s,) int64 storage row of every slot, or ``None`` when slot ``s`` is row ``s``
         (after a build, open or compaction: saves 8 bytes per vector)
     codes : (w, s) uint64 word-major codes, or ``None`` (``leaf_scan="vectors"``)
-    norms : (s,) float32 residual norms, or ``None``
-    dots : (s,) float32 ``<residual, centroid>`` (metric ip), or ``None``
+    factors : (FACTORS, s) float32 per-vector factors of the estimate (``core.codes``), or
+        ``None`` with the codes
     """
 
     offsets: I64
     rows: I64 | None
     codes: U64 | None = None
-    norms: F32 | None = None
-    dots: F32 | None = None
+    factors: F32 | None = None
 
     @classmethod
-    def empty(cls, n_leaves: int, words: int | None, with_dots: bool) -> Part:
+    def empty(cls, n_leaves: int, words: int | None) -> Part:
         return cls(
             offsets=np.zeros(n_leaves + 1, dtype=np.int64),
             rows=np.empty(0, dtype=np.int64),
             codes=None if words is None else np.empty((words, 0), dtype=np.uint64),
-            norms=None if words is None else np.empty(0, dtype=np.float32),
-            dots=np.empty(0, dtype=np.float32) if with_dots else None,
+            factors=None if words is None else np.empty((FACTORS, 0), dtype=np.float32),
         )
 
     def empty_like(self, n_leaves: int) -> Part:
         """An empty part over ``n_leaves`` leaves holding what this one holds (codes and
-        norms, dots)."""
+        their factors, or neither)."""
         words = None if self.codes is None else self.codes.shape[0]
-        return Part.empty(n_leaves, words, self.dots is not None)
+        return Part.empty(n_leaves, words)
 
     @property
     def size(self) -> int:
@@ -81,7 +80,7 @@ class Part:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.offsets, self.rows, self.codes, self.norms, self.dots)
+        arrays = (self.offsets, self.rows, self.codes, self.factors)
         return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
@@ -110,14 +109,12 @@ def concat_by_leaf(
         return np.ascontiguousarray(joined[:, order] if axis else joined[order])
 
     with_codes = parts[0].codes is not None
-    with_dots = parts[0].dots is not None
     counts = np.bincount(leaf, minlength=n_leaves)
     return Part(
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         rows=cat([p.all_rows for p in parts]),
         codes=cat([p.codes for p in parts], axis=1) if with_codes else None,  # type: ignore[misc]
-        norms=cat([p.norms for p in parts]) if with_codes else None,  # type: ignore[misc]
-        dots=cat([p.dots for p in parts]) if with_dots else None,  # type: ignore[misc]
+        factors=cat([p.factors for p in parts], axis=1) if with_codes else None,  # type: ignore[misc]
     )
 
 

@@ -8,6 +8,8 @@ and CuPy pick the same candidates from the same scores, whatever order they scan
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -21,7 +23,9 @@ __all__ = [
     "clamp_scores",
     "keys_of",
     "rows_of",
+    "scores_of",
     "smallest",
+    "within_bound",
 ]
 
 #: Key of an empty slot: larger than any real candidate's.
@@ -52,6 +56,46 @@ def rows_of(keys: U64) -> I64:
     rows = (keys & _ROW_MASK).astype(np.int64)
     rows[keys == NO_KEY] = -1
     return rows
+
+
+def scores_of(keys: U64, xp: Any = np) -> F32:
+    """Scores ``(...)`` float32 of ``keys`` (the inverse of :func:`keys_of`); ``inf`` for
+    empty slots. ``xp`` is the array module (NumPy, or CuPy for device arrays)."""
+    ordered = (keys >> xp.uint64(32)).astype(xp.uint32)
+    sign = xp.uint32(0x80000000)
+    bits = xp.where(ordered & sign, ordered ^ sign, ~ordered)
+    scores = bits.view(xp.float32)
+    return xp.where(keys == xp.uint64(NO_KEY), xp.float32(xp.inf), scores)
+
+
+def within_bound(keys: U64, radius: F32, k: int, xp: Any = np) -> I64:
+    """The candidates that may be among the ``k`` nearest, given each estimate's error bound.
+
+    A candidate whose lower bound (estimate less radius) exceeds the ``k``-th smallest upper
+    bound (estimate plus radius) among its query's candidates cannot be in the top ``k``
+    unless a bound fails; only the others need the exact rerank.
+
+    Parameters
+    ----------
+    keys : (nq, m) uint64 candidate keys (estimate, row), ``NO_KEY`` for none
+    radius : (nq, m) float32 error bounds of the estimates (0: exact scores), >= 0
+    k : results wanted per query
+    xp : the array module (NumPy, or CuPy for device arrays)
+
+    Returns
+    -------
+    (nq, m) int64 storage rows, ``-1`` where none or pruned (same columns as ``keys``).
+    """
+    rows = (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
+    empty = keys == xp.uint64(NO_KEY)
+    if keys.shape[1] > k:
+        est = scores_of(keys, xp)
+        with np.errstate(over="ignore", invalid="ignore"):
+            upper = est + radius
+            kth = xp.partition(upper, k - 1, axis=1)[:, k - 1 : k]
+            # NaN (a bound of a huge vector) compares false: kept.
+            empty |= est - radius > kth
+    return xp.where(empty, -1, rows)
 
 
 def clamp_scores(scores: F32) -> F32:

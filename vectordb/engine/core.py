@@ -266,10 +266,11 @@ class AsyncEngine:
         self,
         query: Any,
         k: int = 10,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         *,
-        probes: int = 16,
-        rerank_factor: int = 5,
         filter: Filter | None = None,
+        target_recall: float | None = None,
         timeout: float | None = None,
     ) -> tuple[I64, F32]:
         """The ``k`` nearest neighbours of one query, batched with concurrent calls.
@@ -282,7 +283,7 @@ class AsyncEngine:
         """
         self._life.check_open()
         q = as_query_matrix(query, self._index.dim, single=True)
-        key = BatchKey.of(k, probes, rerank_factor, filter)
+        key = BatchKey.of(k, probes, rerank_factor, filter, target_recall)
         ids, dists = await self._submit(q, key, check_timeout(timeout))
         return ids[0], dists[0]
 
@@ -290,16 +291,17 @@ class AsyncEngine:
         self,
         queries: Any,
         k: int = 10,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         *,
-        probes: int = 16,
-        rerank_factor: int = 5,
         filter: Filter | None = None,
+        target_recall: float | None = None,
         timeout: float | None = None,
     ) -> tuple[I64, F32]:
         """``search`` for each row of ``queries`` ``(nq, d)``: ``(nq, k)`` ids and distances."""
         self._life.check_open()
         q = as_query_matrix(queries, self._index.dim, single=False)
-        key = BatchKey.of(k, probes, rerank_factor, filter)
+        key = BatchKey.of(k, probes, rerank_factor, filter, target_recall)
         return await self._submit(q, key, check_timeout(timeout))
 
     async def _submit(self, q: F32, key: BatchKey, timeout: float | None) -> tuple[I64, F32]:
@@ -326,6 +328,7 @@ class AsyncEngine:
             probes=key.probes,
             rerank_factor=key.rerank_factor,
             filter=key.filter.value,
+            target_recall=key.target_recall,
         )
 
     # ------------------------------------------------------------------ writes

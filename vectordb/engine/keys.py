@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._validation import check_k, positive_int
+from ..errors import InvalidParameterError
+from ..index.calibrate import check_target
 from ..storage.filters import Filter, check_filter
 
 __all__ = ["BatchKey", "FilterKey"]
@@ -84,16 +86,23 @@ class BatchKey:
     """The search parameters of a batch: one key, one ``search_batch`` call."""
 
     @classmethod
-    def of(cls, k: Any, probes: Any, rerank_factor: Any, filt: Any) -> BatchKey:
-        """The key of a call's parameters, checked (``InvalidParameterError``)."""
+    def of(
+        cls, k: Any, probes: Any, rerank_factor: Any, filt: Any, target_recall: Any = None
+    ) -> BatchKey:
+        """The key of a call's parameters, checked (``InvalidParameterError``); ``None``
+        leaves a parameter to the index (see ``ClusteredIndex.search``)."""
+        if probes is not None and target_recall is not None:
+            raise InvalidParameterError("give probes or target_recall, not both")
         return cls(
             check_k(k),
-            positive_int("probes", probes),
-            positive_int("rerank_factor", rerank_factor),
+            None if probes is None else positive_int("probes", probes),
+            None if rerank_factor is None else positive_int("rerank_factor", rerank_factor),
             FilterKey(check_filter(filt)),
+            None if target_recall is None else check_target(target_recall),
         )
 
     k: int
-    probes: int
-    rerank_factor: int
+    probes: int | None
+    rerank_factor: int | None
     filter: FilterKey
+    target_recall: float | None = None

@@ -12,7 +12,7 @@ import numpy as np
 from .._progress import log, progress_bar
 from .._types import F32, I64
 from .._validation import as_matrix
-from ..core.codes import Quantizer, encode_residuals
+from ..core.codes import FACTORS, Quantizer, encode_residuals
 from ..core.metrics import Metric, prepare
 from ..core.parts import Part
 from ..core.tree import Tree, build_tree, refine_leaves
@@ -41,26 +41,23 @@ def build_part(
     codes: bool,
     on_rows: Callable[[int], None] | None = None,
 ) -> Part:
-    """The base part of storage-ordered ``x`` ``(n, d)``: codes, residual norms (and ip
-    offsets), leaf by leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``.
+    """The base part of storage-ordered ``x`` ``(n, d)``: codes and their factors, leaf by
+    leaf. ``tree.centroids`` must already be rotated ``(n_nodes, bits)``.
     ``on_rows(n)`` is called as every leaf's ``n`` rows are coded (progress)."""
     n = x.shape[0]
     if not codes:
         return Part(offsets=leaf_offsets, rows=None)
     words = np.empty((quantizer.words, n), dtype=np.uint64)
-    norms = np.empty(n, dtype=np.float32)
-    dots = np.empty(n, dtype=np.float32) if metric is Metric.IP else None
+    factors = np.empty((FACTORS, n), dtype=np.float32)
     for leaf, node in enumerate(tree.leaf_nodes):
         a, b = int(leaf_offsets[leaf]), int(leaf_offsets[leaf + 1])
         rotated = quantizer.rotate(x[a:b])
-        words[:, a:b], norms[a:b], leaf_dots = encode_residuals(
+        words[:, a:b], factors[:, a:b] = encode_residuals(
             quantizer, rotated, tree.centroids[node], metric
         )
-        if dots is not None and leaf_dots is not None:
-            dots[a:b] = leaf_dots
         if on_rows is not None:
             on_rows(b - a)
-    return Part(offsets=leaf_offsets, rows=None, codes=words, norms=norms, dots=dots)
+    return Part(offsets=leaf_offsets, rows=None, codes=words, factors=factors)
 
 
 def build_data(

@@ -26,6 +26,7 @@ from ..storage.snapshot import IndexData
 from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
+from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
 from .state import IndexState
 
 __all__ = ["ClusteredIndex"]
@@ -37,9 +38,9 @@ _MIN_QUERIES_PER_THREAD = 1024
 class ClusteredIndex:
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
-    A hierarchical k-means tree routes each query to a few leaves; 1-bit codes of the
-    vectors in those leaves rank candidates; the best ``k * rerank_factor`` are reranked
-    exactly on the full vectors, held in RAM or in a memory-mapped file. Vectors carry
+    A hierarchical k-means tree routes each query to a few leaves; 1-bit RaBitQ codes of the
+    vectors in those leaves rank candidates; those the codes' error bound cannot rule out are
+    reranked exactly on the full vectors, held in RAM or in a memory-mapped file. Vectors carry
     int64 ids and optional metadata; :meth:`add`, :meth:`upsert` and :meth:`delete` change
     the index in place, :meth:`compact` reclaims deleted rows.
 
@@ -71,10 +72,12 @@ class ClusteredIndex:
         seed: int = 0,
         rotate: bool = True,
         leaf_scan: str = "auto",
+        target_recall: float = DEFAULT_TARGET,
         backend: str = "auto",
         progress: bool | None = None,
     ) -> ClusteredIndex:
-        """Build an index over ``vectors``.
+        """Build an index over ``vectors``, and calibrate its search defaults (see
+        :mod:`vectordb.index.calibrate`).
 
         Raises ``InvalidVectorsError`` for empty, ragged, non-numeric or non-finite vectors
         (and zero rows with cosine), ``InvalidParameterError`` for any parameter out of
@@ -101,16 +104,15 @@ class ClusteredIndex:
         seed : int, >= 0
             Builds are deterministic for a given seed (and BLAS thread count).
         rotate : bool
-            Rotate vectors randomly (a permutation and 64 x 64 orthogonal blocks,
-            ``256 * d`` bytes) before taking code bits. Keep it on: without it, data with
-            uneven or constant coordinates ranks badly (fashion-mnist recall@10 0.63
-            instead of 0.96 at the earlier defaults, a beam of probes=4).
+            Rotate vectors randomly (a permutation and 64 x 64 orthogonal blocks, ``256 * d``
+            bytes) before taking code bits. Keep it on: uneven coordinates rank badly without.
         leaf_scan : {"auto", "codes", "vectors"}
-            How the vectors of the probed leaves are ranked before the rerank. ``codes``:
-            1-bit codes in RAM (``d/8`` bytes per vector). ``vectors``: exact distances on
-            the full vectors (no codes; in mmap mode every probed leaf is read from the
-            file), for low dimensions where 1-bit codes cannot rank. ``auto`` picks
-            ``vectors`` below 128 dimensions, else ``codes``.
+            How probed leaves are ranked before the rerank: ``codes``, 1-bit RaBitQ codes in
+            RAM (``d/8 + 16`` bytes per vector); ``vectors``, exact distances on the full
+            vectors (read from the file in mmap mode), for low dimensions where 1-bit codes
+            cannot rank. ``auto``: ``vectors`` below 128 dimensions, else ``codes``.
+        target_recall : float in (0, 1]
+            The recall@10 that searches without ``probes`` aim at (saved with the index).
         backend : {"auto", "numpy", "cupy"}
             Where batches are searched: ``auto`` uses a CUDA GPU through CuPy when one is
             usable, else NumPy (see :mod:`vectordb.backends`). The same neighbours, up to
@@ -122,7 +124,10 @@ class ClusteredIndex:
         metric = parse_metric(metric)
         chosen = resolve_backend(backend)
         p = build_params(branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan)
-        return cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
+        p["target_recall"] = check_target(target_recall)
+        index = cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
+        calibrate_into(index._params, index._state)
+        return index
 
     def __len__(self) -> int:
         """Number of live vectors."""
@@ -202,19 +207,19 @@ class ClusteredIndex:
         )
 
     def memory_usage_bytes(self) -> int:
-        """Bytes of process memory held by the index: tree, codes, norms, ids, tombstones,
-        rotation, metadata database, and the full vectors when in RAM. Memory-mapped vectors
-        count 0: page cache, shared and reclaimable (shown in RSS as file-backed pages)."""
+        """Bytes of process memory held by the index: tree, codes and their factors, ids,
+        tombstones, rotation, metadata, and the vectors when in RAM (memory-mapped: 0)."""
         return self._state.nbytes + self._metadata.nbytes
 
     def search(
         self,
         query: Any,
         k: int = 10,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         *,
-        probes: int = 16,
-        rerank_factor: int = 5,
         filter: Filter | None = None,
+        target_recall: float | None = None,
     ) -> tuple[I64, F32]:
         """The ``k`` nearest neighbours of one query.
 
@@ -224,11 +229,14 @@ class ClusteredIndex:
         k : int, >= 1
             Results wanted. With fewer than ``k`` (matching) vectors, ids are padded with
             ``-1`` and distances with ``inf``.
-        probes : int, >= 1
-            Leaves searched, those whose centroids are nearest the query (an IVF index's
-            ``nprobe``); more = higher recall, slower.
-        rerank_factor : int, >= 1
-            ``k * rerank_factor`` candidates are reranked on the exact vectors.
+        probes : int, >= 1, optional
+            Leaves searched, those whose centroids are nearest the query (IVF's ``nprobe``);
+            default: the fewest that reached ``target_recall`` at calibration.
+        rerank_factor : int, >= 1, optional
+            ``k * rerank_factor`` candidates are reranked exactly; default: of up to
+            ``10 * k``, those the codes' error bound cannot rule out.
+        target_recall : float in (0, 1], optional
+            Recall@10 to aim at instead of the build's (0.95 by default); not with ``probes``.
         filter : dict or callable, optional
             Only vectors whose metadata matches (see :mod:`vectordb.storage.filters`). Applied
             before the top-k: if k vectors match, k are returned.
@@ -239,17 +247,18 @@ class ClusteredIndex:
         distances : (k,) float32, ascending
         """
         q = as_query_matrix(query, self.dim, single=True)
-        ids, dists = self._searcher(k, probes, rerank_factor, filter)(q)
+        ids, dists = self._searcher(k, probes, rerank_factor, filter, target_recall)(q)
         return ids[0], dists[0]
 
     def search_batch(
         self,
         queries: Any,
         k: int = 10,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         *,
-        probes: int = 16,
-        rerank_factor: int = 5,
         filter: Filter | None = None,
+        target_recall: float | None = None,
         threads: int = 1,
     ) -> tuple[I64, F32]:
         """The ``k`` nearest neighbours of each row of ``queries`` ``(nq, d)``.
@@ -261,7 +270,7 @@ class ClusteredIndex:
         """
         q = as_query_matrix(queries, self.dim, single=False)
         threads = positive_int("threads", threads)
-        run = self._searcher(k, probes, rerank_factor, filter)
+        run = self._searcher(k, probes, rerank_factor, filter, target_recall)
         parts = min(threads, q.shape[0] // _MIN_QUERIES_PER_THREAD)
         if parts < 2:
             return run(q)
@@ -270,15 +279,14 @@ class ClusteredIndex:
         return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
     def _searcher(
-        self, k: Any, probes: Any, rerank_factor: Any, filt: Any
+        self, k: Any, probes: Any, rerank_factor: Any, filt: Any, target: Any
     ) -> Callable[[F32], tuple[I64, F32]]:
         """The parameters checked and one state taken (with the filter's matches of that
         moment): the search of query rows ``(nq, d)`` against it."""
         k = check_k(k)
-        probes = positive_int("probes", probes)
-        rerank_factor = positive_int("rerank_factor", rerank_factor)
         st, matching = self._state_and_matches(check_filter(filt))
-        return lambda q: st.search(prepare(q, st.metric), k, probes, rerank_factor, matching)
+        probes, rf = settings(self._params, probes, rerank_factor, target, st.tree.n_leaves)
+        return lambda q: st.search(prepare(q, st.metric), k, probes, rf, matching)
 
     def _state_and_matches(self, filt: Filter | None) -> tuple[IndexState, I64 | None]:
         """The published state and, with a filter, the ids its metadata matches then: writes
@@ -320,8 +328,8 @@ class ClusteredIndex:
         return self._write(vectors, ids, metadata, replace=True)
 
     def _write(self, vectors: Any, ids: Any, metadata: Any, *, replace: bool) -> I64:
-        """Checks first, then the new state is prepared, then metadata and state change
-        together: a write that raises changes nothing a caller can see."""
+        """Checks, then the new state, then metadata and state together: a write that raises
+        changes nothing a caller can see."""
         st = self._state
         x = as_matrix(vectors, "vectors", self.dim)
         docs = encode_documents(metadata, x.shape[0])
@@ -338,6 +346,7 @@ class ClusteredIndex:
                 elif not replace:
                     self._metadata.delete(new_ids)  # ids reused after a delete start bare
                 self._state = new_state
+            calibrate_into(self._params, new_state, if_stale=True)
         return new_ids
 
     def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
@@ -371,14 +380,11 @@ class ClusteredIndex:
             st = self._state
             self._state = update.compacted_state(st, self._params, progress)
             st.storage.discard()  # searches still reading the old storage keep its mapping
+            calibrate_into(self._params, self._state)
 
     def get_metadata(self, id_: int) -> dict[str, Any] | None:
-        """The metadata of ``id_`` (``None`` if it has none).
-
-        ``UnknownIdError`` if no live vector has this id (any int: also negative ones and
-        ones beyond int64); ``InvalidParameterError`` if ``id_`` is not an int (a bool,
-        a float, a string).
-        """
+        """The metadata of ``id_`` (``None`` if it has none). ``UnknownIdError`` if no live
+        vector has this id (any int); ``InvalidParameterError`` if ``id_`` is not an int."""
         value = one_id(id_)
         if value is None or not self._state.has(value):
             raise UnknownIdError(f"id {id_!r} is not in the index")
@@ -409,13 +415,10 @@ class ClusteredIndex:
     def use_mmap_storage(
         self, path: str | os.PathLike[str], *, progress: bool | None = None
     ) -> None:
-        """Move the full vectors to a memory-mapped file at ``path`` and free their RAM.
-
-        The file is written to a temporary name, fsynced and renamed (an existing file at
-        ``path`` is replaced). Format: raw little-endian float32, ``n * dim * 4`` bytes,
-        rows in storage order. Raises ``AlreadyUsingMmapError`` if already mapped, and
-        ``StorageError`` if writing fails (the vectors then stay in RAM, usable).
-        ``progress``: as for :meth:`save`."""
+        """Move the full vectors to a memory-mapped file at ``path`` (written to a temporary
+        name, fsynced and renamed; raw little-endian float32 rows) and free their RAM.
+        ``AlreadyUsingMmapError`` if mapped, ``StorageError`` if writing fails (the vectors
+        then stay in RAM, usable). ``progress``: as for :meth:`save`."""
         if self.is_using_mmap:
             raise AlreadyUsingMmapError(f"vectors are already memory-mapped from {self.mmap_path}")
         with self._write_lock:
@@ -448,8 +451,7 @@ class ClusteredIndex:
             storage.drop_cache()
 
     def close(self) -> None:
-        """Release the memory-mapped file, if any. Searching afterwards raises
-        ``IndexClosedError`` in mmap mode; idempotent."""
+        """Release the mapped file, if any (then searches raise ``IndexClosedError``)."""
         self._state.storage.close()
 
     def __enter__(self) -> ClusteredIndex:
@@ -488,13 +490,11 @@ class ClusteredIndex:
         rebuilding (see :mod:`vectordb.storage.load`).
 
         ``mmap``: map ``vectors.bin`` instead of reading it into RAM. ``verify``: check
-        every file's CRC32 (reads everything once); sizes, dtypes and shapes are always
-        checked. ``backend``: as for :meth:`build`. ``progress``: a progress bar while
-        ``verify`` reads the files, on a terminal (needs tqdm); ``False`` never.
-
-        Raises ``InvalidIndexFileError`` for a missing or malformed manifest, an unknown
-        format version, a file of the wrong size, dtype or shape, or (with ``verify``) a
-        checksum mismatch; ``StorageError`` for what the OS refuses.
+        every file's CRC32 (sizes, dtypes and shapes are always checked). ``backend``: as
+        for :meth:`build`. ``progress``: a bar while ``verify`` reads (needs tqdm).
+        ``InvalidIndexFileError`` for a missing or malformed manifest, an unknown format
+        version, a file of the wrong size, dtype or shape, or a checksum mismatch;
+        ``StorageError`` for what the OS refuses.
         """
         chosen = resolve_backend(backend)
         return cls(load_index(Path(path), mmap=mmap, verify=verify, progress=progress), chosen)

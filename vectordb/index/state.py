@@ -26,10 +26,12 @@ from ..storage.idmap import IdMap
 from ..storage.snapshot import IndexData
 from ..storage.vectors import VectorStore
 
-__all__ = ["EXACT_FILTER_ROWS", "IndexState"]
+__all__ = ["BOUNDED_RERANK", "EXACT_FILTER_ROWS", "IndexState"]
 
 #: A filter matching at most this many vectors is answered by scoring them all exactly.
 EXACT_FILTER_ROWS = 4096
+#: Candidates kept per result when no ``rerank_factor`` is given (then pruned by the bound).
+BOUNDED_RERANK = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +81,7 @@ class IndexState:
             metric=data.metric,
             backend=backend,
             tree=tree,
-            table=CodeTable.for_tree(tree, data.quantizer.bits, data.metric) if has_codes else None,
+            table=CodeTable.for_tree(tree, data.metric) if has_codes else None,
             base=base,
             delta=base.empty_like(tree.n_leaves),
             row_id=ids,
@@ -97,7 +99,7 @@ class IndexState:
         """The code table for ``tree`` (this state's own when the tree is unchanged)."""
         if tree is self.tree or self.table is None:
             return self.table
-        return CodeTable.for_tree(tree, self.quantizer.bits, self.metric)
+        return CodeTable.for_tree(tree, self.metric)
 
     @property
     def parts(self) -> tuple[Part, Part]:
@@ -150,34 +152,46 @@ class IndexState:
         return out
 
     def search(
-        self, q: F32, k: int, probes: int, rerank_factor: int, matching: I64 | None
+        self, q: F32, k: int, probes: int, rerank_factor: int | None, matching: I64 | None
     ) -> tuple[I64, F32]:
         """Ids ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of prepared queries
         ``q`` ``(nq, d)``, among the ids ``matching`` a filter (``None``: all live ones).
+        ``rerank_factor`` ``None``: up to ``k * BOUNDED_RERANK`` candidates, those inside
+        the error bound reranked (``core.topk.within_bound``)."""
+        found, dists = self.search_rows(q, k, probes, rerank_factor, matching)
+        return self.ids_of(found), dists
+
+    def search_rows(
+        self,
+        q: F32,
+        k: int,
+        probes: int,
+        rerank_factor: int | None,
+        matching: I64 | None = None,
+    ) -> tuple[I64, F32]:
+        """:meth:`search`, answering storage rows (``-1`` padded) instead of ids.
 
         Few matches are scored exactly, like a brute force; otherwise the pipeline runs
         with the matches as its row mask, probing more leaves the fewer they are.
         """
         row_ok, sizes, allowed = self.row_ok, self.live_sizes, len(self.idmap)
+        candidates = k * (BOUNDED_RERANK if rerank_factor is None else rerank_factor)
         if matching is not None or allowed == 0:  # (an emptied index has no row to read)
             rows = self.live_rows_of(matching) if matching is not None else np.empty(0, np.int64)
             allowed = int(rows.shape[0])
-            if allowed <= max(EXACT_FILTER_ROWS, k * rerank_factor):
+            if allowed <= max(EXACT_FILTER_ROWS, candidates):
                 cand = np.broadcast_to(rows, (q.shape[0], allowed))
-                found, dists = rerank(
-                    q, np.ascontiguousarray(cand), k, self.storage.take, self.metric
-                )
-                return self.ids_of(found), dists
+                return rerank(q, np.ascontiguousarray(cand), k, self.storage.take, self.metric)
             row_ok, sizes = self.only(rows)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(self.tree.n_nodes, probes * min(8, -(-len(self.idmap) // allowed)))
         request = SearchRequest(
             k=k,
             probes=probes,
-            candidates=k * rerank_factor,
+            candidates=candidates,
             need=min(k, allowed),
             row_ok=row_ok,
             live_sizes=sizes,
+            bounded=rerank_factor is None,
         )
-        found, dists = self.searcher.search(q, request)
-        return self.ids_of(found), dists
+        return self.searcher.search(q, request)

@@ -62,8 +62,8 @@ def encode_part(
     if not with_codes:
         return Part(offsets=offsets, rows=rows)
     centres = tree.centroids[tree.leaf_nodes[leaves]]
-    codes, norms, dots = encode_residuals(quantizer, rotated, centres, metric)
-    return Part(offsets=offsets, rows=rows, codes=codes, norms=norms, dots=dots)
+    codes, factors = encode_residuals(quantizer, rotated, centres, metric)
+    return Part(offsets=offsets, rows=rows, codes=codes, factors=factors)
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
     n_nodes, n_leaves = tree.n_nodes, tree.n_leaves
     slot_leaf = part.leaf_of_slot
     codes = None if part.codes is None else part.codes.copy()
-    norms = None if part.norms is None else part.norms.copy()
-    dots = None if part.dots is None else part.dots.copy()
+    factors = None if part.factors is None else part.factors.copy()
     leaf_nodes = tree.leaf_nodes
     for leaf in big:
         a, b = int(part.offsets[leaf]), int(part.offsets[leaf + 1])
@@ -152,12 +151,10 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
         local = index_of[labels]
         slot_leaf = slot_leaf.copy()
         slot_leaf[a:b] = new_leaves[local]
-        if codes is not None and norms is not None:
-            codes[:, a:b], norms[a:b], leaf_dots = encode_residuals(
+        if codes is not None and factors is not None:
+            codes[:, a:b], factors[:, a:b] = encode_residuals(
                 splitter.quantizer, rotated, means[local], splitter.metric
             )
-            if dots is not None and leaf_dots is not None:
-                dots[a:b] = leaf_dots
         n_nodes += len(groups)
         n_leaves += len(groups) - 1
     new_tree = Tree(
@@ -165,7 +162,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
         children=np.concatenate(children),
         leaf_of_node=np.concatenate(leaf_of_node),
     )
-    recoded = Part(offsets=part.offsets, rows=part.all_rows, codes=codes, norms=norms, dots=dots)
+    recoded = Part(offsets=part.offsets, rows=part.all_rows, codes=codes, factors=factors)
     return new_tree, concat_by_leaf([recoded], [slot_leaf], n_leaves=n_leaves)
 
 
@@ -187,8 +184,7 @@ def compacted(
         offsets=merged.offsets,
         rows=None,
         codes=merged.codes,
-        norms=merged.norms,
-        dots=merged.dots,
+        factors=merged.factors,
     )
     return tree, renumbered, order
 

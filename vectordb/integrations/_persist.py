@@ -48,14 +48,15 @@ INDEX_DIR = "index"
 FORMAT = "vectordb-text-store"
 VERSION = 1
 _STRING, _INT = (str, "a string"), (int, "an integer")
-#: The keys of ``store.json``: type, and its name for messages.
-_KEYS: dict[str, tuple[type, str]] = {
+_OPTIONAL_INT = ((int, type(None)), "an integer or null")
+#: The keys of ``store.json``: type(s), and their name for messages.
+_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "format": _STRING,
     "version": _INT,
     "kind": _STRING,
     "metric": _STRING,
-    "probes": _INT,
-    "rerank_factor": _INT,
+    "probes": _OPTIONAL_INT,
+    "rerank_factor": _OPTIONAL_INT,
     "build_options": (dict, "an object"),
     "has_index": (bool, "true or false"),
 }
@@ -133,7 +134,8 @@ def _parse_info(root: Path) -> dict[str, Any]:
     for key, (kind_of, name) in _KEYS.items():
         value = info.get(key)
         # bool is an int; no int key takes one.
-        if not isinstance(value, kind_of) or (kind_of is int and isinstance(value, bool)):
+        wrong = not isinstance(value, kind_of) or (kind_of is not bool and isinstance(value, bool))
+        if key not in info or wrong:
             raise InvalidIndexFileError(f"{file}: {key!r} must be {name}, found {value!r}")
     if info["version"] != VERSION:
         raise InvalidIndexFileError(f"{file}: version {info['version']}, expected {VERSION}")

@@ -36,6 +36,7 @@ from .._validation import as_matrix, build_params, check_k, positive_int
 from ..core.metrics import Metric, parse_metric
 from ..engine import AsyncEngine
 from ..errors import InvalidIndexFileError, InvalidParameterError, UnknownIdError
+from ..index.calibrate import check_target
 from ..index.clustered import ClusteredIndex
 from ..storage.filters import Filter
 from ._engines import LoopEngines
@@ -67,35 +68,41 @@ class TextIndex:
     kind : the adapter's name, saved and checked by :meth:`load`
     metric : {"cosine", "l2", "ip"}
         vectordb's distances: ``1 - cos``, squared Euclidean, ``-dot``.
-    probes, rerank_factor : int, >= 1
-        Search defaults (see :meth:`ClusteredIndex.search`).
+    probes, rerank_factor : int, >= 1, optional
+        Search defaults (see :meth:`ClusteredIndex.search`); ``None``: the index's
+        calibrated ones.
     build_options : dict, optional
         For :meth:`ClusteredIndex.build` at the first write: ``branching_factor``,
         ``max_leaf_size``, ``max_iterations``, ``seed``, ``rotate``, ``leaf_scan``,
-        ``backend``.
+        ``target_recall``, ``backend``.
     """
 
     def __init__(
         self,
         kind: str,
         metric: str | Metric = "cosine",
-        probes: int = 16,
-        rerank_factor: int = 5,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         build_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.kind = kind
         self.metric = parse_metric(metric)
-        self.probes = positive_int("probes", probes)
-        self.rerank_factor = positive_int("rerank_factor", rerank_factor)
+        self.probes = None if probes is None else positive_int("probes", probes)
+        self.rerank_factor = (
+            None if rerank_factor is None else positive_int("rerank_factor", rerank_factor)
+        )
         options = {"backend": "auto", **(build_options or {})}
-        unknown = sorted(set(options) - {*_BUILD_OPTIONS, "backend"})
+        unknown = sorted(set(options) - {*_BUILD_OPTIONS, "backend", "target_recall"})
         if unknown:
             raise InvalidParameterError(
-                f"unknown build options {unknown}; use {', '.join(_BUILD_OPTIONS)}, backend"
+                f"unknown build options {unknown}; use {', '.join(_BUILD_OPTIONS)}, "
+                "target_recall, backend"
             )
         # Checked now rather than at the first write, far from the mistake.
         defaults = inspect.signature(ClusteredIndex.build).parameters
         build_params(**{k: options.get(k, defaults[k].default) for k in _BUILD_OPTIONS})
+        if "target_recall" in options:
+            check_target(options["target_recall"])
         self.build_options = options
         self._index: ClusteredIndex | None = None
         self._ints: dict[str, int] = {}

@@ -73,7 +73,7 @@ class VectorDBStore(VectorStore):
         ``a``-prefixed twins in async methods).
     metric : {"cosine", "l2", "ip"}
         vectordb's distance: ``1 - cos``, squared Euclidean, ``-dot``.
-    probes, rerank_factor : int, >= 1
+    probes, rerank_factor : int, >= 1, optional
         Search defaults; every search method also takes them as keyword arguments.
     **build_options
         Passed to :meth:`ClusteredIndex.build` when the first texts arrive
@@ -91,8 +91,8 @@ class VectorDBStore(VectorStore):
         embedding: Embeddings,
         *,
         metric: str | Metric = "cosine",
-        probes: int = 16,
-        rerank_factor: int = 5,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         **build_options: Any,
     ) -> None:
         self._embedding = embedding

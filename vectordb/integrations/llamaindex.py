@@ -156,7 +156,7 @@ class VectorDBVectorStore(BasePydanticVectorStore):
     ----------
     metric : {"cosine", "l2", "ip"}
         vectordb's distance: ``1 - cos``, squared Euclidean, ``-dot``.
-    probes, rerank_factor : int, >= 1
+    probes, rerank_factor : int, >= 1, optional
         Search defaults; ``query`` also takes them as keyword arguments (a retriever's
         ``vector_store_kwargs``).
     **build_options
@@ -173,8 +173,8 @@ class VectorDBVectorStore(BasePydanticVectorStore):
         self,
         *,
         metric: str | Metric = "cosine",
-        probes: int = 16,
-        rerank_factor: int = 5,
+        probes: int | None = None,
+        rerank_factor: int | None = None,
         **build_options: Any,
     ) -> None:
         super().__init__(stores_text=True)

@@ -1,8 +1,12 @@
 """The candidate stage: score the leaves that queries probe and keep each query's best rows.
 
 Pure array code over a *scorer*: anything with
-``score(queries, leaf, part, a, b) -> (nq, b - a) float32`` for slots ``a:b`` of a ``Part``. Used
-with binary codes by the NumPy backend and with full vectors by ``leaf_scan="vectors"``.
+``score(queries, leaf, part, a, b) -> (scores, radius)``, ``(nq, b - a)`` float32 each, for slots
+``a:b`` of a ``Part``; ``radius`` bounds each score's error (``None``: no bound, so
+nothing is pruned). Used with binary
+codes by the NumPy backend and with full vectors by ``leaf_scan="vectors"``. Selection returns
+the candidates' keys and radii, which ``core.topk.within_bound`` turns into the rows the rerank
+must check.
 
 Most scanned rows cannot make a query's top ``m``, and sorting them out one leaf at a
 time would cost a partition per (query, leaf). Instead every query carries a *bound*: the
@@ -23,10 +27,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .._types import F32, I64, Mask
+from .._types import F32, I64, U64, Mask
 from ..core.metrics import Metric
 from ..core.parts import Part, leaf_sizes
-from ..core.topk import FMAX, NO_KEY, best_keys, clamp_scores, keys_of, rows_of, smallest
+from ..core.topk import FMAX, NO_KEY, best_keys, clamp_scores, keys_of
 
 __all__ = [
     "LeafScorer",
@@ -36,6 +40,7 @@ __all__ = [
     "mostly_apart",
     "select_by_runs",
     "select_candidates",
+    "smallest_with",
 ]
 
 
@@ -48,8 +53,9 @@ _SEED_MIN_LEAVES = 8
 class LeafScorer(Protocol):
     """Scores some slots of one part for the queries that probe their leaf."""
 
-    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 scores of slots ``a:b`` of ``part`` (all in ``leaf``)."""
+    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> tuple[F32, F32 | None]:
+        """``(nq, b - a)`` float32 scores of slots ``a:b`` of ``part`` (all in ``leaf``) and
+        their error bounds (same shape), or ``None`` for none known."""
         ...
 
 
@@ -77,7 +83,7 @@ def select_candidates(
     leaves: I64,
     m: int,
     row_ok: Mask | None = None,
-) -> I64:
+) -> tuple[U64, F32]:
     """The ``m`` rows of the given leaves with the best scores, per query.
 
     Work is grouped by leaf: every leaf is scored once against all the queries that probe
@@ -97,20 +103,22 @@ def select_candidates(
 
     Returns
     -------
-    (nq, m') int64 storage rows, ``-1`` where fewer exist, unsorted;
-    ``m' = min(m, L * max leaf size)``
+    keys : (nq, m') uint64 ``topk`` keys (score, row), ``NO_KEY`` where fewer exist,
+        unsorted; ``m' = min(m, L * max leaf size)``
+    radius : (nq, m') float32 error bounds of the scores (``inf`` where none is known)
     """
     nq, n_slots = leaves.shape
     max_leaf_rows = int(leaf_sizes(parts).max(initial=0))
     keep = candidate_width(m, n_slots, max_leaf_rows)
-    out = np.full((nq, keep), -1, dtype=np.int64)
+    keys = np.full((nq, keep), NO_KEY, dtype=np.uint64)
+    radius = np.zeros((nq, keep), dtype=np.float32)
     block = max(1, _SCORE_BLOCK // max(1, max_leaf_rows))
     for start in range(0, nq, block):
         stop = min(nq, start + block)
-        out[start:stop] = _select_block(
+        keys[start:stop], radius[start:stop] = _select_block(
             scorer, parts, queries[start:stop], leaves[start:stop], keep, row_ok
         )
-    return out
+    return keys, radius
 
 
 def select_by_runs(
@@ -120,19 +128,20 @@ def select_by_runs(
     leaves: I64,
     m: int,
     row_ok: Mask | None = None,
-) -> I64:
-    """:func:`select_candidates` one query at a time, for scorers that ignore the leaf.
+) -> tuple[U64, F32]:
+    """:func:`select_candidates` one query at a time, for exact scorers that ignore the leaf.
 
     A query's leaves that lie next to each other in a part are scored as one run of slots
     (siblings are stored side by side), so a query probing many leaves costs a few large
     products instead of one small one per leaf. For single queries and small batches, where
     grouping by leaf would leave one query per group. Same result as
-    :func:`select_candidates`.
+    :func:`select_candidates` (radii ``inf``: the rerank recomputes the distances
+    batch-independently, so the candidates are not pruned on these BLAS scores).
     """
     nq, n_slots = leaves.shape
     max_leaf_rows = int(leaf_sizes(parts).max(initial=0))
     keep = candidate_width(m, n_slots, max_leaf_rows)
-    out = np.full((nq, keep), -1, dtype=np.int64)
+    keys = np.full((nq, keep), NO_KEY, dtype=np.uint64)
     for i in range(nq):
         mine = np.unique(leaves[i][leaves[i] >= 0])
         blocks: list[F32] = []
@@ -146,19 +155,19 @@ def select_by_runs(
             starts = np.delete(a, joined + 1).tolist()
             stops = np.delete(b, joined).tolist()
             for first, stop in zip(starts, stops, strict=True):
-                blocks.append(scorer.score(queries[i : i + 1], -1, part, first, stop)[0])
+                blocks.append(scorer.score(queries[i : i + 1], -1, part, first, stop)[0][0])
                 row_blocks.append(part.row_range(first, stop))
         if not blocks:
             continue
         est = np.concatenate(blocks)[None, :]
-        best = rows_of(best_keys(est, np.concatenate(row_blocks), keep, row_ok))
-        out[i, : best.shape[1]] = best
-    return out
+        best = best_keys(est, np.concatenate(row_blocks), keep, row_ok)
+        keys[i, : best.shape[1]] = best
+    return keys, np.full(keys.shape, np.inf, dtype=np.float32)
 
 
 def _select_block(
     scorer: LeafScorer, parts: Sequence[Part], q: F32, leaves: I64, m: int, row_ok: Mask | None
-) -> I64:
+) -> tuple[U64, F32]:
     nq = leaves.shape[0]
     pool = _Pool(nq)
     bound = np.full(nq, FMAX, dtype=np.float32)
@@ -172,9 +181,9 @@ def _select_block(
         passes = [(qi, leaves[qi, slot])]
     for query_of_pair, leaf_of_pair in passes:
         for leaf, gq in _groups(leaf_of_pair, query_of_pair):
-            est, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
-            pool.add_best(gq, est, rows, bound, m)
-    return pool.best_rows(m)
+            est, radius, rows = _scores(scorer, parts, q[gq], leaf, row_ok)
+            pool.add_best(gq, est, radius, rows, bound, m)
+    return pool.best(m)
 
 
 def _groups(leaf: I64, query: I64) -> Iterator[tuple[int, I64]]:
@@ -191,44 +200,59 @@ def _groups(leaf: I64, query: I64) -> Iterator[tuple[int, I64]]:
 
 def _scores(
     scorer: LeafScorer, parts: Sequence[Part], q: F32, leaf: int, row_ok: Mask | None
-) -> tuple[F32, I64]:
-    """Scores ``(g, s)`` of every slot of ``leaf`` over ``parts`` and their rows ``(s,)``.
+) -> tuple[F32, F32 | None, I64]:
+    """Scores ``(g, s)`` of every slot of ``leaf`` over ``parts``, their radii (``(g, s)`` or
+    ``None`` where no scorer gave one) and their rows ``(s,)``.
 
     Non-finite scores (float32 overflow of huge vectors) are clamped to +-``FMAX`` so that
     they stay ordered; rows without ``row_ok`` score ``inf``, above every real score.
     """
     blocks: list[F32] = []
+    radii: list[F32 | None] = []
     row_blocks: list[I64] = []
     for part in parts:
         a, b = int(part.offsets[leaf]), int(part.offsets[leaf + 1])
         if a == b:
             continue
-        blocks.append(scorer.score(q, leaf, part, a, b))
+        est, radius = scorer.score(q, leaf, part, a, b)
+        blocks.append(est)
+        radii.append(radius)
         row_blocks.append(part.row_range(a, b))
     if not blocks:
-        return np.empty((q.shape[0], 0), dtype=np.float32), np.empty(0, dtype=np.int64)
+        empty = np.empty((q.shape[0], 0), dtype=np.float32)
+        return empty, None, np.empty(0, dtype=np.int64)
     est = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    radius = None
+    if any(r is not None for r in radii):
+        full = [
+            np.full_like(e, np.inf) if r is None else r for e, r in zip(blocks, radii, strict=True)
+        ]
+        radius = full[0] if len(full) == 1 else np.concatenate(full, axis=1)
     rows = row_blocks[0] if len(row_blocks) == 1 else np.concatenate(row_blocks)
     clamp_scores(est)
     if row_ok is not None:
         bad = ~row_ok[rows]
         if bad.any():
             est[:, bad] = np.inf
-    return est, rows
+    return est, radius, rows
 
 
 class _Pool:
-    """Candidates gathered for a block of queries: (query, score, row) triples."""
+    """Candidates gathered for a block of queries: (query, score, radius, row) entries."""
 
     def __init__(self, nq: int) -> None:
         self.nq = nq
         self.query: list[I64] = []
         self.score: list[F32] = []
+        self.radius: list[F32] = []
         self.row: list[I64] = []
 
-    def add_best(self, gq: I64, est: F32, rows: I64, bound: F32, m: int) -> None:
-        """Keep the entries of ``est`` ``(g, s)`` (queries ``gq``) that may still make their
-        query's top ``m``, lowering the queries' ``bound`` ``(nq,)`` on the way.
+    def add_best(
+        self, gq: I64, est: F32, radius: F32 | None, rows: I64, bound: F32, m: int
+    ) -> None:
+        """Keep the entries of ``est`` ``(g, s)`` (queries ``gq``, radii ``radius`` or
+        ``None`` for ``inf``) that may still make their query's top ``m``, lowering the queries'
+        ``bound`` ``(nq,)`` on the way.
 
         An entry is kept when it is at or under its query's bound (``inf`` entries, excluded
         rows, never are: bounds are at most ``FMAX``). A query with more than ``m`` entries
@@ -249,19 +273,26 @@ class _Pool:
             flat, line = flat[kept], line[kept]
         self.query.append(gq[line])
         self.score.append(est.reshape(-1)[flat])
+        if radius is None:
+            self.radius.append(np.full(flat.shape[0], np.inf, dtype=np.float32))
+        else:
+            self.radius.append(radius.reshape(-1)[flat])
         self.row.append(rows[flat - line * s])
 
-    def best_rows(self, m: int) -> I64:
-        """``(nq, m)`` int64: the ``m`` best rows of each query by key, ``-1`` padded."""
-        out = np.full((self.nq, m), -1, dtype=np.int64)
+    def best(self, m: int) -> tuple[U64, F32]:
+        """The ``m`` best entries of each query by key: keys ``(nq, m)`` uint64 (``NO_KEY``
+        padded) and their radii ``(nq, m)`` float32."""
+        out = np.full((self.nq, m), NO_KEY, dtype=np.uint64)
+        out_radius = np.zeros((self.nq, m), dtype=np.float32)
         if not self.query:
-            return out
+            return out, out_radius
         query = np.concatenate(self.query)
         if query.shape[0] == 0:
-            return out
+            return out, out_radius
         keys = keys_of(np.concatenate(self.score), np.concatenate(self.row))
         order = np.argsort(query, kind="stable")
         query, keys = query[order], keys[order]
+        radius = np.concatenate(self.radius)[order]
         counts = np.bincount(query, minlength=self.nq)
         position = np.arange(query.shape[0]) - (np.cumsum(counts) - counts)[query]
         # Dense (queries x survivors) blocks, the few queries with many survivors apart, so
@@ -274,11 +305,24 @@ class _Pool:
                 continue
             line[group] = np.arange(group.shape[0])
             sel = np.flatnonzero(members[query])
-            dense = np.full((group.shape[0], int(counts[group].max())), NO_KEY, dtype=np.uint64)
+            width = int(counts[group].max())
+            dense = np.full((group.shape[0], width), NO_KEY, dtype=np.uint64)
+            dense_radius = np.zeros((group.shape[0], width), dtype=np.float32)
             dense[line[query[sel]], position[sel]] = keys[sel]
-            best = rows_of(smallest(dense, m))
-            out[group, : best.shape[1]] = best
-        return out
+            dense_radius[line[query[sel]], position[sel]] = radius[sel]
+            picked, picked_radius = smallest_with(dense, dense_radius, m)
+            out[group, : picked.shape[1]] = picked
+            out_radius[group, : picked.shape[1]] = picked_radius
+        return out, out_radius
+
+
+def smallest_with(keys: U64, values: F32, m: int) -> tuple[U64, F32]:
+    """:func:`~vectordb.core.topk.smallest` of ``keys`` ``(g, n)``, with the ``values``
+    ``(g, n)`` that go with the keys kept."""
+    if keys.shape[1] <= m:
+        return keys, values
+    pick = np.argpartition(keys, m - 1, axis=1)[:, :m]
+    return np.take_along_axis(keys, pick, axis=1), np.take_along_axis(values, pick, axis=1)
 
 
 class VectorScorer:
@@ -296,8 +340,9 @@ class VectorScorer:
         self.slice = slice_
         self.metric = metric
 
-    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> F32:
-        """``(nq, b - a)`` float32 scores of slots ``a:b`` for prepared queries ``q``.
+    def score(self, q: F32, leaf: int, part: Part, a: int, b: int) -> tuple[F32, None]:
+        """``(nq, b - a)`` float32 scores of slots ``a:b`` for prepared queries ``q`` (and
+        no radius: see :func:`select_by_runs`).
 
         Scores rank the rows *of one query*: each row of the result is the distance less a
         constant of its query (``|q|^2`` for l2, ``1`` for cosine), which saves a pass.
@@ -315,8 +360,8 @@ class VectorScorer:
         if self.metric is Metric.L2:
             scores = (np.float32(-2.0) * q) @ x.T
             scores += np.einsum("nd,nd->n", x, x)[None, :]
-            return scores
-        return (-q) @ x.T
+            return scores, None
+        return (-q) @ x.T, None
 
 
 #: Grouping by leaf pays off once leaves are shared by this many queries on average.
@@ -330,8 +375,10 @@ class VectorSelector:
         self.scorer = scorer
         self.parts = tuple(parts)
 
-    def select(self, queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
-        """``(nq, m')`` int64 rows (see :func:`select_candidates`): grouped by leaf when
+    def select(
+        self, queries: F32, leaves: I64, m: int, row_ok: Mask | None = None
+    ) -> tuple[U64, F32]:
+        """Keys and radii ``(nq, m')`` (see :func:`select_candidates`): grouped by leaf when
         leaves are shared by several queries of the batch, else query by query."""
         if mostly_apart(leaves, self.parts[0].offsets.shape[0] - 1, _BY_LEAF_MIN_QUERIES):
             return select_by_runs(self.scorer, self.parts, queries, leaves, m, row_ok)

@@ -3,7 +3,8 @@
 ::
 
     prepared queries --rotate--> route (tree) --> probed leaves, nearest first
-        --> candidates (codes or full vectors of those leaves) --> rerank (exact) --> top k
+        --> candidates (codes or full vectors of those leaves) --> those within their error
+        bound of the k-th (topk.within_bound) --> rerank (exact) --> top k
 
 :class:`HostSearcher` runs the stages on the CPU with any :class:`CandidateSelector` (the
 NumPy backend's codes, or :class:`~vectordb.search.candidates.VectorSelector`); the CuPy
@@ -15,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .._types import F32, I64, Mask
+from .._types import F32, I64, U64, Mask
 from ..core.codes import Quantizer
 from ..core.metrics import Metric
+from ..core.topk import within_bound
 from ..core.tree import Tree
 from ..storage.vectors import VectorStore
 from .rerank import rerank
@@ -40,6 +42,8 @@ class SearchRequest:
     row_ok : (R,) bool over storage rows (live, and matching the filter), or ``None``
         for all
     live_sizes : (n_leaves,) int64 rows per leaf under ``row_ok``
+    bounded : rerank only the candidates inside the estimates' error bound of the k-th
+        (``core.topk.within_bound``); else all ``candidates``
     """
 
     k: int
@@ -48,6 +52,7 @@ class SearchRequest:
     need: int
     row_ok: Mask | None
     live_sizes: I64
+    bounded: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,12 @@ class SearchInputs:
 class CandidateSelector(Protocol):
     """Picks candidates from the probed leaves on the CPU (codes or full vectors)."""
 
-    def select(self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None) -> I64:
-        """``(nq, m')`` int64 storage rows (``-1`` padded): the m best by (estimate, row),
-        among rows with ``row_ok`` (``(R,)`` bool over storage rows; ``None``: all)."""
+    def select(
+        self, rotated_queries: F32, leaves: I64, m: int, row_ok: Mask | None = None
+    ) -> tuple[U64, F32]:
+        """The m best by (estimate, row) among rows with ``row_ok`` (``(R,)`` bool over
+        storage rows; ``None``: all): their ``topk`` keys ``(nq, m')`` uint64 (``NO_KEY``
+        padded) and the error bounds of their estimates ``(nq, m')`` float32."""
         ...
 
 
@@ -94,5 +102,6 @@ class HostSearcher:
             inputs.tree, rotated, request.probes, request.need, request.live_sizes, inputs.metric
         )
         leaves = nearest_first(inputs.tree, rotated, leaves, inputs.metric)
-        rows = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
+        keys, radius = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
+        rows = within_bound(keys, radius, request.k if request.bounded else keys.shape[1])
         return rerank(q, rows, request.k, inputs.storage.take, inputs.metric)

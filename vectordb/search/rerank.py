@@ -34,7 +34,7 @@ def rerank(
     Parameters
     ----------
     queries : (nq, d) float32, prepared (not rotated) queries
-    rows : (nq, m) int64 candidate storage rows, ``-1`` for none
+    rows : (nq, m) int64 candidate storage rows, ``-1`` for none (read nothing)
     k : results per query
     take : reads storage rows ``(r,)`` int64 -> ``(r, d)`` float32
 
@@ -47,6 +47,12 @@ def rerank(
     d = queries.shape[1]
     out_rows = np.full((nq, k), -1, dtype=np.int64)
     out_dist = np.full((nq, k), np.inf, dtype=np.float32)
+    valid = rows >= 0
+    width = int(valid.sum(axis=1).max(initial=0))
+    if width < m:  # candidates pruned by their bounds: read only the others
+        order = np.argsort(~valid, axis=1, kind="stable")[:, :width]
+        rows = np.take_along_axis(rows, order, axis=1)
+        m = width
     if m == 0:
         return out_rows, out_dist
     block = max(1, _RERANK_BLOCK_BYTES // (m * d * 4))

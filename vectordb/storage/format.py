@@ -1,6 +1,7 @@
 """The index directory's format: file names, versions, the manifest, the arrays.
 
-Layout of a saved index (format version 2; version 1 lacks the manifest checksum)::
+Layout of a saved index (format version 3; version 2 keeps ``norms.npy`` and, for ip,
+``dots.npy`` in place of ``factors.npy``; version 1 also lacks the manifest checksum)::
 
     my_index/
       manifest.json     format, version, dim, metric, n, build parameters, the size and
@@ -11,8 +12,8 @@ Layout of a saved index (format version 2; version 1 lacks the manifest checksum
       leaf_of_node.npy  (n_nodes,) int64            leaf number, -1 for inner nodes
       leaf_offsets.npy  (n_leaves + 1,) int64       storage rows of each leaf
       codes.npy         (words, n) uint64           word-major residual sign codes  } only with
-      norms.npy         (n,) float32                residual norms                  } leaf_scan
-      dots.npy          (n,) float32                <residual, centroid> (ip only)  } "codes"
+      factors.npy       (4, n) float32              the estimate's per-vector       } leaf_scan
+                                                    factors (core.codes)            } "codes"
       ids.npy           (n,) int64                  id of every storage row
       perm.npy          (bits,) int64               rotation: permutation  } only when built
       blocks.npy        (bits/64, 64, 64) float32   rotation: blocks       } with rotate=True
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._validation import MAX_BRANCHING, MAX_ITERATIONS
-from ..core.codes import BLOCK, words_for
+from ..core.codes import BLOCK, FACTORS, words_for
 from ..core.metrics import Metric
 from ..errors import InvalidIndexFileError
 from .snapshot import IndexData
@@ -60,9 +61,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "vectordb.ClusteredIndex"
-#: Version 2 adds the manifest's own checksum; version 1 directories still open.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 2 adds the manifest's own checksum, version 3 the RaBitQ factors; directories of
+#: versions 1 and 2 still open (their factors are computed from the vectors at open).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 VECTORS = "vectors.bin"
 METADATA = "metadata.sqlite"
@@ -77,6 +79,7 @@ KNOWN_FILES = frozenset(
         "leaf_of_node.npy",
         "leaf_offsets.npy",
         "codes.npy",
+        "factors.npy",
         "norms.npy",
         "dots.npy",
         "ids.npy",
@@ -174,6 +177,51 @@ def _check_params(params: Any, path: Path) -> None:
             path,
             f"params.leaf_scan must be 'codes' or 'vectors', found {params.get('leaf_scan')!r}",
         )
+    target = params.get("target_recall")
+    if target is not None and not _is_fraction(target, open_below=True):
+        raise bad_file(path, f"params.target_recall must be a number in (0, 1], found {target!r}")
+    _check_calibration(params.get("calibration"), path)
+
+
+def _is_fraction(value: Any, *, open_below: bool = False) -> bool:
+    """Whether ``value`` is a JSON number in ``[0, 1]`` (``(0, 1]`` with ``open_below``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (value > 0 if open_below else value >= 0) and value <= 1
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_calibration(calibration: Any, path: Path) -> None:
+    """``params.calibration`` (see ``index.calibrate``): absent, or ``k``, ``n`` and
+    ``leaves`` (positive integers), and ``probes`` (rising positive integers) with a
+    ``recall`` fraction each, at most 64 steps."""
+    if calibration is None:
+        return
+    problem = "must be an object with k, probes, recall, n and leaves"
+    if isinstance(calibration, dict) and set(calibration) == {
+        "k",
+        "probes",
+        "recall",
+        "n",
+        "leaves",
+    }:
+        probes, recall = calibration["probes"], calibration["recall"]
+        ints = isinstance(probes, list) and all(_is_positive_int(p) for p in probes)
+        bad = [key for key in ("k", "n", "leaves") if not _is_positive_int(calibration[key])]
+        if bad:
+            problem = f"{bad[0]} must be a positive integer, found {calibration[bad[0]]!r}"
+        elif not ints or not 1 <= len(probes) <= 64 or probes != sorted(set(probes)):
+            problem = "probes must be 1 to 64 rising positive integers"
+        elif not isinstance(recall, list) or len(recall) != len(probes):
+            problem = "recall must be a list as long as probes"
+        elif not all(_is_fraction(r) for r in recall):
+            problem = "recall must hold numbers in [0, 1]"
+        else:
+            return
+    raise bad_file(path, f"params.calibration {problem}")
 
 
 def _check_file_entries(files: Any, path: Path) -> None:
@@ -240,9 +288,12 @@ def expected_arrays(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype[Any], 
     }
     if params["leaf_scan"] == "codes":
         expected["codes.npy"] = (np.uint64, (words_for(bits), n))
-        expected["norms.npy"] = (np.float32, (n,))
-        if manifest["metric"] is Metric.IP:
-            expected["dots.npy"] = (np.float32, (n,))
+        if manifest["format_version"] >= 3:
+            expected["factors.npy"] = (np.float32, (FACTORS, n))
+        else:
+            expected["norms.npy"] = (np.float32, (n,))
+            if manifest["metric"] is Metric.IP:
+                expected["dots.npy"] = (np.float32, (n,))
     if params["rotate"]:
         expected["perm.npy"] = (np.int64, (bits,))
         expected["blocks.npy"] = (np.float32, (bits // BLOCK, BLOCK, BLOCK))
@@ -260,11 +311,9 @@ def arrays_of(data: IndexData) -> dict[str, npt.NDArray[Any]]:
         "leaf_offsets.npy": base.offsets,
         "ids.npy": data.ids,
     }
-    if base.codes is not None and base.norms is not None:
+    if base.codes is not None and base.factors is not None:
         arrays["codes.npy"] = base.codes
-        arrays["norms.npy"] = base.norms
-    if base.dots is not None:
-        arrays["dots.npy"] = base.dots
+        arrays["factors.npy"] = base.factors
     if quantizer.perm is not None and quantizer.blocks is not None:
         arrays["perm.npy"] = quantizer.perm
         arrays["blocks.npy"] = quantizer.blocks

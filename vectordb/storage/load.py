@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import math
 import os
 import time
@@ -24,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .._progress import progress_bar
-from .._types import I64
-from ..core.codes import Quantizer
+from .._types import F32, I64
+from ..core.codes import FACTORS, Quantizer, code_factors
 from ..core.parts import Part
 from ..core.tree import Tree
 from ..errors import InvalidIndexFileError, StorageError
@@ -46,6 +47,8 @@ from .format import (
 from .metadata import MetadataStore
 from .snapshot import IndexData
 from .vectors import InMemoryStorage, MmapStorage, VectorStore
+
+log = logging.getLogger("vectordb")
 
 __all__ = ["OPEN_ATTEMPTS", "is_complete", "load_index", "manifest_path", "recover_missing"]
 
@@ -330,17 +333,18 @@ def _data_of(
         children=arrays["children.npy"],
         leaf_of_node=arrays["leaf_of_node.npy"],
     )
-    base = Part(
-        offsets=arrays["leaf_offsets.npy"],
-        rows=None,
-        codes=arrays.get("codes.npy"),
-        norms=arrays.get("norms.npy"),
-        dots=arrays.get("dots.npy"),
-    )
+    quantizer = Quantizer(manifest["dim"], arrays.get("perm.npy"), arrays.get("blocks.npy"))
+    codes = arrays.get("codes.npy")
+    factors = arrays.get("factors.npy")
+    if codes is not None and factors is None:
+        factors = _factors_from_vectors(
+            tree, arrays["leaf_offsets.npy"], quantizer, storage, manifest
+        )
+    base = Part(offsets=arrays["leaf_offsets.npy"], rows=None, codes=codes, factors=factors)
     return IndexData(
         tree=tree,
         base=base,
-        quantizer=Quantizer(manifest["dim"], arrays.get("perm.npy"), arrays.get("blocks.npy")),
+        quantizer=quantizer,
         ids=arrays["ids.npy"],
         storage=storage,
         rows=None,
@@ -348,6 +352,28 @@ def _data_of(
         params=manifest["params"],
         metadata=metadata,
     )
+
+
+def _factors_from_vectors(
+    tree: Tree, offsets: I64, quantizer: Quantizer, storage: VectorStore, manifest: dict[str, Any]
+) -> F32:
+    """The ``(FACTORS, n)`` float32 code factors of a format 1 or 2 directory, which kept
+    only residual norms: computed from the stored vectors leaf by leaf (one read of the
+    vector file; a save writes them, and the next open reads them instead)."""
+    log.info(
+        "index of format version %d: computing its code factors from the vectors (save it "
+        "again to store them)",
+        manifest["format_version"],
+    )
+    n = int(offsets[-1])
+    factors = np.empty((FACTORS, n), dtype=np.float32)
+    for leaf, node in enumerate(tree.leaf_nodes):
+        a, b = int(offsets[leaf]), int(offsets[leaf + 1])
+        if a < b:
+            centre = tree.centroids[node]
+            residual = quantizer.rotate(storage.slice(a, b)) - centre
+            factors[:, a:b] = code_factors(residual, centre, manifest["metric"])
+    return factors
 
 
 def _load_metadata(handle: DirHandle, fh: io.FileIO, ids: I64) -> MetadataStore:
@@ -416,6 +442,10 @@ def _check_structure(
         raise bad_file(directory / "centroids.npy", "contains NaN or infinite values")
     if "norms.npy" in arrays and not np.isfinite(arrays["norms.npy"]).all():
         raise bad_file(directory / "norms.npy", "contains NaN or infinite values")
+    factors = arrays.get("factors.npy")
+    # A factor may overflow to inf for vectors near MAX_NORM; NaN never comes of a build.
+    if factors is not None and (np.isnan(factors).any() or (factors[3] < 0).any()):
+        raise bad_file(directory / "factors.npy", "contains NaN or a negative error bound")
 
 
 def is_complete(directory: Path) -> bool:
