@@ -125,7 +125,8 @@ class NumpyCodeSelector:
             pair = np.repeat(np.arange(leaf.shape[0]), lens)
             slots = np.arange(total) - np.repeat(np.cumsum(lens) - lens - first, lens)
             query = qi[pair]
-            of_slot = batch[query]
+            # A lone query's terms broadcast (the same float32 steps as gathered ones).
+            of_slot = batch[query] if nq > 1 else batch[:1]
             t = _flat_plane_dots(qc.planes, of_slot, part.codes, slots)
             factors = part.factors[:, slots]
             with np.errstate(over="ignore", invalid="ignore"):
@@ -135,6 +136,10 @@ class NumpyCodeSelector:
                 radius = factors[3] * pairs.r_q[pair]
             rows = slots if part.rows is None else part.rows[slots]
             keys = candidate_keys(est, rows, row_ok)
+            if nq == 1:  # one query: its row is every pair's
+                blocks.append(keys[None, :])
+                radii.append(radius[None, :])
+                continue
             counts = np.bincount(query, minlength=nq)
             position = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
             width = int(counts.max())
@@ -148,16 +153,22 @@ class NumpyCodeSelector:
 
 
 def _flat_plane_dots(planes: U64, query: I64, codes: U64, slots: I64) -> npt.NDArray[np.uint32]:
-    """``plane_dots`` pair by pair: ``T`` ``(n,)`` of query ``query[i]`` ``(n,)`` with the
-    code in slot ``slots[i]`` ``(n,)`` of ``codes`` ``(w, s)``."""
+    """``plane_dots`` pair by pair: ``T`` ``(n,)`` of query ``query[i]`` (``query`` ``(n,)``,
+    or ``(1,)`` for one query throughout) with the code in slot ``slots[i]`` ``(n,)`` of
+    ``codes`` ``(w, s)``."""
     n_planes, w = planes.shape[1], planes.shape[2]
-    acc = [np.zeros(slots.shape[0], dtype=np.uint32) for _ in range(n_planes)]
+    acc = np.zeros((n_planes, slots.shape[0]), dtype=np.uint32)
+    # A lone query's planes broadcast; several queries' are gathered per slot.
+    mine = planes[query[0], :, :, None] if query.shape[0] == 1 or planes.shape[0] == 1 else None
     # Word by word over 1-D gathers: 2x faster than an (n, w) block summed along its short
     # axis.
     for word in range(w):
         code = codes[word][slots]
-        for j in range(n_planes):
-            acc[j] += np.bitwise_count(code & planes[query, j, word])
+        if mine is not None:
+            acc += np.bitwise_count(code[None, :] & mine[:, word])
+        else:
+            for j in range(n_planes):
+                acc[j] += np.bitwise_count(code & planes[query, j, word])
     out = acc[n_planes - 1]
     for j in range(n_planes - 2, -1, -1):
         out <<= 1
