@@ -261,12 +261,12 @@ TARGETS = (0.90, 0.95, 0.99)
 
 
 def _fmt_params(p: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in p.items()) or "-"
+    return " ".join(f"{k}={v}" for k, v in p.items()) or "defaults"
 
 
 def _series_name(r: dict[str, Any]) -> str:
     build = _fmt_params(r.get("build") or {})
-    return f"{r['library']} / {r['mode']}" + ("" if build == "-" else f" ({build})")
+    return f"{r['library']} / {r['mode']}" + ("" if build == "defaults" else f" ({build})")
 
 
 def qps_at(points: list[tuple[float, float]], target: float) -> float | None:
@@ -356,6 +356,15 @@ def _summary(sel: list[dict[str, Any]]) -> list[str]:
     libs = {r["library"] for r in sel}
     if "vectordb" not in libs:
         return out
+    out.append("\nvectordb at its defaults (`search(q, 10)`: calibrated probes, bounded rerank):\n")
+    out.append("| mode (build) | recall@10 | QPS batch | QPS single |")
+    out.append("|---|---|---|---|")
+    for r in sel:
+        if r["library"] == "vectordb" and not r["params"]:
+            out.append(
+                f"| {_series_name(r)} | {r['recall']:.3f} | {r['qps_batch']:,.0f} "
+                f"| {r['qps_single']:,.0f} |"
+            )
     out.append("\nvectordb against its peers (best build; ratio > 1: vectordb ahead):\n")
     out.append("| measure | 0.90 | 0.95 | 0.99 |")
     out.append("|---|---|---|---|")
