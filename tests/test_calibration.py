@@ -171,3 +171,22 @@ async def test_the_engine_takes_the_same_defaults_and_target(held_out):
             await engine.search(queries[0], K, probes=4, target_recall=0.9)
         with pytest.raises(vdb.InvalidParameterError, match="target_recall"):
             await engine.search(queries[0], K, target_recall=2)
+
+
+def test_an_index_saved_without_a_calibration_gets_it_at_open(tmp_path):
+    import json
+
+    from vectordb.storage.format import sign_manifest
+
+    x = vdb.make_clustered(3_000, 64, seed=4)
+    index = vdb.ClusteredIndex.build(x, max_leaf_size=50)
+    index.save(tmp_path / "i")
+    path = tmp_path / "i" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["params"]["calibration"], manifest["params"]["target_recall"]
+    path.write_bytes(sign_manifest(manifest))  # as an earlier version saved it
+    with vdb.ClusteredIndex.open(tmp_path / "i") as opened:
+        assert opened.params["calibration"] == index.params["calibration"]  # same sample
+        assert "target_recall" not in opened.params  # the default applies
+        q = x[:20] + np.float32(0.01)
+        np.testing.assert_array_equal(opened.search_batch(q, K)[0], index.search_batch(q, K)[0])

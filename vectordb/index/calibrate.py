@@ -4,8 +4,9 @@ A build (and a compaction) searches a sample of the index's own vectors, each as
 that leaves itself out, at a ladder of ``probes``, and measures recall@10 against their
 exact neighbours by brute force. The curve is saved with the index (manifest
 ``params.calibration``); a search without ``probes`` takes the smallest ladder step whose
-recall reaches its ``target_recall`` (default the build's, 0.95) plus ``MARGIN``. Indexes
-saved before calibration existed fall back to ``FALLBACK_PROBES``.
+recall reaches its ``target_recall`` (default the build's, 0.95) plus ``MARGIN``. An index
+saved before calibration existed is calibrated when opened (one brute-force pass over its
+vectors); ``FALLBACK_PROBES`` is left for indexes too small to calibrate.
 
 The other default is the rerank: without ``rerank_factor``, up to ``k * BOUNDED_RERANK``
 candidates are kept and only those inside the estimator's error bound of the ``k``-th
@@ -157,8 +158,9 @@ def calibrate(state: IndexState, seed: int) -> dict[str, Any] | None:
 
 def calibrate_into(params: dict[str, Any], state: IndexState, *, if_stale: bool = False) -> None:
     """Store the calibration of ``state`` in ``params`` (or remove a stale one). With
-    ``if_stale``, only when the live vectors doubled or halved since the last one (writes
-    call it so: their cost stays amortised, like a merge)."""
+    ``if_stale``, only when there is none (a new build, an index saved by an earlier
+    version) or the live vectors doubled or halved since (writes call it so: their cost
+    stays amortised, like a merge)."""
     old = params.get("calibration")
     if if_stale and old is not None and old["n"] / 2 < len(state.idmap) < 2 * old["n"]:
         return

@@ -57,6 +57,7 @@ class ClusteredIndex:
         self._write_lock = threading.RLock()
         self._meta_lock = threading.Lock()  # see _state_and_matches
         self._state = IndexState.of(data, backend)
+        calibrate_into(self._params, self._state, if_stale=True)  # built, or saved without
 
     @classmethod
     def build(
@@ -125,9 +126,7 @@ class ClusteredIndex:
         chosen = resolve_backend(backend)
         p = build_params(branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan)
         p["target_recall"] = check_target(target_recall)
-        index = cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
-        calibrate_into(index._params, index._state)
-        return index
+        return cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
 
     def __len__(self) -> int:
         """Number of live vectors."""
