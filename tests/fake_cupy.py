@@ -78,6 +78,8 @@ _PRELUDE = r"""
 struct dim3_ { unsigned int x, y, z; };
 static __thread struct dim3_ blockIdx, blockDim, threadIdx, gridDim;  /* launches on threads */
 #define __global__
+#define __device__ static
+#define __forceinline__ inline
 #define __popcll(x) __builtin_popcountll(x)
 static unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 static float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }

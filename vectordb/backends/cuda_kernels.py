@@ -22,6 +22,22 @@ SOURCE = r"""
 #define FMAX 3.4028234663852886e+38f
 #define NO_KEY 0xFFFFFFFFFFFFFFFFULL
 
+/* T = sum_j 2^j popcount(code & plane_j) of code `slot` of word-major `codes` (w, n)
+   with the planes_n planes of w words at `planes`. */
+__device__ __forceinline__ unsigned int plane_dot(
+    const unsigned long long* codes, const long long n, const long long slot, const int w,
+    const unsigned long long* planes, const int planes_n)
+{
+    unsigned int total = 0;
+    for (int j = planes_n - 1; j >= 0; --j) {
+        const unsigned long long* plane = planes + (long long)j * w;
+        int h = 0;
+        for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] & plane[k]);
+        total = (total << 1) + (unsigned int)h;
+    }
+    return total;
+}
+
 extern "C" __global__ void plane_dots(
     const unsigned long long* codes, const long long n, const int w, const int planes_n,
     const unsigned long long* planes, const long long nq, unsigned int* out)
@@ -29,14 +45,7 @@ extern "C" __global__ void plane_dots(
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= nq * n) return;
     const long long q = t / n, row = t % n;
-    unsigned int total = 0;
-    for (int j = planes_n - 1; j >= 0; --j) {
-        const unsigned long long* plane = planes + (q * planes_n + j) * w;
-        int h = 0;
-        for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + row] & plane[k]);
-        total = (total << 1) + (unsigned int)h;
-    }
-    out[t] = total;
+    out[t] = plane_dot(codes, n, row, w, planes + q * planes_n * w, planes_n);
 }
 
 /* Slots of leaf l: base[l]..base[l+1] of the base part, then delta[l]..delta[l+1] of the
@@ -80,13 +89,7 @@ extern "C" __global__ void score_keys(
     }
     if (use_ok && !row_ok[row]) { keys[t] = NO_KEY; return; }
     const long long q = p / n_slots;
-    unsigned int dot = 0;
-    for (int b = planes_n - 1; b >= 0; --b) {
-        const unsigned long long* plane = planes + (q * planes_n + b) * w;
-        int h = 0;
-        for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] & plane[k]);
-        dot = (dot << 1) + (unsigned int)h;
-    }
+    const unsigned int dot = plane_dot(codes, n, slot, w, planes + q * planes_n * w, planes_n);
     /* The same float32 steps, in the same order, as codes.estimate. */
     float out = (float)dot;
     out = out * 2.0f;

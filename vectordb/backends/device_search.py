@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.codes import QUERY_BITS
+from ..core.codes import QUERY_BITS, query_levels
 from ..core.metrics import Metric
 
 __all__ = [
@@ -223,14 +223,8 @@ def query_terms(
     """:class:`QueryTerms` of rotated queries ``q`` ``(nq, bits)`` float32 probing
     ``leaves`` ``(nq, L)`` int64 (``-1`` padded): ``core.codes.quantize_queries`` and
     ``core.codes.pair_terms``, the same float32 steps."""
-    levels = (1 << QUERY_BITS) - 1
-    lo = q.min(axis=1)
-    delta = (q.max(axis=1) - lo) / xp.float32(levels)
-    delta = xp.where(delta > 0, delta, xp.float32(1.0)).astype(xp.float32)
-    u = xp.rint((q - lo[:, None]) / delta[:, None])
-    u = xp.clip(u, 0, levels).astype(xp.uint8)
+    u, lo, delta, total = query_levels(q, xp)
     planes = xp.stack([pack_signs(xp, (u >> j) & 1, words) for j in range(QUERY_BITS)], axis=1)
-    total = u.sum(axis=1, dtype=xp.int64).astype(xp.float32)
     n_slots = leaves.shape[1]
     flat = leaves.reshape(-1)
     valid = flat >= 0
@@ -242,7 +236,7 @@ def query_terms(
     zero = xp.float32(0.0)
     return QueryTerms(
         planes=planes,
-        lo=lo.astype(xp.float32),
+        lo=lo,
         delta=delta,
         total=total,
         p=xp.where(valid, p, zero),

@@ -61,6 +61,7 @@ __all__ = [
     "pair_terms",
     "plane_dots",
     "quantize_queries",
+    "query_levels",
     "words_for",
 ]
 
@@ -253,21 +254,31 @@ class QueryCodes:
     total: F32
 
 
-def quantize_queries(q: F32) -> QueryCodes:
-    """:class:`QueryCodes` of rotated queries ``q`` ``(nq, D)`` float32.
+def query_levels(q: Any, xp: Any = np) -> tuple[Any, Any, Any, Any]:
+    """The levels of rotated queries ``q`` ``(nq, D)`` float32: ``u`` ``(nq, D)`` uint8 in
+    ``0..2**QUERY_BITS - 1``, and ``lo``, ``delta``, ``total`` ``(nq,)`` float32 (see
+    :class:`QueryCodes`). ``xp`` is the array module (NumPy, or CuPy for device arrays):
+    both backends quantise with these same float32 steps.
 
     Row by row (min, max and rounding of its own values), so a query quantises the same alone
     or in a batch.
     """
     levels = (1 << QUERY_BITS) - 1
     lo = q.min(axis=1)
-    delta = (q.max(axis=1) - lo) / np.float32(levels)
-    delta = np.where(delta > 0, delta, np.float32(1.0)).astype(np.float32)
-    u = np.rint((q - lo[:, None]) / delta[:, None])
-    u = np.clip(u, 0, levels).astype(np.uint8)
+    delta = (q.max(axis=1) - lo) / xp.float32(levels)
+    delta = xp.where(delta > 0, delta, xp.float32(1.0)).astype(xp.float32)
+    u = xp.rint((q - lo[:, None]) / delta[:, None])
+    u = xp.clip(u, 0, levels).astype(xp.uint8)
+    total = u.sum(axis=1, dtype=xp.int64).astype(xp.float32)
+    return u, lo.astype(xp.float32), delta, total
+
+
+def quantize_queries(q: F32) -> QueryCodes:
+    """:class:`QueryCodes` of rotated queries ``q`` ``(nq, D)`` float32 (see
+    :func:`query_levels`)."""
+    u, lo, delta, total = query_levels(q)
     planes = np.stack([pack_signs((u >> j) & 1) for j in range(QUERY_BITS)], axis=1)
-    total = u.sum(axis=1, dtype=np.int64).astype(np.float32)
-    return QueryCodes(planes, lo.astype(np.float32), delta, total)
+    return QueryCodes(planes, lo, delta, total)
 
 
 def plane_dots(planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:
