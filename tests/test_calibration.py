@@ -190,3 +190,13 @@ def test_an_index_saved_without_a_calibration_gets_it_at_open(tmp_path):
         assert "target_recall" not in opened.params  # the default applies
         q = x[:20] + np.float32(0.01)
         np.testing.assert_array_equal(opened.search_batch(q, K)[0], index.search_batch(q, K)[0])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_the_calibration_reaches_full_recall_for_every_metric(metric):
+    # ip distances are negative: the tie tolerance must widen them, not narrow them.
+    x = vdb.make_clustered(4_000, 64, seed=6)
+    index = vdb.ClusteredIndex.build(x, metric=metric, max_leaf_size=100, leaf_scan="codes")
+    curve = index.params["calibration"]
+    assert curve["recall"][-1] >= 0.995, curve
+    assert curve["recall"] == sorted(curve["recall"])

@@ -140,7 +140,8 @@ def calibrate(state: IndexState, seed: int) -> dict[str, Any] | None:
         rows, dists = state.search_rows(q, CALIBRATION_K + 1, probes, None)
         dists = np.where(rows == sample[:, None], np.inf, dists)  # itself, if found
         # A row as near as the k-th true neighbour is one of the k nearest (ties count).
-        inside = dists <= kth[:, None] * np.float32(1 + 1e-5) + np.float32(1e-6)
+        slack = np.abs(kth) * np.float32(1e-5) + np.float32(1e-6)  # ip distances are < 0
+        inside = dists <= (kth + slack)[:, None]
         recall = float(np.minimum(inside.sum(axis=1), CALIBRATION_K).sum())
         recall /= CALIBRATION_K * q.shape[0]
         probes_out.append(int(probes))
