@@ -112,14 +112,15 @@ def test_query_terms_match_the_cpu_query_codes_and_pair_terms(index, metric):
     leaves[0, -1] = -1
     tree = ds.DeviceTree.upload(np, st.tree)
     terms = ds.query_terms(np, q, leaves, tree, idx._state.quantizer.words, metric)
-    cpu = quantize_queries(q)
+    cpu = quantize_queries(q - st.table.origin)
     np.testing.assert_array_equal(terms.planes, cpu.planes)
     np.testing.assert_array_equal(terms.lo, cpu.lo)
     np.testing.assert_array_equal(terms.delta, cpu.delta)
     np.testing.assert_array_equal(terms.total, cpu.total)
+    np.testing.assert_array_equal(terms.slack, cpu.slack)
     flat = leaves.reshape(-1)
     valid = flat >= 0
-    table = CodeTable(st.table.centroids, st.table.leaf_nodes, metric)
+    table = CodeTable(st.table.centroids, st.table.leaf_nodes, metric, st.table.origin)
     pair = pair_terms(table, np.repeat(q, leaves.shape[1], axis=0)[valid], flat[valid])
     np.testing.assert_allclose(terms.p[valid], pair.p, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(terms.r_q[valid], pair.r_q, rtol=1e-5, atol=1e-6)

@@ -51,7 +51,7 @@ extern "C" __global__ void plane_dots(
 /* Slots of leaf l: base[l]..base[l+1] of the base part, then delta[l]..delta[l+1] of the
    delta part. A base slot is its own storage row when base_rows is null. row_ok (when
    use_ok) masks storage rows. factors_*: (4, n) rows A, M, B, E of core.codes. Pair p is
-   query p / n_slots; planes: (nq, planes_n, w); lo, delta, total: (nq,); p_term, r_q:
+   query p / n_slots; planes: (nq, planes_n, w); lo, step, total, slack: (nq,); p_term, r_q:
    (pairs,). One thread per (pair, j < max_rows); writes the key and the radius. */
 extern "C" __global__ void score_keys(
     const unsigned long long* codes_b, const long long n_b,
@@ -62,7 +62,7 @@ extern "C" __global__ void score_keys(
     const unsigned char* row_ok, const int use_ok,
     const long long* pair_leaf, const long long n_slots,
     const unsigned long long* planes, const int planes_n,
-    const float* lo, const float* step, const float* total,
+    const float* lo, const float* step, const float* total, const float* slack,
     const float* p_term, const float* r_q,
     const int max_rows, const long long pairs, unsigned long long* keys, float* radius)
 {
@@ -101,7 +101,8 @@ extern "C" __global__ void score_keys(
     const float low = factors[2 * n + slot] * lo[q];  /* B * lo */
     out = out + low;
     out = -out;
-    radius[t] = factors[3 * n + slot] * r_q[p];      /* E * r_q */
+    const float spread = factors[3 * n + slot] * r_q[p];  /* E * r_q */
+    radius[t] = spread + factors[n + slot] * slack[q];   /* + M * slack */
     if (isnan(out)) out = FMAX;
     else if (isinf(out)) out = out > 0.0f ? FMAX : -FMAX;
     out = out + 0.0f;

@@ -360,6 +360,7 @@ class CupySearcher:
                     cp.ascontiguousarray(terms.lo, dtype=cp.float32),
                     cp.ascontiguousarray(terms.delta, dtype=cp.float32),
                     cp.ascontiguousarray(terms.total, dtype=cp.float32),
+                    cp.ascontiguousarray(terms.slack, dtype=cp.float32),
                     cp.ascontiguousarray(terms.p, dtype=cp.float32),
                     cp.ascontiguousarray(terms.r_q, dtype=cp.float32),
                     np.int32(self._max_rows),

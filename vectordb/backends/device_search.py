@@ -205,7 +205,7 @@ class QueryTerms:
     Attributes
     ----------
     planes : (nq, QUERY_BITS, w) uint64 bit planes of the quantised rotated queries
-    lo, delta, total : (nq,) float32
+    lo, delta, total, slack : (nq,) float32
     p, r_q : (nq * L,) float32 per-pair terms; zero for padding
     """
 
@@ -213,6 +213,7 @@ class QueryTerms:
     lo: Any
     delta: Any
     total: Any
+    slack: Any
     p: Any
     r_q: Any
 
@@ -223,7 +224,7 @@ def query_terms(
     """:class:`QueryTerms` of rotated queries ``q`` ``(nq, bits)`` float32 probing
     ``leaves`` ``(nq, L)`` int64 (``-1`` padded): ``core.codes.quantize_queries`` and
     ``core.codes.pair_terms``, the same float32 steps."""
-    u, lo, delta, total = query_levels(q, xp)
+    u, lo, delta, total, slack = query_levels(q - tree.centroids[0], xp)  # codes.origin_of
     planes = xp.stack([pack_signs(xp, (u >> j) & 1, words) for j in range(QUERY_BITS)], axis=1)
     n_slots = leaves.shape[1]
     flat = leaves.reshape(-1)
@@ -239,6 +240,7 @@ def query_terms(
         lo=lo,
         delta=delta,
         total=total,
+        slack=slack,
         p=xp.where(valid, p, zero),
         r_q=xp.where(valid, xp.sqrt(sq), zero),
     )

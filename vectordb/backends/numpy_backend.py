@@ -31,7 +31,7 @@ class _BatchScorer:
     def __init__(self, table: CodeTable, rotated: F32) -> None:
         self.table = table
         self.rotated = rotated
-        self.codes = quantize_queries(rotated)
+        self.codes = quantize_queries(rotated - table.origin)
 
     def score(self, qi: I64, leaf: int, part: Part, a: int, b: int) -> tuple[F32, F32]:
         """Estimates and radii ``(g, b - a)`` float32 of slots ``a:b`` for queries ``qi``."""
@@ -50,6 +50,7 @@ class _BatchScorer:
                 pair.p[:, None],
             )
             radius = factors[3] * pair.r_q[:, None]
+            radius += factors[1] * qc.slack[qi, None]
         return est, radius
 
 
@@ -134,6 +135,7 @@ class NumpyCodeSelector:
                     t, factors, qc.lo[of_slot], qc.delta[of_slot], qc.total[of_slot], pairs.p[pair]
                 )
                 radius = factors[3] * pairs.r_q[pair]
+                radius += factors[1] * qc.slack[of_slot]
             rows = slots if part.rows is None else part.rows[slots]
             keys = candidate_keys(est, rows, row_ok)
             if nq == 1:  # one query: its row is every pair's

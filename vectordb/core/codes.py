@@ -11,31 +11,35 @@ The estimate is RaBitQ's (Gao & Long, SIGMOD 2024). With ``b`` the code's bits,
 unbiased for any ``u``, and its error is at most ``EPS0 * sqrt(1 - <ō, o>^2) / <ō, o> /
 sqrt(D - 1)`` times ``|u|`` with high probability. Taking ``u = q - c`` (rotated)::
 
-    <r, q - c> ~ |r|^2 / |r|_1 * (sum_i (2 b_i - 1) q_i  -  sum_i (2 b_i - 1) c_i)
+    <r, q - c> ~ |r|^2 / |r|_1 * (sum_i (2 b_i - 1) (q - z)_i  -  sum_i (2 b_i - 1) (c - z)_i)
 
 since ``<ō, o> = |r|_1 / (sqrt(D) |r|)``. The first sum is the only part that depends on the
 query and the code together. The query is quantised to ``QUERY_BITS`` bits a coordinate,
 ``q_i ~ lo + delta * u_i`` with ``u_i`` in ``0..15``, so that sum is
 ``lo (2 popcount(b) - D) + delta (2 T - sum_i u_i)`` with ``T = sum_j 2^j popcount(b & u^(j))``
 over the query's bit planes ``u^(j)``: four AND + popcounts a word. The same rotated query
-serves every leaf (its centroid's part is a per-vector constant), so it is quantised once.
+serves every leaf (its centroid's part is a per-vector constant), so it is quantised once,
+as ``q - z`` with ``z`` the root's centroid (``CodeTable.origin``), so that the levels span
+the data's spread rather than its distance from zero; ``K`` is taken of ``c - z`` too.
 
 Every vector keeps four float32 *factors* (``FACTORS``): ``A``, ``M``, ``B`` and ``E``. For
 ``(query, leaf)`` pair terms ``P`` and ``r_q = |q - c|``::
 
-    estimate = A + P - M * delta * (2 T - sum u) - lo * B        radius = E * r_q
+    estimate = A + P - M * delta * (2 T - sum u) - lo * B    radius = E * r_q + M * slack
 
     l2, cosine: A = |r|^2 + M K,   M = 2 |r|^2 / |r|_1,   P = |q - c|^2   (estimates |x - q|^2)
     ip:         A = M K - <r, c>,  M = |r|^2 / |r|_1,     P = -<c, q>     (estimates -<x, q>)
 
-with ``K = sum_i (2 b_i - 1) c_i``, ``B = M (2 popcount(b) - D)`` and ``E`` the error bound
-above times ``|r|`` (times 2 for the squared distance). The true score lies within
-``radius`` of the estimate with high probability, which is what decides how many
-candidates the exact rerank must check (``core.topk.within_bound``).
+with ``K = sum_i (2 b_i - 1) (c - z)_i``, ``B = M (2 popcount(b) - D)`` and ``E`` the error
+bound above times ``|r|`` (times 2 for the squared distance). Rounding the query to its
+levels adds ``M * slack_q`` (``QueryCodes.slack``) to the radius. The true score lies within
+``radius = E * r_q + M * slack_q`` of the estimate with high probability, which is what
+decides how many candidates the exact rerank must check (``core.topk.within_bound``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +61,7 @@ __all__ = [
     "code_factors",
     "encode_residuals",
     "estimate",
+    "origin_of",
     "pack_signs",
     "pair_terms",
     "plane_dots",
@@ -176,7 +181,7 @@ class Quantizer:
         return np.ascontiguousarray(pack_signs(rotated_residuals).T)
 
 
-def code_factors(residual: F32, centres: F32, metric: Metric) -> F32:
+def code_factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F32:
     """The per-vector factors of the codes of ``residual`` (module docstring).
 
     Parameters
@@ -184,19 +189,35 @@ def code_factors(residual: F32, centres: F32, metric: Metric) -> F32:
     residual : (n, D) float32 rotated residuals ``x - c``
     centres : (n, D) float32, each vector's leaf centroid, or (D,) one for all
     metric : the index's metric (ip has its own factors)
+    origin : (D,) float32, the point queries are quantised around (``CodeTable.origin``)
 
     Returns
     -------
     (FACTORS, n) float32: rows A, M, B, E. A vector equal to its centroid gets
     ``M = B = E = 0`` (its estimate is exact).
     """
+    n = residual.shape[0]
+    out = np.empty((FACTORS, n), dtype=np.float32)
+    # Blocks of rows: the float64 temporaries below are several times the block's size.
+    for start in range(0, n, _FACTOR_ROWS):
+        stop = min(n, start + _FACTOR_ROWS)
+        part = centres if np.ndim(centres) == 1 else centres[start:stop]
+        out[:, start:stop] = _factors(residual[start:stop], part, metric, origin)
+    return out
+
+
+#: Rows per block of :func:`code_factors`.
+_FACTOR_ROWS = 1 << 14
+
+
+def _factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F32:
     n, dim = residual.shape
     r = residual.astype(np.float64)
-    c = np.broadcast_to(centres, residual.shape).astype(np.float64)
+    shifted = np.broadcast_to(np.asarray(centres, np.float64) - origin, residual.shape)
     sq = np.einsum("nd,nd->n", r, r)
     l1 = np.abs(r).sum(axis=1)
     positive = r > 0
-    signed_c = 2.0 * np.where(positive, c, 0.0).sum(axis=1) - c.sum(axis=1)  # K
+    signed_c = 2.0 * np.where(positive, shifted, 0.0).sum(axis=1) - shifted.sum(axis=1)  # K
     ones = positive.sum(axis=1).astype(np.float64)
     nonzero = l1 > 0
     ratio = np.divide(sq, l1, out=np.zeros(n), where=nonzero)  # |r|^2 / |r|_1
@@ -205,6 +226,7 @@ def code_factors(residual: F32, centres: F32, metric: Metric) -> F32:
     out = np.empty((FACTORS, n), dtype=np.float64)
     if metric is Metric.IP:
         mult = ratio
+        c = np.broadcast_to(np.asarray(centres, np.float64), residual.shape)
         out[0] = mult * signed_c - np.einsum("nd,nd->n", r, c)
         out[3] = bound
     else:
@@ -217,7 +239,7 @@ def code_factors(residual: F32, centres: F32, metric: Metric) -> F32:
 
 
 def encode_residuals(
-    quantizer: Quantizer, rotated: F32, centres: F32, metric: Metric
+    quantizer: Quantizer, rotated: F32, centres: F32, metric: Metric, origin: F32
 ) -> tuple[U64, F32]:
     """The codes of rotated vectors against their leaves' centroids, and their factors.
 
@@ -226,6 +248,7 @@ def encode_residuals(
     rotated : (n, bits) float32, prepared and rotated vectors
     centres : (n, bits) float32, each vector's leaf centroid, or (bits,) one for all
     metric : the index's metric
+    origin : (bits,) float32, ``CodeTable.origin`` of the index (its root centroid)
 
     Returns
     -------
@@ -233,7 +256,7 @@ def encode_residuals(
     factors : (FACTORS, n) float32 (see :func:`code_factors`)
     """
     residual = rotated - centres
-    return quantizer.encode(residual), code_factors(residual, centres, metric)
+    return quantizer.encode(residual), code_factors(residual, centres, metric, origin)
 
 
 @dataclass(frozen=True)
@@ -246,19 +269,22 @@ class QueryCodes:
     lo : (nq,) float32, the value of ``u_i = 0``
     delta : (nq,) float32, the step between levels
     total : (nq,) float32, ``sum_i u_i``
+    slack : (nq,) float32, ``delta * sqrt(D / 12)``: times a vector's ``M``, what rounding
+        the query to its levels adds to the estimate's error bound
     """
 
     planes: U64
     lo: F32
     delta: F32
     total: F32
+    slack: F32
 
 
-def query_levels(q: Any, xp: Any = np) -> tuple[Any, Any, Any, Any]:
-    """The levels of rotated queries ``q`` ``(nq, D)`` float32: ``u`` ``(nq, D)`` uint8 in
-    ``0..2**QUERY_BITS - 1``, and ``lo``, ``delta``, ``total`` ``(nq,)`` float32 (see
-    :class:`QueryCodes`). ``xp`` is the array module (NumPy, or CuPy for device arrays):
-    both backends quantise with these same float32 steps.
+def query_levels(q: Any, xp: Any = np) -> tuple[Any, Any, Any, Any, Any]:
+    """The levels of rotated queries less the origin, ``q`` ``(nq, D)`` float32: ``u``
+    ``(nq, D)`` uint8 in ``0..2**QUERY_BITS - 1``, and ``lo``, ``delta``, ``total``,
+    ``slack`` ``(nq,)`` float32 (see :class:`QueryCodes`). ``xp`` is the array module
+    (NumPy, or CuPy for device arrays): both backends quantise with these float32 steps.
 
     Row by row (min, max and rounding of its own values), so a query quantises the same alone
     or in a batch.
@@ -270,15 +296,20 @@ def query_levels(q: Any, xp: Any = np) -> tuple[Any, Any, Any, Any]:
     u = xp.rint((q - lo[:, None]) / delta[:, None])
     u = xp.clip(u, 0, levels).astype(xp.uint8)
     total = u.sum(axis=1, dtype=xp.int64).astype(xp.float32)
-    return u, lo.astype(xp.float32), delta, total
+    # Rounding errs by at most delta / 2 a coordinate, uniformly: sum_i (2 b_i - 1) err_i
+    # has a standard deviation of delta * sqrt(D / 12). One such sigma added to the code's
+    # EPS0 sigmas bounds EPS0 sigmas of the two errors together (they are independent)
+    # while the rounding's is at most the code's.
+    slack = delta * xp.float32(math.sqrt(q.shape[1] / 12.0))
+    return u, lo.astype(xp.float32), delta, total, slack
 
 
 def quantize_queries(q: F32) -> QueryCodes:
-    """:class:`QueryCodes` of rotated queries ``q`` ``(nq, D)`` float32 (see
-    :func:`query_levels`)."""
-    u, lo, delta, total = query_levels(q)
+    """:class:`QueryCodes` of rotated queries less the origin, ``q`` ``(nq, D)`` float32
+    (see :func:`query_levels`)."""
+    u, lo, delta, total, slack = query_levels(q)
     planes = np.stack([pack_signs((u >> j) & 1) for j in range(QUERY_BITS)], axis=1)
-    return QueryCodes(planes, lo, delta, total)
+    return QueryCodes(planes, lo, delta, total, slack)
 
 
 def plane_dots(planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:
@@ -335,6 +366,12 @@ def pair_terms(table: CodeTable, q: F32, leaves: I64) -> PairTerms:
     return PairTerms(p, np.sqrt(sq))
 
 
+def origin_of(tree: Tree) -> F32:
+    """``(bits,)`` float32: the point an index's queries are quantised around, its root's
+    centroid (rotated)."""
+    return tree.centroids[0]
+
+
 def estimate(
     t: npt.NDArray[np.unsignedinteger],
     factors: F32,
@@ -374,16 +411,19 @@ class CodeTable:
         (shared with the tree, not counted in ``nbytes``)
     leaf_nodes : (n_leaves,) int64, tree node of every leaf
     metric : the index's metric
+    origin : (bits,) float32, the root's centroid: queries are quantised as ``q - origin``
+        (so the levels span the data's spread, not its distance from zero)
     """
 
     centroids: F32
     leaf_nodes: I64
     metric: Metric
+    origin: F32
 
     @classmethod
     def for_tree(cls, tree: Tree, metric: Metric) -> CodeTable:
         """The table of ``tree`` (centroids rotated, ``(n_nodes, bits)``)."""
-        return cls(centroids=tree.centroids, leaf_nodes=tree.leaf_nodes, metric=metric)
+        return cls(tree.centroids, tree.leaf_nodes, metric, origin_of(tree))
 
     @property
     def nbytes(self) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 from .._progress import log, progress_bar
 from .._types import F32, I64
 from .._validation import as_matrix
-from ..core.codes import FACTORS, Quantizer, encode_residuals
+from ..core.codes import FACTORS, Quantizer, encode_residuals, origin_of
 from ..core.metrics import Metric, prepare
 from ..core.parts import Part
 from ..core.tree import Tree, build_tree, refine_leaves
@@ -53,7 +53,7 @@ def build_part(
         a, b = int(leaf_offsets[leaf]), int(leaf_offsets[leaf + 1])
         rotated = quantizer.rotate(x[a:b])
         words[:, a:b], factors[:, a:b] = encode_residuals(
-            quantizer, rotated, tree.centroids[node], metric
+            quantizer, rotated, tree.centroids[node], metric, origin_of(tree)
         )
         if on_rows is not None:
             on_rows(b - a)

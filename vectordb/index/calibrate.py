@@ -24,7 +24,7 @@ import numpy as np
 
 from .._types import F32, I64
 from .._validation import positive_int
-from ..core.metrics import pairwise_distances
+from ..core.metrics import distances, pairwise_distances
 from ..errors import InvalidParameterError
 from .state import BOUNDED_RERANK, IndexState
 
@@ -163,7 +163,8 @@ def calibrate_into(params: dict[str, Any], state: IndexState, *, if_stale: bool 
     version) or the live vectors doubled or halved since (writes call it so: their cost
     stays amortised, like a merge)."""
     old = params.get("calibration")
-    if if_stale and old is not None and old["n"] / 2 < len(state.idmap) < 2 * old["n"]:
+    live = len(state.idmap)
+    if if_stale and old is not None and old["n"] < 2 * live and live < 2 * old["n"]:
         return
     curve = calibrate(state, int(params.get("seed", 0)))
     if curve is None:
@@ -174,14 +175,32 @@ def calibrate_into(params: dict[str, Any], state: IndexState, *, if_stale: bool 
 
 def _kth_distance(state: IndexState, q: F32, live: I64, sample: I64) -> F32:
     """``(s,)`` float32: each sample row's exact distance to its k-th nearest other live
-    row (brute force, block by block)."""
+    row. A brute force by matrix products finds the nearest ``k + _SPARE`` (block by
+    block), then the rerank's own arithmetic measures them: the products' expansion
+    ``|x|^2 - 2 <x, q> + |q|^2`` loses precision on data far from zero."""
     k = CALIBRATION_K
-    best = np.full((q.shape[0], k), np.inf, dtype=np.float32)
-    block = max(1, (64 << 20) // (4 * max(1, q.shape[0])))
+    keep = k + _SPARE
+    best_d = np.full((q.shape[0], 0), np.inf, dtype=np.float32)
+    best_r = np.full((q.shape[0], 0), -1, dtype=np.int64)
+    # Bytes of one block: its distances (nq per row) and its gathered rows (dim per row).
+    block = max(1, (64 << 20) // (4 * (q.shape[0] + q.shape[1])))
     for start in range(0, live.shape[0], block):
         rows = live[start : start + block]
         d = pairwise_distances(q, state.storage.take(rows), state.metric)
         d[rows[None, :] == sample[:, None]] = np.inf  # leave the query itself out
-        both = np.concatenate([best, d], axis=1)
-        best = np.partition(both, k - 1, axis=1)[:, :k]
-    return best.max(axis=1)
+        both_d = np.concatenate([best_d, d], axis=1)
+        both_r = np.concatenate([best_r, np.broadcast_to(rows, d.shape)], axis=1)
+        if both_d.shape[1] > keep:
+            pick = np.argpartition(both_d, keep - 1, axis=1)[:, :keep]
+            both_d = np.take_along_axis(both_d, pick, axis=1)
+            both_r = np.take_along_axis(both_r, pick, axis=1)
+        best_d, best_r = both_d, both_r
+    found = best_r >= 0
+    vecs = state.storage.take(np.where(found, best_r, 0).ravel()).reshape(*best_r.shape, -1)
+    exact = distances(q, vecs, state.metric, overwrite_x=True)
+    exact[~found | ~np.isfinite(best_d)] = np.inf
+    return np.sort(exact, axis=1)[:, k - 1]
+
+
+#: Candidates beyond k that the brute force passes to the exact measurement.
+_SPARE = 10

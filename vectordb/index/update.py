@@ -17,7 +17,7 @@ import numpy as np
 
 from .._progress import progress_bar
 from .._types import F32, I64, Mask
-from ..core.codes import Quantizer, encode_residuals
+from ..core.codes import Quantizer, encode_residuals, origin_of
 from ..core.kmeans import kmeans
 from ..core.metrics import Metric
 from ..core.parts import Part, concat_by_leaf, merge_threshold
@@ -62,7 +62,7 @@ def encode_part(
     if not with_codes:
         return Part(offsets=offsets, rows=rows)
     centres = tree.centroids[tree.leaf_nodes[leaves]]
-    codes, factors = encode_residuals(quantizer, rotated, centres, metric)
+    codes, factors = encode_residuals(quantizer, rotated, centres, metric, origin_of(tree))
     return Part(offsets=offsets, rows=rows, codes=codes, factors=factors)
 
 
@@ -153,7 +153,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
         slot_leaf[a:b] = new_leaves[local]
         if codes is not None and factors is not None:
             codes[:, a:b], factors[:, a:b] = encode_residuals(
-                splitter.quantizer, rotated, means[local], splitter.metric
+                splitter.quantizer, rotated, means[local], splitter.metric, origin_of(tree)
             )
         n_nodes += len(groups)
         n_leaves += len(groups) - 1

@@ -344,8 +344,8 @@ class VectorScorer:
         """``(nq, b - a)`` float32 scores of slots ``a:b`` for prepared queries ``q`` (and
         no radius: see :func:`select_by_runs`).
 
-        Scores rank the rows *of one query*: each row of the result is the distance less a
-        constant of its query (``|q|^2`` for l2, ``1`` for cosine), which saves a pass.
+        Scores rank the rows *of one query*: each row of the result is the distance (l2),
+        or the distance less ``1`` (cosine), which saves a pass.
         """
         if part.rows is None:
             x = self.slice(a, b)
@@ -358,8 +358,13 @@ class VectorScorer:
         # size, but these scores only pick candidates: the rerank recomputes their distances
         # batch-independently, so only a tie at the last candidate's score could differ.
         if self.metric is Metric.L2:
-            scores = (np.float32(-2.0) * q) @ x.T
-            scores += np.einsum("nd,nd->n", x, x)[None, :]
+            # Around a point of the block: far from zero, |x|^2 - 2 <x, q> would cancel
+            # away the float32 digits that tell near rows apart.
+            centre = x[:1]
+            xc, qc = x - centre, q - centre
+            scores = (np.float32(-2.0) * qc) @ xc.T
+            scores += np.einsum("nd,nd->n", xc, xc)[None, :]
+            scores += np.einsum("qd,qd->q", qc, qc)[:, None]
             return scores, None
         return (-q) @ x.T, None
 

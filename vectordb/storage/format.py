@@ -190,8 +190,13 @@ def _is_fraction(value: Any, *, open_below: bool = False) -> bool:
     return (value > 0 if open_below else value >= 0) and value <= 1
 
 
+#: Largest count a calibration may name (vectors, leaves, probes): far past any index, and
+#: small enough that arithmetic on it stays exact in float64.
+_MAX_COUNT = 1 << 48
+
+
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_COUNT
 
 
 def _check_calibration(calibration: Any, path: Path) -> None:
@@ -212,9 +217,9 @@ def _check_calibration(calibration: Any, path: Path) -> None:
         ints = isinstance(probes, list) and all(_is_positive_int(p) for p in probes)
         bad = [key for key in ("k", "n", "leaves") if not _is_positive_int(calibration[key])]
         if bad:
-            problem = f"{bad[0]} must be a positive integer, found {calibration[bad[0]]!r}"
+            problem = f"{bad[0]} must be an integer in [1, 2**48], found {calibration[bad[0]]!r}"
         elif not ints or not 1 <= len(probes) <= 64 or probes != sorted(set(probes)):
-            problem = "probes must be 1 to 64 rising positive integers"
+            problem = "probes must be 1 to 64 rising integers in [1, 2**48]"
         elif not isinstance(recall, list) or len(recall) != len(probes):
             problem = "recall must be a list as long as probes"
         elif not all(_is_fraction(r) for r in recall):

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from .._progress import progress_bar
 from .._types import F32, I64
-from ..core.codes import FACTORS, Quantizer, code_factors
+from ..core.codes import FACTORS, Quantizer, code_factors, origin_of
 from ..core.parts import Part
 from ..core.tree import Tree
 from ..errors import InvalidIndexFileError, StorageError
@@ -372,7 +372,7 @@ def _factors_from_vectors(
         if a < b:
             centre = tree.centroids[node]
             residual = quantizer.rotate(storage.slice(a, b)) - centre
-            factors[:, a:b] = code_factors(residual, centre, manifest["metric"])
+            factors[:, a:b] = code_factors(residual, centre, manifest["metric"], origin_of(tree))
     return factors
 
 
