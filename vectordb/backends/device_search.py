@@ -38,7 +38,6 @@ __all__ = [
     "query_terms",
     "rotate",
     "rows_held",
-    "rows_of",
     "tree_depth",
     "trim",
 ]
@@ -244,12 +243,6 @@ def query_terms(
         p=xp.where(valid, p, zero),
         r_q=xp.where(valid, xp.sqrt(sq), zero),
     )
-
-
-def rows_of(xp: Any, keys: Any) -> Any:
-    """Rows of keys ``(...)`` uint64 as int64, ``-1`` for ``NO_KEY``."""
-    rows = (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
-    return xp.where(keys == xp.uint64(NO_KEY), -1, rows)
 
 
 def candidate_distances(xp: Any, q: Any, rows: Any, vectors: Any, metric: Metric) -> Any:

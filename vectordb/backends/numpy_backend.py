@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
-from ..core.codes import CodeTable, estimate, pair_terms, plane_dots, quantize_queries
+from ..core.codes import CodeTable, estimate, pair_terms, plane_dots, quantize_queries, radius
 from ..core.parts import Part, leaf_sizes
 from ..core.topk import NO_KEY, candidate_keys
 from ..search.candidates import candidate_width, mostly_apart, select_candidates, smallest_with
@@ -49,9 +49,8 @@ class _BatchScorer:
                 qc.total[qi, None],
                 pair.p[:, None],
             )
-            radius = factors[3] * pair.r_q[:, None]
-            radius += factors[1] * qc.slack[qi, None]
-        return est, radius
+            bound = radius(factors, pair.r_q[:, None], qc.slack[qi, None])
+        return est, bound
 
 
 class NumpyCodeSelector:
@@ -97,8 +96,8 @@ class NumpyCodeSelector:
             )
             blocks = np.split(np.arange(nq), np.unique(cuts[(cuts > 0) & (cuts < nq)]))
         for rows in blocks:
-            keys, radius = self._flat_keys(scorer, rows, leaves[rows], row_ok)
-            found, found_radius = smallest_with(keys, radius, keep)
+            keys, bounds = self._flat_keys(scorer, rows, leaves[rows], row_ok)
+            found, found_radius = smallest_with(keys, bounds, keep)
             out[rows, : found.shape[1]] = found  # fewer columns if fewer rows were probed
             out_radius[rows, : found.shape[1]] = found_radius
         return out, out_radius
@@ -134,13 +133,12 @@ class NumpyCodeSelector:
                 est = estimate(
                     t, factors, qc.lo[of_slot], qc.delta[of_slot], qc.total[of_slot], pairs.p[pair]
                 )
-                radius = factors[3] * pairs.r_q[pair]
-                radius += factors[1] * qc.slack[of_slot]
+                bound = radius(factors, pairs.r_q[pair], qc.slack[of_slot])
             rows = slots if part.rows is None else part.rows[slots]
             keys = candidate_keys(est, rows, row_ok)
             if nq == 1:  # one query: its row is every pair's
                 blocks.append(keys[None, :])
-                radii.append(radius[None, :])
+                radii.append(bound[None, :])
                 continue
             counts = np.bincount(query, minlength=nq)
             position = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -148,7 +146,7 @@ class NumpyCodeSelector:
             dense = np.full((nq, width), NO_KEY, dtype=np.uint64)
             dense[query, position] = keys
             dense_radius = np.zeros((nq, width), dtype=np.float32)
-            dense_radius[query, position] = radius
+            dense_radius[query, position] = bound
             blocks.append(dense)
             radii.append(dense_radius)
         return np.concatenate(blocks, axis=1), np.concatenate(radii, axis=1)

@@ -67,6 +67,7 @@ __all__ = [
     "plane_dots",
     "quantize_queries",
     "query_levels",
+    "radius",
     "words_for",
 ]
 
@@ -398,6 +399,14 @@ def estimate(
     out -= p
     out += factors[2] * lo
     np.negative(out, out=out)
+    return out
+
+
+def radius(factors: F32, r_q: F32, slack: F32) -> F32:
+    """The estimates' error bounds ``E * r_q + M * slack`` (module docstring), operands
+    broadcast as for :func:`estimate`; the same float32 steps as the CUDA kernel."""
+    out = factors[3] * r_q
+    out += factors[1] * slack
     return out
 
 

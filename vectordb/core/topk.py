@@ -51,11 +51,11 @@ def smallest(keys: U64, m: int) -> U64:
     return np.partition(keys, m - 1, axis=1)[:, :m]
 
 
-def rows_of(keys: U64) -> I64:
-    """Storage rows of ``keys``; ``-1`` for empty slots."""
-    rows = (keys & _ROW_MASK).astype(np.int64)
-    rows[keys == NO_KEY] = -1
-    return rows
+def rows_of(keys: U64, xp: Any = np) -> I64:
+    """Storage rows of ``keys``; ``-1`` for empty slots. ``xp`` is the array module (NumPy,
+    or CuPy for device arrays)."""
+    rows = (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
+    return xp.where(keys == xp.uint64(NO_KEY), -1, rows)
 
 
 def scores_of(keys: U64, xp: Any = np) -> F32:
@@ -86,16 +86,15 @@ def within_bound(keys: U64, radius: F32, k: int, xp: Any = np) -> I64:
     -------
     (nq, m) int64 storage rows, ``-1`` where none or pruned (same columns as ``keys``).
     """
-    rows = (keys & xp.uint64(0xFFFFFFFF)).astype(xp.int64)
-    empty = keys == xp.uint64(NO_KEY)
-    if keys.shape[1] > k:
-        est = scores_of(keys, xp)
-        with np.errstate(over="ignore", invalid="ignore"):
-            upper = est + radius
-            kth = xp.partition(upper, k - 1, axis=1)[:, k - 1 : k]
-            # NaN (a bound of a huge vector) compares false: kept.
-            empty |= est - radius > kth
-    return xp.where(empty, -1, rows)
+    rows = rows_of(keys, xp)
+    if keys.shape[1] <= k:
+        return rows
+    est = scores_of(keys, xp)
+    with np.errstate(over="ignore", invalid="ignore"):
+        upper = est + radius
+        kth = xp.partition(upper, k - 1, axis=1)[:, k - 1 : k]
+        # NaN (a bound of a huge vector) compares false: kept.
+        return xp.where(est - radius > kth, -1, rows)
 
 
 def clamp_scores(scores: F32) -> F32:
