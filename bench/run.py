@@ -187,11 +187,17 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    import vectordb as vdb
+
+    usable = vdb.available_backends()
+    # What "auto" picks on this machine (the order of available_backends, best last).
+    backend = usable[-1]
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "backend": backend,
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -316,7 +322,8 @@ def _index_mb(sel: list[dict[str, Any]], series: str) -> float | None:
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     out = [
         f"# vectordb benchmark\n\nMachine: {info['cpu']}, {info['cores']} cores; "
-        f"Python {info['python']}, NumPy {info['numpy']}; {info['date']}.\n\n"
+        f"Python {info['python']}, NumPy {info['numpy']}; vectordb backend "
+        f"{info.get('backend', 'numpy')}; {info['date']}.\n\n"
         "QPS at a recall: linear between the two points of a library's best curve around it. "
         "Index RSS: anonymous memory of the worker over its baseline (interpreter, library, "
         "queries and ground truth loaded; base vectors memory-mapped and not counted), heap "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv, install vectordb with its test extra, check
-# formatting, lint, types and import layering, run the tests.
+# formatting, lint, types and import layering, run the tests (on NumPy, then on numba).
 # Usage: bash ci/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +13,10 @@ echo "ruff format --check; ruff check; mypy (strict) on vectordb/; lint-imports 
 .venv/bin/python -m ruff check --quiet .
 .venv/bin/python -m mypy vectordb
 .venv/bin/lint-imports --no-cache
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+# The suite runs on NumPy (tests/conftest.py); the numba backend must return the same
+# results bit for bit, so the suite runs again on it (where numba imports).
+if .venv/bin/python -c "import vectordb.backends.numba_backend" 2>/dev/null; then
+    echo "again on the numba backend (VECTORDB_BACKEND=numba)"
+    VECTORDB_BACKEND=numba exec .venv/bin/python -m pytest -q "$@"
+fi

@@ -1,14 +1,17 @@
-"""Backends: one test body per backend, and the choice of backend when CuPy is unusable.
+"""Backends: one test body per backend, and the choice of backend when CuPy or numba is
+unusable.
 
-Three variants of each body: ``numpy``; ``cupy`` on a real GPU (skipped where CuPy or a
-CUDA device is missing); and ``cupy-emulated``, the CuPy backend's code run on
-``tests/fake_cupy.py`` (NumPy arrays, the CUDA source compiled with the C compiler and
-run thread by thread in a shuffled order), on every machine.
-The dispatch and error paths are tested everywhere by simulating an unusable CuPy.
+Four variants of each body: ``numpy``; ``numba`` (skipped where numba does not import);
+``cupy`` on a real GPU (skipped where CuPy or a CUDA device is missing); and
+``cupy-emulated``, the CuPy backend's code run on ``tests/fake_cupy.py`` (NumPy arrays, the
+CUDA source compiled with the C compiler and run thread by thread in a shuffled order), on
+every machine. The dispatch and error paths are tested everywhere by simulating an
+unusable CuPy or numba.
 
-The GPU runs float32 steps in another summation order than NumPy, so results are
+numba runs NumPy's float32 steps in NumPy's order: its results equal NumPy's bit for bit.
+The GPU runs float32 steps in another summation order than NumPy, so its results are
 compared as neighbours, not bits: ids agree (a tie within rounding may go either way) and
-distances agree to float32 rounding. Hamming distances are compared exactly.
+distances agree to float32 rounding. Plane dots are compared exactly.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ def fresh_probe():
     """Forget the cached CuPy probe (tests below fake its outcome)."""
     backends._probe_cupy.cache_clear()
     backends._cupy_backend.cache_clear()
+    backends._numba_backend.cache_clear()
     backends._logged.clear()
     yield
     backends._probe_cupy.cache_clear()
     backends._cupy_backend.cache_clear()
+    backends._numba_backend.cache_clear()
+
+
+#: Backends whose results equal NumPy's bit for bit.
+EXACT = ("numpy", "numba")
 
 
 def cupy_or_skip() -> None:
@@ -57,10 +66,22 @@ def use_fake_cupy(monkeypatch, free_bytes: int = 1 << 40) -> None:
     backends._cupy_backend.cache_clear()
 
 
-@pytest.fixture(params=["numpy", "cupy", "cupy-emulated"])
+def numba_or_skip() -> None:
+    backend, reason = backends._numba_backend()
+    if backend is None:
+        pytest.skip(f"numba backend unavailable: {reason}")
+
+
+def has_numba() -> bool:
+    return backends._numba_backend()[0] is not None
+
+
+@pytest.fixture(params=["numpy", "numba", "cupy", "cupy-emulated"])
 def backend_name(request, monkeypatch):
     if request.param == "cupy":
         cupy_or_skip()
+    if request.param == "numba":
+        numba_or_skip()
     if request.param == "cupy-emulated":
         use_fake_cupy(monkeypatch)
         return "cupy"
@@ -151,13 +172,13 @@ def test_search_results_equal_brute_force_and_the_numpy_backend(data, backend_na
         assert_brute_force_answer(got, x, ids, queries, metric, oracle, floor)
         if reference is not None:
             want = reference.search_batch(queries, K, probes=probes, rerank_factor=rerank_factor)
-            assert_same_neighbours(got, want)
+            assert_same_neighbours(got, want, exact=backend_name in EXACT)
         alone = [
             index.search(v, K, probes=probes, rerank_factor=rerank_factor) for v in queries[:20]
         ]
         stacked = (np.stack([a[0] for a in alone]), np.stack([a[1] for a in alone]))
         alone_or_batched = (got[0][:20], got[1][:20])
-        assert_same_neighbours(stacked, alone_or_batched, exact=backend_name == "numpy")
+        assert_same_neighbours(stacked, alone_or_batched, exact=backend_name in EXACT)
     # Every leaf probed and every vector reranked: the brute-force answer, ties aside.
     exact = index.search_batch(queries[:50], K, **oracle.exact_params(index, K))
     oracle.assert_exact(*exact, oracle.distances(x, queries[:50], metric), K)
@@ -177,7 +198,7 @@ def test_the_beam_widens_for_queries_short_of_candidates(data, backend_name, ora
         assert_brute_force_answer(got, x, np.arange(len(x)), queries[:40], "l2", oracle, floor)
         if reference is not None:
             want = reference.search_batch(queries[:40], 400, probes=probes, rerank_factor=1)
-            assert_same_neighbours(got, want)
+            assert_same_neighbours(got, want, exact=backend_name in EXACT)
 
 
 def test_a_query_that_widens_does_not_widen_the_others(monkeypatch, data):
@@ -210,7 +231,7 @@ def test_open_with_a_backend_and_mmap(data, backend_name, tmp_path):
         got = index.search_batch(queries, K)
     with vdb.ClusteredIndex.open(tmp_path / "i", backend="numpy") as reference:
         want = reference.search_batch(queries, K)
-    assert_same_neighbours(got, want)
+    assert_same_neighbours(got, want, exact=backend_name in EXACT)
 
 
 @pytest.mark.asyncio
@@ -255,16 +276,55 @@ def no_cupy(monkeypatch) -> None:
 def test_unusable_cupy(monkeypatch, caplog, data, simulate, cause):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     simulate(monkeypatch)
-    assert vdb.available_backends() == ["numpy"]
+    cpu = "numba" if has_numba() else "numpy"
+    assert vdb.available_backends() == ["numpy"] + (["numba"] if has_numba() else [])
     with pytest.raises(vdb.BackendUnavailableError, match="cupy backend is unavailable") as info:
         vdb.ClusteredIndex.build(data[0][:500], backend="cupy")
     assert cause in str(info.value)
     with caplog.at_level(logging.INFO, logger="vectordb"):
         a = vdb.ClusteredIndex.build(data[0][:500], backend="auto")
         b = vdb.ClusteredIndex.build(data[0][:500])
+    assert a.backend == b.backend == cpu
+    lines = [r.getMessage() for r in caplog.records if f"{cpu} backend" in r.getMessage()]
+    assert len(lines) == 1 and cause in lines[0]  # one line, saying why
+
+
+def no_numba(monkeypatch) -> None:
+    """``import numba`` fails, as where it is not installed (the backend modules that
+    import it are forgotten, so that they import again)."""
+    monkeypatch.setitem(sys.modules, "numba", None)
+    for name in ("numba_backend", "numba_kernels"):
+        monkeypatch.delitem(sys.modules, f"vectordb.backends.{name}", raising=False)
+        monkeypatch.delattr(backends, name, raising=False)  # ``from . import`` looks here first
+    backends._numba_backend.cache_clear()
+
+
+def test_without_numba_auto_falls_back_to_numpy_and_says_why(monkeypatch, caplog, data):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    no_cupy(monkeypatch)
+    no_numba(monkeypatch)
+    assert vdb.available_backends() == ["numpy"]
+    with pytest.raises(vdb.BackendUnavailableError, match="numba backend is unavailable") as info:
+        vdb.ClusteredIndex.build(data[0][:500], backend="numba")
+    assert "pip install numba" in str(info.value)
+    with caplog.at_level(logging.INFO, logger="vectordb"):
+        a = vdb.ClusteredIndex.build(data[0][:500])
+        b = vdb.ClusteredIndex.build(data[0][:500], backend="auto")
     assert a.backend == b.backend == "numpy"
     lines = [r.getMessage() for r in caplog.records if "numpy backend" in r.getMessage()]
-    assert len(lines) == 1 and cause in lines[0]  # one line, saying why
+    assert len(lines) == 1 and "numba does not import" in lines[0]
+    monkeypatch.setenv(backends.ENV_VAR, "numba")
+    with pytest.raises(vdb.BackendUnavailableError, match="numba"):
+        vdb.ClusteredIndex.build(data[0][:300])
+
+
+def test_auto_prefers_numba_to_numpy(monkeypatch, data):
+    numba_or_skip()
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    no_cupy(monkeypatch)
+    assert vdb.ClusteredIndex.build(data[0][:300]).backend == "numba"
+    monkeypatch.setenv(backends.ENV_VAR, "numpy")  # VECTORDB_BACKEND=numpy forces NumPy
+    assert vdb.ClusteredIndex.build(data[0][:300]).backend == "numpy"
 
 
 def test_device_count_failure_is_reported(monkeypatch):
@@ -297,12 +357,13 @@ def test_unknown_backend_name(data):
         vdb.ClusteredIndex.build(data[0][:300], backend="metal")
 
 
-def test_importing_and_using_vectordb_never_imports_cupy():
+def test_importing_and_using_vectordb_never_imports_cupy_or_numba():
     code = (
         "import sys, numpy as np, vectordb as vdb\n"
         "x = vdb.make_clustered(300, 16, seed=1)\n"
         "vdb.ClusteredIndex.build(x, backend='numpy').search(x[0])\n"
         "assert 'cupy' not in sys.modules, 'cupy was imported'\n"
+        "assert 'numba' not in sys.modules, 'numba was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -342,7 +403,8 @@ def test_mutations_filters_and_deletions_equal_brute_force_and_the_numpy_backend
         got = got_index.search_batch(queries, K, **kwargs)
         assert_brute_force_answer(got, allowed_vectors, allowed, queries, "l2", oracle, floor)
         if backend_name != "numpy":
-            assert_same_neighbours(got, indexes["numpy"].search_batch(queries, K, **kwargs))
+            want = indexes["numpy"].search_batch(queries, K, **kwargs)
+            assert_same_neighbours(got, want, exact=backend_name in EXACT)
     exact = got_index.search_batch(queries[:64], K, **oracle.exact_params(got_index, K))
     assert np.isin(exact[0], ids).all()
     true = oracle.distances(vectors, queries[:64], "l2")

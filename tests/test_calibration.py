@@ -134,7 +134,7 @@ def test_scores_of_inverts_keys_of():
     assert np.isposinf(topk.scores_of(np.array([topk.NO_KEY])))[0]
 
 
-def test_the_bounded_default_reranks_few_and_loses_nothing():
+def test_the_bounded_default_reranks_few_and_loses_nothing(monkeypatch):
     # 768-d: the bound tightens as 1 / sqrt(d) (synthetic-100k reranks 38 of 100).
     import vectordb.search.pipeline as pipeline
 
@@ -143,19 +143,23 @@ def test_the_bounded_default_reranks_few_and_loses_nothing():
     index = vdb.ClusteredIndex.build(base, max_leaf_size=100, leaf_scan="codes")
 
     seen = []
-    original = pipeline.rerank
 
-    def counting(q, rows, k, take, metric):
-        seen.append((rows >= 0).sum(axis=1))
-        return original(q, rows, k, take, metric)
+    def counting(original):
+        def rerank(q, rows, k, take, metric):
+            seen.append((rows >= 0).sum(axis=1))
+            return original(q, rows, k, take, metric)
 
-    pipeline.rerank = counting
-    try:
-        bounded, _ = index.search_batch(queries, K, probes=8)
-        reranked = np.concatenate(seen)
-        wide, _ = index.search_batch(queries, K, probes=8, rerank_factor=10)
-    finally:
-        pipeline.rerank = original
+        return rerank
+
+    # The rerank of the backend in use (the numba backend has its own).
+    monkeypatch.setattr(pipeline, "rerank", counting(pipeline.rerank))
+    if index.backend == "numba":
+        import vectordb.backends.numba_backend as numba_backend
+
+        monkeypatch.setattr(numba_backend, "_rerank", counting(numba_backend._rerank))
+    bounded, _ = index.search_batch(queries, K, probes=8)
+    reranked = np.concatenate(seen)
+    wide, _ = index.search_batch(queries, K, probes=8, rerank_factor=10)
     assert reranked.mean() < 0.75 * 10 * K  # the bound cut the 100 candidates
     r_bounded = tie_tolerant_recall(bounded, base, queries)
     assert r_bounded >= tie_tolerant_recall(wide, base, queries) - 0.005

@@ -345,7 +345,7 @@ def test_pair_by_pair_and_leaf_by_leaf_scans_pick_the_same_rows(metric):
 
 @pytest.mark.parametrize("metric", [Metric.L2, Metric.IP])
 def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
-    from vectordb.search.route import _approx_scores, _rounding_bound, exact_scores
+    from vectordb.search.route import _approx_scores, exact_scores, rounding_bound
 
     x = vdb.make_clustered(4000, 96, seed=3) * np.float32(37.0)
     index = vdb.ClusteredIndex.build(x, branching_factor=8, max_leaf_size=50, backend="numpy")
@@ -358,7 +358,7 @@ def test_fast_routing_scores_stay_within_their_rounding_bound(metric):
     exact = exact_scores(tree, q, nodes, metric)
     np.testing.assert_array_equal(np.isinf(fast), nodes < 0)
     q_norms = np.sqrt(np.einsum("qd,qd->q", q, q))
-    bound = _rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
+    bound = rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
     ok = nodes >= 0
     gap = np.abs(np.where(ok, fast, 0) - np.where(ok, exact, 0))
     assert (gap <= bound[:, None] / 2).all()

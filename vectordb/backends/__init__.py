@@ -1,16 +1,21 @@
-"""Search backends: ``numpy`` (always) and ``cupy`` (a CUDA GPU, when usable).
+"""Search backends: ``numba`` (compiled CPU kernels), ``numpy`` (always) and ``cupy`` (a CUDA
+GPU, when usable).
 
 A backend makes the searcher of each state of an index: it scores the binary
 codes, and with CuPy runs the whole batch on the device. The index picks one at build or
 open time and never branches on it afterwards::
 
-    backend="auto"   CuPy when it imports, sees a device and runs a test kernel; else NumPy,
-                     with one log line (logger "vectordb") saying why
+    backend="auto"   CuPy when it imports, sees a device and runs a test kernel; else numba
+                     when it imports; else NumPy, with one log line (logger "vectordb")
+                     saying why
     backend="cupy"   CuPy, or BackendUnavailableError naming the cause
+    backend="numba"  numba, or BackendUnavailableError naming the cause
     backend="numpy"  NumPy
 
-With ``backend="auto"``, the environment variable ``VECTORDB_BACKEND`` (``numpy``, ``cupy``
-or ``auto``) decides instead. Importing vectordb never imports CuPy.
+All three return the same results: numba runs NumPy's float32 steps in the same order and
+picks the same candidates; CuPy's are the same steps on the device. With
+``backend="auto"``, the environment variable ``VECTORDB_BACKEND`` (``numpy``, ``numba``,
+``cupy`` or ``auto``) decides instead. Importing vectordb imports neither CuPy nor numba.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger("vectordb")
 
-BACKEND_NAMES = ("auto", "numpy", "cupy")
+BACKEND_NAMES = ("auto", "numpy", "numba", "cupy")
 ENV_VAR = "VECTORDB_BACKEND"
 
 
@@ -76,9 +81,27 @@ def _cupy_backend() -> Any:
     return CupyBackend(cupy)
 
 
+@functools.cache
+def _numba_backend() -> tuple[Any, str | None]:
+    """The numba backend, or ``None`` and why it cannot be used."""
+    try:
+        from .numba_backend import NumbaBackend
+    except ImportError as exc:  # numba (or llvmlite) missing, or built for another NumPy
+        return None, f"numba does not import ({exc}); pip install numba"
+    except Exception as exc:  # a broken install fails in its own ways: fall back, say why
+        return None, f"numba failed to load ({type(exc).__name__}: {exc})"
+    return NumbaBackend(), None
+
+
 def available_backends() -> list[str]:
-    """Backends usable in this process: ``["numpy"]`` or ``["numpy", "cupy"]``."""
-    return ["numpy"] + (["cupy"] if _probe_cupy()[0] is not None else [])
+    """Backends usable in this process, in ``"auto"``'s order of preference last first:
+    ``["numpy"]``, ``["numpy", "numba"]``, ``["numpy", "cupy"]`` or all three."""
+    names = ["numpy"]
+    if _numba_backend()[0] is not None:
+        names.append("numba")
+    if _probe_cupy()[0] is not None:
+        names.append("cupy")
+    return names
 
 
 def resolve_backend(name: str = "auto") -> Backend:
@@ -89,7 +112,7 @@ def resolve_backend(name: str = "auto") -> Backend:
     InvalidParameterError
         ``name`` (or ``$VECTORDB_BACKEND``) is not one of ``BACKEND_NAMES``.
     BackendUnavailableError
-        ``"cupy"`` was asked for and CuPy cannot be used; the message says why.
+        ``"cupy"`` or ``"numba"`` was asked for and cannot be used; the message says why.
     """
     source = "backend"
     if name == "auto" and os.environ.get(ENV_VAR):
@@ -100,16 +123,31 @@ def resolve_backend(name: str = "auto") -> Backend:
         )
     if name == "numpy":
         return NumpyBackend()
+    backend: Backend | None
+    if name == "numba":
+        backend, reason = _numba_backend()
+        if backend is None:
+            raise BackendUnavailableError(f"the numba backend is unavailable: {reason}")
+        return backend
     cupy, reason = _probe_cupy()
     if cupy is not None:
-        backend: Backend = _cupy_backend()
+        backend = _cupy_backend()
         return backend
     if name == "cupy":
         raise BackendUnavailableError(f"the cupy backend is unavailable: {reason}")
-    if reason not in _logged:  # one line per process and cause, not one per index
-        _logged.add(reason)
-        log.info("using the numpy backend (cupy unavailable: %s)", reason)
+    backend, numba_reason = _numba_backend()
+    if backend is not None:
+        _log_once(f"using the numba backend (cupy unavailable: {reason})")
+        return backend
+    _log_once(f"using the numpy backend (cupy unavailable: {reason}; {numba_reason})")
     return NumpyBackend()
 
 
-_logged: set[str | None] = set()
+def _log_once(line: str) -> None:
+    """One log line per process and cause, not one per index."""
+    if line not in _logged:
+        _logged.add(line)
+        log.info("%s", line)
+
+
+_logged: set[str] = set()

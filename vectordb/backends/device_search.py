@@ -222,7 +222,7 @@ def query_terms(
 ) -> QueryTerms:
     """:class:`QueryTerms` of rotated queries ``q`` ``(nq, bits)`` float32 probing
     ``leaves`` ``(nq, L)`` int64 (``-1`` padded): ``core.codes.quantize_queries`` and
-    ``core.codes.pair_terms``, the same float32 steps."""
+    ``core.codes.pair_terms``, the same float32 steps (sums in float64)."""
     u, lo, delta, total, slack = query_levels(q - tree.centroids[0], xp)  # codes.origin_of
     planes = xp.stack([pack_signs(xp, (u >> j) & 1, words) for j in range(QUERY_BITS)], axis=1)
     n_slots = leaves.shape[1]
@@ -230,9 +230,12 @@ def query_terms(
     valid = flat >= 0
     centres = tree.centroids[tree.leaf_nodes[xp.where(valid, flat, 0)]]
     qq = xp.repeat(q, n_slots, axis=0)
-    residual = qq - centres
+    residual = (qq - centres).astype(xp.float64)  # float64 sums, as pair_terms
     sq = (residual * residual).sum(axis=1)
-    p = -(qq * centres).sum(axis=1) if metric is Metric.IP else sq
+    if metric is Metric.IP:
+        p = -(qq.astype(xp.float64) * centres.astype(xp.float64)).sum(axis=1)
+    else:
+        p = sq
     zero = xp.float32(0.0)
     return QueryTerms(
         planes=planes,
@@ -240,8 +243,8 @@ def query_terms(
         delta=delta,
         total=total,
         slack=slack,
-        p=xp.where(valid, p, zero),
-        r_q=xp.where(valid, xp.sqrt(sq), zero),
+        p=xp.where(valid, p.astype(xp.float32), zero),
+        r_q=xp.where(valid, xp.sqrt(sq).astype(xp.float32), zero),
     )
 
 

@@ -358,13 +358,18 @@ def pair_terms(table: CodeTable, q: F32, leaves: I64) -> PairTerms:
     """:class:`PairTerms` of rotated queries ``q`` ``(P, D)`` against ``leaves`` ``(P,)``.
 
     Row by row the same arithmetic whatever P is (no BLAS), so a query scores the same alone
-    or in a batch.
+    or in a batch. The sums are taken in float64, where every product of two float32 values
+    is exact, and rounded once to float32: so every backend (NumPy, numba, CUDA) gets the
+    same float32 terms whatever order it sums in, but for a rare double rounding.
     """
     centres = table.centroids[table.leaf_nodes[leaves]]
     residual = q - centres
-    sq = np.einsum("qd,qd->q", residual, residual)
-    p = -np.einsum("qd,qd->q", q, centres) if table.metric is Metric.IP else sq
-    return PairTerms(p, np.sqrt(sq))
+    sq = np.einsum("qd,qd->q", residual, residual, dtype=np.float64)
+    if table.metric is Metric.IP:
+        p = (-np.einsum("qd,qd->q", q, centres, dtype=np.float64)).astype(np.float32)
+    else:
+        p = sq.astype(np.float32)
+    return PairTerms(p, np.sqrt(sq).astype(np.float32))
 
 
 def origin_of(tree: Tree) -> F32:

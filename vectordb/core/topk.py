@@ -102,7 +102,9 @@ def clamp_scores(scores: F32) -> F32:
     in place to ``+-FMAX`` (NaN to ``FMAX``), so that they stay ordered and apart from
     padding; returns ``scores``."""
     # One float64 sum is finite exactly when every score is (and cheaper than isfinite).
-    if not np.isfinite(scores.sum(dtype=np.float64)):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, no warning
+        total = scores.sum(dtype=np.float64)
+    if not np.isfinite(total):
         np.nan_to_num(scores, copy=False, nan=FMAX, posinf=FMAX, neginf=-FMAX)
     return scores
 

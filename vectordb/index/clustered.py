@@ -114,10 +114,10 @@ class ClusteredIndex:
             cannot rank. ``auto``: ``vectors`` below 128 dimensions, else ``codes``.
         target_recall : float in (0, 1]
             The recall@10 that searches without ``probes`` aim at (saved with the index).
-        backend : {"auto", "numpy", "cupy"}
-            Where batches are searched: ``auto`` uses a CUDA GPU through CuPy when one is
-            usable, else NumPy (see :mod:`vectordb.backends`). The same neighbours, up to
-            ties within float32 rounding.
+        backend : {"auto", "numpy", "numba", "cupy"}
+            Where batches are searched: ``auto``, CuPy on a usable CUDA GPU, else numba,
+            else NumPy (:mod:`vectordb.backends`). numba gives NumPy's results bit for bit,
+            CuPy the same neighbours up to ties within float32 rounding.
         progress : bool, optional
             Progress bars on a terminal (needs tqdm); ``False`` never.
 
@@ -163,12 +163,13 @@ class ClusteredIndex:
 
     @property
     def backend(self) -> str:
-        """``"numpy"`` or ``"cupy"``: the backend really in use."""
+        """``"numpy"``, ``"numba"`` or ``"cupy"``: the backend really in use."""
         return self._state.backend.name
 
     def use_backend(self, backend: str) -> None:
-        """Switch the search backend (``"auto"``, ``"numpy"``, ``"cupy"``) without a rebuild:
-        the same neighbours, up to ties within float32 rounding (see ``backends``)."""
+        """Switch the search backend (``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"``) without
+        a rebuild: the same neighbours, up to ties within float32 rounding (see
+        ``backends``)."""
         chosen = resolve_backend(backend)
         with self._write_lock:
             self._state = self._state.replace(backend=chosen)

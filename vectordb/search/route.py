@@ -24,12 +24,14 @@ from ..core.tree import Tree
 
 __all__ = [
     "FLAT_MAX_LEAVES",
+    "Router",
     "beam",
     "beam_width",
     "exact_scores",
     "leaf_scores",
     "nearest_first",
     "nearest_leaf",
+    "rounding_bound",
     "route",
     "route_for",
 ]
@@ -111,7 +113,7 @@ def _nearest_leaves(tree: Tree, q: F32, q_norms: F32, probes: int, metric: Metri
         def rescore(unsure: I64, block: F32 = block) -> F32:
             return leaf_scores(tree, block[unsure], metric, exact=True)
 
-        bound = _rounding_bound(
+        bound = rounding_bound(
             q_norms[start : start + rows], tree.max_centroid_norm, q.shape[1], metric
         )
         approx = leaf_scores(tree, block, metric, exact=False)
@@ -143,7 +145,7 @@ def leaf_scores(tree: Tree, q: F32, metric: Metric, *, exact: bool) -> F32:
     """(nq, n_leaves) float32 routing scores of every leaf centroid, smaller is better.
 
     ``exact``: row by row the same arithmetic whatever the batch (no BLAS), the reference;
-    else one BLAS product, within :func:`_rounding_bound` of it.
+    else one BLAS product, within :func:`rounding_bound` of it.
     """
     centroids, c_sq = tree.leaf_centroids, tree.leaf_sq_norms
     dots = np.einsum("ld,qd->ql", centroids, q) if exact else q @ centroids.T
@@ -195,17 +197,36 @@ def beam(tree: Tree, queries: F32, probes: int, metric: Metric) -> I64:
     return np.concatenate(found, axis=1)
 
 
-def route_for(tree: Tree, q: F32, probes: int, need: int, sizes: I64, metric: Metric) -> I64:
-    """:func:`route`, doubling ``probes`` for queries whose leaves hold fewer than ``need``
-    rows (by ``sizes`` ``(n_leaves,)`` rows per leaf), until they do or every leaf is
-    probed."""
-    leaves = route(tree, q, probes, metric)
+#: Routes rotated queries ``(nq, d')`` float32 to ``probes`` leaves as :func:`route` does
+#: (the same leaves; e.g. a compiled kernel): ``(q, probes) -> (nq, L)`` int64.
+Router = Callable[[F32, int], I64]
+
+
+def route_for(
+    tree: Tree,
+    q: F32,
+    probes: int,
+    need: int,
+    sizes: I64,
+    metric: Metric,
+    router: Router | None = None,
+) -> I64:
+    """:func:`route` (or ``router``), doubling ``probes`` for queries whose leaves hold fewer
+    than ``need`` rows (by ``sizes`` ``(n_leaves,)`` rows per leaf), until they do or every
+    leaf is probed."""
+
+    def route_(queries: F32, probes: int) -> I64:
+        if router is None:
+            return route(tree, queries, probes, metric)
+        return router(queries, probes)
+
+    leaves = route_(q, probes)
     short = _count(leaves, sizes) < need
     wider = probes
     while short.any() and wider < tree.n_leaves:
         wider *= 2
         idx = np.flatnonzero(short)
-        more = route(tree, q[idx], wider, metric)
+        more = route_(q[idx], wider)
         if more.shape[1] > leaves.shape[1]:
             pad = np.full((leaves.shape[0], more.shape[1] - leaves.shape[1]), -1, np.int64)
             leaves = np.concatenate([leaves, pad], axis=1)
@@ -250,7 +271,7 @@ def _keep_best(tree: Tree, q: F32, q_norms: F32, nodes: I64, keep: int, metric: 
         kept.sort(axis=1)
         return kept
     approx = _approx_scores(q, nodes, tree.centroids, tree.centroid_sq_norms, metric)
-    bound = _rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
+    bound = rounding_bound(q_norms, tree.max_centroid_norm, q.shape[1], metric)
     columns = _best_columns(
         approx, keep, bound, lambda unsure: exact_scores(tree, q[unsure], nodes[unsure], metric)
     )
@@ -289,7 +310,7 @@ def _approx_scores(q: F32, nodes: I64, centroids: F32, c_sq: F32, metric: Metric
     """(nq, f) float32 routing scores of ``nodes`` (``-1`` -> inf) by one BLAS product per
     block of queries against the nodes of the block.
 
-    Within :func:`_rounding_bound` of :func:`exact_scores`. Gathering every query's
+    Within :func:`rounding_bound` of :func:`exact_scores`. Gathering every query's
     own centroids costs ``f * d`` float reads per query outside BLAS; the batch's distinct
     nodes are few next to ``nq * f`` once a batch has more than a handful of queries. A
     frontier's nodes usually share one depth, hence one range of (breadth-first) ids: the
@@ -327,7 +348,7 @@ def _approx_scores(q: F32, nodes: I64, centroids: F32, c_sq: F32, metric: Metric
     return out
 
 
-def _rounding_bound(q_norms: F32, c_max: float, d: int, metric: Metric) -> F32:
+def rounding_bound(q_norms: F32, c_max: float, d: int, metric: Metric) -> F32:
     """(nq,) float32: how far two float32 evaluations of a query's routing scores may differ.
 
     A float32 dot product over ``d`` terms, summed in any order, errs by at most

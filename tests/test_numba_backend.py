@@ -1,0 +1,205 @@
+"""The numba backend's kernels against the NumPy code they compile: the same bits.
+
+Skipped where numba does not import (``tests/test_backends.py`` checks the fallback).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vectordb as vdb
+from vectordb.core.codes import CodeTable, pair_terms, quantize_queries
+from vectordb.core.topk import NO_KEY
+from vectordb.search.route import route
+
+pytest.importorskip("numba")
+
+from vectordb.backends.numba_backend import NumbaCodeSelector, quantize
+from vectordb.backends.numpy_backend import NumpyCodeSelector
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sorted_keys(keys: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``keys`` sorted, with their radii (``NO_KEY`` padding's radius dropped: 0)."""
+    order = np.argsort(keys, axis=1)
+    keys = np.take_along_axis(keys, order, axis=1)
+    radius = np.where(keys == NO_KEY, 0, np.take_along_axis(radius, order, axis=1))
+    return keys, radius
+
+
+def assert_same_selection(index: vdb.ClusteredIndex, q: np.ndarray, probes: int, m: int) -> None:
+    st = index._state
+    rotated = st.quantizer.rotate(q)
+    leaves = route(st.tree, rotated, probes, index.metric)
+    leaves[::3, -1] = -1  # padding in the middle of the batch
+    want = NumpyCodeSelector(st.table, st.parts).select(rotated, leaves, m, st.row_ok)
+    got = NumbaCodeSelector(st.table, st.parts).select(rotated, leaves, m, st.row_ok)
+    assert got[0].shape == want[0].shape and got[0].dtype == np.uint64
+    for a, b in zip(sorted_keys(*got), sorted_keys(*want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_the_compiled_scan_picks_the_numpy_candidates(metric):
+    x = vdb.make_clustered(3_000, 200, seed=3)  # 200 d: a padded last word
+    index = vdb.ClusteredIndex.build(x[:2_400], max_leaf_size=100, metric=metric, backend="numpy")
+    index.add(x[2_400:2_900])  # a delta part: slots mapped to rows
+    index.delete(np.arange(0, 2_400, 7))  # tombstones: rows masked
+    for probes, m in [(1, 5), (4, 50), (16, 500), (64, 3_000)]:  # m past every probed row
+        assert_same_selection(index, x[2_900:], probes, m)
+        assert_same_selection(index, x[2_900:2_901], probes, m)  # a lone query
+
+
+def test_ties_go_to_the_lower_row_and_signed_zeros_tie():
+    x = np.repeat(vdb.make_clustered(1, 64, seed=0), 40, axis=0)  # 40 equal estimates
+    x = np.concatenate([x, vdb.make_clustered(300, 64, seed=1)])
+    index = vdb.ClusteredIndex.build(x, max_leaf_size=1_000, leaf_scan="codes", backend="numpy")
+    for m in (1, 3, 39, 41):
+        assert_same_selection(index, x[:2], 1, m)
+
+
+def test_non_finite_estimates_are_clamped_as_numpy_clamps_them():
+    from vectordb.core.parts import Part
+
+    x = vdb.make_clustered(1_000, 64, seed=4)
+    index = vdb.ClusteredIndex.build(x, max_leaf_size=100, leaf_scan="codes", backend="numpy")
+    st = index._state
+    base = st.base
+    factors = base.factors.copy()
+    factors[0, ::11] = np.inf  # estimate +inf
+    factors[0, 5::13] = -np.inf  # -inf
+    factors[1, 3::17] = np.nan  # NaN
+    broken = Part(base.offsets, base.rows, base.codes, factors)
+    rotated = st.quantizer.rotate(x[:20])
+    leaves = route(st.tree, rotated, 8, index.metric)
+    for m in (5, 200, 1_000):
+        want = NumpyCodeSelector(st.table, (broken, st.delta)).select(rotated, leaves, m)
+        got = NumbaCodeSelector(st.table, (broken, st.delta)).select(rotated, leaves, m)
+        np.testing.assert_array_equal(sorted_keys(*got)[0], sorted_keys(*want)[0])
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 3e4])
+def test_query_quantisation_equals_numpy(scale):
+    rng = np.random.default_rng(7)
+    for dim in (64, 384, 1024):
+        q = (rng.standard_normal((50, dim)) * scale).astype(np.float32)
+        q[0] = 0.25  # a constant query: no spread, delta 1
+        origin = (rng.standard_normal(dim) * scale * 0.1).astype(np.float32)
+        want, got = quantize_queries(q - origin), quantize(q, origin)
+        for field in ("planes", "lo", "delta", "total", "slack"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_pair_terms_equal_numpy(metric):
+    x = vdb.make_clustered(2_000, 96, seed=6) * np.float32(40.0)  # far from unit scale
+    index = vdb.ClusteredIndex.build(
+        x, max_leaf_size=100, metric=metric, leaf_scan="codes", backend="numpy"
+    )
+    st = index._state
+    table = CodeTable.for_tree(st.tree, st.metric)
+    rotated = st.quantizer.rotate(x[:64])
+    leaves = route(st.tree, rotated, 12, index.metric)
+    leaves[:, 5] = -1
+    got = NumbaCodeSelector(table, st.parts)._pair_terms(rotated, leaves)
+    qi, slot = np.nonzero(leaves >= 0)
+    want = pair_terms(table, rotated[qi], leaves[qi, slot])
+    np.testing.assert_array_equal(got[0][qi, slot], want.p)
+    np.testing.assert_array_equal(got[1][qi, slot], want.r_q)
+    assert (got[0][:, 5] == 0).all() and (got[1][:, 5] == 0).all()
+
+
+def test_a_fresh_process_loads_the_kernels_from_the_cache():
+    """The first search of a new process must not compile what an earlier one cached."""
+    code = (
+        "import numpy as np, vectordb as vdb\n"
+        "from vectordb.backends import numba_kernels as k\n"
+        "x = vdb.make_clustered(2_000, 128, seed=1)\n"
+        "index = vdb.ClusteredIndex.build(x, max_leaf_size=100, backend='numba')\n"
+        "index.search(x[0], 10, probes=4)\n"
+        "stats = k.scan_codes.stats\n"
+        "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), k._uncached)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True
+    )
+    hits, misses, uncached = out.stdout.split(maxsplit=2)
+    assert uncached.strip() == "[]", f"kernels not cached: {uncached}"
+    assert int(hits) >= 1 and int(misses) == 0, out.stdout
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_compiled_routing_picks_the_leaves_numpy_picks(metric):
+    from vectordb.backends.numba_backend import NumbaSearcher
+
+    x = vdb.make_clustered(6_000, 96, seed=8)
+    index = vdb.ClusteredIndex.build(
+        x, max_leaf_size=60, metric=metric, leaf_scan="codes", backend="numba"
+    )
+    st = index._state
+    searcher = st.searcher
+    assert isinstance(searcher, NumbaSearcher)
+    rotated = st.quantizer.rotate(x[:300])
+    # Near ties at the last place: a query midway between two leaf centroids.
+    c = st.tree.leaf_centroids
+    rotated = np.concatenate([rotated, (c[:20] + c[20:40]) / np.float32(2.0)])
+    for probes in (1, 5, 40, index.n_leaves - 1, index.n_leaves + 5):
+        want = np.concatenate([route(st.tree, q[None], probes, index.metric) for q in rotated])
+        got = np.concatenate([searcher._route(q[None], probes) for q in rotated])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_compiled_bound_cut_equals_numpy():
+    from vectordb.backends import numba_kernels
+    from vectordb.core.topk import keys_of, within_bound
+
+    rng = np.random.default_rng(2)
+    scores = rng.standard_normal((40, 60)).astype(np.float32)
+    scores[0, :5] = scores[0, 5]  # ties
+    scores[1, 0] = -0.0
+    rows = rng.permutation(10_000)[: 40 * 60].reshape(40, 60)
+    keys = keys_of(scores, rows)
+    keys[2, 30:] = NO_KEY  # fewer candidates than columns
+    keys[3, :] = NO_KEY
+    radius = np.abs(rng.standard_normal((40, 60))).astype(np.float32)
+    radius[4, 7] = np.nan  # a bound of a huge vector: kept
+    radius[5] = 0.0  # exact scores
+    for k in (1, 3, 10, 59):
+        out = np.empty(keys.shape, dtype=np.int64)
+        numba_kernels.within_bound(keys, radius, k, out)
+        np.testing.assert_array_equal(out, within_bound(keys, radius, k))
+
+
+def test_the_compiled_rerank_choice_equals_numpy():
+    from vectordb.backends.numba_backend import _rerank
+    from vectordb.core.metrics import Metric
+    from vectordb.search.rerank import rerank
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    x[100:110] = x[99]  # equal distances: the lower row first
+    q = np.concatenate([x[99:100], rng.standard_normal((19, 32)).astype(np.float32)])
+    rows = rng.integers(0, 500, (20, 40))
+    rows[0, :12] = np.arange(99, 111)
+    rows[1, 5:] = -1  # pruned candidates
+    rows[2, :] = -1
+    rows[3, ::2] = -1
+
+    def take(r):
+        return x[r]
+
+    for metric in Metric:
+        for k in (1, 5, 10, 40, 50):
+            got = _rerank(q, rows, k, take, metric)
+            want = rerank(q, rows, k, take, metric)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
