@@ -309,7 +309,10 @@ def scan_codes(
             f_a, f_m = factors[0, a : a + n], factors[1, a : a + n]
             f_b, f_e = factors[2, a : a + n], factors[3, a : a + n]
             p_q = p[qi, j]
-            # core.codes.estimate, step by step in float32 (clamped below, where it matters)
+            # core.codes.estimate, step by step in float32 (clamped below, where it matters),
+            # counting the rows not above the heap's worst (NaN among them): most leaves
+            # past the first few have none, and skip the loop that keys rows one by one.
+            hits = 0
             for s in range(n):
                 x = np.float32(tt[s]) * _TWO
                 x = x - total_q
@@ -318,7 +321,11 @@ def scan_codes(
                 x = x - f_a[s]
                 x = x - p_q
                 x = x + f_b[s] * lo_q
-                est[s] = -x + _ZERO  # -0.0 -> +0.0, as keys_of
+                x = -x + _ZERO  # -0.0 -> +0.0, as keys_of
+                est[s] = x
+                hits += 0 if x > worst else 1
+            if hits == 0:
+                continue
             rq = r_q[qi, j]
             slot_rows = rows[a : a + n] if mapped else rows
             for s in range(n):
