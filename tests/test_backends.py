@@ -293,7 +293,7 @@ def no_numba(monkeypatch) -> None:
     """``import numba`` fails, as where it is not installed (the backend modules that
     import it are forgotten, so that they import again)."""
     monkeypatch.setitem(sys.modules, "numba", None)
-    for name in ("numba_backend", "numba_kernels"):
+    for name in ("numba_backend", "numba_stages", "numba_kernels"):
         monkeypatch.delitem(sys.modules, f"vectordb.backends.{name}", raising=False)
         monkeypatch.delattr(backends, name, raising=False)  # ``from . import`` looks here first
     backends._numba_backend.cache_clear()

@@ -57,6 +57,22 @@ def test_the_compiled_scan_picks_the_numpy_candidates(metric):
         assert_same_selection(index, x[2_900:2_901], probes, m)  # a lone query
 
 
+@pytest.mark.parametrize("dim", [32, 100, 300])
+def test_unrotated_codes_of_any_width_pick_the_numpy_candidates(dim):
+    x = vdb.make_clustered(2_200, dim, seed=2)
+    index = vdb.ClusteredIndex.build(
+        x[:2_000], max_leaf_size=100, rotate=False, leaf_scan="codes", backend="numpy"
+    )
+    assert index._state.quantizer.bits == dim  # no padding to a multiple of 64
+    for probes, m in [(1, 10), (8, 100)]:
+        assert_same_selection(index, x[2_000:], probes, m)
+    want = index.search_batch(x[2_000:], 10)
+    index.use_backend("numba")
+    got = index.search_batch(x[2_000:], 10)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_ties_go_to_the_lower_row_and_signed_zeros_tie():
     x = np.repeat(vdb.make_clustered(1, 64, seed=0), 40, axis=0)  # 40 equal estimates
     x = np.concatenate([x, vdb.make_clustered(300, 64, seed=1)])
@@ -88,7 +104,7 @@ def test_non_finite_estimates_are_clamped_as_numpy_clamps_them():
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 3e4])
 def test_query_quantisation_equals_numpy(scale):
     rng = np.random.default_rng(7)
-    for dim in (64, 384, 1024):
+    for dim in (64, 100, 300, 384, 1024):  # 100, 300: unrotated, a part-filled last word
         q = (rng.standard_normal((50, dim)) * scale).astype(np.float32)
         q[0] = 0.25  # a constant query: no spread, delta 1
         origin = (rng.standard_normal(dim) * scale * 0.1).astype(np.float32)
@@ -159,7 +175,7 @@ def test_compiled_routing_picks_the_leaves_numpy_picks(metric):
 
 
 def test_the_compiled_bound_cut_equals_numpy():
-    from vectordb.backends import numba_kernels
+    from vectordb.backends import numba_stages
     from vectordb.core.topk import keys_of, within_bound
 
     rng = np.random.default_rng(2)
@@ -175,7 +191,7 @@ def test_the_compiled_bound_cut_equals_numpy():
     radius[5] = 0.0  # exact scores
     for k in (1, 3, 10, 59):
         out = np.empty(keys.shape, dtype=np.int64)
-        numba_kernels.within_bound(keys, radius, k, out)
+        numba_stages.within_bound(keys, radius, k, out)
         np.testing.assert_array_equal(out, within_bound(keys, radius, k))
 
 
@@ -193,6 +209,7 @@ def test_the_compiled_rerank_choice_equals_numpy():
     rows[1, 5:] = -1  # pruned candidates
     rows[2, :] = -1
     rows[3, ::2] = -1
+    q[4] = 0.0  # inner products of 0: distances -0.0, returned as measured
 
     def take(r):
         return x[r]
@@ -202,4 +219,49 @@ def test_the_compiled_rerank_choice_equals_numpy():
             got = _rerank(q, rows, k, take, metric)
             want = rerank(q, rows, k, take, metric)
             np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+
+
+def test_without_a_writable_cache_the_kernels_run_uncached_and_say_so_once():
+    code = (
+        "import logging, numba\n"
+        "real = numba.njit\n"
+        "def refusing(*args, **options):\n"
+        "    if options.get('cache'):\n"
+        "        raise RuntimeError(\"cannot cache function 'f': no locator available\")\n"
+        "    return real(*args, **options)\n"
+        "numba.njit = refusing\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "import numpy as np, vectordb as vdb\n"
+        "from vectordb.backends import numba_kernels as k\n"
+        "x = vdb.make_clustered(1_000, 128, seed=1)\n"
+        "index = vdb.ClusteredIndex.build(x, max_leaf_size=100, backend='numba')\n"
+        "want = vdb.ClusteredIndex.build(x, max_leaf_size=100, backend='numpy')\n"
+        "got = index.search_batch(x[:20], 10, probes=4)\n"
+        "ref = want.search_batch(x[:20], 10, probes=4)\n"
+        "assert (got[0] == ref[0]).all() and (got[1] == ref[1]).all()\n"
+        "assert 'scan_codes' in k._uncached, k._uncached\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True
+    )
+    assert out.stderr.count("numba cannot cache its kernels") == 1, out.stderr
+
+
+def test_a_numba_whose_test_kernel_fails_is_not_used(monkeypatch):
+    from vectordb import backends
+    from vectordb.backends import numba_backend
+
+    def broken(planes, codes):
+        raise RuntimeError("LLVM ERROR: Cannot select intrinsic (simulated)")
+
+    monkeypatch.setattr(numba_backend, "plane_dots", broken)
+    backends._numba_backend.cache_clear()
+    try:
+        backend, reason = backends._numba_backend()
+        assert backend is None and "Cannot select intrinsic" in reason
+        with pytest.raises(vdb.BackendUnavailableError, match="test kernel failed"):
+            backends.resolve_backend("numba")
+    finally:
+        backends._numba_backend.cache_clear()

@@ -13,7 +13,8 @@ open time and never branches on it afterwards::
     backend="numpy"  NumPy
 
 All three return the same results: numba runs NumPy's float32 steps in the same order and
-picks the same candidates; CuPy's are the same steps on the device. With
+picks the same candidates (see ``numba_kernels`` for its one rare rounding); CuPy's are the
+same steps on the device. With
 ``backend="auto"``, the environment variable ``VECTORDB_BACKEND`` (``numpy``, ``numba``,
 ``cupy`` or ``auto``) decides instead. Importing vectordb imports neither CuPy nor numba.
 """
@@ -85,12 +86,13 @@ def _cupy_backend() -> Any:
 def _numba_backend() -> tuple[Any, str | None]:
     """The numba backend, or ``None`` and why it cannot be used."""
     try:
-        from .numba_backend import NumbaBackend
+        from .numba_backend import NumbaBackend, probe
     except ImportError as exc:  # numba (or llvmlite) missing, or built for another NumPy
         return None, f"numba does not import ({exc}); pip install numba"
     except Exception as exc:  # a broken install fails in its own ways: fall back, say why
         return None, f"numba failed to load ({type(exc).__name__}: {exc})"
-    return NumbaBackend(), None
+    reason = probe()
+    return (NumbaBackend(), None) if reason is None else (None, reason)
 
 
 def available_backends() -> list[str]:

@@ -16,16 +16,24 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
-from ..core.codes import QUERY_BITS, CodeTable, QueryCodes
+from ..core.codes import QUERY_BITS, CodeTable, QueryCodes, words_for
+from ..core.codes import plane_dots as core_plane_dots
 from ..core.metrics import Metric, distances
 from ..core.parts import Part, leaf_sizes
 from ..core.topk import NO_KEY, rows_of
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
 from ..search.route import FLAT_MAX_LEAVES, nearest_first, route, route_for
-from . import numba_kernels
+from . import numba_kernels, numba_stages
 
-__all__ = ["NumbaBackend", "NumbaCodeSelector", "NumbaSearcher", "plane_dots", "quantize"]
+__all__ = [
+    "NumbaBackend",
+    "NumbaCodeSelector",
+    "NumbaSearcher",
+    "plane_dots",
+    "probe",
+    "quantize",
+]
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
 _ALL_OK = np.empty(0, dtype=np.bool_)
@@ -94,7 +102,7 @@ def quantize(rotated: F32, origin: F32) -> QueryCodes:
     """``core.codes.quantize_queries(rotated - origin)``, compiled: ``rotated`` ``(nq, D)``
     float32, ``origin`` ``(D,)`` float32."""
     nq, dim = rotated.shape
-    planes = np.empty((nq, QUERY_BITS, dim // 64), dtype=np.uint64)
+    planes = np.empty((nq, QUERY_BITS, words_for(dim)), dtype=np.uint64)
     terms = np.empty((4, nq), dtype=np.float32)
     numba_kernels.quantize(rotated, origin, (1 << QUERY_BITS) - 1, _root_d_12(dim), planes, terms)
     return QueryCodes(planes, terms[0], terms[1], terms[2], terms[3])
@@ -128,7 +136,8 @@ class NumbaSearcher(HostSearcher):
     small batches, the candidate scan, the error-bound cut and the rerank's choice. The
     same results as the NumPy backend's searcher, bit for bit: routing picks the same leaves
     (its fast scores are trusted only where the rounding cannot change the choice), the
-    other stages run NumPy's float32 steps, and the rerank's distances are NumPy's."""
+    other stages run NumPy's float32 steps (but for the pair terms' rare rounding, see
+    ``numba_kernels``), and the rerank's distances are NumPy's."""
 
     def __init__(self, inputs: SearchInputs, selector: NumbaCodeSelector) -> None:
         super().__init__(inputs, selector)
@@ -144,7 +153,7 @@ class NumbaSearcher(HostSearcher):
             return route(tree, q, probes, metric)
         leaves = np.empty((nq, keep), dtype=np.int64)
         unsure = np.empty(nq, dtype=np.bool_)
-        numba_kernels.route_flat(
+        numba_stages.route_flat(
             q,
             tree.leaf_centroids,
             tree.leaf_sq_norms,
@@ -180,7 +189,7 @@ class NumbaSearcher(HostSearcher):
         k = request.k
         if request.bounded and keys.shape[1] > k:
             rows = np.empty(keys.shape, dtype=np.int64)
-            numba_kernels.within_bound(keys, radius, k, rows)
+            numba_stages.within_bound(keys, radius, k, rows)
         else:
             rows = rows_of(keys)
         return _rerank(q, rows, k, inputs.storage.take, metric)
@@ -200,7 +209,7 @@ def _rerank(
         return out_rows, out_dist
     if width < rows.shape[1]:  # candidates pruned by their bounds: read only the others
         packed = np.empty((nq, width), dtype=np.int64)
-        numba_kernels.compact_rows(rows, packed)
+        numba_stages.compact_rows(rows, packed)
         rows = packed
     block = max(1, _RERANK_BLOCK_BYTES // (width * d * 4))
     for start in range(0, nq, block):
@@ -210,8 +219,24 @@ def _rerank(
         vecs = take(np.where(valid, r, 0).ravel()).reshape(stop - start, width, d)
         dist = distances(q[start:stop], vecs, metric, overwrite_x=True)
         dist[~valid] = np.inf
-        numba_kernels.best_rows(dist, r, k, out_rows[start:stop], out_dist[start:stop])
+        numba_stages.best_rows(dist, r, k, out_rows[start:stop], out_dist[start:stop])
     return out_rows, out_dist
+
+
+def probe() -> str | None:
+    """Run a test kernel against NumPy: ``None`` when it compiles (or loads from the cache)
+    and agrees, else why not (a numba that imports may still fail to compile, e.g. the
+    popcount intrinsic on an llvmlite without it)."""
+    rng = np.random.default_rng(0)
+    planes = rng.integers(0, 1 << 62, (2, QUERY_BITS, 3), dtype=np.int64).astype(np.uint64)
+    codes = rng.integers(0, 1 << 62, (3, 5), dtype=np.int64).astype(np.uint64)
+    try:
+        got = plane_dots(planes, codes)
+    except Exception as exc:
+        return f"numba's test kernel failed ({type(exc).__name__}: {exc})"
+    if not np.array_equal(got, core_plane_dots(planes, codes)):
+        return "numba's test kernel gave wrong results"
+    return None
 
 
 class NumbaBackend:

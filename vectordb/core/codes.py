@@ -360,7 +360,8 @@ def pair_terms(table: CodeTable, q: F32, leaves: I64) -> PairTerms:
     Row by row the same arithmetic whatever P is (no BLAS), so a query scores the same alone
     or in a batch. The sums are taken in float64, where every product of two float32 values
     is exact, and rounded once to float32: so every backend (NumPy, numba, CUDA) gets the
-    same float32 terms whatever order it sums in, but for a rare double rounding.
+    same float32 terms whatever order it sums in, but where two orders' float64 sums round
+    to float32 on either side of a boundary (about once in 10^8 pairs).
     """
     centres = table.centroids[table.leaf_nodes[leaves]]
     residual = q - centres

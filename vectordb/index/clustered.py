@@ -31,8 +31,8 @@ from .state import IndexState
 
 __all__ = ["ClusteredIndex"]
 
-#: ``search_batch(threads=...)`` gives each thread at least this many queries.
-_MIN_QUERIES_PER_THREAD = 1024
+#: ``search_batch(threads=...)`` gives each thread at least this many queries (a few ms).
+_MIN_QUERIES_PER_THREAD = 64
 
 
 class ClusteredIndex:
