@@ -18,11 +18,12 @@ import numpy.typing as npt
 from .._types import F32, I64, U64, Mask
 from ..core.codes import QUERY_BITS, CodeTable, QueryCodes, words_for
 from ..core.codes import plane_dots as core_plane_dots
-from ..core.metrics import Metric, distances
+from ..core.metrics import Metric
 from ..core.parts import Part, leaf_sizes
 from ..core.topk import NO_KEY, rows_of
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
+from ..search.rerank import candidate_distances, rerank_blocks
 from ..search.route import FLAT_MAX_LEAVES, nearest_first, route, route_for
 from . import numba_kernels, numba_stages
 
@@ -127,8 +128,6 @@ def plane_dots(planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:
 _KERNEL_ROUTE_MAX_QUERIES = 8
 #: float32's unit roundoff, for ``route.rounding_bound``.
 _UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
-#: Bytes of gathered float32 vectors per rerank block (as ``search.rerank``).
-_RERANK_BLOCK_BYTES = 1 << 20
 
 
 class NumbaSearcher(HostSearcher):
@@ -211,14 +210,9 @@ def _rerank(
         packed = np.empty((nq, width), dtype=np.int64)
         numba_stages.compact_rows(rows, packed)
         rows = packed
-    block = max(1, _RERANK_BLOCK_BYTES // (width * d * 4))
-    for start in range(0, nq, block):
-        stop = min(nq, start + block)
+    for start, stop in rerank_blocks(nq, width, d):
         r = rows[start:stop]
-        valid = r >= 0
-        vecs = take(np.where(valid, r, 0).ravel()).reshape(stop - start, width, d)
-        dist = distances(q[start:stop], vecs, metric, overwrite_x=True)
-        dist[~valid] = np.inf
+        dist = candidate_distances(q[start:stop], r, take, metric)
         numba_stages.best_rows(dist, r, k, out_rows[start:stop], out_dist[start:stop])
     return out_rows, out_dist
 
