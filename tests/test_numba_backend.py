@@ -113,6 +113,20 @@ def test_query_quantisation_equals_numpy(scale):
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
 
 
+def test_query_quantisation_of_a_spread_past_float32_equals_numpy():
+    # Out of reach through the API (vector norms are bounded), but the kernel must still
+    # turn inf / inf into NumPy's level.
+    for dim in (4, 64, 193):
+        q = np.zeros((2, dim), dtype=np.float32)
+        q[0, ::2], q[0, 1::2] = 3.4e38, -3.4e38
+        q[1], q[1, 0] = 3e38, -3e38
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = quantize_queries(q)
+        got = quantize(q, np.zeros(dim, dtype=np.float32))
+        for field in ("planes", "lo", "delta", "total", "slack"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_pair_terms_equal_numpy(metric):
     x = vdb.make_clustered(2_000, 96, seed=6) * np.float32(40.0)  # far from unit scale

@@ -181,7 +181,7 @@ def quantize(q: Any, origin: Any, levels: int, root_d_12: Any, planes: Any, term
         delta = (x.max() - lo) / top
         if not delta > ZERO:
             delta = np.float32(1.0)
-        total = 0
+        total = np.int64(0)
         for k in range(w):
             b0 = np.uint64(0)
             b1 = np.uint64(0)
@@ -189,9 +189,10 @@ def quantize(q: Any, origin: Any, levels: int, root_d_12: Any, planes: Any, term
             b3 = np.uint64(0)
             for i in range(min(64, dim - 64 * k)):
                 v = np.rint((x[64 * k + i] - lo) / delta)
-                v = min(max(v, ZERO), top)
-                u = np.uint64(v)
-                total += u
+                if not v >= ZERO:  # negative, or NaN (a spread past float32): level 0
+                    v = ZERO
+                u = np.uint64(min(v, top))
+                total += np.int64(u)
                 bit = np.uint64(i)
                 b0 |= (u & np.uint64(1)) << bit
                 b1 |= ((u >> np.uint64(1)) & np.uint64(1)) << bit
