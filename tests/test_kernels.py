@@ -206,6 +206,20 @@ def test_kmeans_is_deterministic_and_separates_clear_clusters():
     assert len(set(l1.tolist())) == 3
 
 
+def test_vectors_near_the_largest_accepted_norm_build_and_search():
+    # Their squared distances summed in float32 overflowed k-means++'s draw ("probabilities
+    # do not sum to 1") for norms around 4e18, below the accepted maximum.
+    x = vdb.make_clustered(600, 8, seed=3)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True) * np.float32(4e18)).astype(np.float32)
+    index = vdb.ClusteredIndex.build(x[:500], max_leaf_size=50, backend="numpy")
+    assert index.n_leaves > 1
+    ids, _ = index.search_batch(x[500:], 5)
+    diff = x[500:, None, :].astype(np.float64) - x[None, :500].astype(np.float64)
+    true = np.argsort((diff**2).sum(axis=-1), axis=1)[:, :5]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, true, strict=True)])
+    assert recall >= 0.9  # measured 0.99
+
+
 def test_kmeans_with_fewer_distinct_points_than_clusters():
     x = np.repeat(np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), 50, axis=0)
     centroids, labels = kmeans(x, 5, max_iterations=10, rng=np.random.default_rng(0))

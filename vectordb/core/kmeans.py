@@ -46,11 +46,13 @@ def _kmeans_pp(x: F32, k: int, rng: np.random.Generator) -> F32:
     centres[0] = x[rng.integers(n)]
     d2 = np.einsum("nd,nd->n", x - centres[0], x - centres[0])
     for i in range(1, k):
-        total = float(d2.sum())
+        # In float64: near the largest norms accepted, a float32 sum of squared distances
+        # overflows (and then no probability is left to draw from).
+        total = float(d2.sum(dtype=np.float64))
         if total <= 0.0:  # all remaining points coincide with chosen centres
             centres[i] = x[rng.integers(n)]
         else:
-            centres[i] = x[rng.choice(n, p=d2 / total)]
+            centres[i] = x[rng.choice(n, p=d2.astype(np.float64) / total)]
         diff = x - centres[i]
         d2 = np.minimum(d2, np.einsum("nd,nd->n", diff, diff))
     return centres
