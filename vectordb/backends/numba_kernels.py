@@ -33,11 +33,13 @@ __all__ = [
     "TWO",
     "ZERO",
     "cached_jit",
+    "key_of",
     "pair_terms",
     "plane_dots",
     "quantize",
     "replace_top",
     "scan_codes",
+    "score_of",
 ]
 
 log = logging.getLogger("vectordb")
@@ -230,15 +232,30 @@ def replace_top(heap: Any, heap_radius: Any, key: Any, radius: Any) -> None:
 
 
 @cached_jit(nogil=True, inline="always")
-def _worst(key: Any, scratch: Any, scratch_bits: Any) -> Any:
-    """A float32 threshold that rejects exactly the scores whose keys cannot beat ``key``
-    (the heap's largest): its score (``core.topk.scores_of``), or ``inf`` for ``NO_KEY``
-    and for ``FMAX``, where a clamped ``inf`` still ties and goes to the row."""
+def key_of(bits: Any, row: Any) -> Any:
+    """``core.topk.keys_of`` of one score, given as its float32 bits (uint32, of the score
+    plus 0.0), at storage ``row``."""
+    ordered = ~bits if bits & SIGN else bits | SIGN
+    return (np.uint64(ordered) << np.uint64(32)) | np.uint64(row)
+
+
+@cached_jit(nogil=True, inline="always")
+def score_of(key: Any, scratch: Any, scratch_bits: Any) -> Any:
+    """``core.topk.scores_of`` of one key (``inf`` for ``NO_KEY``); ``scratch`` a (1,)
+    float32 array and ``scratch_bits`` its uint32 view."""
     if key == NO_KEY:
         return np.float32(np.inf)
     ordered = np.uint32(key >> np.uint64(32))
     scratch_bits[0] = ordered ^ SIGN if ordered & SIGN else ~ordered
-    score = scratch[0]
+    return scratch[0]
+
+
+@cached_jit(nogil=True, inline="always")
+def _worst(key: Any, scratch: Any, scratch_bits: Any) -> Any:
+    """A float32 threshold that rejects exactly the scores whose keys cannot beat ``key``
+    (the heap's largest): its score, or ``inf`` for ``NO_KEY`` and for ``FMAX``, where a
+    clamped ``inf`` still ties and goes to the row."""
+    score = score_of(key, scratch, scratch_bits)
     return np.float32(np.inf) if score >= FMAX else score
 
 
@@ -350,9 +367,7 @@ def scan_codes(
                     continue
                 if not np.isfinite(x):  # core.topk.clamp_scores
                     est[s] = -FMAX if x < ZERO else FMAX
-                b = bits[s]
-                ordered = ~b if b & SIGN else b | SIGN
-                key = (np.uint64(ordered) << np.uint64(32)) | np.uint64(row)
+                key = key_of(bits[s], row)
                 if key < top[0]:
                     bound = f_e[s] * rq
                     bound = bound + f_m[s] * slack_q

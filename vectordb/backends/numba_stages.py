@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .numba_kernels import NO_KEY, SIGN, TWO, ZERO, cached_jit, replace_top
+from .numba_kernels import NO_KEY, TWO, ZERO, cached_jit, key_of, replace_top, score_of
 
 __all__ = ["best_rows", "compact_rows", "route_flat", "within_bound"]
 
@@ -62,28 +62,16 @@ def route_flat(
             for d in range(dim):
                 dot += c[d] * qq[d]
             score[0] = (-dot if ip else c_sq[leaf] - TWO * dot) + ZERO
-            b = score_bits[0]
-            ordered = ~b if b & SIGN else b | SIGN
-            key = (np.uint64(ordered) << np.uint64(32)) | np.uint64(leaf)
+            key = key_of(score_bits[0], leaf)
             if key < heap[0]:
                 replace_top(heap, no_radius, key, ZERO)
-        first_dropped = _score_of(heap[0], score, score_bits)
+        first_dropped = score_of(heap[0], score, score_bits)
         last_kept = -np.float32(np.inf)
         for j in range(1, keep + 1):
-            last_kept = max(last_kept, _score_of(heap[j], score, score_bits))
+            last_kept = max(last_kept, score_of(heap[j], score, score_bits))
             leaves[qi, j - 1] = np.int64(heap[j] & np.uint64(0xFFFFFFFF))
         leaves[qi].sort()
         unsure[qi] = not (last_kept + TWO * bound < first_dropped)
-
-
-@cached_jit(nogil=True, inline="always")
-def _score_of(key: Any, scratch: Any, scratch_bits: Any) -> Any:
-    """``core.topk.scores_of`` of one key (``inf`` for ``NO_KEY``)."""
-    if key == NO_KEY:
-        return np.float32(np.inf)
-    ordered = np.uint32(key >> np.uint64(32))
-    scratch_bits[0] = ordered ^ SIGN if ordered & SIGN else ~ordered
-    return scratch[0]
 
 
 @cached_jit(nogil=True)
@@ -99,7 +87,7 @@ def within_bound(keys: Any, radius: Any, k: int, out: Any) -> None:
     upper = np.empty(m, dtype=np.float32)
     for qi in range(nq):
         for j in range(m):
-            est[j] = _score_of(keys[qi, j], scratch, scratch_bits)
+            est[j] = score_of(keys[qi, j], scratch, scratch_bits)
             upper[j] = est[j] + radius[qi, j]
         kth = np.sort(upper)[k - 1]  # NaN last, as np.partition
         for j in range(m):
@@ -136,9 +124,7 @@ def best_rows(dist: Any, rows: Any, k: int, out_rows: Any, out_dist: Any) -> Non
             if row < 0:
                 continue
             bits[n] = dist[qi, j] + ZERO  # -0.0 -> +0.0, as keys_of
-            b = as_int[n]
-            ordered = ~b if b & SIGN else b | SIGN
-            keys[n] = (np.uint64(ordered) << np.uint64(32)) | np.uint64(row)
+            keys[n] = key_of(as_int[n], row)
             column[n] = j
             n += 1
         order = np.argsort(keys[:n])  # equal keys: one row twice, the same distance
