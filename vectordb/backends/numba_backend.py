@@ -126,8 +126,6 @@ def plane_dots(planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:
 #: Queries up to which routing scores leaves with the compiled kernel (more share one
 #: BLAS product, which is faster).
 _KERNEL_ROUTE_MAX_QUERIES = 8
-#: float32's unit roundoff, for ``route.rounding_bound``.
-_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 
 
 class NumbaSearcher(HostSearcher):
@@ -158,7 +156,6 @@ class NumbaSearcher(HostSearcher):
             tree.leaf_sq_norms,
             self._ip,
             tree.max_centroid_norm,
-            _UNIT_ROUNDOFF,
             leaves,
             unsure,
         )

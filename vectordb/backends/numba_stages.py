@@ -13,16 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from ..search.route import rounding_error
 from .numba_kernels import NO_KEY, TWO, ZERO, cached_jit, key_of, replace_top, score_of
 
 __all__ = ["best_rows", "compact_rows", "route_flat", "within_bound"]
+
+_rounding_error = cached_jit(nogil=True, inline="always")(rounding_error)
 
 
 # Fast scores: any summation order is within route.rounding_bound of the exact ones, and
 # the choice is trusted only where that cannot change it.
 @cached_jit(nogil=True, fastmath={"reassoc", "contract"})
 def route_flat(
-    q: Any, centroids: Any, c_sq: Any, ip: bool, c_max: float, unit: float, leaves: Any, unsure: Any
+    q: Any, centroids: Any, c_sq: Any, ip: bool, c_max: float, leaves: Any, unsure: Any
 ) -> None:
     """The ``keep`` leaves of best routing scores (``route.leaf_scores``) per query, where
     the rounding of the scores cannot change which: ``route``'s leaves.
@@ -33,8 +36,8 @@ def route_flat(
     centroids : (n_leaves, D) float32 leaf centroids; ``c_sq`` (n_leaves,) their squared
         norms
     ip : inner-product scores (``-<c, q>``; else ``|c|^2 - 2 <c, q>``)
-    c_max : the largest centroid norm; ``unit`` float32's unit roundoff: each query's
-        ``route.rounding_bound`` is taken from them (in float64)
+    c_max : the largest centroid norm, for each query's ``route.rounding_bound`` (its
+        formula, ``route.rounding_error``, taken of the norm in float64)
     leaves : (nq, keep) int64, overwritten with the leaves, ascending; ``keep < n_leaves``
     unsure : (nq,) bool, overwritten: the ``keep``-th and ``keep + 1``-th scores lie within
         twice the bound (the caller routes those queries the exact way)
@@ -46,15 +49,12 @@ def route_flat(
     no_radius = np.empty(keep + 1, dtype=np.float32)
     score = np.empty(1, dtype=np.float32)
     score_bits = score.view(np.uint32)
-    gamma = dim * unit / (1.0 - dim * unit)
     for qi in range(nq):
         qq = q[qi]
         q_sq = 0.0
         for d in range(dim):
             q_sq += np.float64(qq[d]) * np.float64(qq[d])
-        qc = np.sqrt(q_sq) * c_max
-        err = gamma * qc if ip else 2.0 * gamma * qc + 2.0 * unit * (c_max * c_max + 2.0 * qc)
-        bound = np.float32(4.0 * err)
+        bound = np.float32(_rounding_error(np.sqrt(q_sq), c_max, dim, ip))
         heap[:] = NO_KEY
         for leaf in range(n_leaves):
             c = centroids[leaf]

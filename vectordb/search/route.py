@@ -15,6 +15,7 @@ Routing is exact and batch-independent: a query is routed the same alone or in a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ __all__ = [
     "nearest_first",
     "nearest_leaf",
     "rounding_bound",
+    "rounding_error",
     "route",
     "route_for",
 ]
@@ -357,13 +359,16 @@ def rounding_bound(q_norms: F32, c_max: float, d: int, metric: Metric) -> F32:
     ``|c|^2 - 2 q.c`` with two more roundings. ``c_max`` bounds every ``|c|``. Doubled for
     the two evaluations, doubled again as a margin.
     """
+    return np.asarray(rounding_error(q_norms, c_max, d, metric is Metric.IP), np.float32)
+
+
+def rounding_error(q_norm: Any, c_max: float, d: int, ip: bool) -> Any:
+    """:func:`rounding_bound`'s formula, of a query norm ``q_norm`` (a float32 array, or one
+    float: compiled kernels call it too) for inner-product scores (``ip``) or l2 ones."""
     gamma = d * _U / (1.0 - d * _U)
-    qc = q_norms * np.float32(c_max)
-    if metric is Metric.IP:
-        err = gamma * qc
-    else:
-        err = 2.0 * gamma * qc + 2.0 * _U * (c_max * c_max + 2.0 * qc)
-    return (4.0 * err).astype(np.float32)
+    qc = q_norm * np.float32(c_max)
+    err = gamma * qc if ip else 2.0 * gamma * qc + 2.0 * _U * (c_max * c_max + 2.0 * qc)
+    return 4.0 * err
 
 
 def _count(leaves: I64, sizes: I64) -> I64:
