@@ -1,10 +1,12 @@
-"""The compiled CPU backend: the code scan of :mod:`.numba_kernels`, everything else as the
-NumPy backend does it.
+"""The compiled CPU backend: the code scan of :mod:`.numba_kernels` and the stages of
+:mod:`.numba_stages` (routing a few queries, the error-bound cut, the rerank's choice) in the
+NumPy searcher's pipeline.
 
 Candidates are chosen in one compiled pass per part over each query's probed leaves (no
-per-leaf Python loop, no temporaries the size of the probed codes); the query
-quantisation, the pair terms and the rerank are NumPy's own, so both backends pick the same
-candidates and return the same results.
+per-leaf Python loop, no temporaries the size of the probed codes), with NumPy's float32
+steps; the rerank's gathers and distances are NumPy's own. So both backends pick the same
+candidates and return the same results (but for the pair terms' rare rounding, see
+:mod:`.numba_kernels`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..core.topk import NO_KEY, rows_of
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
 from ..search.rerank import candidate_distances, rerank_blocks
-from ..search.route import FLAT_MAX_LEAVES, nearest_first, route, route_for
+from ..search.route import FLAT_MAX_LEAVES, route, route_for
 from . import numba_kernels, numba_stages
 
 __all__ = [
@@ -163,32 +165,34 @@ class NumbaSearcher(HostSearcher):
             leaves[unsure] = route(tree, q[unsure], probes, metric)
         return leaves
 
-    def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
-        """See :class:`~vectordb.search.pipeline.Searcher`."""
+    def route(self, rotated: F32, request: SearchRequest) -> I64:
+        """Probed leaves: a few queries by the compiled router and with no seed leaf first
+        (the heap scan needs none); a batch as the NumPy searcher routes it (one BLAS
+        product, and a seed that pays for itself in pruning)."""
+        if rotated.shape[0] > _KERNEL_ROUTE_MAX_QUERIES:
+            return super().route(rotated, request)
         inputs = self.inputs
-        tree, metric = inputs.tree, inputs.metric
-        rotated = inputs.quantizer.rotate(q)
-        small = rotated.shape[0] <= _KERNEL_ROUTE_MAX_QUERIES
-        leaves = route_for(
-            tree,
+        return route_for(
+            inputs.tree,
             rotated,
             request.probes,
             request.need,
             request.live_sizes,
-            metric,
-            self._route if small else None,
+            inputs.metric,
+            self._route,
         )
-        # The heap scan needs no seed leaf; a batch's pays for itself in pruning.
-        if not small:
-            leaves = nearest_first(tree, rotated, leaves, metric)
-        keys, radius = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
-        k = request.k
-        if request.bounded and keys.shape[1] > k:
-            rows = np.empty(keys.shape, dtype=np.int64)
-            numba_stages.within_bound(keys, radius, k, rows)
-        else:
-            rows = rows_of(keys)
-        return _rerank(q, rows, k, inputs.storage.take, metric)
+
+    def cut(self, keys: U64, radius: F32, k: int) -> I64:
+        """``core.topk.within_bound``, compiled."""
+        if keys.shape[1] <= k:
+            return rows_of(keys)
+        rows = np.empty(keys.shape, dtype=np.int64)
+        numba_stages.within_bound(keys, radius, k, rows)
+        return rows
+
+    def rerank(self, q: F32, rows: I64, k: int) -> tuple[I64, F32]:
+        """``search.rerank.rerank``, its choice compiled."""
+        return _rerank(q, rows, k, self.inputs.storage.take, self.inputs.metric)
 
 
 def _rerank(

@@ -88,7 +88,8 @@ class Searcher(Protocol):
 
 
 class HostSearcher:
-    """Every stage on the CPU, candidates from ``selector``."""
+    """Every stage on the CPU, candidates from ``selector``. A backend with stages of its
+    own (compiled ones) overrides :meth:`route`, :meth:`cut` or :meth:`rerank`."""
 
     def __init__(self, inputs: SearchInputs, selector: CandidateSelector) -> None:
         self.inputs = inputs
@@ -96,12 +97,25 @@ class HostSearcher:
 
     def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
         """See :class:`Searcher`."""
+        rotated = self.inputs.quantizer.rotate(q)
+        leaves = self.route(rotated, request)
+        keys, radius = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
+        rows = self.cut(keys, radius, request.k if request.bounded else keys.shape[1])
+        return self.rerank(q, rows, request.k)
+
+    def route(self, rotated: F32, request: SearchRequest) -> I64:
+        """Probed leaves ``(nq, L)`` int64 of rotated queries, ``-1`` padded, each row's
+        nearest in column 0 (the seed of the candidate stage's pruning)."""
         inputs = self.inputs
-        rotated = inputs.quantizer.rotate(q)
         leaves = route_for(
             inputs.tree, rotated, request.probes, request.need, request.live_sizes, inputs.metric
         )
-        leaves = nearest_first(inputs.tree, rotated, leaves, inputs.metric)
-        keys, radius = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
-        rows = within_bound(keys, radius, request.k if request.bounded else keys.shape[1])
-        return rerank(q, rows, request.k, inputs.storage.take, inputs.metric)
+        return nearest_first(inputs.tree, rotated, leaves, inputs.metric)
+
+    def cut(self, keys: U64, radius: F32, k: int) -> I64:
+        """``core.topk.within_bound``: the candidates' rows the rerank must check."""
+        return within_bound(keys, radius, k)
+
+    def rerank(self, q: F32, rows: I64, k: int) -> tuple[I64, F32]:
+        """``search.rerank.rerank`` of prepared queries ``q`` against candidate ``rows``."""
+        return rerank(q, rows, k, self.inputs.storage.take, self.inputs.metric)
