@@ -11,14 +11,13 @@ candidates and return the same results (but for the pair terms' rare rounding, s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
-from ..core.codes import QUERY_BITS, CodeTable, QueryCodes, words_for
+from ..core.codes import QUERY_BITS, CodeTable, QueryCodes, slack_per_step, words_for
 from ..core.codes import plane_dots as core_plane_dots
 from ..core.metrics import Metric
 from ..core.parts import Part, leaf_sizes
@@ -107,12 +106,9 @@ def quantize(rotated: F32, origin: F32) -> QueryCodes:
     nq, dim = rotated.shape
     planes = np.empty((nq, QUERY_BITS, words_for(dim)), dtype=np.uint64)
     terms = np.empty((4, nq), dtype=np.float32)
-    numba_kernels.quantize(rotated, origin, (1 << QUERY_BITS) - 1, _root_d_12(dim), planes, terms)
+    slack = np.float32(slack_per_step(dim))
+    numba_kernels.quantize(rotated, origin, (1 << QUERY_BITS) - 1, slack, planes, terms)
     return QueryCodes(planes, terms[0], terms[1], terms[2], terms[3])
-
-
-def _root_d_12(dim: int) -> np.float32:
-    return np.float32(math.sqrt(dim / 12.0))
 
 
 def plane_dots(planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:

@@ -68,6 +68,7 @@ __all__ = [
     "quantize_queries",
     "query_levels",
     "radius",
+    "slack_per_step",
     "words_for",
 ]
 
@@ -301,8 +302,14 @@ def query_levels(q: Any, xp: Any = np) -> tuple[Any, Any, Any, Any, Any]:
     # has a standard deviation of delta * sqrt(D / 12). One such sigma added to the code's
     # EPS0 sigmas bounds EPS0 sigmas of the two errors together (they are independent)
     # while the rounding's is at most the code's.
-    slack = delta * xp.float32(math.sqrt(q.shape[1] / 12.0))
+    slack = delta * xp.float32(slack_per_step(q.shape[1]))
     return u, lo.astype(xp.float32), delta, total, slack
+
+
+def slack_per_step(dim: int) -> float:
+    """``sqrt(D / 12)``: the standard deviation of ``sum_i (2 b_i - 1) err_i`` over ``D``
+    coordinates rounded to steps of 1 (``QueryCodes.slack`` is ``delta`` times it)."""
+    return math.sqrt(dim / 12.0)
 
 
 def quantize_queries(q: F32) -> QueryCodes:
