@@ -29,9 +29,11 @@ def index(data):
 
 
 class Gate:
-    """Spy on an engine's batches; optionally hold them in the executor until released."""
+    """Spy on an engine's batches; optionally hold them in the executor until released
+    (every query goes there: none runs on the loop)."""
 
     def __init__(self, engine: vdb.AsyncEngine, *, hold: bool = False, fail: bool = False):
+        engine._inline = False
         self.batches: list[int] = []
         self.started = threading.Event()
         self.release = threading.Event()
@@ -97,6 +99,110 @@ async def test_a_lone_query_is_not_held_back(index, data):
     async with vdb.AsyncEngine(index, max_wait=0) as engine:
         ids, _ = await engine.search(data[1][0], K)
     np.testing.assert_array_equal(ids, index.search(data[1][0], K)[0])
+
+
+class Where:
+    """Record the thread each of an engine's searches runs on."""
+
+    def __init__(self, engine: vdb.AsyncEngine, delay: float = 0.0):
+        self.threads: list[threading.Thread] = []
+        real = engine._run_batch
+
+        def run(queries, key):
+            self.threads.append(threading.current_thread())
+            if delay:
+                time.sleep(delay)
+            return real(queries, key)
+
+        engine._run_batch = run  # type: ignore[method-assign]
+
+    def on_loop(self) -> list[bool]:
+        return [t is threading.current_thread() for t in self.threads]
+
+
+@pytest.fixture
+def patient(monkeypatch):
+    """No lone search is too slow for the loop (a busy test machine's would be)."""
+    from vectordb.engine import batcher
+
+    monkeypatch.setattr(batcher, "_HERE_BUDGET", 10.0)
+
+
+async def test_a_lone_query_on_an_idle_engine_runs_on_the_loop(index, data, patient):
+    async with vdb.AsyncEngine(index) as engine:
+        where = Where(engine)
+        for q in data[1][:20]:
+            ids, dists = await engine.search(q, K)
+            want = index.search(q, K)
+            np.testing.assert_array_equal(ids, want[0])
+            np.testing.assert_array_equal(dists, want[1])
+        stats = engine.stats()
+    assert where.on_loop() == [True] * 20
+    assert stats.queries == 20 and stats.batches == 20 and stats.in_flight == 0
+
+
+async def test_queries_made_together_are_batched_on_the_executor(index, data):
+    queries = data[1][:200]
+    async with vdb.AsyncEngine(index) as engine:
+        where = Where(engine)
+        got = await asyncio.gather(*(engine.search(q, K) for q in queries))
+        stats = engine.stats()
+    assert not any(where.on_loop())
+    assert stats.batches < 20  # batched, not 200 lone searches one after another
+    want = index.search_batch(queries, K)
+    np.testing.assert_array_equal(np.stack([g[0] for g in got]), want[0])
+
+
+@pytest.mark.parametrize("kind", ["mmap", "inline=False", "filter", "search_batch"])
+async def test_lone_queries_that_go_to_the_executor(index, data, tmp_path, kind, patient):
+    """A mapped index (a cold page would block the loop on the disk), an engine told so, a
+    filtered query (SQLite, or the caller's code) and a batch of queries leave the loop."""
+    served = index
+    if kind == "mmap":
+        index.save(tmp_path / "i")
+        served = vdb.ClusteredIndex.open(tmp_path / "i", mmap=True)
+    options = {"inline": False} if kind == "inline=False" else {}
+    async with vdb.AsyncEngine(served, **options) as engine:
+        where = Where(engine)
+        for q in data[1][:3]:
+            if kind == "filter":
+                await engine.search(q, K, filter=lambda _: True)
+            elif kind == "search_batch":
+                await engine.search_batch(np.stack([q, q]), K)
+            else:
+                await engine.search(q, K)
+    assert where.on_loop() == [False] * 3
+    if kind == "mmap":  # unless the caller asks for it
+        async with vdb.AsyncEngine(served, inline=True) as engine:
+            where = Where(engine)
+            await engine.search(data[1][0], K)
+        assert where.on_loop() == [True]
+        served.close()
+
+
+async def test_a_slow_lone_search_sends_the_next_ones_to_the_executor(index, data):
+    from vectordb.engine import batcher
+
+    index.search(data[1][0], K)  # the index's first search may take longer
+    async with vdb.AsyncEngine(index) as engine:
+        where = Where(engine, delay=2 * batcher._HERE_BUDGET)
+        for q in data[1][: batcher._HERE_COOLDOWN + 2]:
+            await engine.search(q, K)
+    assert where.on_loop() == [True] + [False] * batcher._HERE_COOLDOWN + [True]
+
+
+async def test_a_lone_query_cancelled_before_it_runs(index, data, patient):
+    async with vdb.AsyncEngine(index) as engine:
+        where = Where(engine)
+        task = asyncio.ensure_future(engine.search(data[1][0], K))
+        await asyncio.sleep(0)  # the query is looking for companions
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert where.threads == [] and engine.stats().cancelled == 1
+        ids, _ = await engine.search(data[1][1], K, timeout=1)
+        np.testing.assert_array_equal(ids, index.search(data[1][1], K)[0])
+        assert where.on_loop() == [True] and engine.stats().queries == 1
 
 
 async def test_cancelled_before_its_batch_started_is_dropped(index, data):
@@ -321,6 +427,8 @@ async def test_failed_save_leaves_nothing_behind(index, tmp_path, monkeypatch):
         ("max_wait", -0.1),
         ("max_wait", "1ms"),
         ("overload", "drop"),
+        ("inline", "yes"),
+        ("inline", 1),
     ],
 )
 async def test_bad_options(index, option, value):

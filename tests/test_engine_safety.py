@@ -58,9 +58,10 @@ def small_index(data) -> vdb.ClusteredIndex:
 
 class Gate:
     """Spy on an engine's batch jobs (one call per group); optionally hold them in the
-    executor until released."""
+    executor until released (every query goes there: none runs on the loop)."""
 
     def __init__(self, engine: vdb.AsyncEngine, *, hold: bool = False):
+        engine._inline = False
         self.batches: list[int] = []
         self.started = threading.Event()
         self.release = threading.Event()

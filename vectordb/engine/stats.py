@@ -21,9 +21,9 @@ class EngineStats:
         accepted (not refused at once as closed or overloaded) counts exactly once, in
         ``queries``, ``cancelled`` or ``failed``, when its caller gets its outcome.
     batches : int
-        Jobs run on the executor.
+        Searches run: jobs on the executor, and lone queries run on the loop.
     mean_batch_size : float
-        Queries per job.
+        Queries per search run.
     queue_depth : int
         Queries waiting to be batched right now.
     in_flight : int

@@ -45,7 +45,10 @@ async def within(timeout: float, awaitable: Awaitable[T]) -> T:
         expired = True
         task.cancel()
 
-    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    loop = asyncio.get_running_loop()
+    # A zero timeout expires before the call's first wait ends, even one a step long (a
+    # lone search run on the loop), as asyncio.timeout(0) does.
+    handle = loop.call_soon(expire) if timeout <= 0 else loop.call_later(timeout, expire)
     try:
         return await awaitable
     except asyncio.CancelledError:
