@@ -14,8 +14,9 @@ echo "ruff format --check; ruff check; mypy (strict) on vectordb/; lint-imports 
 .venv/bin/python -m mypy vectordb
 .venv/bin/lint-imports --no-cache
 .venv/bin/python -m pytest "$@"
-# The suite runs on NumPy (tests/conftest.py); the numba backend must return the same
-# results bit for bit, so the suite runs again on it (where numba imports).
+# The suite runs on NumPy (tests/conftest.py); the numba backend must pick the same
+# candidates and neighbours (its distances an ulp apart), so the suite runs again on it
+# (where numba imports).
 if .venv/bin/python -c "import vectordb.backends.numba_backend" 2>/dev/null; then
     echo "again on the numba backend (VECTORDB_BACKEND=numba)"
     VECTORDB_BACKEND=numba exec .venv/bin/python -m pytest -q "$@"

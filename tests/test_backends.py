@@ -49,7 +49,11 @@ def fresh_probe():
 
 
 #: Backends whose results equal NumPy's bit for bit.
-EXACT = ("numpy", "numba")
+#: Bit for bit against the NumPy backend (numba's rerank rounds each distance once, from
+#: float64 sums: an ulp or two off NumPy's float32 sums).
+EXACT = ("numpy",)
+#: Bit for bit between one query alone and the same query in a batch.
+BATCH_EXACT = ("numpy", "numba")
 
 
 def cupy_or_skip() -> None:
@@ -178,7 +182,7 @@ def test_search_results_equal_brute_force_and_the_numpy_backend(data, backend_na
         ]
         stacked = (np.stack([a[0] for a in alone]), np.stack([a[1] for a in alone]))
         alone_or_batched = (got[0][:20], got[1][:20])
-        assert_same_neighbours(stacked, alone_or_batched, exact=backend_name in EXACT)
+        assert_same_neighbours(stacked, alone_or_batched, exact=backend_name in BATCH_EXACT)
     # Every leaf probed and every vector reranked: the brute-force answer, ties aside.
     exact = index.search_batch(queries[:50], K, **oracle.exact_params(index, K))
     oracle.assert_exact(*exact, oracle.distances(x, queries[:50], metric), K)

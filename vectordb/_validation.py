@@ -47,6 +47,8 @@ def check_k(k: Any) -> int:
 
 
 def _to_float32(data: Any, what: str) -> F32:
+    if type(data) is np.ndarray and data.dtype == np.float32 and data.flags.c_contiguous:
+        return data  # the common case, without the checks below (a few us a query)
     try:
         arr = np.asarray(data)
     except ValueError as exc:  # ragged nested sequences

@@ -1,17 +1,19 @@
 """The compiled CPU backend: the code scan of :mod:`.numba_kernels` and the stages of
-:mod:`.numba_stages` (routing a few queries, the error-bound cut, the rerank's choice) in the
-NumPy searcher's pipeline.
+:mod:`.numba_stages` (routing a few queries, the error-bound cut, the rerank) in the NumPy
+searcher's pipeline.
 
 Candidates are chosen in one compiled pass per part over each query's probed leaves (no
 per-leaf Python loop, no temporaries the size of the probed codes), with NumPy's float32
-steps; the rerank's gathers and distances are NumPy's own. So both backends pick the same
-candidates and return the same results (but for the pair terms' rare rounding, see
-:mod:`.numba_kernels`).
+steps: both backends pick the same candidates (but for the pair terms' rare rounding, see
+:mod:`.numba_kernels`). The rerank reads the candidates' rows where they lie and rounds each
+exact distance once from a float64 sum (``numba_stages.rerank_rows``), where NumPy sums in
+float32: the same neighbours up to ties within that rounding, and the same results for a
+query alone or in a batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -24,9 +26,9 @@ from ..core.parts import Part, leaf_sizes
 from ..core.topk import NO_KEY, rows_of
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
-from ..search.rerank import candidate_distances, rerank_blocks
 from ..search.route import FLAT_MAX_LEAVES, route, route_for
-from . import numba_kernels, numba_stages
+from ..storage.vectors import VectorStore
+from . import numba_kernels, numba_lone, numba_stages
 
 __all__ = [
     "NumbaBackend",
@@ -100,6 +102,10 @@ class NumbaCodeSelector:
         return p, r_q
 
 
+#: The query quantiser's top level.
+_TOP_LEVEL = (1 << QUERY_BITS) - 1
+
+
 def quantize(rotated: F32, origin: F32) -> QueryCodes:
     """``core.codes.quantize_queries(rotated - origin)``, compiled: ``rotated`` ``(nq, D)``
     float32, ``origin`` ``(D,)`` float32."""
@@ -107,7 +113,7 @@ def quantize(rotated: F32, origin: F32) -> QueryCodes:
     planes = np.empty((nq, QUERY_BITS, words_for(dim)), dtype=np.uint64)
     terms = np.empty((4, nq), dtype=np.float32)
     slack = np.float32(slack_per_step(dim))
-    numba_kernels.quantize(rotated, origin, (1 << QUERY_BITS) - 1, slack, planes, terms)
+    numba_kernels.quantize(rotated, origin, _TOP_LEVEL, slack, planes, terms)
     return QueryCodes(planes, terms[0], terms[1], terms[2], terms[3])
 
 
@@ -128,25 +134,100 @@ _KERNEL_ROUTE_MAX_QUERIES = 8
 
 class NumbaSearcher(HostSearcher):
     """:class:`~vectordb.search.pipeline.HostSearcher` with compiled stages: routing of
-    small batches, the candidate scan, the error-bound cut and the rerank's choice. The
-    same results as the NumPy backend's searcher, bit for bit: routing picks the same leaves
-    (its fast scores are trusted only where the rounding cannot change the choice), the
-    other stages run NumPy's float32 steps (but for the pair terms' rare rounding, see
-    ``numba_kernels``), and the rerank's distances are NumPy's."""
+    small batches, the candidate scan, the error-bound cut and the rerank. The NumPy
+    backend's candidates: routing picks the same leaves (its fast scores are trusted only
+    where the rounding cannot change the choice), the scan and the cut run NumPy's float32
+    steps (but for the pair terms' rare rounding, see ``numba_kernels``); the rerank's
+    distances are rounded once from float64 sums (see the module docstring)."""
+
+    selector: NumbaCodeSelector
 
     def __init__(self, inputs: SearchInputs, selector: NumbaCodeSelector) -> None:
         super().__init__(inputs, selector)
         tree = inputs.tree
         self._flat = tree.n_leaves <= FLAT_MAX_LEAVES and tree.leaf_of_node[0] < 0
         self._ip = inputs.metric is Metric.IP
+        self._no_sizes = np.zeros(tree.n_leaves, dtype=np.int64)
+        dim = selector.table.centroids.shape[1]
+        self._words = words_for(dim)
+        self._slack = np.float32(slack_per_step(dim))
+
+    def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
+        """A few queries in one compiled call where it can (``numba_lone.search_lone``: the
+        stages' results without the Python between them), else stage by stage."""
+        rotated = self.inputs.quantizer.rotate(q)
+        if q.shape[0] <= _KERNEL_ROUTE_MAX_QUERIES:
+            found = self._search_lone(q, rotated, request)
+            if found is not None:
+                return found
+        return self.search_rotated(q, rotated, request)
+
+    def _search_lone(self, q: F32, rotated: F32, request: SearchRequest) -> tuple[I64, F32] | None:
+        """``numba_lone.search_lone`` on a flat tree with one part of codes; ``None``
+        where the stages must run instead."""
+        inputs, selector = self.inputs, self.selector
+        tree = inputs.tree
+        probes = request.probes
+        if not self._flat or probes >= tree.n_leaves or len(selector.parts) != 1:
+            return None
+        width = candidate_width(request.candidates, probes, selector.longest)
+        if width == 0:
+            return None
+        part, table = selector.parts[0], selector.table
+        nq, k = q.shape[0], request.k
+        leaves = np.empty((nq, probes), dtype=np.int64)
+        out_rows = np.empty((nq, k), dtype=np.int64)
+        out_dist = np.empty((nq, k), dtype=np.float32)
+        first, second = inputs.storage.row_arrays()
+        done = numba_lone.search_lone(
+            q,
+            rotated,
+            tree.leaf_centroids,
+            tree.leaf_sq_norms,
+            self._ip,
+            tree.max_centroid_norm,
+            request.live_sizes,
+            request.need,
+            table.origin,
+            _TOP_LEVEL,
+            self._slack,
+            self._words,
+            table.centroids,
+            table.leaf_nodes,
+            part.offsets,
+            part.codes,
+            part.factors,
+            _NO_ROWS if part.rows is None else part.rows,
+            _ALL_OK if request.row_ok is None else np.ascontiguousarray(request.row_ok),
+            selector.longest,
+            width,
+            k if request.bounded else 0,
+            first,
+            second,
+            _METRIC_CODES[inputs.metric],
+            leaves,
+            out_rows,
+            out_dist,
+        )
+        return (out_rows, out_dist) if done else None
 
     def _route(self, q: F32, probes: int) -> I64:
         """``route.route`` of a few queries on a flat tree, compiled: the same leaves."""
         tree, metric = self.inputs.tree, self.inputs.metric
-        nq, keep = q.shape[0], min(probes, tree.n_leaves)
-        if not self._flat or keep == tree.n_leaves:
+        if not self._flat or probes >= tree.n_leaves:
             return route(tree, q, probes, metric)
+        leaves, _, unsure = self._route_flat(q, probes, self._no_sizes)
+        if unsure.any():  # a near tie at the last place: settled by the exact scores
+            leaves[unsure] = route(tree, q[unsure], probes, metric)
+        return leaves
+
+    def _route_flat(self, q: F32, keep: int, sizes: I64) -> tuple[I64, I64, Mask]:
+        """``numba_stages.route_flat``: leaves ``(nq, keep)``, the rows they hold by
+        ``sizes`` ``(nq,)`` and which queries' leaves are ``unsure`` ``(nq,)``."""
+        tree = self.inputs.tree
+        nq = q.shape[0]
         leaves = np.empty((nq, keep), dtype=np.int64)
+        held = np.empty(nq, dtype=np.int64)
         unsure = np.empty(nq, dtype=np.bool_)
         numba_stages.route_flat(
             q,
@@ -154,12 +235,12 @@ class NumbaSearcher(HostSearcher):
             tree.leaf_sq_norms,
             self._ip,
             tree.max_centroid_norm,
+            sizes,
             leaves,
+            held,
             unsure,
         )
-        if unsure.any():  # a near tie at the last place: settled by the exact scores
-            leaves[unsure] = route(tree, q[unsure], probes, metric)
-        return leaves
+        return leaves, held, unsure
 
     def route(self, rotated: F32, request: SearchRequest) -> I64:
         """Probed leaves: a few queries by the compiled router and with no seed leaf first
@@ -168,6 +249,10 @@ class NumbaSearcher(HostSearcher):
         if rotated.shape[0] > _KERNEL_ROUTE_MAX_QUERIES:
             return super().route(rotated, request)
         inputs = self.inputs
+        if self._flat and request.probes < inputs.tree.n_leaves:
+            leaves, held, unsure = self._route_flat(rotated, request.probes, request.live_sizes)
+            if not unsure.any() and int(held.min()) >= request.need:
+                return leaves
         return route_for(
             inputs.tree,
             rotated,
@@ -187,30 +272,28 @@ class NumbaSearcher(HostSearcher):
         return rows
 
     def rerank(self, q: F32, rows: I64, k: int) -> tuple[I64, F32]:
-        """``search.rerank.rerank``, its choice compiled."""
-        return _rerank(q, rows, k, self.inputs.storage.take, self.inputs.metric)
+        """``search.rerank.rerank``, compiled (``numba_stages.rerank_rows``)."""
+        return _rerank(q, rows, k, self.inputs.storage, self.inputs.metric)
 
 
-def _rerank(
-    q: F32, rows: I64, k: int, take: Callable[[I64], F32], metric: Metric
-) -> tuple[I64, F32]:
-    """``search.rerank.rerank``: NumPy's gathers and distances, the choice compiled."""
-    nq, d = q.shape
+_METRIC_CODES = {
+    Metric.L2: numba_stages.L2,
+    Metric.COSINE: numba_stages.COSINE,
+    Metric.IP: numba_stages.IP,
+}
+
+
+def _rerank(q: F32, rows: I64, k: int, storage: VectorStore, metric: Metric) -> tuple[I64, F32]:
+    """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 of prepared queries ``q``
+    ``(nq, d)`` against candidate ``rows`` ``(nq, m)`` (``-1`` for none), read where they
+    lie in ``storage``."""
+    nq = q.shape[0]
     out_rows = np.empty((nq, k), dtype=np.int64)
     out_dist = np.empty((nq, k), dtype=np.float32)
-    width = int((rows >= 0).sum(axis=1).max(initial=0))
-    if width == 0:
-        out_rows.fill(-1)
-        out_dist.fill(np.inf)
-        return out_rows, out_dist
-    if width < rows.shape[1]:  # candidates pruned by their bounds: read only the others
-        packed = np.empty((nq, width), dtype=np.int64)
-        numba_stages.compact_rows(rows, packed)
-        rows = packed
-    for start, stop in rerank_blocks(nq, width, d):
-        r = rows[start:stop]
-        dist = candidate_distances(q[start:stop], r, take, metric)
-        numba_stages.best_rows(dist, r, k, out_rows[start:stop], out_dist[start:stop])
+    first, second = storage.row_arrays()
+    numba_stages.rerank_rows(
+        q, np.ascontiguousarray(rows), first, second, _METRIC_CODES[metric], out_rows, out_dist
+    )
     return out_rows, out_dist
 
 

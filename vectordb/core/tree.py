@@ -43,7 +43,7 @@ class Tree:
     def n_nodes(self) -> int:
         return int(self.centroids.shape[0])
 
-    @property
+    @functools.cached_property
     def n_leaves(self) -> int:
         return int((self.leaf_of_node >= 0).sum())
 

@@ -116,8 +116,8 @@ class ClusteredIndex:
             The recall@10 that searches without ``probes`` aim at (saved with the index).
         backend : {"auto", "numpy", "numba", "cupy"}
             Where batches are searched: ``auto``, CuPy on a usable CUDA GPU, else numba,
-            else NumPy (:mod:`vectordb.backends`). numba gives NumPy's results bit for bit,
-            CuPy the same neighbours up to ties within float32 rounding.
+            else NumPy (:mod:`vectordb.backends`). numba and CuPy give NumPy's neighbours up
+            to ties within float32 rounding of the distances.
         progress : bool, optional
             Progress bars on a terminal (needs tqdm); ``False`` never.
 

@@ -97,7 +97,11 @@ class HostSearcher:
 
     def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
         """See :class:`Searcher`."""
-        rotated = self.inputs.quantizer.rotate(q)
+        return self.search_rotated(q, self.inputs.quantizer.rotate(q), request)
+
+    def search_rotated(self, q: F32, rotated: F32, request: SearchRequest) -> tuple[I64, F32]:
+        """:meth:`search` of prepared queries ``q`` ``(nq, d)`` already rotated
+        (``rotated`` ``(nq, D)`` float32), stage by stage."""
         leaves = self.route(rotated, request)
         keys, radius = self.selector.select(rotated, leaves, request.candidates, request.row_ok)
         rows = self.cut(keys, radius, request.k if request.bounded else keys.shape[1])

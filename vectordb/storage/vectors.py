@@ -72,6 +72,14 @@ def write_vectors(vectors: F32, path: Path, on_bytes: Callable[[int], None] | No
     return write_rows(lambda r: vectors[r[0] : r[-1] + 1], order, vectors.shape[1], path, on_bytes)
 
 
+def _no_rows(dim: int) -> F32:
+    """An empty ``(0, dim)`` float32 array, read-only like the mapped rows it stands for
+    (compiled readers then see one array type)."""
+    rows = np.empty((0, dim), np.float32)
+    rows.flags.writeable = False
+    return rows
+
+
 class InMemoryStorage:
     """Vectors held in process memory, in one growable ``(capacity, d)`` float32 array."""
 
@@ -98,6 +106,12 @@ class InMemoryStorage:
     def take(self, rows: I64) -> F32:
         """Rows ``(m,)`` int64 -> ``(m, d)`` float32 copy."""
         return self._buf[rows]
+
+    def row_arrays(self) -> tuple[F32, F32]:
+        """The rows where they lie, for readers that gather them themselves: row ``r`` is
+        ``first[r]`` below ``len(first)``, else ``second[r - len(first)]`` (``(n1, d)`` and
+        ``(n2, d)`` float32 views, read-only use). Here all rows are in ``first``."""
+        return self._buf[: self._n], self._buf[:0]
 
     def slice(self, a: int, b: int) -> F32:
         """Rows ``a:b`` as ``(b - a, d)`` float32 (a view)."""
@@ -185,7 +199,7 @@ class MmapStorage:
         self._base: F32 | None = base.reshape(n, dim)
         self._closed = False
         self._append_path: Path | None = None
-        self._append: F32 = np.empty((0, dim), np.float32)
+        self._append: F32 = _no_rows(dim)
 
     def _map(self, fd: int, n: int, dim: int) -> mmap.mmap | None:
         """Map ``n * dim * 4`` bytes of ``fd`` read-only after checking its size there."""
@@ -229,6 +243,11 @@ class MmapStorage:
         if split < rows.shape[0]:
             out[order[split:]] = self._append[sorted_rows[split:] - self._n_base]
         return out
+
+    def row_arrays(self) -> tuple[F32, F32]:
+        """The rows where they lie (see :meth:`InMemoryStorage.row_arrays`): the mapped
+        file's, then the append file's (read-only)."""
+        return self.vectors, self._append
 
     def slice(self, a: int, b: int) -> F32:
         """Rows ``a:b`` as ``(b - a, d)`` float32 (a view when in one file)."""
@@ -358,7 +377,7 @@ class MmapStorage:
         ``IndexClosedError``; idempotent."""
         self._closed = True
         self._base = None
-        self._append = np.empty((0, self.dim), np.float32)
+        self._append = _no_rows(self.dim)
         if self._mmap is not None:
             # Views handed out earlier may still point into the mapping (BufferError); it is
             # then unmapped when the last of them is garbage collected.
