@@ -284,19 +284,21 @@ def test_without_a_writable_cache_the_kernels_run_uncached_and_say_so_once():
     assert out.stderr.count("numba cannot cache its kernels") == 1, out.stderr
 
 
-def test_a_numba_whose_test_kernel_fails_is_not_used(monkeypatch):
+@pytest.mark.parametrize("kernel", ["plane_dots", "rerank_rows"])
+def test_a_numba_whose_test_kernel_fails_is_not_used(monkeypatch, kernel):
     from vectordb import backends
-    from vectordb.backends import numba_backend
+    from vectordb.backends import numba_backend, numba_stages
 
-    def broken(planes, codes):
+    def broken(*args):
         raise RuntimeError("LLVM ERROR: Cannot select intrinsic (simulated)")
 
-    monkeypatch.setattr(numba_backend, "plane_dots", broken)
+    owner = numba_backend if kernel == "plane_dots" else numba_stages
+    monkeypatch.setattr(owner, kernel, broken)
     backends._numba_backend.cache_clear()
     try:
         backend, reason = backends._numba_backend()
         assert backend is None and "Cannot select intrinsic" in reason
-        with pytest.raises(vdb.BackendUnavailableError, match="test kernel failed"):
+        with pytest.raises(vdb.BackendUnavailableError, match="test kernels failed"):
             backends.resolve_backend("numba")
     finally:
         backends._numba_backend.cache_clear()

@@ -298,18 +298,29 @@ def _rerank(q: F32, rows: I64, k: int, storage: VectorStore, metric: Metric) -> 
 
 
 def probe() -> str | None:
-    """Run a test kernel against NumPy: ``None`` when it compiles (or loads from the cache)
-    and agrees, else why not (a numba that imports may still fail to compile, e.g. the
-    popcount intrinsic on an llvmlite without it)."""
+    """Run test kernels against NumPy: ``None`` when they compile (or load from the cache)
+    and agree, else why not (a numba that imports may still fail to compile, e.g. the
+    popcount or prefetch intrinsic on an llvmlite without it)."""
     rng = np.random.default_rng(0)
     planes = rng.integers(0, 1 << 62, (2, QUERY_BITS, 3), dtype=np.int64).astype(np.uint64)
     codes = rng.integers(0, 1 << 62, (3, 5), dtype=np.int64).astype(np.uint64)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    rows = np.array([[4, -1, 0, 2]], dtype=np.int64)
     try:
         got = plane_dots(planes, codes)
+        found = np.empty((1, 2), dtype=np.int64)
+        dist = np.empty((1, 2), dtype=np.float32)
+        numba_stages.rerank_rows(x[1:2], rows, x[:3], x[3:], numba_stages.L2, found, dist)
     except Exception as exc:
-        return f"numba's test kernel failed ({type(exc).__name__}: {exc})"
-    if not np.array_equal(got, core_plane_dots(planes, codes)):
-        return "numba's test kernel gave wrong results"
+        return f"numba's test kernels failed ({type(exc).__name__}: {exc})"
+    exact = ((x[[4, 0, 2]].astype(np.float64) - x[1].astype(np.float64)) ** 2).sum(axis=1)
+    best = np.argsort(exact)[:2]
+    if not (
+        np.array_equal(got, core_plane_dots(planes, codes))
+        and np.array_equal(found[0], np.array([4, 0, 2])[best])
+        and np.array_equal(dist[0], exact[best].astype(np.float32))
+    ):
+        return "numba's test kernels gave wrong results"
     return None
 
 
