@@ -21,6 +21,7 @@ from vectordb.search.route import route
 pytest.importorskip("numba")
 
 from vectordb.backends.numba_backend import NumbaCodeSelector, quantize
+from vectordb.backends.numba_lone import DONE, SHORT, UNSURE
 from vectordb.backends.numpy_backend import NumpyCodeSelector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,8 +305,8 @@ def test_a_numba_whose_test_kernel_fails_is_not_used(monkeypatch, kernel):
         backends._numba_backend.cache_clear()
 
 
-def lone_calls(monkeypatch) -> list[bool]:
-    """Record what each call of the one-piece kernel answered (``False``: stages)."""
+def lone_calls(monkeypatch) -> list[int]:
+    """Record what each call of the one-piece kernel answered (``numba_lone.DONE``, ...)."""
     from vectordb.backends import numba_lone
 
     real, seen = numba_lone.search_lone, []
@@ -347,11 +348,11 @@ def test_a_few_queries_in_one_compiled_call_equal_the_stages(monkeypatch, metric
     queries = x[3_900:3_908]
     for params in ({}, {"probes": 3}, {"probes": 12, "rerank_factor": 2}):
         assert_lone_equals_stages(index, queries, **params)
-    assert seen and all(seen)  # every few-query search ran in one call
+    assert seen and set(seen) == {DONE}  # every few-query search ran in one call
     index.delete(np.arange(0, 3_900, 3))  # tombstones: a row mask and fewer live rows
     assert_lone_equals_stages(index, queries, probes=4)
     assert_lone_equals_stages(index, queries, probes=8, filter={"even": True})  # a row mask
-    assert all(seen), seen
+    assert set(seen) == {DONE}
 
 
 def test_what_one_call_cannot_do_goes_to_the_stages(monkeypatch):
@@ -365,7 +366,7 @@ def test_what_one_call_cannot_do_goes_to_the_stages(monkeypatch):
     index.delete(np.setdiff1d(np.arange(12_000), near))
     far = -x[:1]  # its nearest leaves hold none of them: the beam must widen
     ids, _ = index.search(far[0], 10, probes=2)
-    assert seen == [False] and (ids >= 0).all()
+    assert seen == [SHORT] and (ids >= 0).all()  # then the stages widened the beam
     grown = vdb.ClusteredIndex.build(
         x[:6_000], max_leaf_size=400, leaf_scan="codes", backend="numba"
     )
@@ -375,7 +376,7 @@ def test_what_one_call_cannot_do_goes_to_the_stages(monkeypatch):
     assert_lone_equals_stages(grown, x[12_500:12_504], probes=4)
     assert seen == []
     # Queries midway between two leaf centroids (no rotation: the query is its own
-    # rotation): routing unsure at probes=1, settled by the stages.
+    # rotation): routing unsure at probes=1, settled by the exact scores, then one call.
     plain = vdb.ClusteredIndex.build(
         x[:6_000], max_leaf_size=100, rotate=False, leaf_scan="codes", backend="numba"
     )
@@ -388,9 +389,10 @@ def test_what_one_call_cannot_do_goes_to_the_stages(monkeypatch):
             mids.append(mid)
     assert len(mids) >= 3
     seen.clear()
-    for mid in mids:
-        got = plain.search(mid, 10, probes=1)
-        assert seen[-1] is False
-        np.testing.assert_array_equal(
-            got[0], plain.search_batch(np.stack([mid] * 9), 10, probes=1)[0][0]
-        )
+    for mid in mids:  # k=1: any leaf holds enough rows
+        seen.clear()
+        got = plain.search(mid, 1, probes=1)
+        assert seen == [UNSURE, DONE]
+        want = plain.search_batch(np.stack([mid] * 9), 1, probes=1)  # the stages
+        np.testing.assert_array_equal(got[0], want[0][0])
+        np.testing.assert_array_equal(got[1].view(np.uint32), want[1][0].view(np.uint32))

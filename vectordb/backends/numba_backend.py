@@ -179,7 +179,7 @@ class NumbaSearcher(HostSearcher):
         out_rows = np.empty((nq, k), dtype=np.int64)
         out_dist = np.empty((nq, k), dtype=np.float32)
         first, second = inputs.storage.row_arrays()
-        done = numba_lone.search_lone(
+        args = (
             q,
             rotated,
             tree.leaf_centroids,
@@ -205,11 +205,12 @@ class NumbaSearcher(HostSearcher):
             first,
             second,
             _METRIC_CODES[inputs.metric],
-            leaves,
-            out_rows,
-            out_dist,
         )
-        return (out_rows, out_dist) if done else None
+        done = numba_lone.search_lone(*args, False, leaves, out_rows, out_dist)
+        if done == numba_lone.UNSURE:  # a near tie at the last place: the exact scores decide
+            leaves = route(tree, rotated, probes, inputs.metric)
+            done = numba_lone.search_lone(*args, True, leaves, out_rows, out_dist)
+        return (out_rows, out_dist) if done == numba_lone.DONE else None
 
     def _route(self, q: F32, probes: int) -> I64:
         """``route.route`` of a few queries on a flat tree, compiled: the same leaves."""

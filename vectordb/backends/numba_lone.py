@@ -19,7 +19,12 @@ import numpy as np
 from .numba_kernels import NO_KEY, cached_jit, pair_terms, quantize, scan_codes
 from .numba_stages import rerank_rows, route_flat, within_bound
 
-__all__ = ["search_lone"]
+__all__ = ["DONE", "SHORT", "UNSURE", "search_lone"]
+
+#: What :func:`search_lone` answers: the results are out; a query's probed leaves hold too
+#: few rows (the stages widen them); a query's routing needs the exact scores (route it the
+#: exact way and call again with ``routed``).
+DONE, SHORT, UNSURE = 0, 1, 2
 
 
 @cached_jit(nogil=True)
@@ -49,13 +54,14 @@ def search_lone(
     first: Any,
     second: Any,
     metric: int,
+    routed: bool,
     leaves: Any,
     out_rows: Any,
     out_dist: Any,
-) -> bool:
-    """Search ``nq`` queries end to end; ``False`` (outputs unspecified) where the staged
-    searcher must: a query's routing is unsure (``route_flat``) or its leaves hold fewer
-    than ``need`` rows.
+) -> int:
+    """Search ``nq`` queries end to end: ``DONE``, or (outputs unspecified) ``UNSURE``
+    where a query's routing is unsure (``route_flat``), ``SHORT`` where its leaves hold
+    fewer than ``need`` rows.
 
     Parameters
     ----------
@@ -72,16 +78,26 @@ def search_lone(
     bound_k : ``k`` of the error-bound cut (``within_bound``); 0 for none (every
         candidate is reranked)
     first, second, metric : the rerank (``rerank_rows``)
-    leaves : (nq, probes) int64, overwritten with the probed leaves
+    routed : ``leaves`` holds the probed leaves already (``route.route``'s); else they are
+        routed here
+    leaves : (nq, probes) int64, the probed leaves (overwritten unless ``routed``)
     out_rows, out_dist : (nq, k) int64 and float32, overwritten with the results
     """
     nq = q.shape[0]
-    held = np.empty(nq, dtype=np.int64)
-    unsure = np.empty(nq, dtype=np.bool_)
-    route_flat(rotated, leaf_centroids, leaf_sq_norms, ip, c_max, sizes, leaves, held, unsure)
+    held = np.zeros(nq, dtype=np.int64)
+    if routed:
+        for qi in range(nq):
+            for j in range(leaves.shape[1]):
+                held[qi] += sizes[leaves[qi, j]]
+    else:
+        unsure = np.empty(nq, dtype=np.bool_)
+        route_flat(rotated, leaf_centroids, leaf_sq_norms, ip, c_max, sizes, leaves, held, unsure)
+        for qi in range(nq):
+            if unsure[qi]:
+                return UNSURE
     for qi in range(nq):
-        if unsure[qi] or held[qi] < need:
-            return False
+        if held[qi] < need:
+            return SHORT
     planes = np.empty((nq, 4, words), dtype=np.uint64)
     terms = np.empty((4, nq), dtype=np.float32)
     quantize(rotated, origin, top_level, slack, planes, terms)
@@ -117,4 +133,4 @@ def search_lone(
                 key = heap[qi, j]
                 rows[qi, j] = -1 if key == NO_KEY else np.int64(key & np.uint64(0xFFFFFFFF))
     rerank_rows(q, rows, first, second, metric, out_rows, out_dist)
-    return True
+    return DONE

@@ -168,8 +168,10 @@ class Quantizer:
         if self.perm is None or self.blocks is None:
             return x
         n = x.shape[0]
-        padded = np.zeros((n, self.bits), dtype=np.float32)
-        padded[:, : self.dim] = x
+        padded = x
+        if self.bits != self.dim:
+            padded = np.zeros((n, self.bits), dtype=np.float32)
+            padded[:, : self.dim] = x
         # np.take along axis 1: ~8x faster than fancy-indexing the columns.
         grouped = np.take(padded, self.perm, axis=1).reshape(n, self.bits // BLOCK, 1, BLOCK)
         # A stack of (1 x 64) @ (64 x 64) products: every row goes through the same BLAS call

@@ -86,7 +86,7 @@ def prepare(x: F32, metric: Metric, *, copy: bool = True) -> F32:
     # Scale by the largest magnitude first: float32 squares overflow above ~1e19 and
     # underflow below ~1e-19, and either would turn a real direction into garbage.
     scale = np.abs(x).max(axis=1, keepdims=True)
-    if (scale == 0).any():
+    if not scale.all():
         row = int(np.flatnonzero(scale[:, 0] == 0)[0])
         raise InvalidVectorsError(
             f"row {row} is a zero vector, which has no direction for the cosine metric"

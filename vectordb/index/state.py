@@ -150,10 +150,9 @@ class IndexState:
 
     def ids_of(self, rows: I64) -> I64:
         """Ids ``(...)`` int64 of storage ``rows``, ``-1`` where a row is ``-1``."""
-        out = np.full(rows.shape, -1, dtype=np.int64)
-        found = rows >= 0
-        out[found] = self.row_id[rows[found]]
-        return out
+        if self.row_id.shape[0] == 0:
+            return np.full(rows.shape, -1, dtype=np.int64)
+        return np.where(rows >= 0, self.row_id[rows], np.int64(-1))  # row -1 reads the last
 
     def search(
         self, q: F32, k: int, probes: int, rerank_factor: int | None, matching: I64 | None
