@@ -65,12 +65,14 @@ def main() -> None:
     args = parser.parse_args()
     ds = datasets.load(args.dataset, max_queries=1000)
     if args.index:
-        index = vdb.ClusteredIndex.open(args.index, backend="numba")
+        index = vdb.ClusteredIndex.open(args.index, mmap=False, backend="numba")
     else:
         index = vdb.ClusteredIndex.build(ds.train, metric=ds.metric, backend="numba")
     st = index._state
     searcher, selector = st.searcher, st.searcher.selector
     probes, qs = args.probes, np.asarray(ds.queries, dtype=np.float32)
+    if not searcher._flat or probes >= st.tree.n_leaves or len(selector.parts) != 1:
+        raise SystemExit("the one-call path needs a flat tree, one part and probes < leaves")
     nq = len(qs)
     q = prepare(qs, st.metric)
     rotated = st.quantizer.rotate(q)

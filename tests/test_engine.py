@@ -106,12 +106,13 @@ class Where:
 
     def __init__(self, engine: vdb.AsyncEngine, delay: float = 0.0):
         self.threads: list[threading.Thread] = []
+        self.delay = delay
         real = engine._run_batch
 
         def run(queries, key):
             self.threads.append(threading.current_thread())
-            if delay:
-                time.sleep(delay)
+            if self.delay:
+                time.sleep(self.delay)
             return real(queries, key)
 
         engine._run_batch = run  # type: ignore[method-assign]
@@ -137,7 +138,8 @@ async def test_a_lone_query_on_an_idle_engine_runs_on_the_loop(index, data, pati
             np.testing.assert_array_equal(ids, want[0])
             np.testing.assert_array_equal(dists, want[1])
         stats = engine.stats()
-    assert where.on_loop() == [True] * 20
+    # The first goes to the executor: it may compile the search's kernels.
+    assert where.on_loop() == [False] + [True] * 19
     assert stats.queries == 20 and stats.batches == 20 and stats.in_flight == 0
 
 
@@ -176,33 +178,49 @@ async def test_lone_queries_that_go_to_the_executor(index, data, tmp_path, kind,
         async with vdb.AsyncEngine(served, inline=True) as engine:
             where = Where(engine)
             await engine.search(data[1][0], K)
-        assert where.on_loop() == [True]
+            await engine.search(data[1][0], K)
+        assert where.on_loop() == [False, True]
         served.close()
 
 
 async def test_a_slow_lone_search_sends_the_next_ones_to_the_executor(index, data):
     from vectordb.engine import batcher
 
-    index.search(data[1][0], K)  # the index's first search may take longer
     async with vdb.AsyncEngine(index) as engine:
         where = Where(engine, delay=2 * batcher._HERE_BUDGET)
-        for q in data[1][: batcher._HERE_COOLDOWN + 2]:
+        for q in data[1][: batcher._HERE_COOLDOWN + 3]:
             await engine.search(q, K)
-    assert where.on_loop() == [True] + [False] * batcher._HERE_COOLDOWN + [True]
+    cooldown = [False] * batcher._HERE_COOLDOWN
+    assert where.on_loop() == [False, True, *cooldown, True]  # first, slow, cooled, again
 
 
 async def test_a_lone_query_cancelled_before_it_runs(index, data, patient):
     async with vdb.AsyncEngine(index) as engine:
         where = Where(engine)
+        await engine.search(data[1][0], K)  # the first lone query goes to the executor
         task = asyncio.ensure_future(engine.search(data[1][0], K))
         await asyncio.sleep(0)  # the query is looking for companions
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert where.threads == [] and engine.stats().cancelled == 1
-        ids, _ = await engine.search(data[1][1], K, timeout=1)
+        assert len(where.threads) == 1 and engine.stats().cancelled == 1
+        ids, _ = await engine.search(data[1][1], K)
         np.testing.assert_array_equal(ids, index.search(data[1][1], K)[0])
-        assert where.on_loop() == [True] and engine.stats().queries == 1
+        assert where.on_loop() == [False, True] and engine.stats().queries == 2
+
+
+async def test_a_lone_query_with_a_timeout_goes_to_the_executor(index, data, patient):
+    """A search on the loop could not be cut short: one with a timeout times out there."""
+    async with vdb.AsyncEngine(index) as engine:
+        where = Where(engine)
+        await engine.search(data[1][0], K)  # the first lone query goes to the executor
+        ids, _ = await engine.search(data[1][1], K, timeout=5)
+        np.testing.assert_array_equal(ids, index.search(data[1][1], K)[0])
+        assert where.on_loop() == [False, False]
+        where.delay = 0.05
+        with pytest.raises(asyncio.TimeoutError):
+            await engine.search(data[1][0], K, timeout=0.005)
+        assert engine.stats().cancelled == 1
 
 
 async def test_cancelled_before_its_batch_started_is_dropped(index, data):

@@ -310,3 +310,49 @@ def test_use_mmap_storage_file_format(small, tmp_path):
     index.save(tmp_path / "i")
     index.use_mmap_storage(tmp_path / "v.f32")
     assert (tmp_path / "v.f32").read_bytes() == (tmp_path / "i" / "vectors.bin").read_bytes()
+
+
+@pytest.mark.parametrize("n", [0, 5])
+def test_row_arrays_give_every_row_where_it_lies(tmp_path, n):
+    """Compiled readers get the rows without a copy: a mapped store's arrays are read-only
+    (one array type, whatever the store holds: no recompiling), appended rows after the
+    file's, and an in-memory store's rows all in the first array."""
+    from vectordb.storage.vectors import InMemoryStorage, MmapStorage, write_vectors
+
+    x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    write_vectors(x[:n], tmp_path / "v.bin")
+    store = MmapStorage(tmp_path / "v.bin", n, 3)
+    try:
+        first, second = store.row_arrays()
+        assert first.shape == (n, 3) and second.shape == (0, 3)
+        assert not first.flags.writeable and not second.flags.writeable
+        store.append(x[n:])
+        first, second = store.row_arrays()
+        np.testing.assert_array_equal(np.concatenate([first, second]), x)
+        assert not first.flags.writeable and not second.flags.writeable
+    finally:
+        store.close()
+    ram = InMemoryStorage(x[:n].copy())
+    ram.append(x[n:])
+    first, second = ram.row_arrays()
+    np.testing.assert_array_equal(first, x)
+    assert second.shape == (0, 3)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_an_index_whose_every_vector_was_deleted_saves_and_opens(tmp_path, mmap):
+    x = vdb.make_clustered(600, 16, seed=1)
+    index = vdb.ClusteredIndex.build(x[:500], metadata=[{"a": 1}] * 500)
+    index.delete(np.arange(500))
+    index.save(tmp_path / "empty")
+    with vdb.ClusteredIndex.open(tmp_path / "empty", mmap=mmap) as reopened:
+        assert len(reopened) == 0
+        ids, dists = reopened.search(x[0], 3)
+        assert (ids == -1).all() and np.isinf(dists).all()
+        new = reopened.add(x[500:510], metadata=[{"b": 2}] * 10)
+        ids, _ = reopened.search(x[500], 1)
+        assert ids[0] == new[0] and reopened.get_metadata(int(new[0])) == {"b": 2}
+        reopened.save(tmp_path / "refilled")
+    with vdb.ClusteredIndex.open(tmp_path / "refilled") as again:
+        assert len(again) == 10
+        np.testing.assert_array_equal(np.sort(again.search(x[500], 10)[0]), np.sort(new))

@@ -191,9 +191,10 @@ def rerank_rows(
     """
     nq, m = rows.shape
     k = out_rows.shape[1]
-    n_first = first.shape[0]
-    heap = np.empty(k, dtype=np.uint64)  # max-heap of (distance, row) keys
-    kept = np.empty(k, dtype=np.float32)  # their distances as measured (-0.0 stays)
+    n_first, n_rows = first.shape[0], first.shape[0] + second.shape[0]
+    size = min(k, m)  # a k past the candidates keeps no more (k may be huge)
+    heap = np.empty(size, dtype=np.uint64)  # max-heap of (distance, row) keys
+    kept = np.empty(size, dtype=np.float32)  # their distances as measured (-0.0 stays)
     bits = np.empty(1, dtype=np.float32)
     as_int = bits.view(np.uint32)
     for qi in range(nq):
@@ -201,26 +202,30 @@ def rerank_rows(
         qq = q[qi]
         for j in range(min(m, _AHEAD)):
             _prefetch_candidate(rows[qi, j], first, second)
+        found = 0
         for j in range(m):
             if j + _AHEAD < m:
                 _prefetch_candidate(rows[qi, j + _AHEAD], first, second)
             row = rows[qi, j]
             if row < 0:
                 continue
+            if row >= n_rows:
+                raise IndexError("a candidate row past the store's rows")
             if row < n_first:
                 d = _distance(qq, first[row], metric)
             else:
                 d = _distance(qq, second[row - n_first], metric)
             bits[0] = d + ZERO  # -0.0 -> +0.0, as keys_of
             key = key_of(as_int[0], row)
-            if key < heap[0]:
+            found += 1
+            if size > 0 and key < heap[0]:
                 replace_top(heap, kept, key, d)
-        order = np.argsort(heap)
+        n = min(found, size)  # the heap's largest slots hold NO_KEY past the found
+        order = np.argsort(heap)[:n]
         for j in range(k):
-            slot = order[j]
-            if heap[slot] == NO_KEY or np.isinf(kept[slot]):
+            if j < n and not np.isinf(kept[order[j]]):
+                out_rows[qi, j] = np.int64(heap[order[j]] & np.uint64(0xFFFFFFFF))
+                out_dist[qi, j] = kept[order[j]]
+            else:
                 out_rows[qi, j] = -1
                 out_dist[qi, j] = np.inf
-            else:
-                out_rows[qi, j] = np.int64(heap[slot] & np.uint64(0xFFFFFFFF))
-                out_dist[qi, j] = kept[slot]

@@ -17,7 +17,8 @@ itself, where the engine allows it (``may_run_here``): after one pass of the loo
 requests made at the same moment find it and are batched with it instead, it runs there if
 none came. A thread hop costs more than a small search (about 0.1 ms each, measured on a
 2-core VM), and the loop is blocked for no longer than the search takes; one that took more
-than ``_HERE_BUDGET`` sends the next ``_HERE_COOLDOWN`` lone requests to the executor.
+than ``_HERE_BUDGET`` sends the next ``_HERE_COOLDOWN`` lone requests to the executor, and
+the first lone request always goes there (its search may compile kernels, once).
 
 No caller is left waiting: a caller cancelled while queued gives its room back at once
 (callers waiting for room are woken), and if the dispatcher itself ever stops, every
@@ -108,7 +109,9 @@ class MicroBatcher:
         self._may_run_here = may_run_here
         #: The lone request now looking for companions before it runs on the loop.
         self._lone: object | None = None
-        self._here_cooldown = 0
+        # The first lone request goes to the executor: it may compile the search's kernels
+        # (seconds, once), which must not happen on the loop.
+        self._here_cooldown = 1
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_wait = max_wait
@@ -142,8 +145,9 @@ class MicroBatcher:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    async def submit(self, queries: F32, key: Hashable) -> Result:
+    async def submit(self, queries: F32, key: Hashable, *, here: bool = True) -> Result:
         """Queue ``queries`` ``(n, d)`` for batching under ``key``; wait for their answer.
+        ``here``: a lone request may run on the loop (see the module docstring).
 
         Raises ``EngineOverloadedError`` (``overload="raise"``) or waits (``"wait"``) while
         more than ``max_pending`` rows are queued; ``EngineClosedError`` once closing.
@@ -160,7 +164,7 @@ class MicroBatcher:
             )
         request: _Request | None = None
         try:
-            if self._here_allowed(queries, key):
+            if here and self._here_allowed(queries, key):
                 started = time.perf_counter()
                 result = await self._run_here(queries, key)
                 if result is not None:
@@ -201,10 +205,12 @@ class MicroBatcher:
     def _here_allowed(self, queries: F32, key: Hashable) -> bool:
         if self._may_run_here is None or not self._idle():
             return False
+        if not self._may_run_here(queries, key):
+            return False
         if self._here_cooldown > 0:
             self._here_cooldown -= 1
             return False
-        return self._may_run_here(queries, key)
+        return True
 
     async def _run_here(self, queries: F32, key: Hashable) -> Result | None:
         """Run a lone request on the loop, unless others arrive during one pass of the

@@ -63,15 +63,17 @@ class AsyncEngine:
         (``"wait"``) or raises ``EngineOverloadedError`` (``"raise"``).
     inline : bool or None
         Where a lone query runs: one made while the engine is idle (nothing queued or
-        running, and no other call in the same pass of the loop), with one query and no
-        filter. ``None`` (default): on the event loop itself when the index is in RAM on a
-        CPU backend, else on the executor; ``True``: on the loop whatever the storage;
-        ``False``: always on the executor. On the loop it skips the hop to a thread and
-        back (about 0.1 ms each way on a small VM, as much as the search); the loop is
-        blocked for the search's own time (about 0.1 ms at 100k vectors), and a lone
-        search that took over 1 ms sends the next 64 lone ones to the executor. A
-        memory-mapped index is not searched on the loop by default: a cold page would block
-        it on the disk.
+        running, and no other call in the same pass of the loop), with one query, no filter
+        and no ``timeout``. ``None`` (default): on the event loop itself when the index is
+        in RAM on a CPU backend, else on the executor; ``True``: on the loop whatever the
+        storage; ``False``: always on the executor. On the loop it skips the hop to a
+        thread and back (about 0.1 ms each way on a small VM, as much as the search); the
+        loop is blocked for the search's own time (about 0.1 ms at 100k vectors). The
+        engine's first lone query goes to the executor (it may compile the search's
+        kernels, once), and a lone search that took over 1 ms sends the next 64 lone ones
+        there too. A memory-mapped index is not searched on the loop by default: a cold
+        page would block it on the disk. A timeout could not cut a search on the loop
+        short, so a call with one goes to the executor.
     owns_index : bool
         Close the index (unmap its file) when the engine closes; set by :meth:`open`.
 
@@ -336,7 +338,8 @@ class AsyncEngine:
             )
         if timeout is None:
             return await self._batcher.submit(q, key)
-        return await within(timeout, self._batcher.submit(q, key))
+        # Never on the loop: a search there could not be cut short at the timeout.
+        return await within(timeout, self._batcher.submit(q, key, here=False))
 
     def _may_run_here(self, queries: F32, key: BatchKey) -> bool:
         """Whether a lone request may run on the loop (see ``inline``)."""

@@ -128,8 +128,9 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
     _check_manifest_checksum(raw, manifest, version, path)
     for key in ("dim", "n", "n_nodes", "n_leaves"):
         value = manifest.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_file(path, f"{key!r} must be a positive integer, found {value!r}")
+        least = 0 if key == "n" else 1  # an index whose every vector was deleted holds none
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise bad_file(path, f"{key!r} must be an integer >= {least}, found {value!r}")
     try:
         manifest["metric"] = Metric(manifest.get("metric"))
     except ValueError:

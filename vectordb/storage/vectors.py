@@ -195,7 +195,7 @@ class MmapStorage:
             if isinstance(exc, OSError) and not isinstance(exc, StorageError):
                 raise storage_error(exc, self.path) from exc
             raise
-        base = np.frombuffer(self._mmap, dtype="<f4") if self._mmap else np.empty(0, "<f4")
+        base = np.frombuffer(self._mmap, dtype="<f4") if self._mmap else _no_rows(dim)
         self._base: F32 | None = base.reshape(n, dim)
         self._closed = False
         self._append_path: Path | None = None
