@@ -223,6 +223,22 @@ async def test_a_lone_query_with_a_timeout_goes_to_the_executor(index, data, pat
         assert engine.stats().cancelled == 1
 
 
+async def test_a_batch_goes_at_once_when_every_caller_is_in(index, data):
+    """With one call's batch running and the other call queued, nobody is left to batch
+    with: the second batch starts without waiting max_wait for companions."""
+    async with vdb.AsyncEngine(index, max_workers=2, max_wait=1.0) as engine:
+        gate = Gate(engine, hold=True)
+        first = asyncio.ensure_future(engine.search(data[1][0], K))
+        await gate.wait_started()
+        second = asyncio.ensure_future(engine.search(data[1][1], K))
+        for _ in range(10):  # a few passes of the loop, far less than max_wait
+            await asyncio.sleep(0)
+        assert engine.stats().in_flight == 2 and gate.batches == [1, 1]
+        gate.release.set()
+        for task, q in ((first, data[1][0]), (second, data[1][1])):
+            np.testing.assert_array_equal((await task)[0], index.search(q, K)[0])
+
+
 async def test_cancelled_before_its_batch_started_is_dropped(index, data):
     async with vdb.AsyncEngine(index, max_workers=1) as engine:
         gate = Gate(engine, hold=True)
