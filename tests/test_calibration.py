@@ -92,6 +92,11 @@ def test_scaled_probes_follow_the_share_of_leaves():
     assert probes_for(curve, 0.975, n_leaves=100) == 32
     assert probes_for(curve, 0.975, n_leaves=25) == 16  # never fewer than measured
     assert probes_for(None, 0.95) == 16  # indexes saved before calibration
+    # Asked again (the last answer is kept), and of an equal calibration in a new dict.
+    assert [probes_for(curve, 0.975, n_leaves=100) for _ in range(3)] == [32, 32, 32]
+    steeper = dict(curve, recall=[0.5, 0.99, 0.999])
+    assert probes_for(steeper, 0.975, n_leaves=100) < 32
+    assert probes_for(curve, 0.8) < probes_for(curve, 0.975)
 
 
 def test_tiny_indexes_have_no_calibration_and_still_search():

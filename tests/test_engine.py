@@ -452,6 +452,18 @@ async def test_failed_save_leaves_nothing_behind(index, tmp_path, monkeypatch):
         assert (tmp_path / "idx" / "manifest.json").is_file()
 
 
+async def test_keys_of_plain_calls_are_shared_and_still_checked():
+    from vectordb.engine.keys import BatchKey, FilterKey
+
+    plain = BatchKey.of(10, None, None, None)
+    assert plain is BatchKey.of(10, None, None, None)
+    assert plain == BatchKey(10, None, None, FilterKey(None), None)
+    assert plain != BatchKey.of(10, 4, None, None) and plain != BatchKey.of(11, None, None, None)
+    for bad in (0, -1, True, 10**9, 2.0):
+        with pytest.raises(vdb.InvalidParameterError, match="k"):
+            BatchKey.of(bad, None, None, None)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [

@@ -74,12 +74,9 @@ class _Request:
     queries: F32
     key: Hashable
     future: asyncio.Future[Result]
+    rows: int
     started: float = field(default_factory=time.perf_counter)
     where: _Where = _Where.QUEUED
-
-    @property
-    def rows(self) -> int:
-        return int(self.queries.shape[0])
 
 
 def _interrupted(exc: BaseException) -> VectorDBError:
@@ -182,7 +179,7 @@ class MicroBatcher:
                 self._room_waiters.append(waiter)
                 await waiter
             self._refuse_if_closing("the engine closed while this call waited for room")
-            request = _Request(queries, key, self._loop.create_future())
+            request = _Request(queries, key, self._loop.create_future(), rows)
             self._queue.append(request)
             self._queued_rows += rows
             self._arrived.set()

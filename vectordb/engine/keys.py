@@ -7,6 +7,7 @@ was made, a callable by identity.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,8 @@ class BatchKey:
     ) -> BatchKey:
         """The key of a call's parameters, checked (``InvalidParameterError``); ``None``
         leaves a parameter to the index (see ``ClusteredIndex.search``)."""
+        if probes is rerank_factor is filt is target_recall is None and type(k) is int:
+            return _plain_key(k)  # the common call, its key made once per k
         if probes is not None and target_recall is not None:
             raise InvalidParameterError("give probes or target_recall, not both")
         return cls(
@@ -106,3 +109,9 @@ class BatchKey:
     rerank_factor: int | None
     filter: FilterKey
     target_recall: float | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_key(k: int) -> BatchKey:
+    """The key of a call that leaves every parameter but ``k`` to the index (checked)."""
+    return BatchKey(check_k(k), None, None, FilterKey(None), None)

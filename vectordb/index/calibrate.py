@@ -78,6 +78,12 @@ def check_target(value: Any) -> float:
     return target
 
 
+#: ``probes_for``'s last answer and its question, the calibration by identity (a new
+#: calibration is a new dict, never one changed in place): searches at the defaults ask the
+#: same question thousands of times a second.
+_last_probes: tuple[Mapping[str, Any], float, int | None, int] | None = None
+
+
 def probes_for(
     calibration: Mapping[str, Any] | None, target: float, n_leaves: int | None = None
 ) -> int:
@@ -86,8 +92,12 @@ def probes_for(
     ``MIN_PROBES``; ``FALLBACK_PROBES`` without a calibration. With ``n_leaves``, scaled by
     how much the tree grew since (adds split leaves), so that the share of leaves probed
     stays."""
+    global _last_probes
     if not calibration:
         return FALLBACK_PROBES
+    last = _last_probes
+    if last is not None and last[0] is calibration and last[1] == target and last[2] == n_leaves:
+        return last[3]
     ladder, recall = calibration["probes"], calibration["recall"]
     aim = min(target + MARGIN, max(recall))
     i = next(i for i, got in enumerate(recall) if got >= aim)
@@ -98,7 +108,9 @@ def probes_for(
         probes = below * (above / below) ** share
     if n_leaves is not None and n_leaves > calibration["leaves"]:
         probes *= n_leaves / calibration["leaves"]
-    return max(MIN_PROBES, math.ceil(probes - 1e-9))
+    answer = max(MIN_PROBES, math.ceil(probes - 1e-9))
+    _last_probes = (calibration, target, n_leaves, answer)
+    return answer
 
 
 def settings(
