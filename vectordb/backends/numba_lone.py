@@ -6,8 +6,9 @@ The stages are the kernels of :mod:`.numba_stages` and :mod:`.numba_kernels`, ca
 the order ``search.pipeline.HostSearcher`` runs them, so the results are the staged
 searcher's bit for bit; what goes is the Python between the stages (about a third of a lone
 query's time at 100k vectors). Where the staged searcher would do more than one call can
-(a near tie in routing, leaves short of rows, more than one part of codes), the call says
-so and the caller runs the stages.
+(leaves short of rows: the beam widens; more than one part of codes), the caller runs the
+stages; a near tie in routing (``UNSURE``) is settled by the caller's exact routing and a
+second call with those leaves (``routed``).
 """
 
 from __future__ import annotations
