@@ -165,6 +165,10 @@ class CupySearcher:
             self._last[name] = (weakref.ref(host), value)
         return value
 
+    def rerank(self, q: F32, rows: I64, k: int) -> tuple[I64, F32]:
+        """See :class:`~vectordb.search.pipeline.Searcher`: on the CPU."""
+        return self._host.rerank(q, rows, k)
+
     def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
         """Rows ``(nq, k)`` int64 and distances ``(nq, k)`` float32 for prepared ``q``
         (see :class:`~vectordb.search.pipeline.Searcher`).

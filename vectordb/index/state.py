@@ -21,7 +21,6 @@ from ..core.tree import Tree
 from ..errors import UnknownIdError
 from ..search.candidates import VectorScorer, VectorSelector
 from ..search.pipeline import HostSearcher, Searcher, SearchInputs, SearchRequest
-from ..search.rerank import rerank
 from ..storage.idmap import IdMap
 from ..storage.snapshot import IndexData
 from ..storage.vectors import VectorStore
@@ -188,7 +187,7 @@ class IndexState:
             allowed = int(rows.shape[0])
             if allowed <= max(EXACT_FILTER_ROWS, candidates):
                 cand = np.broadcast_to(rows, (q.shape[0], allowed))
-                return rerank(q, np.ascontiguousarray(cand), k, self.storage.take, self.metric)
+                return self.searcher.rerank(q, np.ascontiguousarray(cand), k)
             row_ok, sizes = self.only(rows)
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(self.tree.n_nodes, probes * min(8, -(-len(self.idmap) // allowed)))

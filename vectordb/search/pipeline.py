@@ -86,6 +86,12 @@ class Searcher(Protocol):
         float32 (ascending, ``inf`` padded) for prepared queries ``q`` ``(nq, d)``."""
         ...
 
+    def rerank(self, q: F32, rows: I64, k: int) -> tuple[I64, F32]:
+        """The last stage alone: the ``k`` best of candidate storage ``rows`` ``(nq, m)``
+        (``-1`` for none) by exact distance, as :meth:`search` measures them (a filter
+        with few matches is answered so)."""
+        ...
+
 
 class HostSearcher:
     """Every stage on the CPU, candidates from ``selector``. A backend with stages of its
