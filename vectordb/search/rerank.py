@@ -14,7 +14,7 @@ from .._types import F32, I64
 from ..core.metrics import Metric, distances
 from ..core.topk import NO_KEY, keys_of
 
-__all__ = ["candidate_distances", "rerank", "rerank_blocks"]
+__all__ = ["rerank"]
 
 
 #: Bytes of gathered float32 vectors per rerank block: small enough to stay in the CPU's
@@ -55,10 +55,14 @@ def rerank(
         m = width
     if m == 0:
         return out_rows, out_dist
-    for start, stop in rerank_blocks(nq, m, d):
+    block = max(1, _RERANK_BLOCK_BYTES // (m * d * 4))
+    for start in range(0, nq, block):
+        stop = min(nq, start + block)
         r = rows[start:stop]
         valid = r >= 0
-        dist = candidate_distances(queries[start:stop], r, take, metric)
+        vecs = take(np.where(valid, r, 0).ravel()).reshape(stop - start, m, d)
+        dist = distances(queries[start:stop], vecs, metric, overwrite_x=True)
+        dist[~valid] = np.inf
         # (distance, row) keys: equal distances go to the lower row, whatever order the
         # candidates came in.
         keys = keys_of(dist, np.maximum(r, 0))
@@ -76,22 +80,3 @@ def rerank(
         out_rows[start:stop, :kk] = r
         out_dist[start:stop, :kk] = dist
     return out_rows, out_dist
-
-
-def rerank_blocks(nq: int, m: int, d: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` query ranges whose ``m`` candidates of ``d`` float32 each fill one
-    rerank block (``_RERANK_BLOCK_BYTES``)."""
-    block = max(1, _RERANK_BLOCK_BYTES // max(1, m * d * 4))
-    return [(start, min(nq, start + block)) for start in range(0, nq, block)]
-
-
-def candidate_distances(queries: F32, rows: I64, take: Callable[[I64], F32], metric: Metric) -> F32:
-    """Exact distances ``(nq, m)`` float32 of prepared ``queries`` ``(nq, d)`` to their
-    candidate ``rows`` ``(nq, m)`` int64 read through ``take``; ``inf`` where ``-1``. Each
-    entry depends on its own query and row only (batch-independent)."""
-    nq, m = rows.shape
-    valid = rows >= 0
-    vecs = take(np.where(valid, rows, 0).ravel()).reshape(nq, m, queries.shape[1])
-    dist = distances(queries, vecs, metric, overwrite_x=True)
-    dist[~valid] = np.inf
-    return dist
