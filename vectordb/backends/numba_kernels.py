@@ -39,6 +39,7 @@ __all__ = [
     "prefetch_row",
     "quantize",
     "replace_top",
+    "row_of",
     "scan_codes",
     "score_of",
 ]
@@ -269,6 +270,12 @@ def key_of(bits: Any, row: Any) -> Any:
     plus 0.0), at storage ``row``."""
     ordered = ~bits if bits & SIGN else bits | SIGN
     return (np.uint64(ordered) << np.uint64(32)) | np.uint64(row)
+
+
+@cached_jit(nogil=True, inline="always")
+def row_of(key: Any) -> Any:
+    """``core.topk.rows_of`` of one key: its storage row (int64), ``-1`` for ``NO_KEY``."""
+    return np.int64(-1) if key == NO_KEY else np.int64(key & np.uint64(0xFFFFFFFF))
 
 
 @cached_jit(nogil=True, inline="always")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .numba_kernels import NO_KEY, cached_jit, pair_terms, quantize, scan_codes
+from .numba_kernels import NO_KEY, cached_jit, pair_terms, quantize, row_of, scan_codes
 from .numba_stages import rerank_rows, route_flat, within_bound
 
 __all__ = ["DONE", "SHORT", "UNSURE", "search_lone"]
@@ -131,7 +131,6 @@ def search_lone(
     else:
         for qi in range(nq):
             for j in range(width):
-                key = heap[qi, j]
-                rows[qi, j] = -1 if key == NO_KEY else np.int64(key & np.uint64(0xFFFFFFFF))
+                rows[qi, j] = row_of(heap[qi, j])
     rerank_rows(q, rows, first, second, metric, out_rows, out_dist)
     return DONE

@@ -25,6 +25,7 @@ from .numba_kernels import (
     key_of,
     prefetch_row,
     replace_top,
+    row_of,
     score_of,
 )
 
@@ -107,7 +108,7 @@ def route_flat(
         rows = 0
         for j in range(1, keep + 1):
             last_kept = max(last_kept, score_of(heap[j], scratch, scratch_bits))
-            leaf = np.int64(heap[j] & np.uint64(0xFFFFFFFF))
+            leaf = row_of(heap[j])
             leaves[qi, j - 1] = leaf
             rows += sizes[leaf]
         leaves[qi].sort()
@@ -133,10 +134,7 @@ def within_bound(keys: Any, radius: Any, k: int, out: Any) -> None:
         kth = np.sort(upper)[k - 1]  # NaN last, as np.partition
         for j in range(m):
             key = keys[qi, j]
-            if key == NO_KEY or est[j] - radius[qi, j] > kth:
-                out[qi, j] = -1
-            else:
-                out[qi, j] = np.int64(key & np.uint64(0xFFFFFFFF))
+            out[qi, j] = -1 if est[j] - radius[qi, j] > kth else row_of(key)
 
 
 # Not inlined into the caller (numba would compile it with the caller's strict flags).
@@ -224,7 +222,7 @@ def rerank_rows(
         order = np.argsort(heap)[:n]
         for j in range(k):
             if j < n and not np.isinf(kept[order[j]]):
-                out_rows[qi, j] = np.int64(heap[order[j]] & np.uint64(0xFFFFFFFF))
+                out_rows[qi, j] = row_of(heap[order[j]])
                 out_dist[qi, j] = kept[order[j]]
             else:
                 out_rows[qi, j] = -1
