@@ -27,7 +27,8 @@ import numpy as np
 
 import vectordb as vdb
 from vectordb import backends
-from vectordb.core.codes import QUERY_BITS, plane_dots
+from vectordb.core.codes import plane_dots
+from vectordb.core.query_codes import QUERY_BITS
 
 BATCHES = (1, 64, 256, 1024, 10_000)
 

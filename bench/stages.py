@@ -95,7 +95,7 @@ def main() -> None:
 
     def scan(i: int) -> None:
         s = one[i]
-        qc = quantize(rotated[s], selector.table.origin)
+        qc = quantize(rotated[s], selector.table.origin, selector.table.code_bits)
         p, r_q = selector._pair_terms(rotated[s], leaves[i])
         heap = np.full((1, width), NO_KEY, np.uint64)
         radius = np.zeros((1, width), np.float32)
@@ -120,7 +120,7 @@ def main() -> None:
         ),
         "  quantisation, pair terms": median_us(
             lambda i: (
-                quantize(rotated[one[i]], selector.table.origin),
+                quantize(rotated[one[i]], selector.table.origin, selector.table.code_bits),
                 selector._pair_terms(rotated[one[i]], leaves[i]),
             ),
             nq,

@@ -193,8 +193,8 @@ def shared_index() -> Callable[..., vdb.ClusteredIndex]:
     cache: dict[tuple[Any, ...], vdb.ClusteredIndex] = {}
 
     def get(data: Dataset, metric: str = "l2", **params: Any) -> vdb.ClusteredIndex:
-        # The 1-bit code path unless a test asks otherwise ("auto" would pick full-vector
-        # scans below 128 dimensions); tests/test_leaf_scan.py covers both.
+        # Codes unless a test asks otherwise (as "auto" picks; 4 bits a coordinate below 128
+        # dimensions, 1 above); tests/test_leaf_scan.py covers both ways and the bits.
         params.setdefault("leaf_scan", "codes")
         key = (data.name, metric, tuple(sorted(params.items())))
         if key not in cache:

@@ -150,6 +150,7 @@ def test_index_properties(small, shared_index):
         "seed": 9,
         "rotate": True,
         "leaf_scan": "codes",
+        "code_bits": 4,  # below 128 dimensions
         "leaf_target": index.params["leaf_target"],
         "target_recall": 0.95,
         "calibration": index.params["calibration"],

@@ -27,7 +27,8 @@ import pytest
 
 import vectordb as vdb
 from vectordb import backends
-from vectordb.core.codes import pack_signs, quantize_queries
+from vectordb.core.codes import Quantizer, pack_signs
+from vectordb.core.query_codes import quantize_queries
 from vectordb.search.route import route
 
 K = 10
@@ -114,6 +115,22 @@ def data():
 # ---------------------------------------------------------------------- one body per backend
 
 
+@pytest.mark.parametrize("code_bits", [2, 4])
+def test_multi_bit_plane_dots_sum_levels_times_levels(backend_name, code_bits):
+    backend = backends.resolve_backend(backend_name)
+    rng = np.random.default_rng(code_bits)
+    qx = rng.standard_normal((9, 130)).astype(np.float32)
+    top = (1 << code_bits) - 1
+    levels = rng.integers(0, top + 1, (700, 130)).astype(np.uint8)
+    levels[3] = top
+    codes = Quantizer(130, code_bits=code_bits).encode(levels)
+    qc = quantize_queries(qx, code_bits)
+    u = np.rint((qx - qc.lo[:, None]) / qc.delta[:, None]).astype(np.int64)
+    want = u @ levels.T.astype(np.int64)
+    np.testing.assert_array_equal(backend.plane_dots(qc.planes, codes), want)
+    np.testing.assert_array_equal(backend.plane_dots(qc.planes[:1], codes[:, 5:60]), want[:1, 5:60])
+
+
 def test_plane_dots_sum_the_query_levels_at_the_set_bits(backend_name):
     """Against a plain sum of the quantised query's levels where a code's bit is set."""
     backend = backends.resolve_backend(backend_name)
@@ -162,15 +179,21 @@ MIN_RECALL = {
 }
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
-def test_search_results_equal_brute_force_and_the_numpy_backend(data, backend_name, metric, oracle):
+@pytest.mark.parametrize(
+    ("metric", "code_bits"), [("l2", 1), ("cosine", 1), ("ip", 1), ("l2", 4), ("ip", 3)]
+)
+def test_search_results_equal_brute_force_and_the_numpy_backend(
+    data, backend_name, metric, code_bits, oracle
+):
     x, queries = data
-    index = vdb.ClusteredIndex.build(x, metric=metric, max_leaf_size=300, backend=backend_name)
+    params = {"metric": metric, "max_leaf_size": 300, "code_bits": code_bits}
+    index = vdb.ClusteredIndex.build(x, **params, backend=backend_name)
     assert index.backend == backend_name
+    assert index._state.base.codes.shape[0] == code_bits * 3
     ids = np.arange(len(x))
     reference = None
     if backend_name != "numpy":
-        reference = vdb.ClusteredIndex.build(x, metric=metric, max_leaf_size=300, backend="numpy")
+        reference = vdb.ClusteredIndex.build(x, **params, backend="numpy")
     for (probes, rerank_factor), floor in MIN_RECALL[metric].items():
         got = index.search_batch(queries, K, probes=probes, rerank_factor=rerank_factor)
         assert_brute_force_answer(got, x, ids, queries, metric, oracle, floor)

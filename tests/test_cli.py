@@ -68,7 +68,8 @@ def test_info_verify_warm(built):
     code, stdout, _ = run("info", str(built), "--json")
     facts = json.loads(stdout)
     assert code == 0 and facts["n"] == 2900 and facts["dim"] == 64 and facts["metric"] == "cosine"
-    assert facts["format_version"] == 3 and facts["ram_mmap_bytes"] < facts["disk_bytes"]
+    assert facts["format_version"] == 4 and facts["code_bits"] == 4  # 64 d: 4-bit codes
+    assert facts["ram_mmap_bytes"] < facts["disk_bytes"]
     code, stdout, _ = run("info", str(built))
     assert code == 0 and "ram_mmap_bytes" in stdout
     code, stdout, _ = run("verify", str(built))

@@ -107,7 +107,8 @@ def test_tree_depth_and_single_leaf():
 
 @pytest.mark.parametrize("metric", [Metric.COSINE, Metric.IP])
 def test_query_terms_match_the_cpu_query_codes_and_pair_terms(index, metric):
-    from vectordb.core.codes import pair_terms, quantize_queries
+    from vectordb.core.codes import pair_terms
+    from vectordb.core.query_codes import quantize_queries
 
     idx, queries = index
     st = idx._state

@@ -330,7 +330,7 @@ def test_open_with_huge_manifest(damaged):
 @pytest.mark.parametrize(
     "version",
     [
-        4,
+        5,
         0,
         "1",
         None,
@@ -357,8 +357,10 @@ def test_unsigned_or_edited_manifest_is_rejected(damaged):
 
 def as_version_2(directory: Path) -> None:
     """Turn the saved index ``directory`` into what format version 2 wrote: residual norms
-    (and, for ip, ``<residual, centroid>``) in place of the code factors."""
+    (and, for ip, ``<residual, centroid>``) in place of the code factors, and no
+    ``code_bits`` (its codes had one bit a coordinate)."""
     manifest = read_manifest(directory)
+    assert manifest["params"].pop("code_bits") == 1, "version 2 held 1-bit codes only"
     with vdb.ClusteredIndex.open(directory, mmap=False) as index:
         st = index._state
         centres = st.tree.centroids[st.tree.leaf_nodes[st.base.leaf_of_slot]]
@@ -381,7 +383,7 @@ def test_version_2_directories_open_with_factors_from_their_vectors(
     small, tmp_path, metric, caplog
 ):
     index = vdb.ClusteredIndex.build(
-        small.vectors, metric=metric, max_leaf_size=200, leaf_scan="codes"
+        small.vectors, metric=metric, max_leaf_size=200, leaf_scan="codes", code_bits=1
     )
     index.save(tmp_path / "v3")
     index.save(tmp_path / "v2")
@@ -435,7 +437,9 @@ def test_open_with_a_bad_target_recall(damaged, value):
         open_fails(damaged, "manifest.json", "target_recall")
 
 
-def test_version_1_manifests_still_open_and_may_not_carry_a_checksum(damaged, small):
+def test_version_1_manifests_still_open_and_may_not_carry_a_checksum(small, tmp_path):
+    damaged = tmp_path / "v1"
+    vdb.ClusteredIndex.build(small.vectors, max_leaf_size=200, code_bits=1).save(damaged)
     as_version_2(damaged)
     manifest = read_manifest(damaged)
     manifest["format_version"] = 1

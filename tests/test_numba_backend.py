@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import vectordb as vdb
-from vectordb.core.codes import CodeTable, pair_terms, quantize_queries
+from vectordb.core.codes import CodeTable, pair_terms
+from vectordb.core.query_codes import quantize_queries
 from vectordb.core.topk import NO_KEY
 from vectordb.search.route import route
 
@@ -47,10 +48,14 @@ def assert_same_selection(index: vdb.ClusteredIndex, q: np.ndarray, probes: int,
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
-def test_the_compiled_scan_picks_the_numpy_candidates(metric):
+@pytest.mark.parametrize(
+    ("metric", "code_bits"), [("l2", 1), ("cosine", 1), ("ip", 1), ("l2", 3), ("ip", 4)]
+)
+def test_the_compiled_scan_picks_the_numpy_candidates(metric, code_bits):
     x = vdb.make_clustered(3_000, 200, seed=3)  # 200 d: a padded last word
-    index = vdb.ClusteredIndex.build(x[:2_400], max_leaf_size=100, metric=metric, backend="numpy")
+    index = vdb.ClusteredIndex.build(
+        x[:2_400], max_leaf_size=100, metric=metric, code_bits=code_bits, backend="numpy"
+    )
     index.add(x[2_400:2_900])  # a delta part: slots mapped to rows
     index.delete(np.arange(0, 2_400, 7))  # tombstones: rows masked
     for probes, m in [(1, 5), (4, 50), (16, 500), (64, 3_000)]:  # m past every probed row
@@ -103,14 +108,16 @@ def test_non_finite_estimates_are_clamped_as_numpy_clamps_them():
         np.testing.assert_array_equal(sorted_keys(*got)[0], sorted_keys(*want)[0])
 
 
+@pytest.mark.parametrize("code_bits", [1, 2, 4])
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 3e4])
-def test_query_quantisation_equals_numpy(scale):
+def test_query_quantisation_equals_numpy(scale, code_bits):
     rng = np.random.default_rng(7)
     for dim in (64, 100, 300, 384, 1024):  # 100, 300: unrotated, a part-filled last word
         q = (rng.standard_normal((50, dim)) * scale).astype(np.float32)
         q[0] = 0.25  # a constant query: no spread, delta 1
         origin = (rng.standard_normal(dim) * scale * 0.1).astype(np.float32)
-        want, got = quantize_queries(q - origin), quantize(q, origin)
+        want = quantize_queries(q - origin, code_bits)
+        got = quantize(q, origin, code_bits)
         for field in ("planes", "lo", "delta", "total", "slack"):
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
 

@@ -246,8 +246,8 @@ def _expected_files(metric: str, rotate: bool) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("rotate", [True, False])
-def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
+@pytest.mark.parametrize(("rotate", "code_bits"), [(True, 1), (False, 1), (True, 4)])
+def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate, code_bits):
     index = vdb.ClusteredIndex.build(
         small.vectors,
         metric=metric,
@@ -255,13 +255,14 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
         rotate=rotate,
         seed=5,
         leaf_scan="codes",
+        code_bits=code_bits,
     )
     index.save(tmp_path / "index")
     directory = tmp_path / "index"
     assert {p.name for p in directory.iterdir()} == _expected_files(metric, rotate)
 
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == (3 if code_bits == 1 else 4)
     assert (directory / "manifest.json").read_bytes() == sign_manifest(manifest)
     assert manifest["format"] == "vectordb.ClusteredIndex"
     assert manifest["dim"] == small.dim
@@ -278,6 +279,7 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate):
             "seed": 5,
             "rotate": rotate,
             "leaf_scan": "codes",
+            "code_bits": code_bits,
             "leaf_target": index.params["leaf_target"],
             "target_recall": 0.95,
             "calibration": index.params["calibration"],

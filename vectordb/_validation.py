@@ -12,6 +12,7 @@ from .errors import DimensionMismatchError, InvalidParameterError, InvalidVector
 
 __all__ = [
     "MAX_BRANCHING",
+    "MAX_CODE_BITS",
     "MAX_ITERATIONS",
     "MAX_K",
     "as_matrix",
@@ -24,6 +25,8 @@ __all__ = [
 #: Largest branching factor and number of Lloyd iterations a build accepts.
 MAX_BRANCHING = 4096
 MAX_ITERATIONS = 1000
+#: The most bits a coordinate of a code may take (``core.codes``).
+MAX_CODE_BITS = 4
 #: Most results one query may ask for (results are padded up to k: a larger k would only
 #: allocate padding).
 MAX_K = 1 << 20
@@ -117,6 +120,7 @@ def build_params(
     seed: Any,
     rotate: Any,
     leaf_scan: Any,
+    code_bits: Any = "auto",
 ) -> dict[str, Any]:
     """Checked build parameters of ``ClusteredIndex.build``, as its ``params`` dict."""
     branching_factor = positive_int("branching_factor", branching_factor)
@@ -137,6 +141,14 @@ def build_params(
         raise InvalidParameterError(
             f"leaf_scan must be 'auto', 'codes' or 'vectors', got {leaf_scan!r}"
         )
+    if code_bits != "auto" and (
+        isinstance(code_bits, bool)
+        or not isinstance(code_bits, numbers.Integral)
+        or not 1 <= int(code_bits) <= MAX_CODE_BITS
+    ):
+        raise InvalidParameterError(
+            f"code_bits must be 'auto' or an integer from 1 to {MAX_CODE_BITS}, got {code_bits!r}"
+        )
     return {
         "branching_factor": branching_factor,
         "max_leaf_size": positive_int("max_leaf_size", max_leaf_size),
@@ -144,4 +156,5 @@ def build_params(
         "seed": int(seed),
         "rotate": rotate,
         "leaf_scan": leaf_scan,
+        "code_bits": code_bits if code_bits == "auto" else int(code_bits),
     }

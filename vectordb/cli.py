@@ -156,6 +156,13 @@ def _progress() -> bool | None:
     default="auto",
     show_default=True,
 )
+@click.option(
+    "--code-bits",
+    type=click.Choice(["auto", "1", "2", "3", "4"]),
+    default="auto",
+    show_default=True,
+    help="Bits a coordinate of a code takes (auto: 1 from 128 dimensions up, else 4).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an index already at OUT_DIR.")
 @_handle_errors
@@ -168,6 +175,7 @@ def build(
     branching_factor: int,
     max_leaf_size: int,
     leaf_scan: str,
+    code_bits: str,
     seed: int,
     force: bool,
 ) -> None:
@@ -189,6 +197,7 @@ def build(
         branching_factor=branching_factor,
         max_leaf_size=max_leaf_size,
         leaf_scan=leaf_scan,
+        code_bits=code_bits if code_bits == "auto" else int(code_bits),
         seed=seed,
         progress=_progress(),
     )
@@ -197,7 +206,8 @@ def build(
     ram = index.memory_usage_bytes() - index.vector_ram_bytes
     click.echo(
         f"built {len(index):,} x {index.dim} ({index.metric.value}, {index.n_leaves} leaves, "
-        f"leaf_scan={index.leaf_scan}) in {time.perf_counter() - started:.1f} s -> {out_dir}; "
+        f"leaf_scan={index.leaf_scan}, code_bits={index.params['code_bits']}) in "
+        f"{time.perf_counter() - started:.1f} s -> {out_dir}; "
         f"{_mb(_disk_bytes(out_dir))} on disk, {_mb(ram)} in RAM when opened with mmap"
     )
 
@@ -295,6 +305,7 @@ def info(index_dir: Path, as_json: bool) -> None:
             "metric": index.metric.value,
             "leaves": index.n_leaves,
             "leaf_scan": index.leaf_scan,
+            "code_bits": index.params.get("code_bits", 1),
             "backend": index.backend,
             "params": index.params,
             "disk_bytes": _disk_bytes(index_dir),

@@ -22,30 +22,37 @@ SOURCE = r"""
 #define FMAX 3.4028234663852886e+38f
 #define NO_KEY 0xFFFFFFFFFFFFFFFFULL
 
-/* T = sum_j 2^j popcount(code & plane_j) of code `slot` of word-major `codes` (w, n)
-   with the planes_n planes of w words at `planes`. */
+/* T = sum_{c, j} 2^(c + j) popcount(code bit c & plane_j) of code `slot` of word-major
+   `codes` (code_bits * w, n), bit c in rows c * w .. (c + 1) * w, with the planes_n planes
+   of w words at `planes`. */
 __device__ __forceinline__ unsigned int plane_dot(
     const unsigned long long* codes, const long long n, const long long slot, const int w,
-    const unsigned long long* planes, const int planes_n)
+    const int code_bits, const unsigned long long* planes, const int planes_n)
 {
     unsigned int total = 0;
-    for (int j = planes_n - 1; j >= 0; --j) {
-        const unsigned long long* plane = planes + (long long)j * w;
-        int h = 0;
-        for (int k = 0; k < w; ++k) h += __popcll(codes[k * n + slot] & plane[k]);
-        total = (total << 1) + (unsigned int)h;
+    for (int c = code_bits - 1; c >= 0; --c) {
+        const unsigned long long* bit = codes + (long long)c * w * n;
+        unsigned int part = 0;
+        for (int j = planes_n - 1; j >= 0; --j) {
+            const unsigned long long* plane = planes + (long long)j * w;
+            int h = 0;
+            for (int k = 0; k < w; ++k) h += __popcll(bit[k * n + slot] & plane[k]);
+            part = (part << 1) + (unsigned int)h;
+        }
+        total = (total << 1) + part;
     }
     return total;
 }
 
 extern "C" __global__ void plane_dots(
-    const unsigned long long* codes, const long long n, const int w, const int planes_n,
-    const unsigned long long* planes, const long long nq, unsigned int* out)
+    const unsigned long long* codes, const long long n, const int w, const int code_bits,
+    const int planes_n, const unsigned long long* planes, const long long nq,
+    unsigned int* out)
 {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= nq * n) return;
     const long long q = t / n, row = t % n;
-    out[t] = plane_dot(codes, n, row, w, planes + q * planes_n * w, planes_n);
+    out[t] = plane_dot(codes, n, row, w, code_bits, planes + q * planes_n * w, planes_n);
 }
 
 /* Slots of leaf l: base[l]..base[l+1] of the base part, then delta[l]..delta[l+1] of the
@@ -55,7 +62,7 @@ extern "C" __global__ void plane_dots(
    (pairs,). One thread per (pair, j < max_rows); writes the key and the radius. */
 extern "C" __global__ void score_keys(
     const unsigned long long* codes_b, const long long n_b,
-    const unsigned long long* codes_d, const long long n_d, const int w,
+    const unsigned long long* codes_d, const long long n_d, const int w, const int code_bits,
     const float* factors_b, const float* factors_d,
     const long long* rows_b, const int rows_b_given, const long long* rows_d,
     const long long* base, const long long* delta,
@@ -89,7 +96,8 @@ extern "C" __global__ void score_keys(
     }
     if (use_ok && !row_ok[row]) { keys[t] = NO_KEY; return; }
     const long long q = p / n_slots;
-    const unsigned int dot = plane_dot(codes, n, slot, w, planes + q * planes_n * w, planes_n);
+    const unsigned int dot =
+        plane_dot(codes, n, slot, w, code_bits, planes + q * planes_n * w, planes_n);
     /* The same float32 steps, in the same order, as codes.estimate. */
     float out = (float)dot;
     out = out * 2.0f;

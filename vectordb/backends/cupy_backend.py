@@ -97,9 +97,8 @@ def probe() -> tuple[Any, str | None]:
         codes = cupy.asarray(np.array([[0b1011], [0b1]], dtype=np.uint64))  # (w=2, n=1)
         planes = cupy.asarray(np.array([[[0b0011, 0b1], [0b1000, 0b0]]], dtype=np.uint64))
         out = cupy.zeros((1, 1), dtype=np.uint32)
-        kernel(
-            (1,), (32,), (codes, np.int64(1), np.int32(2), np.int32(2), planes, np.int64(1), out)
-        )
+        args = (codes, np.int64(1), np.int32(2), np.int32(1), np.int32(2), planes, np.int64(1))
+        kernel((1,), (32,), (*args, out))
         if int(out.get()[0, 0]) != 3 + 2 * 1:
             return None, "a CUDA test kernel returned a wrong result"
     except Exception as exc:
@@ -127,12 +126,14 @@ class CupySearcher:
         base, delta = parts
         if base.codes is None:
             raise TypeError("these parts hold no codes")
-        self.words = int(base.codes.shape[0])
+        self.code_bits = table.code_bits
+        self.words = int(base.codes.shape[0]) // self.code_bits
         self._kernel = backend._score
         self._beam_kernel = backend._beam
         self._top_k_kernel = backend._top_k
-        self._base = backend._parts.get(base, lambda p: DevicePart(cp, p, self.words))
-        self._delta = DevicePart(cp, delta, self.words)
+        rows = int(base.codes.shape[0])
+        self._base = backend._parts.get(base, lambda p: DevicePart(cp, p, rows))
+        self._delta = DevicePart(cp, delta, rows)
         self._tree = backend._trees.get(inputs.tree, lambda t: ds.DeviceTree.upload(cp, t))
         self._rotation = backend._rotations.get(inputs.quantizer, lambda q: rotation(cp, q))
         self._vectors = backend.vectors_of(inputs.storage)
@@ -332,7 +333,9 @@ class CupySearcher:
         cp = self._cp
         nq, n_slots = leaves.shape
         keep = candidate_width(m, n_slots, self._max_rows)
-        terms = ds.query_terms(cp, rotated, leaves, self._tree, self.words, self.metric)
+        terms = ds.query_terms(
+            cp, rotated, leaves, self._tree, self.words, self.metric, self.code_bits
+        )
         pairs = nq * n_slots
         keys = cp.empty((pairs, self._max_rows), dtype=cp.uint64)
         radius = cp.empty((pairs, self._max_rows), dtype=cp.float32)
@@ -348,6 +351,7 @@ class CupySearcher:
                     d.codes,
                     np.int64(d.codes.shape[1]),
                     np.int32(self.words),
+                    np.int32(self.code_bits),
                     b.factors,
                     d.factors,
                     b.rows,
@@ -444,14 +448,23 @@ class CupyBackend:
         planes = cp.ascontiguousarray(planes)
         codes = cp.ascontiguousarray(codes)
         nq, n_planes, w = (int(x) for x in planes.shape)
-        m = int(codes.shape[1])
+        m, code_bits = int(codes.shape[1]), int(codes.shape[0]) // w
         out = cp.empty((nq, m), dtype=cp.uint32)
         total = nq * m
         if total:
             self._plane_dots(
                 ((total + _THREADS - 1) // _THREADS,),
                 (_THREADS,),
-                (codes, np.int64(m), np.int32(w), np.int32(n_planes), planes, np.int64(nq), out),
+                (
+                    codes,
+                    np.int64(m),
+                    np.int32(w),
+                    np.int32(code_bits),
+                    np.int32(n_planes),
+                    planes,
+                    np.int64(nq),
+                    out,
+                ),
             )
         return out
 

@@ -105,11 +105,11 @@ def fits(cupy: Any, nbytes: int, share: float) -> bool:
 class DevicePart:
     """One part's slot arrays on the device (see ``parts.Part``)."""
 
-    def __init__(self, cupy: Any, part: Part, words: int) -> None:
+    def __init__(self, cupy: Any, part: Part, code_rows: int) -> None:
         if part.codes is None or part.factors is None:
             raise TypeError("this part holds no codes")
         self.n = part.size
-        self.codes = cupy.asarray(part.codes if part.size else np.zeros((words, 1), np.uint64))
+        self.codes = cupy.asarray(part.codes if part.size else np.zeros((code_rows, 1), np.uint64))
         factors = part.factors if part.size else np.zeros((FACTORS, 1), np.float32)
         self.factors = cupy.asarray(np.ascontiguousarray(factors))
         self.rows_given = part.rows is not None

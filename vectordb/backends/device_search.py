@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.codes import QUERY_BITS, query_levels
 from ..core.metrics import Metric
+from ..core.query_codes import QUERY_BITS, query_levels
 
 __all__ = [
     "DeviceTree",
@@ -198,7 +198,7 @@ def pack_signs(xp: Any, x: Any, words: int) -> Any:
 
 @dataclass(frozen=True)
 class QueryTerms:
-    """What the scoring kernel needs of the queries (``core.codes.QueryCodes``) and of each
+    """What the scoring kernel needs of the queries (``core.query_codes.QueryCodes``) and of each
     (query, probed leaf) pair (``core.codes.PairTerms``), on the device.
 
     Attributes
@@ -218,12 +218,20 @@ class QueryTerms:
 
 
 def query_terms(
-    xp: Any, q: Any, leaves: Any, tree: DeviceTree, words: int, metric: Metric
+    xp: Any,
+    q: Any,
+    leaves: Any,
+    tree: DeviceTree,
+    words: int,
+    metric: Metric,
+    code_bits: int = 1,
 ) -> QueryTerms:
     """:class:`QueryTerms` of rotated queries ``q`` ``(nq, bits)`` float32 probing
-    ``leaves`` ``(nq, L)`` int64 (``-1`` padded): ``core.codes.quantize_queries`` and
-    ``core.codes.pair_terms``, the same float32 steps (sums in float64)."""
-    u, lo, delta, total, slack = query_levels(q - tree.centroids[0], xp)  # codes.origin_of
+    ``leaves`` ``(nq, L)`` int64 (``-1`` padded), for codes of ``code_bits``:
+    ``core.query_codes.quantize_queries`` and ``core.codes.pair_terms``, the same float32 steps
+    (sums in float64)."""
+    origin = tree.centroids[0]  # codes.origin_of
+    u, lo, delta, total, slack = query_levels(q - origin, xp, code_bits)
     planes = xp.stack([pack_signs(xp, (u >> j) & 1, words) for j in range(QUERY_BITS)], axis=1)
     n_slots = leaves.shape[1]
     flat = leaves.reshape(-1)

@@ -19,10 +19,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
-from ..core.codes import QUERY_BITS, CodeTable, QueryCodes, slack_per_step, words_for
+from ..core.codes import CodeTable, level_scale, words_for
 from ..core.codes import plane_dots as core_plane_dots
 from ..core.metrics import Metric
 from ..core.parts import Part, leaf_sizes
+from ..core.query_codes import QUERY_BITS, QueryCodes, slack_per_step
 from ..core.topk import NO_KEY, rows_of
 from ..search.candidates import candidate_width
 from ..search.pipeline import HostSearcher, SearchInputs, SearchRequest
@@ -66,7 +67,7 @@ class NumbaCodeSelector:
         heap_radius = np.zeros((nq, keep), dtype=np.float32)
         if nq == 0 or keep == 0 or not self.parts:
             return heap, heap_radius
-        qc = quantize(rotated_queries, self.table.origin)
+        qc = quantize(rotated_queries, self.table.origin, self.table.code_bits)
         p, r_q = self._pair_terms(rotated_queries, leaves)
         ok = _ALL_OK if row_ok is None else np.ascontiguousarray(row_ok)
         for part in self.parts:
@@ -106,14 +107,15 @@ class NumbaCodeSelector:
 _TOP_LEVEL = (1 << QUERY_BITS) - 1
 
 
-def quantize(rotated: F32, origin: F32) -> QueryCodes:
-    """``core.codes.quantize_queries(rotated - origin)``, compiled: ``rotated`` ``(nq, D)``
-    float32, ``origin`` ``(D,)`` float32."""
+def quantize(rotated: F32, origin: F32, code_bits: int = 1) -> QueryCodes:
+    """``core.query_codes.quantize_queries(rotated - origin, code_bits)``, compiled: ``rotated``
+    ``(nq, D)`` float32, ``origin`` ``(D,)`` float32."""
     nq, dim = rotated.shape
     planes = np.empty((nq, QUERY_BITS, words_for(dim)), dtype=np.uint64)
     terms = np.empty((4, nq), dtype=np.float32)
-    slack = np.float32(slack_per_step(dim))
-    numba_kernels.quantize(rotated, origin, _TOP_LEVEL, slack, planes, terms)
+    slack = np.float32(slack_per_step(dim, code_bits))
+    scale = level_scale(code_bits)
+    numba_kernels.quantize(rotated, origin, _TOP_LEVEL, scale, slack, planes, terms)
     return QueryCodes(planes, terms[0], terms[1], terms[2], terms[3])
 
 
@@ -150,7 +152,8 @@ class NumbaSearcher(HostSearcher):
         self._no_sizes = np.zeros(tree.n_leaves, dtype=np.int64)
         dim = selector.table.centroids.shape[1]
         self._words = words_for(dim)
-        self._slack = np.float32(slack_per_step(dim))
+        self._code_bits = selector.table.code_bits
+        self._slack = np.float32(slack_per_step(dim, self._code_bits))
 
     def search(self, q: F32, request: SearchRequest) -> tuple[I64, F32]:
         """A few queries in one compiled call where it can (``numba_lone.search_lone``: the
@@ -190,6 +193,7 @@ class NumbaSearcher(HostSearcher):
             request.need,
             table.origin,
             _TOP_LEVEL,
+            level_scale(self._code_bits),
             self._slack,
             self._words,
             table.centroids,

@@ -137,19 +137,21 @@ def plane_dots(planes: Any, codes: Any, out: Any) -> None:
     Parameters
     ----------
     planes : (nq, 4, w) uint64 query bit planes
-    codes : (w, m) uint64 word-major codes
+    codes : (code_bits * w, m) uint64 word-major codes
     out : (nq, m) uint32, overwritten with ``T``
     """
-    nq = planes.shape[0]
-    w, m = codes.shape
+    nq, _, w = planes.shape
+    rows, m = codes.shape
     for qi in range(nq):
         row = out[qi]
         row[:] = 0
-        for k in range(w):
+        for c in range(rows):
+            k = c % w
+            shift = np.uint64(c // w)
             p0, p1, p2, p3 = planes[qi, 0, k], planes[qi, 1, k], planes[qi, 2, k], planes[qi, 3, k]
-            ck = codes[k]
+            ck = codes[c]
             for s in range(m):
-                row[s] += np.uint32(_dot4(ck[s], p0, p1, p2, p3))
+                row[s] += np.uint32(_dot4(ck[s], p0, p1, p2, p3) << shift)
 
 
 # Sums in float64 of exact float32 products, rounded once: the order of summation is free
@@ -191,8 +193,10 @@ def pair_terms(
 
 
 @cached_jit(nogil=True)
-def quantize(q: Any, origin: Any, levels: int, root_d_12: Any, planes: Any, terms: Any) -> None:
-    """``core.codes.quantize_queries`` of ``q - origin``: the same float32 steps.
+def quantize(
+    q: Any, origin: Any, levels: int, code_scale: int, root_d_12: Any, planes: Any, terms: Any
+) -> None:
+    """``core.query_codes.quantize_queries`` of ``q - origin``: the same float32 steps.
 
     Parameters
     ----------
@@ -200,7 +204,8 @@ def quantize(q: Any, origin: Any, levels: int, root_d_12: Any, planes: Any, term
         without the rotation)
     origin : (D,) float32 the point queries are quantised around
     levels : ``2**QUERY_BITS - 1`` (4 planes)
-    root_d_12 : float32 ``sqrt(D / 12)``
+    code_scale : ``L`` of the codes the queries will score (``core.codes.level_scale``)
+    root_d_12 : float32 ``core.query_codes.slack_per_step(D, code_bits)``
     planes : (nq, 4, w) uint64, ``w = ceil(D / 64)``, overwritten with the bit planes
         (padding bits zero, as ``core.codes.pack_signs``)
     terms : (4, nq) float32, overwritten with ``lo``, ``delta``, ``total``, ``slack``
@@ -239,7 +244,7 @@ def quantize(q: Any, origin: Any, levels: int, root_d_12: Any, planes: Any, term
             planes[qi, 3, k] = b3
         terms[0, qi] = lo
         terms[1, qi] = delta
-        terms[2, qi] = np.float32(total)
+        terms[2, qi] = np.float32(total * code_scale)
         terms[3, qi] = delta * root_d_12
 
 
@@ -321,13 +326,13 @@ def scan_codes(
 
     Parameters
     ----------
-    planes : (nq, 4, w) uint64 query bit planes (``core.codes.QueryCodes``)
+    planes : (nq, 4, w) uint64 query bit planes (``core.query_codes.QueryCodes``)
     lo, delta, total, slack : (nq,) float32 query terms
     p, r_q : (nq, L) float32 pair terms of each query with each probed leaf
         (``core.codes.pair_terms``)
     leaves : (nq, L) int64 probed leaves, ``-1`` padded
     offsets : (n_leaves + 1,) int64 slot range of each leaf in this part
-    codes : (w, s) uint64 word-major codes of the part
+    codes : (code_bits * w, s) uint64 word-major codes of the part
     factors : (4, s) float32 factors A, M, B, E of the part
     rows : (s,) int64 storage row of each slot, or (0,) when slot ``s`` is row ``s``
     row_ok : (R,) bool over storage rows, or (0,) for all
@@ -337,7 +342,8 @@ def scan_codes(
     heap_radius : (nq, m) float32 radius of each heap key, moved with it
     """
     nq, n_leaves_probed = leaves.shape
-    w = codes.shape[0]
+    w = planes.shape[2]
+    code_rows = codes.shape[0]
     t = np.empty(longest, dtype=np.uint64)
     est = np.empty(longest, dtype=np.float32)
     bits = est.view(np.uint32)
@@ -362,16 +368,18 @@ def scan_codes(
             # vectorises the loops (3.5x faster than indexing at a + s).
             tt = t[:n]
             tt[:] = 0
-            for k in range(w):
+            for c in range(code_rows):
+                k = c % w
+                shift = np.uint64(c // w)
                 p0, p1, p2, p3 = (
                     planes[qi, 0, k],
                     planes[qi, 1, k],
                     planes[qi, 2, k],
                     planes[qi, 3, k],
                 )
-                ck = codes[k, a : a + n]
+                ck = codes[c, a : a + n]
                 for s in range(n):
-                    tt[s] += _dot4(ck[s], p0, p1, p2, p3)
+                    tt[s] += _dot4(ck[s], p0, p1, p2, p3) << shift
             f_a, f_m = factors[0, a : a + n], factors[1, a : a + n]
             f_b, f_e = factors[2, a : a + n], factors[3, a : a + n]
             p_q = p[qi, j]

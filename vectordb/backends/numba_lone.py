@@ -40,6 +40,7 @@ def search_lone(
     need: int,
     origin: Any,
     top_level: int,
+    code_scale: int,
     slack: Any,
     words: int,
     centroids: Any,
@@ -70,8 +71,8 @@ def search_lone(
     leaf_centroids, leaf_sq_norms, ip, c_max, sizes : routing (``route_flat``); ``sizes``
         (n_leaves,) int64 live rows per leaf
     need : rows the probed leaves must hold
-    origin, top_level, slack : query quantisation (``numba_kernels.quantize``); ``words``
-        uint64 words per bit plane
+    origin, top_level, code_scale, slack : query quantisation (``numba_kernels.quantize``);
+        ``words`` uint64 words per bit plane
     centroids, leaf_nodes : pair terms (``numba_kernels.pair_terms``)
     offsets, codes, factors, slot_rows, row_ok, longest : the one part of codes and the
         row mask (``numba_kernels.scan_codes``)
@@ -101,7 +102,7 @@ def search_lone(
             return SHORT
     planes = np.empty((nq, 4, words), dtype=np.uint64)
     terms = np.empty((4, nq), dtype=np.float32)
-    quantize(rotated, origin, top_level, slack, planes, terms)
+    quantize(rotated, origin, top_level, code_scale, slack, planes, terms)
     p = np.empty(leaves.shape, dtype=np.float32)
     r_q = np.empty(leaves.shape, dtype=np.float32)
     pair_terms(rotated, centroids, leaf_nodes, leaves, ip, p, r_q)

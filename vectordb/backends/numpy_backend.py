@@ -9,8 +9,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .._types import F32, I64, U64, Mask
-from ..core.codes import CodeTable, estimate, pair_terms, plane_dots, quantize_queries, radius
+from ..core.codes import CodeTable, estimate, pair_terms, plane_dots, radius
 from ..core.parts import Part, leaf_sizes
+from ..core.query_codes import quantize_queries
 from ..core.topk import NO_KEY, candidate_keys
 from ..search.candidates import candidate_width, mostly_apart, select_candidates, smallest_with
 from ..search.pipeline import HostSearcher, SearchInputs
@@ -31,7 +32,7 @@ class _BatchScorer:
     def __init__(self, table: CodeTable, rotated: F32) -> None:
         self.table = table
         self.rotated = rotated
-        self.codes = quantize_queries(rotated - table.origin)
+        self.codes = quantize_queries(rotated - table.origin, table.code_bits)
 
     def score(self, qi: I64, leaf: int, part: Part, a: int, b: int) -> tuple[F32, F32]:
         """Estimates and radii ``(g, b - a)`` float32 of slots ``a:b`` for queries ``qi``."""
@@ -155,24 +156,26 @@ class NumpyCodeSelector:
 def _flat_plane_dots(planes: U64, query: I64, codes: U64, slots: I64) -> npt.NDArray[np.uint32]:
     """``plane_dots`` pair by pair: ``T`` ``(n,)`` of query ``query[i]`` (``query`` ``(n,)``,
     or ``(1,)`` for one query throughout) with the code in slot ``slots[i]`` ``(n,)`` of
-    ``codes`` ``(w, s)``."""
+    ``codes`` ``(code_bits * w, s)``."""
     n_planes, w = planes.shape[1], planes.shape[2]
-    acc = np.zeros((n_planes, slots.shape[0]), dtype=np.uint32)
+    code_bits = codes.shape[0] // w
     # A lone query's planes broadcast; several queries' are gathered per slot.
     mine = planes[query[0], :, :, None] if query.shape[0] == 1 or planes.shape[0] == 1 else None
-    # Word by word over 1-D gathers: 2x faster than an (n, w) block summed along its short
-    # axis.
-    for word in range(w):
-        code = codes[word][slots]
-        if mine is not None:
-            acc += np.bitwise_count(code[None, :] & mine[:, word])
-        else:
-            for j in range(n_planes):
-                acc[j] += np.bitwise_count(code & planes[query, j, word])
-    out = acc[n_planes - 1]
-    for j in range(n_planes - 2, -1, -1):
+    out = np.zeros(slots.shape[0], dtype=np.uint32)
+    for bit in range(code_bits - 1, -1, -1):
+        acc = np.zeros((n_planes, slots.shape[0]), dtype=np.uint32)
+        # Word by word over 1-D gathers: 2x faster than an (n, w) block summed along its
+        # short axis.
+        for word in range(w):
+            code = codes[bit * w + word][slots]
+            if mine is not None:
+                acc += np.bitwise_count(code[None, :] & mine[:, word])
+            else:
+                for j in range(n_planes):
+                    acc[j] += np.bitwise_count(code & planes[query, j, word])
         out <<= 1
-        out += acc[j]
+        for j in range(n_planes - 1, -1, -1):
+            out += acc[j] << j
     return out
 
 

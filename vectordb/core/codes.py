@@ -1,23 +1,32 @@
-"""1-bit codes of residuals and the RaBitQ distance estimate built on them.
+"""Binary codes of residuals (1 to 4 bits a coordinate) and the RaBitQ distance estimate
+built on them.
 
-A vector ``x`` stored in leaf ``l`` (centroid ``c``) is coded as the signs of its rotated
-residual ``r = R (x - c)``, one bit per rotated coordinate (``D = bits = 64 * ceil(d/64)``),
-packed little-endian into ``D / 64`` uint64 words. Codes are kept *word-major*, shape
-``(words, n)``, so a scan streams one contiguous row per word. Centring on the leaf's own
-centroid makes the bits describe where a vector sits *inside* its leaf.
+A vector ``x`` stored in leaf ``l`` (centroid ``c``) is coded from its rotated residual
+``r = R (x - c)`` (``D = bits = 64 * ceil(d/64)`` coordinates): each coordinate becomes a
+level ``c_i`` in ``0..L``, ``L = 2**code_bits - 1``, read as the odd integer
+``y_i = 2 c_i - L`` (``-L..L``). With one bit, ``c_i`` is the sign bit of ``r_i`` and
+``y_i = 2 b_i - 1 = ±1``. With more (the extended codes of Gao et al., SIGMOD 2025, for low
+dimensions, where one bit a coordinate ranks poorly), ``y_i = 2 floor(t r_i) + 1``, clipped
+to ``-L..L``, with the scale ``t`` of each vector chosen to make ``y`` point closest to
+``r`` (:func:`code_levels`); ``y_i`` keeps the sign of ``r_i``. The levels' bits are packed
+little-endian into ``D / 64`` uint64 words per bit, *word-major*: codes ``(code_bits * words,
+n)``, the words of bit ``j`` in rows ``j * words .. (j + 1) * words``, so a scan streams one
+contiguous row per word. Centring on the leaf's own centroid makes the code describe where a
+vector sits *inside* its leaf.
 
-The estimate is RaBitQ's (Gao & Long, SIGMOD 2024). With ``b`` the code's bits,
-``o = r / |r|`` and ``ō = (2b - 1) / sqrt(D)``, the estimator ``<o, u> ~ <ō, u> / <ō, o>`` is
-unbiased for any ``u``, and its error is at most ``EPS0 * sqrt(1 - <ō, o>^2) / <ō, o> /
-sqrt(D - 1)`` times ``|u|`` with high probability. Taking ``u = q - c`` (rotated)::
+The estimate is RaBitQ's (Gao & Long, SIGMOD 2024). With ``o = r / |r|`` and
+``ō = y / |y|``, the estimator ``<o, u> ~ <ō, u> / <ō, o>`` is unbiased for any ``u``, and
+its error is at most ``EPS0 * sqrt(1 - <ō, o>^2) / <ō, o> / sqrt(D - 1)`` times ``|u|`` with
+high probability. Taking ``u = q - c`` (rotated)::
 
-    <r, q - c> ~ |r|^2 / |r|_1 * (sum_i (2 b_i - 1) (q - z)_i  -  sum_i (2 b_i - 1) (c - z)_i)
+    <r, q - c> ~ |r|^2 / <y, r> * (sum_i y_i (q - z)_i  -  sum_i y_i (c - z)_i)
 
-since ``<ō, o> = |r|_1 / (sqrt(D) |r|)``. The first sum is the only part that depends on the
-query and the code together. The query is quantised to ``QUERY_BITS`` bits a coordinate,
-``q_i ~ lo + delta * u_i`` with ``u_i`` in ``0..15``, so that sum is
-``lo (2 popcount(b) - D) + delta (2 T - sum_i u_i)`` with ``T = sum_j 2^j popcount(b & u^(j))``
-over the query's bit planes ``u^(j)``: four AND + popcounts a word. The same rotated query
+since ``<ō, o> = <y, r> / (|y| |r|)`` (``|r|_1 / (sqrt(D) |r|)`` with one bit). The first sum
+is the only part that depends on the query and the code together. The query is quantised
+(``core.query_codes``) to 4 bits a coordinate, ``q_i ~ lo + delta * u_i`` with ``u_i`` in
+``0..15``, so that sum is ``lo sum_i y_i + delta (2 T - L sum_i u_i)`` with ``T = sum_i c_i
+u_i = sum_{j, k} 2^(j + k) popcount(c^(k) & u^(j))`` over the query's bit planes ``u^(j)``
+and the code's ``c^(k)``: four AND + popcounts a word and code bit. The same rotated query
 serves every leaf (its centroid's part is a per-vector constant), so it is quantised once,
 as ``q - z`` with ``z`` the root's centroid (``CodeTable.origin``), so that the levels span
 the data's spread rather than its distance from zero; ``K`` is taken of ``c - z`` too.
@@ -25,21 +34,21 @@ the data's spread rather than its distance from zero; ``K`` is taken of ``c - z`
 Every vector keeps four float32 *factors* (``FACTORS``): ``A``, ``M``, ``B`` and ``E``. For
 ``(query, leaf)`` pair terms ``P`` and ``r_q = |q - c|``::
 
-    estimate = A + P - M * delta * (2 T - sum u) - lo * B    radius = E * r_q + M * slack
+    estimate = A + P - M * delta * (2 T - L sum u) - lo * B   radius = E * r_q + M * slack
 
-    l2, cosine: A = |r|^2 + M K,   M = 2 |r|^2 / |r|_1,   P = |q - c|^2   (estimates |x - q|^2)
-    ip:         A = M K - <r, c>,  M = |r|^2 / |r|_1,     P = -<c, q>     (estimates -<x, q>)
+    l2, cosine: A = |r|^2 + M K,   M = 2 |r|^2 / <y, r>,   P = |q - c|^2  (estimates |x - q|^2)
+    ip:         A = M K - <r, c>,  M = |r|^2 / <y, r>,     P = -<c, q>    (estimates -<x, q>)
 
-with ``K = sum_i (2 b_i - 1) (c - z)_i``, ``B = M (2 popcount(b) - D)`` and ``E`` the error
-bound above times ``|r|`` (times 2 for the squared distance). Rounding the query to its
-levels adds ``M * slack_q`` (``QueryCodes.slack``) to the radius. The true score lies within
-``radius = E * r_q + M * slack_q`` of the estimate with high probability, which is what
-decides how many candidates the exact rerank must check (``core.topk.within_bound``).
+with ``K = sum_i y_i (c - z)_i``, ``B = M sum_i y_i`` and ``E`` the error bound above times
+``|r|`` (times 2 for the squared distance). The query's ``total`` holds ``L sum u``.
+Rounding the query to its levels adds ``M * slack_q`` (the query's ``slack``) to the
+radius. The true score lies within ``radius = E * r_q + M * slack_q`` of the estimate with
+high probability, which is what decides how many candidates the exact rerank must check
+(``core.topk.within_bound``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,33 +62,69 @@ from .tree import Tree
 __all__ = [
     "EPS0",
     "FACTORS",
-    "QUERY_BITS",
     "CodeTable",
     "PairTerms",
     "Quantizer",
-    "QueryCodes",
     "code_factors",
+    "code_levels",
     "encode_residuals",
     "estimate",
+    "level_norm_bound",
+    "level_scale",
     "origin_of",
     "pack_signs",
     "pair_terms",
     "plane_dots",
-    "quantize_queries",
-    "query_levels",
     "radius",
-    "slack_per_step",
     "words_for",
 ]
 
-#: Bits a coordinate of the rotated query is quantised to. 4 bits ranked as well as exact
-#: float queries on pydocs-minilm, fashion-mnist and synthetic data (recall of the probed
-#: leaves' true top 10 within 40 candidates: 0.996 vs 0.996, 0.999 vs 1.0, 1.0 vs 1.0).
-QUERY_BITS = 4
 #: The confidence parameter of RaBitQ's error bound (the paper's and faiss's choice).
 EPS0 = 1.9
 #: Rows of the ``(FACTORS, n)`` float32 per-vector factors: A, M, B, E (module docstring).
 FACTORS = 4
+#: ``|y| / (L sqrt(D))`` (module docstring) stays below these for the levels of
+#: :func:`code_levels` (code bits 1 to 4): the largest over 20,000 Gaussian residuals (what a
+#: random rotation makes of any residual) at D = 64, 128 and 384 was 1, 0.80, 0.67 and 0.62.
+#: The query's rounding error is bounded with them (:func:`level_norm_bound`).
+_LEVEL_RMS = (1.0, 1.0, 0.8, 0.67, 0.63)
+#: Scales ``t`` tried per vector by :func:`code_levels`, as fractions of the one that puts
+#: the largest coordinate at the top level: cos(y, r) of Gaussian residuals (D = 64 to 384)
+#: came within 0.001 of its best over a grid twice as fine.
+_LEVEL_SCALES = np.linspace(0.5, 1.6, 23)
+
+
+def level_scale(code_bits: int) -> int:
+    """``L = 2**code_bits - 1``: the largest level of a coordinate's code."""
+    return (1 << code_bits) - 1
+
+
+def level_norm_bound(code_bits: int) -> float:
+    """A bound on ``|y| / sqrt(D)`` of the levels of :func:`code_levels`: 1 with one bit,
+    ``L`` times ``_LEVEL_RMS`` with more."""
+    return level_scale(code_bits) * _LEVEL_RMS[code_bits]
+
+
+def code_levels(residual: F32, code_bits: int) -> npt.NDArray[np.uint8]:
+    """The level ``c_i`` in ``0..L`` of every coordinate of ``residual`` ``(n, D)`` float32:
+    ``(n, D)`` uint8 (module docstring). One bit: ``r_i > 0``. More: per row, the scale
+    ``t`` among ``_LEVEL_SCALES`` whose ``y = 2 c - L`` has the largest cosine with ``r``
+    (ties to the smaller ``t``); a zero row gets the levels of ``t = 1``."""
+    if code_bits == 1:
+        return (residual > 0).astype(np.uint8)
+    half = 1 << (code_bits - 1)
+    r = residual.astype(np.float64)
+    top = np.abs(r).max(axis=1, keepdims=True)
+    top[top == 0] = 1.0
+    best = np.zeros(r.shape, dtype=np.uint8)
+    best_cos = np.full(r.shape[0], -np.inf)
+    for scale in _LEVEL_SCALES:
+        y = np.clip(np.floor(r * (scale * half / top)), -half, half - 1) + 0.5
+        cos = np.einsum("nd,nd->n", y, r) / np.sqrt(np.einsum("nd,nd->n", y, y))
+        better = cos > best_cos
+        best_cos[better] = cos[better]
+        best[better] = (y[better] + (half - 0.5)).astype(np.uint8)
+    return best
 
 
 def words_for(dim: int) -> int:
@@ -130,23 +175,28 @@ class Quantizer:
     dim : vector dimension d
     perm : (bits,) int64, a permutation of ``range(bits)``, or ``None`` (no rotation)
     blocks : (bits / 64, 64, 64) float32 orthogonal blocks, or ``None``
+    code_bits : bits a coordinate of a code takes, 1 to ``_validation.MAX_CODE_BITS``
     """
 
     dim: int
     perm: I64 | None = None
     blocks: F32 | None = None
+    code_bits: int = 1
 
     @classmethod
-    def create(cls, dim: int, *, rotate: bool, rng: np.random.Generator) -> Quantizer:
-        """A quantizer for ``dim``-d vectors; with ``rotate``, Haar-random blocks."""
+    def create(
+        cls, dim: int, *, rotate: bool, rng: np.random.Generator, code_bits: int = 1
+    ) -> Quantizer:
+        """A quantizer for ``dim``-d vectors, ``code_bits`` a coordinate; with ``rotate``,
+        Haar-random blocks."""
         if not rotate:
-            return cls(dim)
+            return cls(dim, code_bits=code_bits)
         bits = words_for(dim) * 64
         blocks = np.empty((bits // BLOCK, BLOCK, BLOCK), dtype=np.float32)
         for i in range(blocks.shape[0]):
             q, r = np.linalg.qr(rng.standard_normal((BLOCK, BLOCK)))
             blocks[i] = q * np.sign(np.diag(r))[None, :]  # uniform over O(64) (Mezzadri 2007)
-        return cls(dim, rng.permutation(bits).astype(np.int64), blocks)
+        return cls(dim, rng.permutation(bits).astype(np.int64), blocks, code_bits)
 
     @property
     def bits(self) -> int:
@@ -155,7 +205,13 @@ class Quantizer:
 
     @property
     def words(self) -> int:
+        """uint64 words a bit of every coordinate takes."""
         return words_for(self.bits)
+
+    @property
+    def code_rows(self) -> int:
+        """Rows of the word-major codes: ``code_bits * words``."""
+        return self.code_bits * self.words
 
     @property
     def nbytes(self) -> int:
@@ -180,12 +236,23 @@ class Quantizer:
         out = np.matmul(grouped, self.blocks.transpose(0, 2, 1))
         return out.reshape(n, self.bits)
 
-    def encode(self, rotated_residuals: F32) -> U64:
-        """Word-major codes ``(words, n)`` uint64 of already rotated residuals ``(n, bits)``."""
-        return np.ascontiguousarray(pack_signs(rotated_residuals).T)
+    def encode(self, levels: npt.NDArray[np.uint8]) -> U64:
+        """Word-major codes ``(code_rows, n)`` uint64 of the levels ``(n, bits)`` uint8 of
+        rotated residuals (:func:`code_levels`)."""
+        if self.code_bits == 1:
+            return np.ascontiguousarray(pack_signs(levels).T)
+        planes = [pack_signs((levels >> j) & 1).T for j in range(self.code_bits)]
+        return np.ascontiguousarray(np.concatenate(planes, axis=0))
 
 
-def code_factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F32:
+def code_factors(
+    residual: F32,
+    centres: F32,
+    metric: Metric,
+    origin: F32,
+    levels: npt.NDArray[np.uint8] | None = None,
+    code_bits: int = 1,
+) -> F32:
     """The per-vector factors of the codes of ``residual`` (module docstring).
 
     Parameters
@@ -194,6 +261,9 @@ def code_factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F3
     centres : (n, D) float32, each vector's leaf centroid, or (D,) one for all
     metric : the index's metric (ip has its own factors)
     origin : (D,) float32, the point queries are quantised around (``CodeTable.origin``)
+    levels : (n, D) uint8 the residuals' levels (:func:`code_levels`), or ``None`` to
+        compute them
+    code_bits : bits a coordinate of the codes takes
 
     Returns
     -------
@@ -206,7 +276,9 @@ def code_factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F3
     for start in range(0, n, _FACTOR_ROWS):
         stop = min(n, start + _FACTOR_ROWS)
         part = centres if np.ndim(centres) == 1 else centres[start:stop]
-        out[:, start:stop] = _factors(residual[start:stop], part, metric, origin)
+        block = residual[start:stop]
+        c = code_levels(block, code_bits) if levels is None else levels[start:stop]
+        out[:, start:stop] = _factors(block, c, code_bits, part, metric, origin)
     return out
 
 
@@ -214,18 +286,25 @@ def code_factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F3
 _FACTOR_ROWS = 1 << 14
 
 
-def _factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F32:
+def _factors(
+    residual: F32,
+    levels: npt.NDArray[np.uint8],
+    code_bits: int,
+    centres: F32,
+    metric: Metric,
+    origin: F32,
+) -> F32:
     n, dim = residual.shape
     r = residual.astype(np.float64)
     shifted = np.broadcast_to(np.asarray(centres, np.float64) - origin, residual.shape)
+    y = 2.0 * levels - float(level_scale(code_bits))  # odd integers, exact in float64
     sq = np.einsum("nd,nd->n", r, r)
-    l1 = np.abs(r).sum(axis=1)
-    positive = r > 0
-    signed_c = 2.0 * np.where(positive, shifted, 0.0).sum(axis=1) - shifted.sum(axis=1)  # K
-    ones = positive.sum(axis=1).astype(np.float64)
-    nonzero = l1 > 0
-    ratio = np.divide(sq, l1, out=np.zeros(n), where=nonzero)  # |r|^2 / |r|_1
-    spread = np.divide(dim * sq, l1 * l1, out=np.ones(n), where=nonzero)  # 1 / <o_bar, o>^2
+    along = np.einsum("nd,nd->n", y, r)  # <y, r>: |r|_1 with one bit
+    signed_c = np.einsum("nd,nd->n", y, shifted)  # K
+    y_sq = np.einsum("nd,nd->n", y, y)
+    nonzero = along > 0
+    ratio = np.divide(sq, along, out=np.zeros(n), where=nonzero)  # |r|^2 / <y, r>
+    spread = np.divide(y_sq * sq, along * along, out=np.ones(n), where=nonzero)  # <ō, o>^-2
     bound = EPS0 * np.sqrt(sq * np.maximum(spread - 1.0, 0.0) / max(dim - 1, 1))
     out = np.empty((FACTORS, n), dtype=np.float64)
     if metric is Metric.IP:
@@ -238,7 +317,7 @@ def _factors(residual: F32, centres: F32, metric: Metric, origin: F32) -> F32:
         out[0] = sq + mult * signed_c
         out[3] = 2.0 * bound
     out[1] = mult
-    out[2] = mult * (2.0 * ones - dim)
+    out[2] = mult * y.sum(axis=1)
     return out.astype(np.float32)
 
 
@@ -256,96 +335,44 @@ def encode_residuals(
 
     Returns
     -------
-    codes : (words, n) uint64 word-major sign codes of the residuals
+    codes : (code_rows, n) uint64 word-major codes of the residuals
     factors : (FACTORS, n) float32 (see :func:`code_factors`)
     """
     residual = rotated - centres
-    return quantizer.encode(residual), code_factors(residual, centres, metric, origin)
-
-
-@dataclass(frozen=True)
-class QueryCodes:
-    """Rotated queries quantised to ``QUERY_BITS`` bits a coordinate, as bit planes.
-
-    Attributes
-    ----------
-    planes : (nq, QUERY_BITS, w) uint64, plane ``j`` holds bit ``j`` of every ``u_i``
-    lo : (nq,) float32, the value of ``u_i = 0``
-    delta : (nq,) float32, the step between levels
-    total : (nq,) float32, ``sum_i u_i``
-    slack : (nq,) float32, ``delta * sqrt(D / 12)``: times a vector's ``M``, what rounding
-        the query to its levels adds to the estimate's error bound
-    """
-
-    planes: U64
-    lo: F32
-    delta: F32
-    total: F32
-    slack: F32
-
-
-def query_levels(q: Any, xp: Any = np) -> tuple[Any, Any, Any, Any, Any]:
-    """The levels of rotated queries less the origin, ``q`` ``(nq, D)`` float32: ``u``
-    ``(nq, D)`` uint8 in ``0..2**QUERY_BITS - 1``, and ``lo``, ``delta``, ``total``,
-    ``slack`` ``(nq,)`` float32 (see :class:`QueryCodes`). ``xp`` is the array module
-    (NumPy, or CuPy for device arrays): both backends quantise with these float32 steps.
-
-    Row by row (min, max and rounding of its own values), so a query quantises the same alone
-    or in a batch.
-    """
-    levels = (1 << QUERY_BITS) - 1
-    lo = q.min(axis=1)
-    delta = (q.max(axis=1) - lo) / xp.float32(levels)
-    delta = xp.where(delta > 0, delta, xp.float32(1.0)).astype(xp.float32)
-    u = xp.rint((q - lo[:, None]) / delta[:, None])
-    u = xp.clip(u, 0, levels).astype(xp.uint8)
-    total = u.sum(axis=1, dtype=xp.int64).astype(xp.float32)
-    # Rounding errs by at most delta / 2 a coordinate, uniformly: sum_i (2 b_i - 1) err_i
-    # has a standard deviation of delta * sqrt(D / 12). One such sigma added to the code's
-    # EPS0 sigmas bounds EPS0 sigmas of the two errors together (they are independent)
-    # while the rounding's is at most the code's.
-    slack = delta * xp.float32(slack_per_step(q.shape[1]))
-    return u, lo.astype(xp.float32), delta, total, slack
-
-
-def slack_per_step(dim: int) -> float:
-    """``sqrt(D / 12)``: the standard deviation of ``sum_i (2 b_i - 1) err_i`` over ``D``
-    coordinates rounded to steps of 1 (``QueryCodes.slack`` is ``delta`` times it)."""
-    return math.sqrt(dim / 12.0)
-
-
-def quantize_queries(q: F32) -> QueryCodes:
-    """:class:`QueryCodes` of rotated queries less the origin, ``q`` ``(nq, D)`` float32
-    (see :func:`query_levels`)."""
-    u, lo, delta, total, slack = query_levels(q)
-    planes = np.stack([pack_signs((u >> j) & 1) for j in range(QUERY_BITS)], axis=1)
-    return QueryCodes(planes, lo, delta, total, slack)
+    bits = quantizer.code_bits
+    levels = code_levels(residual, bits)
+    factors = code_factors(residual, centres, metric, origin, levels, bits)
+    return quantizer.encode(levels), factors
 
 
 def plane_dots(planes: U64, codes: U64) -> npt.NDArray[np.unsignedinteger]:
-    """``T = sum_j 2^j popcount(code & plane_j)`` of every query with every code.
+    """``T = sum_{j, k} 2^(j + k) popcount(c^(k) & u^(j))`` of every query with every code.
 
     Parameters
     ----------
     planes : (nq, QUERY_BITS, w) uint64 query bit planes
-    codes : (w, m) uint64 word-major codes; may be a column slice of a larger array
+    codes : (code_bits * w, m) uint64 word-major codes (bit ``k``'s words in rows
+        ``k * w .. (k + 1) * w``); may be a column slice of a larger array
 
     Returns
     -------
-    (nq, m) uint16, or uint32 where ``15 * 64 * w`` does not fit 16 bits.
+    (nq, m) uint16, or uint32 where ``15 * L * 64 * w`` does not fit 16 bits.
     """
     nq, n_planes, w = planes.shape
-    m = codes.shape[1]
-    wide = np.uint32 if (1 << n_planes) * 64 * w > 1 << 16 else np.uint16
-    # One (nq, planes, m) block per word: fewer NumPy calls than one per (word, plane),
-    # which dominate for the few queries and ~200 codes of one leaf (measured 25% faster).
-    acc = np.zeros((nq, n_planes, m), dtype=wide)
-    for word in range(w):
-        acc += np.bitwise_count(planes[:, :, word, None] & codes[word][None, None, :])
-    out = acc[:, n_planes - 1]
-    for j in range(n_planes - 2, -1, -1):
+    rows, m = codes.shape
+    code_bits = rows // w
+    top = ((1 << n_planes) - 1) * level_scale(code_bits) * 64 * w
+    wide = np.uint32 if top >= 1 << 16 else np.uint16
+    out = np.zeros((nq, m), dtype=wide)
+    for bit in range(code_bits - 1, -1, -1):
+        # One (nq, planes, m) block per word: fewer NumPy calls than one per (word, plane),
+        # which dominate for the few queries and ~200 codes of one leaf (measured 25% faster).
+        acc = np.zeros((nq, n_planes, m), dtype=wide)
+        for word in range(bit * w, (bit + 1) * w):
+            acc += np.bitwise_count(planes[:, :, word - bit * w, None] & codes[word][None, None, :])
         out <<= 1
-        out += acc[:, j]
+        for j in range(n_planes - 1, -1, -1):
+            out += acc[:, j] << j
     return out
 
 
@@ -437,17 +464,19 @@ class CodeTable:
     metric : the index's metric
     origin : (bits,) float32, the root's centroid: queries are quantised as ``q - origin``
         (so the levels span the data's spread, not its distance from zero)
+    code_bits : bits a coordinate of the codes takes (``Quantizer.code_bits``)
     """
 
     centroids: F32
     leaf_nodes: I64
     metric: Metric
     origin: F32
+    code_bits: int = 1
 
     @classmethod
-    def for_tree(cls, tree: Tree, metric: Metric) -> CodeTable:
+    def for_tree(cls, tree: Tree, metric: Metric, code_bits: int = 1) -> CodeTable:
         """The table of ``tree`` (centroids rotated, ``(n_nodes, bits)``)."""
-        return cls(tree.centroids, tree.leaf_nodes, metric, origin_of(tree))
+        return cls(tree.centroids, tree.leaf_nodes, metric, origin_of(tree), code_bits)
 
     @property
     def nbytes(self) -> int:

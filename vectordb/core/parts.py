@@ -35,7 +35,8 @@ class Part:
     offsets : (n_leaves + 1,) int64, leaf ``l`` owns slots ``offsets[l]:offsets[l + 1]``
     rows : (s,) int64 storage row of every slot, or ``None`` when slot ``s`` is row ``s``
         (after a build, open or compaction: saves 8 bytes per vector)
-    codes : (w, s) uint64 word-major codes, or ``None`` (``leaf_scan="vectors"``)
+    codes : (code_rows, s) uint64 word-major codes (``core.codes``), or ``None``
+        (``leaf_scan="vectors"``)
     factors : (FACTORS, s) float32 per-vector factors of the estimate (``core.codes``), or
         ``None`` with the codes
     """

@@ -33,12 +33,14 @@ __all__ = ["ClusteredIndex"]
 
 #: ``search_batch(threads=...)`` gives each thread at least this many queries (a few ms).
 _MIN_QUERIES_PER_THREAD = 64
+#: One metadata dict (or None) per vector, or none at all.
+Documents = Sequence[Mapping[str, Any] | None] | None
 
 
 class ClusteredIndex:
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
-    A hierarchical k-means tree routes each query to a few leaves; 1-bit RaBitQ codes of the
+    A hierarchical k-means tree routes each query to a few leaves; RaBitQ codes of the
     vectors in those leaves rank candidates; those the codes' error bound cannot rule out are
     reranked exactly on the full vectors, held in RAM or in a memory-mapped file. Vectors carry
     int64 ids and optional metadata; :meth:`add`, :meth:`upsert` and :meth:`delete` change
@@ -65,7 +67,7 @@ class ClusteredIndex:
         vectors: Any,
         *,
         ids: Any = None,
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        metadata: Documents = None,
         branching_factor: int = 10,
         max_leaf_size: int = 1000,
         metric: str | Metric = "l2",
@@ -73,6 +75,7 @@ class ClusteredIndex:
         seed: int = 0,
         rotate: bool = True,
         leaf_scan: str = "auto",
+        code_bits: int | str = "auto",
         target_recall: float = DEFAULT_TARGET,
         backend: str = "auto",
         progress: bool | None = None,
@@ -108,10 +111,13 @@ class ClusteredIndex:
             Rotate vectors randomly (a permutation and 64 x 64 orthogonal blocks, ``256 * d``
             bytes) before taking code bits. Keep it on: uneven coordinates rank badly without.
         leaf_scan : {"auto", "codes", "vectors"}
-            How probed leaves are ranked before the rerank: ``codes``, 1-bit RaBitQ codes in
-            RAM (``d/8 + 16`` bytes per vector); ``vectors``, exact distances on the full
-            vectors (read from the file in mmap mode), for low dimensions where 1-bit codes
-            cannot rank. ``auto``: ``vectors`` below 128 dimensions, else ``codes``.
+            How probed leaves are ranked before the rerank: ``codes``, RaBitQ codes in RAM
+            (``code_bits * d/8 + 16`` bytes per vector); ``vectors``, exact distances on the
+            full vectors (read from the file in mmap mode). ``auto``: ``codes``.
+        code_bits : {"auto", 1, 2, 3, 4}
+            Bits a coordinate of a code takes: 1 ranks well from about 128 dimensions up;
+            below, where it cannot, more (extended RaBitQ codes). ``auto``: 1 from 128
+            dimensions up, else 4.
         target_recall : float in (0, 1]
             The recall@10 that searches without ``probes`` aim at (saved with the index).
         backend : {"auto", "numpy", "numba", "cupy"}
@@ -124,7 +130,9 @@ class ClusteredIndex:
         """
         metric = parse_metric(metric)
         chosen = resolve_backend(backend)
-        p = build_params(branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan)
+        p = build_params(
+            branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan, code_bits
+        )
         p["target_recall"] = check_target(target_recall)
         return cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
 
@@ -297,12 +305,7 @@ class ClusteredIndex:
         with self._meta_lock:
             return self._state, self._metadata.matching(filt)
 
-    def add(
-        self,
-        vectors: Any,
-        ids: Any = None,
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> I64:
+    def add(self, vectors: Any, ids: Any = None, metadata: Documents = None) -> I64:
         """Add vectors; return their ids ``(n,)`` int64.
 
         ``ids``: distinct integers in ``[0, 2**63 - 1]`` not in the index
@@ -315,12 +318,7 @@ class ClusteredIndex:
         """
         return self._write(vectors, ids, metadata, replace=False)
 
-    def upsert(
-        self,
-        vectors: Any,
-        ids: Any,
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> I64:
+    def upsert(self, vectors: Any, ids: Any, metadata: Documents = None) -> I64:
         """Add vectors, replacing those whose ids exist (and their metadata, when given;
         without ``metadata`` an existing id keeps its metadata). Returns the ids."""
         if ids is None:

@@ -84,7 +84,11 @@ class IndexState:
             metric=data.metric,
             backend=backend,
             tree=tree,
-            table=CodeTable.for_tree(tree, data.metric) if has_codes else None,
+            table=(
+                CodeTable.for_tree(tree, data.metric, data.quantizer.code_bits)
+                if has_codes
+                else None
+            ),
             base=base,
             delta=base.empty_like(tree.n_leaves),
             row_id=ids,
@@ -102,7 +106,7 @@ class IndexState:
         """The code table for ``tree`` (this state's own when the tree is unchanged)."""
         if tree is self.tree or self.table is None:
             return self.table
-        return CodeTable.for_tree(tree, self.metric)
+        return CodeTable.for_tree(tree, self.metric, self.quantizer.code_bits)
 
     @property
     def parts(self) -> tuple[Part, Part]:

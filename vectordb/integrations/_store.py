@@ -74,7 +74,7 @@ class TextIndex:
     build_options : dict, optional
         For :meth:`ClusteredIndex.build` at the first write: ``branching_factor``,
         ``max_leaf_size``, ``max_iterations``, ``seed``, ``rotate``, ``leaf_scan``,
-        ``target_recall``, ``backend``.
+        ``code_bits``, ``target_recall``, ``backend``.
     """
 
     def __init__(

@@ -1,6 +1,7 @@
 """The index directory's format: file names, versions, the manifest, the arrays.
 
-Layout of a saved index (format version 3; version 2 keeps ``norms.npy`` and, for ip,
+Layout of a saved index (format version 4; version 3 has 1-bit codes only, and an index of
+1-bit codes is still saved as version 3; version 2 keeps ``norms.npy`` and, for ip,
 ``dots.npy`` in place of ``factors.npy``; version 1 also lacks the manifest checksum)::
 
     my_index/
@@ -11,9 +12,10 @@ Layout of a saved index (format version 3; version 2 keeps ``norms.npy`` and, fo
       children.npy      (n_nodes, branching) int64  child node ids, -1 padded
       leaf_of_node.npy  (n_nodes,) int64            leaf number, -1 for inner nodes
       leaf_offsets.npy  (n_leaves + 1,) int64       storage rows of each leaf
-      codes.npy         (words, n) uint64           word-major residual sign codes  } only with
-      factors.npy       (4, n) float32              the estimate's per-vector       } leaf_scan
-                                                    factors (core.codes)            } "codes"
+      codes.npy         (code_bits * words, n)      word-major residual codes,      } only with
+                        uint64                      bit by bit (core.codes)         } leaf_scan
+      factors.npy       (4, n) float32              the estimate's per-vector       } "codes"
+                                                    factors (core.codes)            }
       ids.npy           (n,) int64                  id of every storage row
       perm.npy          (bits,) int64               rotation: permutation  } only when built
       blocks.npy        (bits/64, 64, 64) float32   rotation: blocks       } with rotate=True
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._validation import MAX_BRANCHING, MAX_ITERATIONS
+from .._validation import MAX_BRANCHING, MAX_CODE_BITS, MAX_ITERATIONS
 from ..core.codes import BLOCK, FACTORS, words_for
 from ..core.metrics import Metric
 from ..errors import InvalidIndexFileError
@@ -61,10 +63,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "vectordb.ClusteredIndex"
-#: Version 2 adds the manifest's own checksum, version 3 the RaBitQ factors; directories of
-#: versions 1 and 2 still open (their factors are computed from the vectors at open).
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: Version 2 adds the manifest's own checksum, version 3 the RaBitQ factors, version 4 codes
+#: of more than one bit a coordinate (``params.code_bits``); directories of versions 1 and 2
+#: still open (their factors are computed from the vectors at open). An index of 1-bit codes
+#: is still saved as version 3, which earlier releases open.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 VECTORS = "vectors.bin"
 METADATA = "metadata.sqlite"
@@ -96,6 +100,7 @@ _INT_PARAMS = {
     "max_iterations": (1, MAX_ITERATIONS),
     "seed": (0, None),
     "leaf_target": (1, None),
+    "code_bits": (1, MAX_CODE_BITS),
 }
 #: Parameters every manifest has had since format version 1.
 _REQUIRED_PARAMS = frozenset({"branching_factor"})
@@ -136,6 +141,9 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
     except ValueError:
         raise bad_file(path, f"unknown metric {manifest.get('metric')!r}") from None
     _check_params(manifest.get("params"), path)
+    if version < FORMAT_VERSION and manifest["params"].get("code_bits", 1) != 1:
+        bits = manifest["params"]["code_bits"]
+        raise bad_file(path, f"params.code_bits is {bits}, but version {version} has 1-bit codes")
     _check_file_entries(manifest.get("files"), path)
     return manifest
 
@@ -293,7 +301,8 @@ def expected_arrays(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype[Any], 
         "ids.npy": (np.int64, (n,)),
     }
     if params["leaf_scan"] == "codes":
-        expected["codes.npy"] = (np.uint64, (words_for(bits), n))
+        code_bits = params.get("code_bits", 1)
+        expected["codes.npy"] = (np.uint64, (code_bits * words_for(bits), n))
         if manifest["format_version"] >= 3:
             expected["factors.npy"] = (np.float32, (FACTORS, n))
         else:
@@ -331,7 +340,7 @@ def manifest_of(data: IndexData, files: dict[str, dict[str, int]]) -> bytes:
     return sign_manifest(
         {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if data.quantizer.code_bits > 1 else 3,
             "dim": data.dim,
             "metric": data.metric.value,
             "n": data.n,

@@ -333,7 +333,12 @@ def _data_of(
         children=arrays["children.npy"],
         leaf_of_node=arrays["leaf_of_node.npy"],
     )
-    quantizer = Quantizer(manifest["dim"], arrays.get("perm.npy"), arrays.get("blocks.npy"))
+    quantizer = Quantizer(
+        manifest["dim"],
+        arrays.get("perm.npy"),
+        arrays.get("blocks.npy"),
+        manifest["params"].get("code_bits", 1),
+    )
     codes = arrays.get("codes.npy")
     factors = arrays.get("factors.npy")
     if codes is not None and factors is None:
