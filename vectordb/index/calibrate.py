@@ -199,6 +199,7 @@ def _kth_distance(state: IndexState, q: F32, live: I64, sample: I64) -> F32:
     for start in range(0, live.shape[0], block):
         rows = live[start : start + block]
         d = pairwise_distances(q, state.storage.take(rows), state.metric)
+        state.storage.release(int(rows[0]), int(rows[-1]) + 1)  # read once: not kept mapped
         d[rows[None, :] == sample[:, None]] = np.inf  # leave the query itself out
         both_d = np.concatenate([best_d, d], axis=1)
         both_r = np.concatenate([best_r, np.broadcast_to(rows, d.shape)], axis=1)

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._progress import log
 from .._types import F32, I64
 from ..errors import IndexClosedError, InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import atomic_write, names_file, storage_error
+from .memory import page_cache_room
 from .scratch import lock_scratch
 
 __all__ = [
@@ -116,6 +118,9 @@ class InMemoryStorage:
     def slice(self, a: int, b: int) -> F32:
         """Rows ``a:b`` as ``(b - a, d)`` float32 (a view)."""
         return self._buf[a:b]
+
+    def release(self, a: int, b: int) -> None:
+        """Nothing to release in RAM (see ``MmapStorage.release``)."""
 
     def append(self, x: F32) -> int:
         """Append rows ``(m, d)``; return the row number of the first."""
@@ -319,6 +324,15 @@ class MmapStorage:
         """A :class:`Warmer` of the mapped file (``IndexClosedError`` once closed)."""
         if self._closed:
             raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
+        room, size = page_cache_room(), self._n_base * self.dim * 4
+        if room is not None and size > room:
+            log.warning(
+                "%s: %.1f GB of vectors, more than the %.1f GB the page cache can hold here: "
+                "warming cannot keep them all, and searches will read from the disk",
+                self.path,
+                size / 1e9,
+                room / 1e9,
+            )
         return Warmer(self)
 
     def warm(self, on_bytes: Callable[[int], None] | None = None) -> int:
@@ -333,6 +347,19 @@ class MmapStorage:
                 if on_bytes is not None:
                     on_bytes(n)
             return warmer.done
+
+    def release(self, a: int, b: int) -> None:
+        """Unmap the pages of rows ``a:b`` from this process (``MADV_DONTNEED``) after a
+        pass that read them once: they stay in the page cache, and the next access maps
+        them again without a read; the process's resident memory does not keep the whole
+        file after a brute force over it. A no-op where the OS lacks the call."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        row = 4 * self.dim
+        lo = (max(0, a) * row // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = min(self._n_base, b) * row
+        if hi > lo:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def drop_cache(self) -> None:
         """Evict the mapped file's pages from this mapping and from the OS page cache.
