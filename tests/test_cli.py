@@ -181,3 +181,24 @@ def test_saved_files_share_one_mode(built):
     # Readable by whoever may read the other files (process sharing), not 0600 for some.
     modes = {p.name: p.stat().st_mode & 0o777 for p in built.iterdir() if p.is_file()}
     assert len(set(modes.values())) == 1, modes
+
+
+def test_build_with_a_memory_limit_builds_on_disk(files, tmp_path):
+    root, x = files
+    out = tmp_path / "index"
+    code, stdout, _ = run(
+        "build", str(root / "vectors.npy"), str(out), "--metric", "cosine", "--memory-limit", "96M"
+    )
+    assert code == 0 and "built 2,900 x 64 (cosine" in stdout
+    with vdb.ClusteredIndex.open(out) as index, vdb.ClusteredIndex.open(out) as again:
+        assert len(index) == 2900
+        np.testing.assert_array_equal(index.search(x[0], 3)[0], again.search(x[0], 3)[0])
+        assert index.search(x[0], 1)[0][0] == 0
+    code, _, stderr = run(
+        "build", str(root / "vectors.npy"), str(tmp_path / "b"), "--memory-limit", "lots"
+    )
+    assert code != 0 and "--memory-limit must be bytes" in stderr
+    code, _, stderr = run(
+        "build", str(root / "vectors.npy"), str(tmp_path / "c"), "--memory-limit", "1M"
+    )
+    assert code != 0 and "at least 64 MiB" in stderr and not (tmp_path / "c").exists()

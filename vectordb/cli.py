@@ -124,6 +124,22 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, no_progress: bool) -> No
         logger.setLevel(logging.INFO)
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str, option: str) -> int:
+    """``2G``, ``512M``, ``1048576``: bytes (binary units)."""
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise InvalidParameterError(
+            f"{option} must be bytes, or a number with K, M, G or T; got {text!r}"
+        ) from None
+
+
 def _progress() -> bool | None:
     obj = click.get_current_context().find_root().obj or {}
     value = obj.get("progress")
@@ -164,6 +180,11 @@ def _progress() -> bool | None:
     help="Bits a coordinate of a code takes (auto: 1 from 128 dimensions up, else 4).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--memory-limit",
+    help="Build straight into OUT_DIR holding about this much RAM besides the index's own "
+    "(bytes, or with K, M, G: 2G), for inputs larger than RAM.",
+)
 @click.option("--force", is_flag=True, help="Replace an index already at OUT_DIR.")
 @_handle_errors
 def build(
@@ -177,9 +198,11 @@ def build(
     leaf_scan: str,
     code_bits: str,
     seed: int,
+    memory_limit: str | None,
     force: bool,
 ) -> None:
     """Build an index over VECTORS.npy (n x d) and save it to OUT_DIR."""
+    limit = None if memory_limit is None else _size(memory_limit, "--memory-limit")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InvalidParameterError(f"{out_dir} exists and is not empty; use --force to replace it")
     # Checked before hours of building, not at the save.
@@ -200,9 +223,12 @@ def build(
         code_bits=code_bits if code_bits == "auto" else int(code_bits),
         seed=seed,
         progress=_progress(),
+        path=None if limit is None else out_dir,
+        memory_limit=limit,
     )
     del x
-    index.save(out_dir, progress=_progress())
+    if limit is None:
+        index.save(out_dir, progress=_progress())
     ram = index.memory_usage_bytes() - index.vector_ram_bytes
     click.echo(
         f"built {len(index):,} x {index.dim} ({index.metric.value}, {index.n_leaves} leaves, "

@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
 from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
+from .ondisk import build_into
 from .state import IndexState
 
 __all__ = ["ClusteredIndex"]
@@ -79,9 +81,13 @@ class ClusteredIndex:
         target_recall: float = DEFAULT_TARGET,
         backend: str = "auto",
         progress: bool | None = None,
+        path: str | os.PathLike[str] | None = None,
+        memory_limit: int | None = None,
     ) -> ClusteredIndex:
         """Build an index over ``vectors``, and calibrate its search defaults (see
-        :mod:`vectordb.index.calibrate`).
+        :mod:`vectordb.index.calibrate`). With ``path``, straight into that directory holding
+        about ``memory_limit`` bytes (default 1 GiB) besides the index's own RAM, and returned
+        opened from it, mmap (:mod:`vectordb.index.ondisk`).
 
         Raises ``InvalidVectorsError`` for empty, ragged, non-numeric or non-finite vectors
         (and zero rows with cosine), ``InvalidParameterError`` for any parameter out of
@@ -91,22 +97,19 @@ class ClusteredIndex:
         Parameters
         ----------
         vectors : array_like of shape (n, d)
-            Real numbers, converted to contiguous float32. No NaN or infinity.
+            Real numbers, converted to contiguous float32. No NaN or infinity. With
+            ``path``, also a memory-mapped ``.npy`` or an iterable of ``(m, d)`` batches.
         ids : array-like of n distinct integers >= 0, optional
             External ids (int64); default ``0..n-1``.
         metadata : sequence of n dicts (or None), optional
             JSON-serialisable metadata per vector, for ``filter=`` in searches.
-        branching_factor : int, >= 2
-            Children of every inner tree node.
-        max_leaf_size : int, >= 1
-            A node with more vectors than this is split again.
+        branching_factor, max_leaf_size : int, >= 2 and >= 1
+            Children of every inner tree node; a node of more vectors is split again.
         metric : {"l2", "cosine", "ip"} or Metric
             ``l2`` = squared Euclidean, ``cosine`` = 1 - cosine similarity (vectors are
             normalised on input), ``ip`` = negative inner product.
-        max_iterations : int, >= 1
-            Lloyd iterations of every k-means split.
-        seed : int, >= 0
-            Builds are deterministic for a given seed (and BLAS thread count).
+        max_iterations, seed : int, >= 1 and >= 0
+            Lloyd iterations of every k-means split; builds are deterministic for a seed.
         rotate : bool
             Rotate vectors randomly (a permutation and 64 x 64 orthogonal blocks, ``256 * d``
             bytes) before taking code bits. Keep it on: uneven coordinates rank badly without.
@@ -126,7 +129,6 @@ class ClusteredIndex:
             to ties within float32 rounding of the distances.
         progress : bool, optional
             Progress bars on a terminal (needs tqdm); ``False`` never.
-
         """
         metric = parse_metric(metric)
         chosen = resolve_backend(backend)
@@ -134,6 +136,13 @@ class ClusteredIndex:
             branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan, code_bits
         )
         p["target_recall"] = check_target(target_recall)
+        if path is not None:
+            args = (vectors, Path(path), ids, metadata, metric, p, memory_limit, progress)
+            return build_into(
+                partial(cls, backend=chosen), partial(cls.open, backend=backend), *args
+            )
+        if memory_limit is not None:
+            raise InvalidParameterError("memory_limit is for a build with path=")
         return cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)
 
     def __len__(self) -> int:
@@ -175,9 +184,8 @@ class ClusteredIndex:
         return self._state.backend.name
 
     def use_backend(self, backend: str) -> None:
-        """Switch the search backend (``"auto"``, ``"numpy"``, ``"numba"``, ``"cupy"``) without
-        a rebuild: the same neighbours, up to ties within float32 rounding (see
-        ``backends``)."""
+        """Switch the search backend (``backend=`` of :meth:`build`) without a rebuild: the
+        same neighbours, up to ties within float32 rounding (see ``backends``)."""
         chosen = resolve_backend(backend)
         with self._write_lock:
             self._state = self._state.replace(backend=chosen)
@@ -398,12 +406,9 @@ class ClusteredIndex:
         return np.sort(self._metadata.matching(filt))
 
     def get_vectors(self, ids: Any) -> F32:
-        """The stored vectors of ``ids``: ``(n,)`` ints in, ``(n, d)`` float32 out, in order.
-
-        What the index holds: with ``metric="cosine"`` the vectors normalised to unit
-        length. Unknown ids raise ``UnknownIdError``. In mmap mode the rows are read from
-        the file (page faults, no copy of the rest).
-        """
+        """The stored vectors of ``ids``: ``(n,)`` ints in, ``(n, d)`` float32 out, in order;
+        with ``metric="cosine"`` normalised to unit length. Unknown ids raise
+        ``UnknownIdError``. In mmap mode the rows are read from the file (page faults)."""
         st = self._state
         rows = st.rows_of(as_ids(ids))
         if rows.size == 0:
@@ -429,8 +434,7 @@ class ClusteredIndex:
         """Read the mapped vector file once, in order (the steps of :meth:`warmer`), so that
         its pages are in the page cache and the first searches do not wait for the disk;
         returns bytes read (0 in RAM). ``progress``: as for :meth:`save`."""
-        storage = self._state.storage
-        if not isinstance(storage, MmapStorage):
+        if not isinstance(storage := self._state.storage, MmapStorage):
             return 0
         with progress_bar(storage.vectors.nbytes, "warming", unit="B", progress=progress) as bar:
             return storage.warm(bar.update)
@@ -438,14 +442,11 @@ class ClusteredIndex:
     def warmer(self) -> Warmer | None:
         """The steps of :meth:`warm` (``None`` in RAM): a read of the mapped file, chunk by
         chunk, for callers that run each step elsewhere (the async engine's executor)."""
-        storage = self._state.storage
-        return storage.warmer() if isinstance(storage, MmapStorage) else None
+        return st.warmer() if isinstance(st := self._state.storage, MmapStorage) else None
 
     def drop_cache(self) -> None:
-        """Evict the mapped vectors' pages (this process's and the OS page cache's), to
-        measure cold reads; a no-op in RAM."""
-        storage = self._state.storage
-        if isinstance(storage, MmapStorage):
+        """Evict the mapped vectors' pages (this process's and the page cache's); RAM: no-op."""
+        if isinstance(storage := self._state.storage, MmapStorage):
             storage.drop_cache()
 
     def close(self) -> None:
