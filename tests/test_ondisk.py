@@ -284,3 +284,12 @@ def test_warm_says_when_the_vectors_cannot_fit_in_the_page_cache(
         with caplog.at_level("WARNING", logger="vectordb"):
             index.warm()
         assert caplog.text == ""
+
+
+@pytest.mark.asyncio
+async def test_the_async_engine_serves_an_index_built_on_disk(data, tmp_path):
+    vdb.ClusteredIndex.build(data[:3_000], path=tmp_path / "idx").close()
+    async with await vdb.AsyncEngine.open(tmp_path / "idx", mmap=True) as engine:
+        assert await engine.warm() == 3_000 * 48 * 4
+        ids, _ = await engine.search(data[42], 1)
+        assert ids[0] == 42
