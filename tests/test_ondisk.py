@@ -93,7 +93,7 @@ def test_every_row_goes_to_its_nearest_leaf_in_chunks(data, monkeypatch):
     x = data[:1_000]
     centres = data[1_000:1_007]
     want = np.argmin(((x[:, None] - centres[None]) ** 2).sum(axis=2), axis=1)
-    np.testing.assert_array_equal(ondisk._nearest_leaves(x, centres), want)
+    np.testing.assert_array_equal(ondisk._nearest_leaves(x, None, centres), want)  # flat: no tree
 
 
 def test_it_replaces_an_index_and_refuses_anything_else(data, tmp_path):
@@ -293,3 +293,28 @@ async def test_the_async_engine_serves_an_index_built_on_disk(data, tmp_path):
         assert await engine.warm() == 3_000 * 48 * 4
         ids, _ = await engine.search(data[42], 1)
         assert ids[0] == 42
+
+
+def test_the_tree_descent_finds_the_nearest_leaf_almost_always(data):
+    from vectordb.core.tree import build_tree
+
+    x = data[:6_000]
+    tree, _, _ = build_tree(x, branching_factor=4, max_leaf_size=20, max_iterations=10, seed=0)
+    centres = np.ascontiguousarray(tree.centroids[tree.leaf_nodes])
+    nearest = np.argmin(((x[:, None] - centres[None]) ** 2).sum(axis=2), axis=1)
+    got = ondisk._descend(x, tree)
+    assert got.min() >= 0 and got.max() < tree.n_leaves and tree.n_leaves > 100
+    assert (got == nearest).mean() >= 0.95  # a beam of 4 nodes a level: measured 0.989
+    far, near = ((x - centres[got]) ** 2).sum(axis=1), ((x - centres[nearest]) ** 2).sum(axis=1)
+    assert np.median(far - near) == 0 and (far - near).mean() < 0.1 * near.mean()
+
+
+def test_a_build_with_many_leaves_assigns_by_the_descent(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(ondisk, "_DESCEND_ABOVE", 8)
+    called = []
+    real = ondisk._descend
+    monkeypatch.setattr(ondisk, "_descend", lambda x, tree: called.append(1) or real(x, tree))
+    x, q = data[:6_000], data[6_000:]
+    with vdb.ClusteredIndex.build(x, max_leaf_size=100, path=tmp_path / "idx") as index:
+        assert called and index.n_leaves > 8
+        assert recall(index.search_batch(q, K)[0], brute(x, q, "l2")) >= 0.93

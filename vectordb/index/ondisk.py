@@ -5,8 +5,9 @@ Each step is a pass over the input, block by block (``sources.VectorSource``):
 
 1. **sample**: rows drawn at random build the tree as a build in RAM does
    (``core.tree.build_tree`` and ``refine_leaves``), its leaves sized for the whole input;
-2. **assign**: every row to its nearest leaf centroid, every leaf centroid then moved to
-   the mean of its rows;
+2. **assign**: every row to its nearest leaf centroid (down the tree, keeping a few nodes
+   a level, when the leaves are many), every leaf centroid then moved to the mean of its
+   rows;
 3. **write**: every row into a new vector file at its place in leaf order (a counting
    sort: a leaf's rows keep their input order), ids with them;
 4. **code**: the vector file read back in order, leaf by leaf: rotation, codes, factors
@@ -242,7 +243,7 @@ def _assign(
     sums = np.zeros((tree.n_leaves, source.dim), dtype=np.float64)
     with progress_bar(source.n, "assigning", unit="vec", progress=progress) as bar:
         for start, x in source.blocks():
-            got = _nearest_leaves(x, centres)
+            got = _nearest_leaves(x, tree, centres)
             labels[start : start + x.shape[0]] = got
             for j in range(source.dim):  # one coordinate at a time: no (m, d) float64 copy
                 sums[:, j] += np.bincount(got, weights=x[:, j], minlength=tree.n_leaves)
@@ -268,14 +269,62 @@ def _assign(
 _ASSIGN_BYTES = 32 << 20
 
 
-def _nearest_leaves(x: F32, centres: F32) -> I64:
-    """The nearest leaf centroid (squared l2) of every row of ``x`` ``(m, d)``: ``(m,)``
-    int64, every leaf scored (BLAS), chunk by chunk. (The tree's beam, which a search
-    takes, scored 1M x 384 against 4,879 leaves 5x slower, for its exactness checks.)"""
+def _nearest_leaves(x: F32, tree: Tree, centres: F32) -> I64:
+    """The leaf of every row of ``x`` ``(m, d)``: ``(m,)`` int64. Up to ``_DESCEND_ABOVE``
+    leaves, the nearest leaf centroid (squared l2), every leaf scored (BLAS) chunk by chunk;
+    above, the tree's descent (:func:`_descend`), whose cost does not grow with the leaves.
+    (The search's beam, ``route``, was 5x slower than the flat scores at 1M x 384 with 4,879
+    leaves, for its exactness checks.)"""
+    if centres.shape[0] > _DESCEND_ABOVE:
+        return _descend(x, tree)
     out = np.empty(x.shape[0], dtype=np.int64)
     rows = max(64, _ASSIGN_BYTES // (4 * centres.shape[0]))
     for a in range(0, x.shape[0], rows):
         out[a : a + rows] = assign(x[a : a + rows], centres)
+    return out
+
+
+#: Nodes kept per level by the tree descent that assigns rows to leaves when the leaves are
+#: too many to score them all (``_DESCEND_ABOVE``), and rows descended at once.
+_BEAM = 4
+_DESCEND_ABOVE = 2048
+_DESCEND_ROWS = 256
+
+
+def _descend(x: F32, tree: Tree) -> I64:
+    """The leaf (number) each row of ``x`` ``(m, d)`` reaches down ``tree``, keeping the
+    ``_BEAM`` nearest nodes (squared l2 to their centroids) at every level: ``(m,)`` int64.
+    A leaf met above the deepest level stays a candidate as it is."""
+    kids = tree.children_or_none
+    is_leaf = np.append(tree.leaf_of_node >= 0, False)  # the extra row: "no node"
+    sq = np.append(np.einsum("nd,nd->n", tree.centroids, tree.centroids), np.inf)
+    none = tree.n_nodes
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for a in range(0, x.shape[0], _DESCEND_ROWS):
+        part = x[a : a + _DESCEND_ROWS]
+        frontier = np.zeros((part.shape[0], 1), dtype=np.int64)
+        while True:
+            nodes = np.where(frontier < 0, none, frontier)
+            stay = is_leaf[nodes] | (nodes == none)
+            if stay.all():
+                break
+            # A leaf goes on as itself; an inner node as its children; "no node" as none.
+            cand = np.where(stay[..., None], none, kids[nodes])
+            cand[..., 0] = np.where(stay, nodes, cand[..., 0])
+            cand = cand.reshape(part.shape[0], -1)
+            cand[cand < 0] = none
+            gathered = tree.centroids[np.minimum(cand, none - 1)]
+            dist = sq[cand] - 2.0 * np.einsum("md,mcd->mc", part, gathered)
+            width = min(_BEAM, cand.shape[1])
+            best = np.argpartition(dist, width - 1, axis=1)[:, :width]
+            picked = np.take_along_axis(cand, best, axis=1)
+            frontier = np.where(np.isinf(np.take_along_axis(dist, best, axis=1)), -1, picked)
+        nodes = np.where(frontier < 0, none, frontier)
+        gathered = tree.centroids[np.minimum(nodes, none - 1)]
+        dist = sq[nodes] - 2.0 * np.einsum("md,mcd->mc", part, gathered)
+        out[a : a + part.shape[0]] = tree.leaf_of_node[
+            nodes[np.arange(part.shape[0]), np.argmin(dist, axis=1)]
+        ]
     return out
 
 
