@@ -28,7 +28,7 @@ from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
 from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
-from .ondisk import build_into
+from .ondisk import BuildInput, build_into
 from .state import IndexState
 
 __all__ = ["ClusteredIndex"]
@@ -137,10 +137,9 @@ class ClusteredIndex:
         )
         p["target_recall"] = check_target(target_recall)
         if path is not None:
-            args = (vectors, Path(path), ids, metadata, metric, p, memory_limit, progress)
-            return build_into(
-                partial(cls, backend=chosen), partial(cls.open, backend=backend), *args
-            )
+            given = BuildInput(vectors, ids, metadata, metric, p)
+            make, reopen = partial(cls, backend=chosen), partial(cls.open, backend=backend)
+            return build_into(make, reopen, given, Path(path), memory_limit, progress)
         if memory_limit is not None:
             raise InvalidParameterError("memory_limit is for a build with path=")
         return cls(build_data(vectors, ids, metadata, metric, p, progress), chosen)

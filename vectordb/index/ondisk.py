@@ -58,7 +58,14 @@ from ..storage.vectors import MmapStorage
 from .build import AUTO_LOW_DIM_CODE_BITS, AUTO_ONE_BIT_MIN_DIM, MAX_DIM, REFINE_PASSES
 from .sources import VectorSource
 
-__all__ = ["DEFAULT_MEMORY_LIMIT", "MIN_MEMORY_LIMIT", "BuildDir", "build_into", "build_on_disk"]
+__all__ = [
+    "DEFAULT_MEMORY_LIMIT",
+    "MIN_MEMORY_LIMIT",
+    "BuildDir",
+    "BuildInput",
+    "build_into",
+    "build_on_disk",
+]
 
 #: ``memory_limit`` when none is given, and the least accepted.
 DEFAULT_MEMORY_LIMIT = 1 << 30
@@ -97,15 +104,23 @@ class _Index(Protocol):
 Index = TypeVar("Index", bound=_Index)
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildInput:
+    """What a build is given: the vectors, ``ids``, ``metadata`` and ``metric`` as
+    ``ClusteredIndex.build`` takes them, and ``params`` from ``_validation.build_params``."""
+
+    vectors: Any
+    ids: Any
+    metadata: Sequence[Mapping[str, Any] | None] | None
+    metric: Metric
+    params: dict[str, Any]
+
+
 def build_into(
     make: Callable[[IndexData], Index],
     reopen: Callable[[Path], Index],
-    vectors: Any,
+    given: BuildInput,
     path: Path,
-    ids: Any,
-    metadata: Sequence[Mapping[str, Any] | None] | None,
-    metric: Metric,
-    params: dict[str, Any],
     memory_limit: int | None,
     progress: bool | None,
 ) -> Index:
@@ -120,9 +135,7 @@ def build_into(
     check_replaceable(path, MANIFEST, "a vectordb index directory")
     work = BuildDir(path)
     try:
-        data, file, crc = build_on_disk(
-            vectors, path, ids, metadata, metric, params, limit, work, progress
-        )
+        data, file, crc = build_on_disk(given, limit, work, progress)
         index = make(data)
         try:
             SaveJob(index.snapshot, path, progress, stoppable=False, vectors_file=(file, crc)).run()
@@ -134,26 +147,19 @@ def build_into(
 
 
 def build_on_disk(
-    vectors: Any,
-    path: Path,
-    ids: Any,
-    metadata: Sequence[Mapping[str, Any] | None] | None,
-    metric: Metric,
-    params: dict[str, Any],
-    memory_limit: int,
-    work: BuildDir,
-    progress: bool | None,
+    given: BuildInput, memory_limit: int, work: BuildDir, progress: bool | None
 ) -> tuple[IndexData, Path, int]:
-    """The index over ``vectors`` (see the module docstring) as :class:`IndexData` whose
+    """The index over ``given`` (see the module docstring) as :class:`IndexData` whose
     storage maps ``work/vectors.bin``; with that file's path and CRC32, for the save that
-    moves it. ``params`` from ``_validation.build_params``."""
+    moves it."""
     started = time.perf_counter()
+    ids, metadata, metric = given.ids, given.metadata, given.metric
     if memory_limit < MIN_MEMORY_LIMIT:
         raise InvalidParameterError(
             f"memory_limit must be at least {MIN_MEMORY_LIMIT >> 20} MiB, got {memory_limit}"
         )
     source = VectorSource.of(
-        vectors, metric, int(memory_limit * _BLOCK_SHARE), work.path / "spill.f32"
+        given.vectors, metric, int(memory_limit * _BLOCK_SHARE), work.path / "spill.f32"
     )
     n, dim = source.n, source.dim
     if dim > MAX_DIM:
@@ -161,7 +167,7 @@ def build_on_disk(
     user_ids = np.arange(n, dtype=np.int64) if ids is None else check_new_ids(ids, n)
     if metadata is not None and len(metadata) != n:
         raise InvalidParameterError(f"metadata has {len(metadata)} entries for {n} vectors")
-    params = dict(params)
+    params = dict(given.params)
     leaf_scan = "codes" if params["leaf_scan"] == "auto" else params["leaf_scan"]
     if leaf_scan != "codes":
         raise InvalidParameterError("a build with path= ranks by codes: leaf_scan='codes'")
