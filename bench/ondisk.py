@@ -193,7 +193,11 @@ def main() -> None:
     group = _cgroup(args.cgroup_mb)
     if group is not None:
         label = f"cold, cgroup of {args.cgroup_mb} MiB (page cache included)"
-        rows.append(_run(_SERVE, str(args.work), "ondisk", "cold", label, cgroup=group))
+        try:
+            rows.append(_run(_SERVE, str(args.work), "ondisk", "cold", label, cgroup=group))
+        except subprocess.CalledProcessError as exc:  # e.g. killed: the index's RAM is more
+            rows.append({"index": "ondisk", "cache": label, "error": f"exit {exc.returncode}"})
+            print(json.dumps(rows[-1]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
