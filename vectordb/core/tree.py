@@ -28,7 +28,15 @@ import numpy.typing as npt
 from .._types import F32, I64
 from .kmeans import assign, kmeans, repair_empty
 
-__all__ = ["REFINE_MAX_LEAVES", "Tree", "build_tree", "refine_leaves"]
+__all__ = [
+    "REFINE_MAX_LEAVES",
+    "Tree",
+    "build_tree",
+    "label_sums",
+    "move_to_means",
+    "refine_leaves",
+    "with_leaf_means",
+]
 
 
 @dataclass(frozen=True)
@@ -217,8 +225,8 @@ def refine_leaves(
     rng = np.random.default_rng([seed, 3])
     labels = assign(x, centres)
     for done in range(1, iterations + 1):
-        sums, counts = _sums(x, labels, n_leaves)
-        _move(centres, sums, counts)  # every leaf's centroid the mean of its rows
+        sums, counts = label_sums(x, labels, n_leaves)
+        move_to_means(centres, sums, counts)  # every leaf's centroid the mean of its rows
         if done == iterations:
             break
         if not (counts > 0).all():
@@ -227,9 +235,20 @@ def refine_leaves(
         if np.array_equal(new_labels, labels):
             break  # the sums of these labels are the ones just taken
         labels = new_labels
+    refined = with_leaf_means(tree, centres, sums, counts)
+    new_order = np.argsort(labels, kind="stable").astype(np.int64)
+    new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return refined, new_order, new_offsets
+
+
+def with_leaf_means(tree: Tree, centres: F32, sums: npt.NDArray[np.float64], counts: I64) -> Tree:
+    """``tree`` with leaf centroids ``centres`` ``(n_leaves, d)`` float32 and every inner
+    node's centroid at the mean of the rows below it, from the rows' ``sums``
+    ``(n_leaves, d)`` float64 and ``counts`` ``(n_leaves,)`` per leaf (:func:`label_sums`)."""
+    leaf_nodes = tree.leaf_nodes
     centroids = tree.centroids.copy()
     centroids[leaf_nodes] = centres
-    node_sums = np.zeros((tree.n_nodes, x.shape[1]), dtype=np.float64)
+    node_sums = np.zeros((tree.n_nodes, sums.shape[1]), dtype=np.float64)
     node_counts = np.zeros(tree.n_nodes, dtype=np.int64)
     node_sums[leaf_nodes], node_counts[leaf_nodes] = sums, counts
     for node in range(tree.n_nodes - 1, -1, -1):  # children are numbered after parents
@@ -240,19 +259,16 @@ def refine_leaves(
             node_counts[node] = node_counts[kids].sum()
             if node_counts[node]:
                 centroids[node] = node_sums[node] / node_counts[node]
-    new_order = np.argsort(labels, kind="stable").astype(np.int64)
-    new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    refined = Tree(centroids=centroids, children=tree.children, leaf_of_node=tree.leaf_of_node)
-    return refined, new_order, new_offsets
+    return Tree(centroids=centroids, children=tree.children, leaf_of_node=tree.leaf_of_node)
 
 
-def _move(centres: F32, sums: npt.NDArray[np.float64], counts: I64) -> None:
+def move_to_means(centres: F32, sums: npt.NDArray[np.float64], counts: I64) -> None:
     """Centroids of the non-empty groups to their means, in place."""
     kept = counts > 0
     centres[kept] = (sums[kept] / counts[kept, None]).astype(np.float32)
 
 
-def _sums(x: F32, labels: I64, k: int) -> tuple[npt.NDArray[np.float64], I64]:
+def label_sums(x: F32, labels: I64, k: int) -> tuple[npt.NDArray[np.float64], I64]:
     """Per-label float64 sums ``(k, d)`` of the rows of ``x`` and counts ``(k,)``, one
     coordinate at a time (no copy of ``x``)."""
     counts = np.bincount(labels, minlength=k).astype(np.int64)

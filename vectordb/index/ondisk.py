@@ -46,7 +46,14 @@ from ..core.codes import FACTORS, Quantizer, encode_residuals, origin_of
 from ..core.kmeans import assign
 from ..core.metrics import Metric
 from ..core.parts import Part
-from ..core.tree import Tree, build_tree, refine_leaves
+from ..core.tree import (
+    Tree,
+    build_tree,
+    label_sums,
+    move_to_means,
+    refine_leaves,
+    with_leaf_means,
+)
 from ..errors import InvalidParameterError, InvalidVectorsError
 from ..storage.dirswap import check_replaceable, lock_dir, unlock
 from ..storage.format import MANIFEST
@@ -55,7 +62,7 @@ from ..storage.metadata import MetadataStore, encode_documents
 from ..storage.save import SaveJob
 from ..storage.snapshot import IndexData
 from ..storage.vectors import MmapStorage
-from .build import AUTO_LOW_DIM_CODE_BITS, AUTO_ONE_BIT_MIN_DIM, MAX_DIM, REFINE_PASSES
+from .build import MAX_DIM, REFINE_PASSES, resolve_ranking
 from .sources import VectorSource
 
 __all__ = [
@@ -168,12 +175,9 @@ def build_on_disk(
     if metadata is not None and len(metadata) != n:
         raise InvalidParameterError(f"metadata has {len(metadata)} entries for {n} vectors")
     params = dict(given.params)
-    leaf_scan = "codes" if params["leaf_scan"] == "auto" else params["leaf_scan"]
+    leaf_scan, code_bits = resolve_ranking(params, dim)
     if leaf_scan != "codes":
         raise InvalidParameterError("a build with path= ranks by codes: leaf_scan='codes'")
-    code_bits = params["code_bits"]
-    if code_bits == "auto":
-        code_bits = AUTO_LOW_DIM_CODE_BITS if dim < AUTO_ONE_BIT_MIN_DIM else 1
     seed = int(params["seed"])
 
     tree = _sample_tree(source, params, memory_limit, seed)
@@ -243,32 +247,20 @@ def _assign(
 ) -> tuple[npt.NDArray[np.int32], Tree]:
     """Every row's nearest leaf ``(n,)`` int32, and the tree with every leaf centroid at
     the mean of its rows (inner nodes at the mean of the rows below them)."""
-    leaf_nodes = tree.leaf_nodes
-    centres = np.ascontiguousarray(tree.centroids[leaf_nodes])
+    centres = np.ascontiguousarray(tree.centroids[tree.leaf_nodes])
     labels = np.empty(source.n, dtype=np.int32)
     sums = np.zeros((tree.n_leaves, source.dim), dtype=np.float64)
+    counts = np.zeros(tree.n_leaves, dtype=np.int64)
     with progress_bar(source.n, "assigning", unit="vec", progress=progress) as bar:
         for start, x in source.blocks():
             got = _nearest_leaves(x, tree, centres)
             labels[start : start + x.shape[0]] = got
-            for j in range(source.dim):  # one coordinate at a time: no (m, d) float64 copy
-                sums[:, j] += np.bincount(got, weights=x[:, j], minlength=tree.n_leaves)
+            block_sums, block_counts = label_sums(x, got, tree.n_leaves)
+            sums += block_sums
+            counts += block_counts
             bar.update(x.shape[0])
-    counts = np.bincount(labels, minlength=tree.n_leaves)
-    centroids = tree.centroids.copy()
-    kept = counts > 0
-    centroids[leaf_nodes[kept]] = (sums[kept] / counts[kept, None]).astype(np.float32)
-    node_sums = np.zeros((tree.n_nodes, source.dim), dtype=np.float64)
-    node_counts = np.zeros(tree.n_nodes, dtype=np.int64)
-    node_sums[leaf_nodes], node_counts[leaf_nodes] = sums, counts
-    for node in range(tree.n_nodes - 1, -1, -1):  # children are numbered after parents
-        kids = tree.children[node][tree.children[node] >= 0]
-        if kids.shape[0]:
-            node_sums[node] = node_sums[kids].sum(axis=0)
-            node_counts[node] = node_counts[kids].sum()
-            if node_counts[node]:
-                centroids[node] = node_sums[node] / node_counts[node]
-    return labels, dataclasses.replace(tree, centroids=centroids)
+    move_to_means(centres, sums, counts)
+    return labels, with_leaf_means(tree, centres, sums, counts)
 
 
 #: Bytes of the scores of one chunk of rows against every leaf, while assigning.
