@@ -29,6 +29,7 @@ __all__ = [
     "REFINE_PASSES",
     "build_data",
     "build_part",
+    "resolve_ranking",
 ]
 
 #: Hamming distances are accumulated in uint16.
@@ -45,6 +46,17 @@ AUTO_ONE_BIT_MIN_DIM = 128
 AUTO_LOW_DIM_CODE_BITS = 4
 #: Lloyd passes over all leaves after the tree is split (``core.tree.refine_leaves``).
 REFINE_PASSES = 8
+
+
+def resolve_ranking(params: Mapping[str, Any], dim: int) -> tuple[str, int]:
+    """``leaf_scan`` and ``code_bits`` of ``params`` with ``"auto"`` decided for
+    ``dim``-d vectors: codes, of ``AUTO_LOW_DIM_CODE_BITS`` below ``AUTO_ONE_BIT_MIN_DIM``
+    dimensions and 1 bit from there up."""
+    leaf_scan = "codes" if params["leaf_scan"] == "auto" else str(params["leaf_scan"])
+    code_bits = params["code_bits"]
+    if code_bits == "auto":
+        code_bits = AUTO_LOW_DIM_CODE_BITS if dim < AUTO_ONE_BIT_MIN_DIM else 1
+    return leaf_scan, int(code_bits)
 
 
 def build_part(
@@ -95,11 +107,7 @@ def build_data(
     user_ids = np.arange(n, dtype=np.int64) if ids is None else check_new_ids(ids, n)
     docs = encode_documents(metadata, n)
     x = prepare(x, metric, copy=False)
-    if leaf_scan == "auto":
-        leaf_scan = "codes"
-    code_bits = params["code_bits"]
-    if code_bits == "auto":
-        code_bits = AUTO_LOW_DIM_CODE_BITS if x.shape[1] < AUTO_ONE_BIT_MIN_DIM else 1
+    leaf_scan, code_bits = resolve_ranking(params, x.shape[1])
     if leaf_scan == "vectors":
         rotate, code_bits = False, 1  # the rotation only serves the codes
 
