@@ -83,16 +83,23 @@ class VectorSource:
     def _prepared(self, raw: Any, rows: I64) -> F32:
         """``raw`` checked and prepared for the metric. A non-finite value or a zero row
         (cosine) is reported at its row of the input (``rows``: each one's), not of the
-        block; other errors are ``as_matrix``'s and ``prepare``'s."""
-        x = as_matrix(_finite(np.asarray(raw), rows), "vectors", self.dim)
-        if self.metric is Metric.COSINE:
+        block; other errors are ``as_matrix``'s and ``prepare``'s. (The checks are theirs:
+        only a block they refuse is looked at again, for its row numbers.)"""
+        try:
+            x = as_matrix(raw, "vectors", self.dim)
+        except InvalidVectorsError:
+            _finite(np.asarray(raw), rows)
+            raise
+        try:
+            return prepare(x, self.metric, copy=False)
+        except InvalidVectorsError:
             zero = np.flatnonzero(~x.any(axis=1))
-            if zero.shape[0]:
+            if self.metric is Metric.COSINE and zero.shape[0]:
                 raise InvalidVectorsError(
                     f"row {int(rows[zero[0]])} is a zero vector, which has no direction for "
                     "the cosine metric"
-                )
-        return prepare(x, self.metric, copy=False)
+                ) from None
+            raise
 
 
 class FileRows:
@@ -145,11 +152,11 @@ class FileRows:
         return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.shape[1])
 
 
-def _finite(x: Any, rows: I64) -> Any:
-    """``x`` itself, or ``InvalidVectorsError`` naming the input row of its first NaN or
-    infinity (after conversion to float32, as ``as_matrix`` converts)."""
+def _finite(x: Any, rows: I64) -> None:
+    """``InvalidVectorsError`` naming the input row of the first NaN or infinity of ``x``
+    (after conversion to float32, as ``as_matrix`` converts), if it has one."""
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        return x  # as_matrix says what is wrong
+        return  # as_matrix says what is wrong
     with np.errstate(over="ignore"):
         bad = ~np.isfinite(x.astype(np.float32, copy=False))
     if bad.any():
@@ -158,7 +165,6 @@ def _finite(x: Any, rows: I64) -> Any:
             f"vectors contain NaN or infinite values, or values too large for float32 (first "
             f"at row {int(rows[row])}, column {col}); clean or clip them first"
         )
-    return x
 
 
 def _spill(batches: Iterable[Any], path: Path) -> tuple[int, int]:
