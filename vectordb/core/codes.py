@@ -239,8 +239,6 @@ class Quantizer:
     def encode(self, levels: npt.NDArray[np.uint8]) -> U64:
         """Word-major codes ``(code_rows, n)`` uint64 of the levels ``(n, bits)`` uint8 of
         rotated residuals (:func:`code_levels`)."""
-        if self.code_bits == 1:
-            return np.ascontiguousarray(pack_signs(levels).T)
         planes = [pack_signs((levels >> j) & 1).T for j in range(self.code_bits)]
         return np.ascontiguousarray(np.concatenate(planes, axis=0))
 
