@@ -318,3 +318,12 @@ def test_a_build_with_many_leaves_assigns_by_the_descent(data, tmp_path, monkeyp
     with vdb.ClusteredIndex.build(x, max_leaf_size=100, path=tmp_path / "idx") as index:
         assert called and index.n_leaves > 8
         assert recall(index.search_batch(q, K)[0], brute(x, q, "l2")) >= 0.93
+
+
+def test_a_list_of_rows_is_the_array_it_spells(data, tmp_path):
+    rows = data[:300].tolist()
+    with vdb.ClusteredIndex.build(rows, path=tmp_path / "idx") as index:
+        assert len(index) == 300 and index.search(data[7], 1)[0][0] == 7
+    batches = [data[:200], data[200:300]]  # a list of batches stays batches
+    with vdb.ClusteredIndex.build(batches, path=tmp_path / "idx2") as index:
+        assert len(index) == 300

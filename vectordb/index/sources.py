@@ -50,6 +50,9 @@ class VectorSource:
         """A source over ``vectors``: an array (or anything ``np.asarray`` makes 2-D without
         copying a memmap), or an iterable of 2-D batches, written to the file ``spill``
         (float32, row after row) as they come. ``block_bytes``: the most each block takes."""
+        rows_listed = isinstance(vectors, (list, tuple)) and len(vectors) > 0
+        if rows_listed and np.ndim(vectors[0]) == 1:  # a list of rows, as a build in RAM takes
+            vectors = np.asarray(vectors)
         if isinstance(vectors, np.ndarray) or hasattr(vectors, "__array__"):
             rows: Any = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
             dim = rows.shape[1] if rows.ndim == 2 else 1
