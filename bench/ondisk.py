@@ -2,7 +2,8 @@
 searches with the page cache smaller than the vector file.
 
     python bench/ondisk.py --n 1000000 --dim 384 --work /tmp/ondisk [--memory-limit 1G]
-        [--cgroup-mb 600] [--out bench/results/DATE-ondisk/ondisk.json]
+        [--cgroup-mb 600] [--peers faiss-ivfflat hnswlib]
+        [--out bench/results/DATE-ondisk/ondisk.json]
 
 1. ``vectordb.make_clustered`` data (``n + 1000`` rows, the last 1,000 the queries; past a
    million rows, a million at a time, each with clusters of its own, the queries from the
@@ -14,7 +15,10 @@ searches with the page cache smaller than the vector file.
 3. each index opened (mmap) in a fresh process, warmed: recall@10 at the defaults, batched
    and one-at-a-time QPS; then, where a memory cgroup (v1) can be made, the on-disk index
    in a process limited to ``--cgroup-mb`` (page cache included), from a dropped cache.
-   ``--skip-ram-build``: the build on disk only (for inputs the build in RAM cannot hold).
+   ``--skip-ram-build``: the build on disk only (for inputs the build in RAM cannot hold);
+4. ``--peers faiss-ivfflat hnswlib``: each built in RAM from the same ``.npy`` in a fresh
+   process (built on two threads, searched on one, as above), its peak RSS, and at the
+   first point of its sweep with recall@10 >= 0.95, batched and one-at-a-time QPS.
 
 Prints one JSON object per measurement; ``--out`` keeps them all.
 """
@@ -88,6 +92,49 @@ print(json.dumps({"index": name, "cache": "warm" if warm else sys.argv[4],
                   "recall_at_defaults": round(recall(ids), 4), "qps_batch": round(batch),
                   "qps_single": round(single), "rss_anon_mb": status["RssAnon"],
                   "rss_file_mb": status["RssFile"]}))
+"""
+
+_PEER = r"""
+import json, resource, sys, threading, time
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+from peers import RUNNERS
+name, work = sys.argv[1], sys.argv[2]
+peak = {"RssAnon": 0}
+def watch():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak["RssAnon"] = max(peak["RssAnon"], int(line.split()[1]) / 1024)
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
+q = np.load(f"{work}/q.npy"); truth = np.load(f"{work}/truth.npy")
+runner = RUNNERS[name]("cosine", 2, True)  # two threads to build, as vectordb's BLAS has
+runner.setup()
+t = time.perf_counter()
+runner.build(np.array(np.load(f"{work}/x.npy", mmap_mode="r")))
+build = time.perf_counter() - t
+if name.startswith("faiss"):  # and one to search, as vectordb's search_batch
+    import faiss; faiss.omp_set_num_threads(1)
+else:
+    runner.index.set_num_threads(1)
+row = {"peer": name, "built": "in RAM", "build_s": round(build, 1),
+       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+       "peak_anon_mb": round(peak["RssAnon"]), "index_ram_mb": round(runner.index_bytes() / 1e6, 1)}
+for point in runner.points():  # the first point of the sweep at recall >= 0.95
+    t = time.perf_counter()
+    ids = runner.search_batch(q, 10, point)
+    batch = len(q) / (time.perf_counter() - t)
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]))
+    if recall >= 0.95:
+        t = time.perf_counter()
+        for v in q[:300]:
+            runner.search_batch(v[None], 10, point)
+        single = 300 / (time.perf_counter() - t)
+        row.update(point=point, recall=round(recall, 4), qps_batch=round(batch),
+                   qps_single=round(single))
+        break
+print(json.dumps(row))
 """
 
 
@@ -179,6 +226,12 @@ def main() -> None:
     parser.add_argument(
         "--skip-ram-build", action="store_true", help="only the build on disk (inputs past RAM)"
     )
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=[],
+        help="libraries of bench/peers.py built in RAM beside (e.g. faiss-ivfflat hnswlib)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     _prepare(args.work, args.n, args.dim)
@@ -190,6 +243,8 @@ def main() -> None:
         rows.append(_run(_BUILD, mode, str(args.work / "x.npy"), str(args.work / name)))
     for _, name in builds:
         rows.append(_run(_SERVE, str(args.work), name, "warm"))
+    for peer in args.peers:
+        rows.append(_run(_PEER, peer, str(args.work), str(Path(__file__).resolve().parent)))
     group = _cgroup(args.cgroup_mb)
     if group is not None:
         label = f"cold, cgroup of {args.cgroup_mb} MiB (page cache included)"
