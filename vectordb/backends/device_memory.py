@@ -15,6 +15,7 @@ import numpy as np
 
 from ..core.codes import FACTORS
 from ..core.parts import Part
+from ..storage.memory import reading_in_order
 
 __all__ = ["DevicePart", "IdCache", "VectorMirror", "fits", "rotation"]
 
@@ -85,9 +86,10 @@ class VectorMirror:
                     grown[: self._n] = self._buf[: self._n]
                     self._buf = grown
                 step = max(1, _UPLOAD_BYTES // (4 * max(1, dim)))
-                for a in range(self._n, n, step):
-                    b = min(n, a + step)
-                    self._buf[a:b] = cp.asarray(np.ascontiguousarray(storage.slice(a, b)))
+                with reading_in_order(storage):
+                    for a in range(self._n, n, step):
+                        b = min(n, a + step)
+                        self._buf[a:b] = cp.asarray(np.ascontiguousarray(storage.slice(a, b)))
             except MemoryError as exc:  # CuPy's OutOfMemoryError is one
                 self._buf = None
                 log.info("cupy backend: %s; reranking on the host from now on", exc)

@@ -26,6 +26,7 @@ from .._types import F32, I64
 from .._validation import positive_int
 from ..core.metrics import distances, pairwise_distances
 from ..errors import InvalidParameterError
+from ..storage.memory import reading_in_order
 from .state import BOUNDED_RERANK, IndexState
 
 __all__ = [
@@ -144,7 +145,8 @@ def calibrate(state: IndexState, seed: int) -> dict[str, Any] | None:
     rng = np.random.default_rng([seed, n])
     sample = np.sort(rng.choice(live, size=min(count, n), replace=False))
     q = state.storage.take(sample)
-    kth = _kth_distance(state, q, live, sample)
+    with reading_in_order(state.storage):  # a brute force: every live row, in order
+        kth = _kth_distance(state, q, live, sample)
     ladder = [p for p in LADDER if p < n_leaves] + [n_leaves]
     probes_out: list[int] = []
     recall_out: list[float] = []

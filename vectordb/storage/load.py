@@ -44,6 +44,7 @@ from .format import (
     expected_arrays,
     parse_manifest,
 )
+from .memory import reading_in_order
 from .metadata import MetadataStore
 from .snapshot import IndexData
 from .vectors import InMemoryStorage, MmapStorage, VectorStore
@@ -372,12 +373,15 @@ def _factors_from_vectors(
     )
     n = int(offsets[-1])
     factors = np.empty((FACTORS, n), dtype=np.float32)
-    for leaf, node in enumerate(tree.leaf_nodes):
-        a, b = int(offsets[leaf]), int(offsets[leaf + 1])
-        if a < b:
-            centre = tree.centroids[node]
-            residual = quantizer.rotate(storage.slice(a, b)) - centre
-            factors[:, a:b] = code_factors(residual, centre, manifest["metric"], origin_of(tree))
+    with reading_in_order(storage):
+        for leaf, node in enumerate(tree.leaf_nodes):
+            a, b = int(offsets[leaf]), int(offsets[leaf + 1])
+            if a < b:
+                centre = tree.centroids[node]
+                residual = quantizer.rotate(storage.slice(a, b)) - centre
+                factors[:, a:b] = code_factors(
+                    residual, centre, manifest["metric"], origin_of(tree)
+                )
     return factors
 
 

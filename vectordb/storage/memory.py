@@ -1,15 +1,48 @@
-"""How much of a file the page cache can hold for this process: the kernel's
-``MemAvailable``, capped by the memory limit of the process's cgroup (v1 or v2), where one
-applies. ``warm`` says so when a vector file is larger: its pages would evict each other,
-and searches read from the disk whatever is done.
+"""The page cache and the mapped vector file: how much of a file the cache can hold for
+this process, and how faults on the mapping read ahead.
+
+:func:`page_cache_room`: the kernel's ``MemAvailable``, capped by the memory limit of the
+process's cgroup (v1 or v2), where one applies. ``warm`` says so when a vector file is
+larger: its pages would evict each other, and searches read from the disk whatever is done.
+
+Readahead: searches read scattered rows (the rerank's candidates), so the mapping is
+advised :data:`SEARCH_ADVICE` (``MADV_RANDOM``: a fault reads its own page, not the 128 KiB
+around it that the next query will not use and that evicts pages it would). With the page
+cache smaller than the file that measured 3.6x the QPS of the default readahead (1M x 384,
+a 600 MiB cgroup: 150-166 against 40-42 batched, 143-147 against 41-48 one at a time). A
+pass that reads the rows in order (a save, a compaction, calibration's brute force) runs in
+:func:`reading_in_order`, with readahead back on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["page_cache_room"]
+__all__ = ["SEARCH_ADVICE", "page_cache_room", "reading_in_order"]
+
+#: The mapping's advice while searches read it (``None`` where ``madvise`` is missing).
+SEARCH_ADVICE: int | None = getattr(mmap, "MADV_RANDOM", None)
+_IN_ORDER: int | None = getattr(mmap, "MADV_SEQUENTIAL", None)
+
+
+@contextlib.contextmanager
+def reading_in_order(store: Any) -> Iterator[None]:
+    """Readahead on for a pass over ``store``'s rows in order (a store with no ``advise``,
+    in RAM, is left alone); back to :data:`SEARCH_ADVICE` after."""
+    advise = getattr(store, "advise", None)
+    if advise is None or _IN_ORDER is None or SEARCH_ADVICE is None:
+        yield
+        return
+    advise(_IN_ORDER)
+    try:
+        yield
+    finally:
+        advise(SEARCH_ADVICE)
+
 
 _UNLIMITED = 1 << 60
 

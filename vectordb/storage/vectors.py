@@ -24,7 +24,7 @@ from .._progress import log
 from .._types import F32, I64
 from ..errors import IndexClosedError, InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import atomic_write, names_file, storage_error
-from .memory import page_cache_room
+from .memory import SEARCH_ADVICE, page_cache_room, reading_in_order
 from .scratch import lock_scratch
 
 __all__ = [
@@ -216,7 +216,10 @@ class MmapStorage:
                 f"(n={n} x dim={dim} x 4 bytes of float32)"
             )
         # mmap keeps a duplicate of the descriptor: the caller's may be closed at once.
-        return mmap.mmap(fd, expected, access=mmap.ACCESS_READ) if expected else None
+        mapped = mmap.mmap(fd, expected, access=mmap.ACCESS_READ) if expected else None
+        if mapped is not None and SEARCH_ADVICE is not None:
+            mapped.madvise(SEARCH_ADVICE)  # scattered reads: see storage.memory
+        return mapped
 
     @property
     def n(self) -> int:
@@ -491,6 +494,7 @@ def compacted_store(
     atomically (``on_bytes(n)`` after every chunk) and owned by the new store."""
     if isinstance(old, MmapStorage):
         path = old.path.parent / f".{old.path.name}.compact-{uuid.uuid4().hex[:12]}"
-        write_rows(old.take, order, dim, path, on_bytes)
+        with reading_in_order(old):
+            write_rows(old.take, order, dim, path, on_bytes)
         return MmapStorage(path, order.shape[0], dim, owned=True)
     return InMemoryStorage(np.ascontiguousarray(old.take(order)))
