@@ -3,10 +3,14 @@
 A small Starlette app: it embeds a conversation history into a ClusteredIndex at start-up,
 serves it through an AsyncEngine, and answers ``/search`` with ``await engine.search``, so
 concurrent requests are batched together and the event loop never blocks on NumPy or disk.
+``POST /memories`` adds memories; with ``--path`` the index lives in that directory and
+every memory added is durable when the request returns (the index's write-ahead log), so
+a restarted server remembers it.
 
     pip install -e '.[examples]'
-    python examples/chatbot_backend.py --port 8000
+    python examples/chatbot_backend.py --port 8000 [--path memories]
     curl 'http://127.0.0.1:8000/search?q=when+is+the+dentist+appointment&k=3'
+    curl -X POST http://127.0.0.1:8000/memories -d '{"text": "Zoe parks on level 3"}'
 
 Embeddings come from a pluggable function ``embed(texts) -> (n, d) float32``. The default,
 :class:`HashingEmbedder`, hashes words and word pairs into 384 dimensions: it needs no model
@@ -30,6 +34,7 @@ import itertools
 import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,27 +100,57 @@ def sample_memories(n: int = 5000, seed: int = 0) -> list[str]:
 
 
 def create_app(
-    memories: Sequence[str],
+    memories: Sequence[str] = (),
     *,
+    path: str | Path | None = None,
     embed: Embedder | None = None,
     max_k: int = 50,
     engine_options: dict[str, Any] | None = None,
 ) -> Starlette:
-    """The ASGI app. The index is built and the engine started in the app's lifespan."""
+    """The ASGI app; the index is made and the engine started in the app's lifespan. Each
+    memory's text is its metadata. Without ``path`` the index is built in RAM from
+    ``memories``; with it, the index in that directory is opened (made from ``memories``,
+    or empty, the first time) and every added memory is durable there."""
+    if not memories and path is None:
+        raise ValueError("give memories to start from, or a path to keep them in")
     embedder: Embedder = embed if embed is not None else HashingEmbedder()
-    texts = list(memories)
     state: dict[str, vdb.AsyncEngine] = {}
+    options = engine_options or {}
+
+    def make() -> vdb.ClusteredIndex:
+        texts = list(memories)
+        if path is not None and (Path(path) / "manifest.json").exists():
+            return vdb.ClusteredIndex.open(path)
+        docs = [{"text": t} for t in texts]
+        if not texts:
+            dim = embedder(["the width of a vector"]).shape[1]
+            return vdb.ClusteredIndex.create(path, dim=dim, metric="cosine")
+        index = vdb.ClusteredIndex.build(
+            embedder(texts), metadata=docs, metric="cosine", max_leaf_size=500
+        )
+        if path is not None:
+            index.save(path)  # bound to it from here on: the adds are logged there
+        return index
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        vectors = await run_in_threadpool(embedder, texts)
-        index = await run_in_threadpool(
-            lambda: vdb.ClusteredIndex.build(vectors, metric="cosine", max_leaf_size=500)
-        )
-        async with vdb.AsyncEngine(index, **(engine_options or {})) as engine:
+        index = await run_in_threadpool(make)
+        async with vdb.AsyncEngine(index, owns_index=True, **options) as engine:
             state["engine"] = engine
             yield
         state.clear()
+
+    async def remember(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        texts = body.get("texts", [body.get("text")]) if isinstance(body, dict) else None
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            return JSONResponse({"error": "give 'text' (a string) or 'texts' (strings)"}, 400)
+        vectors = await run_in_threadpool(embedder, texts)
+        ids = await state["engine"].add(vectors, metadata=[{"text": t} for t in texts])
+        return JSONResponse({"ids": ids.tolist()}, status_code=201)
 
     async def search(request: Request) -> JSONResponse:
         if request.method == "POST":
@@ -137,9 +172,14 @@ def create_app(
         if not 1 <= k <= max_k:
             return JSONResponse({"error": f"k must be between 1 and {max_k}"}, 400)
         query = (await run_in_threadpool(embedder, [text]))[0]
-        ids, dists = await state["engine"].search(query, k)
+        engine = state["engine"]
+        ids, dists = await engine.search(query, k)
         results = [
-            {"id": int(i), "text": texts[int(i)], "distance": float(d)}
+            {
+                "id": int(i),
+                "text": (await engine.get_metadata(int(i)))["text"],
+                "distance": float(d),
+            }
             for i, d in zip(ids, dists, strict=True)
             if i >= 0
         ]
@@ -160,7 +200,11 @@ def create_app(
         )
 
     return Starlette(
-        routes=[Route("/search", search, methods=["GET", "POST"]), Route("/health", health)],
+        routes=[
+            Route("/search", search, methods=["GET", "POST"]),
+            Route("/memories", remember, methods=["POST"]),
+            Route("/health", health),
+        ],
         lifespan=lifespan,
     )
 
@@ -170,10 +214,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--memories", type=int, default=5000, help="size of the demo history")
+    parser.add_argument("--path", help="keep the index (and what is added) in this directory")
     args = parser.parse_args()
     import uvicorn
 
-    uvicorn.run(create_app(sample_memories(args.memories)), host=args.host, port=args.port)
+    app = create_app(sample_memories(args.memories), path=args.path)
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

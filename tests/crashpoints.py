@@ -1,7 +1,8 @@
 """Kill a forked child with SIGKILL at its n-th file-system step, to test crash safety.
 
 The child counts every step it takes that changes files and kills itself *before* the
-n-th. Steps: ``open`` for writing, ``write``, ``flush``, ``fsync``, ``mkdir``,
+n-th. Steps: ``open`` (and ``os.open``) for writing, ``write``, ``pwrite``, ``flush``,
+``fsync``, ``fdatasync``, ``ftruncate``, ``link``, ``mkdir``,
 ``rename``/``replace`` and the rename exchange, ``unlink``, ``rmdir``, ``rmtree``,
 ``mkstemp``, and SQLite's own: opening a database file for writing, each statement and
 commit on it, its ``close``, and a backup into it, which is run a page at a time (the
@@ -139,8 +140,28 @@ def _instrument(counter: _Counter) -> None:
 
         return wrapper
 
-    for name in ("fsync", "rename", "replace", "unlink", "mkdir", "rmdir"):
+    for name in (
+        "fsync",
+        "fdatasync",
+        "pwrite",
+        "ftruncate",
+        "link",
+        "rename",
+        "replace",
+        "unlink",
+        "mkdir",
+        "rmdir",
+    ):
         setattr(os, name, ticking(getattr(os, name), name))
+    real_os_open = os.open
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        # (Not /dev/null: the subprocess that finds libc for the exchange opens it.)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and path != os.devnull:
+            counter.step(_label("open", (path,)))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    os.open = os_open  # type: ignore[assignment]
     shutil.rmtree = ticking(shutil.rmtree, "rmtree")  # type: ignore[assignment]
     tempfile.mkstemp = ticking(tempfile.mkstemp, "mkstemp")  # type: ignore[assignment]
     real_open, real_fdopen = builtins.open, os.fdopen

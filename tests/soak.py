@@ -109,19 +109,19 @@ async def soak(
                 next_id += n
                 vecs = fresh_vectors(n)
                 t0 = loop.time()
-                await engine.add(vecs, ids=ids)
-                for i, v in zip(ids, vecs, strict=True):
+                for i, v in zip(ids, vecs, strict=True):  # visible from the start of the call
                     history[i] = [_Version(v, t0)]
+                await engine.add(vecs, ids=ids)
                 mine.extend(ids)
                 report.adds += 1
             elif action < 0.7:
                 i = mine[wrng.randrange(len(mine))]
                 v = fresh_vectors(1)
                 t0 = loop.time()
+                history[i].append(_Version(v[0], t0))  # the new vector, from the call's start
                 await engine.upsert(v, ids=[i])
                 t1 = loop.time()
-                history[i][-1].end = t1
-                history[i].append(_Version(v[0], t0))
+                history[i][-2].end = t1
                 report.upserts += 1
             else:
                 gone = wrng.sample(mine, min(len(mine) - 10, wrng.randint(1, 40)))

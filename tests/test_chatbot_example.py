@@ -94,3 +94,35 @@ def test_hashing_embedder_is_deterministic_and_unit_length(chatbot):
     assert a.shape == (3, 64) and a.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(a[0], a[2])
+
+
+@pytest.mark.asyncio
+async def test_memories_added_over_http_survive_a_restart(chatbot, tmp_path):
+    path = tmp_path / "memories"
+    app = chatbot.create_app(chatbot.sample_memories(300, seed=3), path=path)
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        added = await client.post("/memories", json={"text": "Zoe parks on level three"})
+        assert added.status_code == 201 and added.json()["ids"] == [300]
+        many = await client.post("/memories", json={"texts": ["Yuri likes opera", "Xia runs"]})
+        assert many.json()["ids"] == [301, 302]
+        bad = await client.post("/memories", json={"text": ""})
+        assert bad.status_code == 400
+    # A new server on the same directory: the adds were durable when the requests returned.
+    again = chatbot.create_app(path=path)
+    async with again.router.lifespan_context(again), await _client(again) as client:
+        assert (await client.get("/health")).json()["memories"] == 303
+        got = await client.get("/search", params={"q": "where does Zoe park", "k": 1})
+        assert got.json()["results"][0]["text"] == "Zoe parks on level three"
+
+
+@pytest.mark.asyncio
+async def test_a_server_may_start_with_no_memories_at_all(chatbot, tmp_path):
+    app = chatbot.create_app(path=tmp_path / "fresh")
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        assert (await client.get("/health")).json()["memories"] == 0
+        assert (await client.get("/search", params={"q": "anything"})).json()["results"] == []
+        await client.post("/memories", json={"text": "Ivo is vegetarian"})
+        got = await client.get("/search", params={"q": "is Ivo vegetarian", "k": 1})
+        assert got.json()["results"][0]["text"] == "Ivo is vegetarian"
+    with pytest.raises(ValueError, match="give memories"):
+        chatbot.create_app()  # neither: nothing to serve

@@ -71,7 +71,11 @@ def snapshot(index: vdb.ClusteredIndex, queries: np.ndarray) -> dict[str, Any]:
 
 def scratch_files(index: vdb.ClusteredIndex) -> list[str]:
     path = index.mmap_path
-    return [] if path is None else sorted(os.listdir(path.parent))
+    if path is None:
+        return []
+    # The writer's lock file comes with the first write, refused or not (its lock is
+    # held until close): no scratch file.
+    return sorted(p for p in os.listdir(path.parent) if p != "writer.lock")
 
 
 # --------------------------------------------------------------------------- int64 edge

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,15 +86,18 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p for p in os.listdir(parent) if p.startswith("."))
 
 
-def save_in_subprocess(path: Path, timeout: float = 60) -> None:
-    """Open and save ``path`` in another process; fails (never hangs) if it cannot."""
+def save_in_subprocess(path: Path, target: Path | None = None, timeout: float = 60) -> None:
+    """Open ``path`` and save it (to ``target``, default itself) in another process;
+    fails (never hangs) if it cannot."""
     code = (
         "import sys, vectordb as vdb\n"
         "with vdb.ClusteredIndex.open(sys.argv[1]) as index:\n"
-        "    index.save(sys.argv[1])\n"
+        "    index.save(sys.argv[2])\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(path)], timeout=timeout, capture_output=True
+        [sys.executable, "-c", code, str(path), str(target or path)],
+        timeout=timeout,
+        capture_output=True,
     )
     assert done.returncode == 0, done.stderr.decode()
 
@@ -300,7 +304,8 @@ def _crash_between_renames(path: Path, x: np.ndarray) -> None:
     after the first rename."""
 
     def save() -> None:
-        with vdb.ClusteredIndex.open(path, mmap=True) as index:
+        # Unlogged adds: only the save can carry them, so old and new differ.
+        with vdb.ClusteredIndex.open(path, mmap=True, durability="none") as index:
             index.add(x, ids=np.arange(5000, 5000 + len(x)))
             index.save(path)
 
@@ -371,7 +376,8 @@ async def test_a_save_timed_out_while_being_prepared_releases_the_lock(data, tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(persist, "remove_leftovers", slow)
-    async with await vdb.AsyncEngine.open(path, mmap=True) as engine:
+    # Unlogged adds: the directory shows them only once a save succeeds.
+    async with await vdb.AsyncEngine.open(path, mmap=True, durability="none") as engine:
         await engine.add(data[1000:1100], ids=np.arange(1000, 1100))
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(engine.save(path), 0.05)
@@ -379,7 +385,8 @@ async def test_a_save_timed_out_while_being_prepared_releases_the_lock(data, tmp
         assert lock_is_free(tmp_path), "the timed-out save kept the parent's lock"
         assert os.listdir(tmp_path) == ["idx"]
         assert snapshot(path) == old
-        save_in_subprocess(path)  # another process can save into the parent
+        save_in_subprocess(path, tmp_path / "other")  # another process saves into the parent
+        shutil.rmtree(tmp_path / "other")
         await asyncio.wait_for(engine.save(path), 60)
     assert len(snapshot(path)) == 1100
 
@@ -397,7 +404,8 @@ async def test_a_save_waiting_for_another_saves_lock_can_time_out(data, tmp_path
             assert os.listdir(tmp_path) == ["idx"]
             os.close(holder)
             holder = -1
-            save_in_subprocess(path, timeout=30)  # the given-up save holds no lock
+            assert lock_is_free(tmp_path)  # the given-up save holds no lock
+        save_in_subprocess(path, timeout=30)  # nor, once closed, the writer's
     finally:
         if holder >= 0:
             os.close(holder)
@@ -437,16 +445,24 @@ async def test_aclose_during_a_save_waits_for_it(data, tmp_path, monkeypatch):
 
 
 def test_two_saves_racing_into_one_path_leave_one_of_them(data, tmp_path):
+    """Each index's first save binds it to the path; its next, a checkpoint, makes it the
+    directory's writer: the other's saves are then refused (IndexLockedError), never
+    silently laid over its writes. Whatever the order, one whole index is left."""
     path = tmp_path / "idx"
     a, b = build(data[:800]), build(data[800:1800])
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
+    saved = {800: 0, 1000: 0}
 
     def save(index: vdb.ClusteredIndex) -> None:
         try:
             barrier.wait(10)
             for _ in range(3):
-                index.save(path)
+                try:
+                    index.save(path)
+                    saved[len(index)] += 1
+                except vdb.IndexLockedError:
+                    pass
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -456,8 +472,11 @@ def test_two_saves_racing_into_one_path_leave_one_of_them(data, tmp_path):
     for t in threads:
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
+    assert saved[800] + saved[1000] >= 3  # the writer's three, at least
     assert len(snapshot(path)) in (800, 1000)
-    assert os.listdir(tmp_path) == ["idx"]
+    assert sorted(os.listdir(tmp_path)) == ["idx"]
+    a.close()
+    b.close()
 
 
 @pytest.mark.asyncio
@@ -524,7 +543,7 @@ def test_verify_reports_the_scratch_file_a_killed_process_left(data, tmp_path, k
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status)
     code, out, err = verify(path)
-    assert code == 0 and "1,000 vectors" in out
+    assert code == 0 and "1,100 vectors" in out  # the adds returned: the log holds them
     assert f".vectors.bin.{kind}-" in err and "died" in err and "no part of the saved" in err
     assert "safe to delete" in err and "still running" not in err
     with vdb.ClusteredIndex.open(path) as index:

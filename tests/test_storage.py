@@ -259,7 +259,8 @@ def test_manifest_describes_the_saved_files(small, tmp_path, metric, rotate, cod
     )
     index.save(tmp_path / "index")
     directory = tmp_path / "index"
-    assert {p.name for p in directory.iterdir()} == _expected_files(metric, rotate)
+    # The files of the manifest, and the write-ahead log (which it does not list).
+    assert {p.name for p in directory.iterdir()} == _expected_files(metric, rotate) | {"wal.log"}
 
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["format_version"] == (3 if code_bits == 1 else 4)
@@ -358,3 +359,41 @@ def test_an_index_whose_every_vector_was_deleted_saves_and_opens(tmp_path, mmap)
     with vdb.ClusteredIndex.open(tmp_path / "refilled") as again:
         assert len(again) == 10
         np.testing.assert_array_equal(np.sort(again.search(x[500], 10)[0]), np.sort(new))
+
+
+def _vm_flags(path: Path) -> list[str]:
+    """The VmFlags of this process's mappings of ``path`` (Linux ``/proc/self/smaps``)."""
+    flags, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if (
+            line
+            and not line.startswith(" ")
+            and "-" in line.split()[0]
+            and ":" not in line.split()[0]
+        ):
+            current = line.split()[-1] if len(line.split()) >= 6 else None
+        elif line.startswith("VmFlags:") and current == str(path):
+            flags.append(line.split(":", 1)[1].split())
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux smaps")
+def test_the_mapping_reads_no_ahead_for_searches_and_ahead_for_passes_in_order(small, tmp_path):
+    from vectordb.storage.memory import reading_in_order
+
+    index = vdb.ClusteredIndex.build(small.vectors, max_leaf_size=50)
+    index.use_mmap_storage(tmp_path / "v.bin")
+    storage = index._state.storage
+    index.search(small.queries[0], 3)
+    (flags,) = _vm_flags(tmp_path / "v.bin")
+    assert "rr" in flags and "sr" not in flags  # MADV_RANDOM: searches read scattered rows
+    with reading_in_order(storage):
+        (flags,) = _vm_flags(tmp_path / "v.bin")
+        assert "sr" in flags and "rr" not in flags
+    with pytest.raises(RuntimeError), reading_in_order(storage):
+        raise RuntimeError("a pass that fails")
+    (flags,) = _vm_flags(tmp_path / "v.bin")
+    assert "rr" in flags  # back, whatever happened
+    with reading_in_order(vdb.ClusteredIndex.build(small.vectors)._state.storage):
+        pass  # in RAM: nothing to advise
+    index.close()

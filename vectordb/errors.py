@@ -13,6 +13,8 @@ built-in exceptions keeps working::
     ├── UnknownIdError             (also KeyError)    delete() or get_metadata() of a missing id
     ├── AlreadyUsingMmapError                         use_mmap_storage() called twice
     ├── IndexClosedError                              the index was closed
+    ├── IndexLockedError                              another writer holds the index directory
+    ├── ReadOnlyIndexError                            a write to an index opened readonly=True
     ├── EngineClosedError                             the async engine was closed
     ├── EngineOverloadedError                         too many queued queries (overload="raise")
     ├── BackendUnavailableError                       backend="cupy" but CuPy or a GPU is missing
@@ -30,9 +32,11 @@ __all__ = [
     "EngineClosedError",
     "EngineOverloadedError",
     "IndexClosedError",
+    "IndexLockedError",
     "InvalidIndexFileError",
     "InvalidParameterError",
     "InvalidVectorsError",
+    "ReadOnlyIndexError",
     "StorageError",
     "UnknownIdError",
     "VectorDBError",
@@ -72,6 +76,17 @@ class AlreadyUsingMmapError(VectorDBError):
 
 class IndexClosedError(VectorDBError):
     """The index was closed; its memory-mapped vectors are no longer available."""
+
+
+class IndexLockedError(VectorDBError):
+    """Another index object, in this process or another, holds the directory's writer
+    lock: one writer at a time. The message names the holder's pid when it is known. Open
+    with ``readonly=True`` to read beside it."""
+
+
+class ReadOnlyIndexError(VectorDBError):
+    """A write (``add``, ``upsert``, ``delete``, ``compact``, a checkpoint) to an index
+    opened with ``readonly=True``."""
 
 
 class EngineClosedError(VectorDBError):

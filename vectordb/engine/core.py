@@ -8,24 +8,22 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .._types import F32, I64
 from .._validation import as_query_matrix, positive_int
-from ..errors import (
-    EngineClosedError,
-    InvalidParameterError,
-)
+from ..errors import EngineClosedError, InvalidParameterError
 from ..index.clustered import ClusteredIndex
 from ..storage.filters import Filter
-from ..storage.save import SaveJob
 from .batcher import MicroBatcher
 from .keys import BatchKey
 from .lifecycle import EngineState, Lifecycle
 from .stats import EngineStats, StatsRecorder
 from .waiting import check_timeout, finish, within
+from .writes import AddGroups, start_write
 
 __all__ = ["AsyncEngine", "EngineState"]
 
@@ -62,18 +60,12 @@ class AsyncEngine:
         With ``max_pending`` queries queued, a new :meth:`search` waits for room
         (``"wait"``) or raises ``EngineOverloadedError`` (``"raise"``).
     inline : bool or None
-        Where a lone query runs: one made while the engine is idle (nothing queued or
-        running, and no other call in the same pass of the loop), with one query, no filter
-        and no ``timeout``. ``None`` (default): on the event loop itself when the index is
-        in RAM on a CPU backend, else on the executor; ``True``: on the loop whatever the
-        storage; ``False``: always on the executor. On the loop it skips the hop to a
-        thread and back (about 0.1 ms each way on a small VM, as much as the search); the
-        loop is blocked for the search's own time (about 0.1 ms at 100k vectors). The
-        engine's first lone query goes to the executor (it may compile the search's
-        kernels, once), and a lone search that took over 1 ms sends the next 64 lone ones
-        there too. A memory-mapped index is not searched on the loop by default: a cold
-        page would block it on the disk. A timeout could not cut a search on the loop
-        short, so a call with one goes to the executor.
+        Where a lone query runs: one made while the engine is idle, with one query, no
+        filter and no ``timeout``. ``None`` (default): on the event loop itself when the
+        index is in RAM on a CPU backend (it skips the hop to a thread and back, as costly
+        as the search), else on the executor; ``True``: on the loop whatever the storage;
+        ``False``: always on the executor. The first lone query, and the 64 after one that
+        took over 1 ms, go to the executor (docs/async.md).
     owns_index : bool
         Close the index (unmap its file) when the engine closes; set by :meth:`open`.
 
@@ -135,7 +127,8 @@ class AsyncEngine:
         )
         self._stats = StatsRecorder()
         self._batcher: MicroBatcher | None = None
-        self._write_lock: asyncio.Lock | None = None
+        self._write_lock = asyncio.Lock()  # bound to a loop at its first contended use
+        self._adds = AddGroups(index, lambda: self._write_lock, self._start)
         self._life = Lifecycle()
         self._closing: asyncio.Task[None] | None = None
 
@@ -148,17 +141,15 @@ class AsyncEngine:
         mmap: bool = True,
         verify: bool = False,
         backend: str = "auto",
+        readonly: bool = False,
+        durability: str = "fsync",
         **options: Any,
     ) -> AsyncEngine:
         """Open a saved index without blocking the loop, and serve it.
 
-        The whole open (``ClusteredIndex.open``: every file checked, then loaded or
-        mapped) runs on an executor thread. ``options`` are the constructor's
-        (``max_workers``, ``max_batch_size``, ...). The engine owns the index: closing the
-        engine unmaps it.
-        """
-        # The engine's own executor needs the index first; a one-thread one opens it.
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        The whole ``ClusteredIndex.open`` (its arguments; files checked, loaded or mapped,
+        the log replayed) runs on an executor thread. ``options`` are the constructor's
+        (``max_workers``, ...). The engine owns the index: closing the engine closes it."""
         load = functools.partial(
             ClusteredIndex.open,
             Path(path),
@@ -166,7 +157,26 @@ class AsyncEngine:
             verify=verify,
             backend=backend,
             progress=False,
+            readonly=readonly,
+            durability=durability,
         )
+        return await cls._serve(load, options)
+
+    @classmethod
+    async def create(
+        cls, path: str | os.PathLike[str], *, dim: int, metric: str = "l2", **build_options: Any
+    ) -> AsyncEngine:
+        """``ClusteredIndex.create`` (an empty, durable index) on an executor thread, served
+        with the constructor's defaults (wrap ``create``'s index in ``AsyncEngine`` for others)."""
+        make = functools.partial(
+            ClusteredIndex.create, path, dim=dim, metric=metric, **build_options
+        )
+        return await cls._serve(make, {})
+
+    @classmethod
+    async def _serve(cls, load: Callable[[], ClusteredIndex], options: Any) -> AsyncEngine:
+        # The engine's own executor needs the index first; a one-thread one opens it.
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         try:
             opening = asyncio.get_running_loop().run_in_executor(executor, load)
             try:
@@ -233,9 +243,8 @@ class AsyncEngine:
             if self._batcher is not None:
                 await self._batcher.close()
             await self._life.idle()
-            if self._write_lock is not None:
-                async with self._write_lock:  # writes begun by a caller that left, a save
-                    pass
+            async with self._write_lock:  # writes begun by a caller that left, a save
+                pass
             # Reads by id still on the executor finish before the index may close.
             await asyncio.to_thread(self._executor.shutdown, wait=True)
         finally:
@@ -246,18 +255,13 @@ class AsyncEngine:
 
     def close(self) -> None:
         """Close from synchronous code, once the event loop that used the engine is not
-        running (it ended, or is between runs): nothing can be waiting then. Later calls
-        raise ``EngineClosedError``; idempotent. From a running loop use
-        ``await aclose()``, which finishes queued work.
-
-        Raises ``InvalidParameterError`` if the engine's loop is running.
-        """
+        running (it ended, or is between runs; else ``InvalidParameterError``): nothing can
+        be waiting then. Later calls raise ``EngineClosedError``; idempotent. From a running
+        loop use ``await aclose()``, which finishes queued work."""
         if self._life.state is EngineState.CLOSED:
             return
         if self._life.loop is not None and self._life.loop.is_running():
-            raise InvalidParameterError(
-                "the engine's event loop is running: use 'await engine.aclose()'"
-            )
+            raise InvalidParameterError("the engine's loop is running: 'await engine.aclose()'")
         if self._batcher is not None:
             self._batcher.abandon()
         self._executor.shutdown(wait=False)
@@ -365,17 +369,16 @@ class AsyncEngine:
         The write lock is held until the executor has finished the write, even if the
         caller is cancelled meanwhile (a thread cannot be stopped): writes never overlap."""
         with self._life.operation():
-            if self._write_lock is None:
-                self._write_lock = asyncio.Lock()
             lock = self._write_lock
             await lock.acquire()
-            try:
-                job = self._start(functools.partial(fn, *args, **kwargs))
+            try:  # its wait for durability after the lock: see engine.writes
+                done = start_write(
+                    self._start, lock, partial(self._index.deferred, fn, *args, **kwargs)
+                )
             except BaseException:
                 lock.release()
                 raise
-            job.add_done_callback(lambda _: lock.release())
-            return await asyncio.shield(job)
+            return await asyncio.shield(done)
 
     async def add(
         self,
@@ -383,9 +386,10 @@ class AsyncEngine:
         ids: Any = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> I64:
-        """:meth:`ClusteredIndex.add` on the executor. Searches meanwhile see the index
-        before or after the add, never half of it."""
-        return await self._write(self._index.add, vectors, ids, metadata)
+        """:meth:`ClusteredIndex.add` on the executor; searches see the index before or after
+        it. Adds queued behind a write are written as one (group commit: ``engine.writes``)."""
+        with self._life.operation():
+            return await self._adds.add(vectors, ids, metadata)
 
     async def upsert(
         self,
@@ -441,8 +445,9 @@ class AsyncEngine:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._start(fn, *args)
 
-    async def save(self, path: str | os.PathLike[str]) -> None:
-        """``index.save(path)`` without blocking the loop: the whole save (files, manifest,
+    async def save(self, path: str | os.PathLike[str] | None = None) -> None:
+        """``index.save(path)`` (with no ``path``: a checkpoint of the bound directory)
+        without blocking the loop: the whole save (files, manifest,
         the atomic swap) runs as one job on the executor, with no write in between.
 
         Cancelled (or timed out), the save stops at its next step and removes what it
@@ -451,13 +456,11 @@ class AsyncEngine:
         the new one. :meth:`aclose` waits for a save under way.
         """
         with self._life.operation():
-            if self._write_lock is None:
-                self._write_lock = asyncio.Lock()
             async with self._write_lock:  # a consistent snapshot: no write during the save
-                await self._save(Path(path))
+                await self._save(None if path is None else Path(path))
 
-    async def _save(self, path: Path) -> None:
-        job = SaveJob(self._index.snapshot, path)
+    async def _save(self, path: Path | None) -> None:
+        job = self._index.save_job(path)
         running = self._start(job.run)
         try:
             await asyncio.shield(running)
@@ -474,10 +477,8 @@ class AsyncEngine:
         The steps of ``ClusteredIndex.warmer`` (a kernel hint, then the file read in
         chunks), each awaited on the executor. ``progress(done, total)`` is called on the
         loop after each chunk. A no-op (returns 0) when the vectors are in RAM. Reads the
-        file mapped (by a descriptor of it), whatever ``index.mmap_path`` names by now: a
-        save onto the index's own directory puts another file there (after ``compact``,
-        none).
-        """
+        file mapped (by a descriptor of it), whatever ``index.mmap_path`` names by now (a
+        checkpoint puts another file there; ``compact``, none)."""
         with self._life.operation():
             warmer = self._index.warmer()
             if warmer is None:

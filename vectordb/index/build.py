@@ -16,7 +16,7 @@ from ..core.codes import FACTORS, Quantizer, encode_residuals, origin_of
 from ..core.metrics import Metric, prepare
 from ..core.parts import Part
 from ..core.tree import Tree, build_tree, refine_leaves
-from ..errors import InvalidVectorsError
+from ..errors import InvalidParameterError, InvalidVectorsError
 from ..storage.idmap import check_new_ids
 from ..storage.metadata import MetadataStore, encode_documents
 from ..storage.snapshot import IndexData
@@ -29,6 +29,7 @@ __all__ = [
     "REFINE_PASSES",
     "build_data",
     "build_part",
+    "empty_data",
     "resolve_ranking",
 ]
 
@@ -163,4 +164,49 @@ def build_data(
         metric=metric,
         params=params,
         metadata=store,
+    )
+
+
+def empty_data(dim: int, metric: Metric, params: dict[str, Any]) -> IndexData:
+    """An index of no vectors, for ``dim``-d ones (``ClusteredIndex.create``): a tree of
+    one leaf (centred on zero), the rotation and code width a build would pick, empty
+    codes, ids and storage. Adds route to that leaf, and split it (and later ones) as they
+    pass twice a build's typical leaf size (``index.update.splitter_for``): the tree grows
+    with the data."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+        raise InvalidParameterError(f"dim must be an int in [1, {MAX_DIM}], got {dim!r}")
+    params = dict(params)
+    rotate = params["rotate"]
+    leaf_scan, code_bits = resolve_ranking(params, dim)
+    if leaf_scan == "vectors":
+        rotate, code_bits = False, 1
+    tree, _, _ = build_tree(  # one row: one leaf, in the layout of every other tree
+        np.zeros((1, dim), dtype=np.float32),
+        branching_factor=params["branching_factor"],
+        max_leaf_size=params["max_leaf_size"],
+        max_iterations=params["max_iterations"],
+        seed=int(params["seed"]),
+    )
+    quantizer = Quantizer.create(
+        dim,
+        rotate=rotate,
+        rng=np.random.default_rng([int(params["seed"]), 2**32 - 1]),
+        code_bits=code_bits,
+    )
+    tree = dataclasses.replace(tree, centroids=quantizer.rotate(tree.centroids))
+    stored = np.empty((0, dim), dtype=np.float32)
+    offsets = np.zeros(2, dtype=np.int64)
+    base = build_part(stored, tree, offsets, quantizer, metric, leaf_scan == "codes")
+    # A build's leaves hold about a third of max_leaf_size: the splits aim at that.
+    params.update(rotate=rotate, leaf_scan=leaf_scan, code_bits=code_bits, leaf_target=1)
+    return IndexData(
+        tree=tree,
+        base=base,
+        quantizer=quantizer,
+        ids=np.empty(0, dtype=np.int64),
+        storage=InMemoryStorage(stored),
+        rows=None,
+        metric=metric,
+        params=params,
+        metadata=MetadataStore(),
     )

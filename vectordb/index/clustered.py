@@ -20,15 +20,15 @@ from ..core.metrics import Metric, parse_metric, prepare
 from ..errors import AlreadyUsingMmapError, InvalidParameterError, UnknownIdError
 from ..storage.filters import Filter, check_filter
 from ..storage.idmap import as_ids, one_id
-from ..storage.load import load_index
 from ..storage.metadata import MetadataStore, encode_documents
-from ..storage.save import SaveJob
 from ..storage.snapshot import IndexData
 from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
 from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
 from .ondisk import BuildInput, build_into
+from .persistence import Persistent
+from .records import OP_ADD, OP_DELETE, OP_UPSERT
 from .state import IndexState
 
 __all__ = ["ClusteredIndex"]
@@ -39,7 +39,7 @@ _MIN_QUERIES_PER_THREAD = 64
 Documents = Sequence[Mapping[str, Any] | None] | None
 
 
-class ClusteredIndex:
+class ClusteredIndex(Persistent):
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
     A hierarchical k-means tree routes each query to a few leaves; RaBitQ codes of the
@@ -333,15 +333,26 @@ class ClusteredIndex:
         return self._write(vectors, ids, metadata, replace=True)
 
     def _write(self, vectors: Any, ids: Any, metadata: Any, *, replace: bool) -> I64:
-        """Checks, then the new state, then metadata and state together: a write that raises
-        changes nothing a caller can see."""
-        st = self._state
         x = as_matrix(vectors, "vectors", self.dim)
-        docs = encode_documents(metadata, x.shape[0])
-        x = prepare(x, st.metric, copy=False)
+        return self._apply_write(x, ids, encode_documents(metadata, x.shape[0]), replace, True)
+
+    def _apply_write(
+        self, raw: F32, ids: Any, docs: list[str | None] | None, replace: bool, logged: bool
+    ) -> I64:
+        """Checks, then the new state, the log (``logged``), then metadata and state
+        together, then the log's commit: a write that raises changes nothing a caller
+        can see, and one that returns is durable (see :mod:`.persistence`)."""
+        st = self._state
+        x = prepare(raw, st.metric, copy=False)
         rotated = st.quantizer.rotate(x)
         with self._write_lock:
+            if logged:
+                self._writer()  # first: the lock, and the directory's writes caught up
+            if self._state.quantizer is not st.quantizer:  # caught up with a new checkpoint
+                rotated = self._state.quantizer.rotate(x)
             new_state, new_ids = update.added(self._state, x, rotated, ids, replace, self._params)
+            op = OP_UPSERT if replace else OP_ADD
+            ticket = self._log(op, new_ids, raw, docs) if logged else 0
             # The metadata change is one SQLite transaction (all or nothing) and the only
             # step left that can fail: if it does, no state was published and the rows
             # just appended stay unreferenced (invisible; save and compact drop them).
@@ -352,6 +363,7 @@ class ClusteredIndex:
                     self._metadata.delete(new_ids)  # ids reused after a delete start bare
                 self._state = new_state
             calibrate_into(self._params, new_state, if_stale=True)
+        self._commit(ticket)
         return new_ids
 
     def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
@@ -360,17 +372,23 @@ class ClusteredIndex:
         Unknown ids raise ``UnknownIdError`` unless ``missing_ok``. The rows stay in
         storage until :meth:`compact` (or are left out by the next :meth:`save`).
         """
-        wanted = as_ids(ids)
+        return self._apply_delete(as_ids(ids), missing_ok, True)
+
+    def _apply_delete(self, wanted: I64, missing_ok: bool, logged: bool) -> int:
         with self._write_lock:
+            if logged:
+                self._writer()
             st = self._state
             rows = st.rows_of(wanted, missing_ok=missing_ok)
             rows = np.unique(rows[rows >= 0])
             if rows.size == 0:
                 return 0
             new_state = update.deleted(st, rows)
+            ticket = self._log(OP_DELETE, st.row_id[rows], None, None) if logged else 0
             with self._meta_lock:  # metadata first (a transaction), then publish: all or none
                 self._metadata.delete(st.row_id[rows])
                 self._state = new_state
+        self._commit(ticket)
         return int(rows.size)
 
     def compact(self, *, progress: bool | None = None) -> None:
@@ -382,6 +400,7 @@ class ClusteredIndex:
         the index directory). Searches may run meanwhile. ``progress``: as for :meth:`save`.
         """
         with self._write_lock:
+            self._writer()  # it writes a file into the bound directory: the writer's
             st = self._state
             self._state = update.compacted_state(st, self._params, progress)
             st.storage.discard()  # searches still reading the old storage keep its mapping
@@ -447,52 +466,3 @@ class ClusteredIndex:
         """Evict the mapped vectors' pages (this process's and the page cache's); RAM: no-op."""
         if isinstance(storage := self._state.storage, MmapStorage):
             storage.drop_cache()
-
-    def close(self) -> None:
-        """Release the mapped file, if any (then searches raise ``IndexClosedError``)."""
-        self._state.storage.close()
-
-    def __enter__(self) -> ClusteredIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def save(self, path: str | os.PathLike[str], *, progress: bool | None = None) -> None:
-        """Save to the directory ``path``, atomically (see :mod:`vectordb.storage.save`).
-
-        The saved index is compact: deleted rows are left out, added ones folded in.
-        ``progress``: a progress bar on a terminal (needs tqdm); ``False`` never.
-        """
-        with self._write_lock:
-            SaveJob(self.snapshot, Path(path), progress, stoppable=False).run()
-
-    def snapshot(self) -> IndexData:
-        """The index now as one compact :class:`~vectordb.storage.snapshot.IndexData`
-        (what a save writes): one consistent state, even while writes go on, and a copy
-        of the metadata of that moment."""
-        with self._write_lock:
-            return update.snapshot(self._state, self._params, self._metadata.copy())
-
-    @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        mmap: bool = True,
-        verify: bool = False,
-        backend: str = "auto",
-        progress: bool | None = None,
-    ) -> ClusteredIndex:
-        """Open the index saved with :meth:`save` in the directory ``path``, without
-        rebuilding (see :mod:`vectordb.storage.load`).
-
-        ``mmap``: map ``vectors.bin`` instead of reading it into RAM. ``verify``: check
-        every file's CRC32 (sizes, dtypes and shapes are always checked). ``backend``: as
-        for :meth:`build`. ``progress``: a bar while ``verify`` reads (needs tqdm).
-        ``InvalidIndexFileError`` for a missing or malformed manifest, an unknown format
-        version, a file of the wrong size, dtype or shape, or a checksum mismatch;
-        ``StorageError`` for what the OS refuses.
-        """
-        chosen = resolve_backend(backend)
-        return cls(load_index(Path(path), mmap=mmap, verify=verify, progress=progress), chosen)

@@ -146,7 +146,9 @@ def build_into(
         index = make(data)
         del data
         try:
-            SaveJob(index.snapshot, path, progress, stoppable=False, vectors_file=(file, crc)).run()
+            SaveJob(
+                index.snapshot, path, progress, stoppable=False, vectors_file=(file, crc), log_seq=0
+            ).run()
         finally:
             index.close()
             # Gone before the reopen reads the codes again: both sets at once would be

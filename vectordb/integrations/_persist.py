@@ -90,6 +90,7 @@ def save_store(
         tmp.mkdir()
         if index is not None:
             index.save(tmp / INDEX_DIR, progress=False)
+            index.detach()  # the store's own swap moves that directory: it is not the index's
         with atomic_write(tmp / STORE_FILE) as fh:  # fsyncs the file and ``tmp``
             fh.write(json.dumps(info, indent=1).encode("utf-8"))
         install_dir(tmp, root, parent)
@@ -179,6 +180,9 @@ def open_index(
     ``store.json``), or an id lacks its string id, or a string id is stored twice.
     """
     index = ClusteredIndex.open(Path(path) / INDEX_DIR, mmap=mmap)
+    # The store saves the whole directory (texts and index) as one: its writes persist
+    # with the store's save, not in the index's own log.
+    index.detach()
     ints: dict[str, int] = {}
     sids: dict[int, str] = {}
     try:

@@ -35,8 +35,11 @@ from .dirswap import check_replaceable, install_dir, lock_dir, remove_leftovers,
 from .files import _NEW_FILE_MODE, crc32_file, fsync_dir, storage_error
 from .format import MANIFEST, METADATA, VECTORS, arrays_of, manifest_of
 from .load import is_complete
+from .memory import reading_in_order
 from .snapshot import IndexData
 from .vectors import write_rows
+from .wal import LOG, WriteLog
+from .writer import carry_writer, lock_writer, release_writer
 
 __all__ = ["SaveJob"]
 
@@ -92,11 +95,21 @@ class SaveJob:
         *,
         stoppable: bool = True,
         vectors_file: tuple[Path, int] | None = None,
+        log_seq: int | None = None,
+        writer_fd: int | None = None,
     ) -> None:
         """``stoppable=False``: :meth:`stop` is never called (waits for the lock in the
         kernel instead of polling). ``vectors_file``: ``(file, crc32)`` of a finished,
         fsynced vector file on the same file system, the snapshot's rows in storage order,
-        moved into the new directory instead of written (a build on disk)."""
+        moved into the new directory instead of written (a build on disk). ``log_seq``:
+        the new directory's empty write-ahead log goes on from that sequence number (a
+        checkpoint of a bound index: the last logged write its snapshot holds; see
+        :mod:`vectordb.storage.wal`); ``None``: no log. ``writer_fd``: the directory's
+        writer lock (:mod:`vectordb.storage.writer`), held by the caller; without it the
+        run takes the lock of an existing directory (a save is a write: ``IndexLockedError``
+        if another writer holds it). Either way the lock carries over to the new directory."""
+        self._log_seq = log_seq
+        self._writer_fd = writer_fd
         self._snapshot = snapshot
         self._stoppable = stoppable
         self._vectors_file = vectors_file
@@ -122,28 +135,41 @@ class SaveJob:
                 self.path = self.path.resolve()
                 self.parent = self.path.parent
             check_replaceable(self.path, MANIFEST, "a vectordb index directory")
-            # Taken before the parent's lock: a save on another thread holds the index's
-            # write lock while it waits for the parent's.
-            data = self._snapshot()
-            self.n = data.n
-            lock = self._lock_parent()
-            try:
-                remove_leftovers(self.parent, self.path.name, is_complete)
-                self._write_and_install(data)
-            finally:
-                unlock(lock)
+            self._run_locked()
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise
             raise storage_error(exc, getattr(exc, "filename", None) or self.path) from exc
         log.info("saved %d vectors to %s", self.n, self.path)
 
-    def _write_and_install(self, data: IndexData) -> None:
+    def _run_locked(self) -> None:
+        # Taken before the parent's lock: a save on another thread holds the index's
+        # write lock while it waits for the parent's.
+        data = self._snapshot()
+        self.n = data.n
+        lock = self._lock_parent()
+        taken = None
+        try:
+            remove_leftovers(self.parent, self.path.name, is_complete)
+            # Under the parent's lock, so that no other save installs a directory between
+            # this look and the swap; never waited for (the writer may wait for the
+            # parent's lock in turn): a held lock is IndexLockedError at once.
+            if self._writer_fd is None and (self.path / MANIFEST).is_file():
+                taken = lock_writer(self.path)
+            self._write_and_install(data, self._writer_fd if taken is None else taken)
+        finally:
+            release_writer(taken)
+            unlock(lock)
+
+    def _write_and_install(self, data: IndexData, writer: int | None) -> None:
         """Write every file into a new temporary directory, then swap it in for ``path``."""
         tmp = self.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
             files = self._write_data(tmp, data)
+            if self._log_seq is not None:
+                WriteLog.create(tmp / LOG, self._log_seq)
+            carry_writer(writer, self.path, tmp)
             self._check_stop()
             with open(tmp / MANIFEST, "wb") as fh:
                 fh.write(manifest_of(data, files))
@@ -197,7 +223,8 @@ class SaveJob:
                 crc = moved[1]
                 done(data.n * data.dim * 4)
             else:
-                crc = write_rows(data.storage.take, rows, data.dim, tmp / VECTORS, done)
+                with reading_in_order(data.storage):
+                    crc = write_rows(data.storage.take, rows, data.dim, tmp / VECTORS, done)
         files[VECTORS] = {"size": (tmp / VECTORS).stat().st_size, "crc32": crc}
         if data.metadata is not None:
             meta = tmp / METADATA
