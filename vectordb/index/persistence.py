@@ -262,7 +262,7 @@ class Persistent:
         log = self._writer()
         if log is None:
             return 0
-        ticket = log.append(encode_write(op, ids, x, docs))
+        ticket = log.append(encode_write(op, ids, x, docs) if log.logs else b"")
         assert self._binding is not None
         self._binding.seq = log.seq
         return ticket

@@ -27,16 +27,24 @@ OP_ADD, OP_UPSERT, OP_DELETE = 1, 2, 3
 _WRITE = struct.Struct("<BxxxQI")  # op, n, has_docs
 
 
-def encode_write(op: int, ids: I64, x: F32 | None, docs: list[str | None] | None) -> bytes:
-    """One write as a log payload: ``ids`` ``(n,)`` int64, the vectors ``x`` ``(n, d)``
+def encode_write(
+    op: int, ids: I64, x: F32 | None, docs: list[str | None] | None
+) -> list[memoryview]:
+    """One write as a log payload, in parts (the record is written from them as they lie,
+    a batch's vectors not copied): ``ids`` ``(n,)`` int64, the vectors ``x`` ``(n, d)``
     float32 as given (before normalising: a replay prepares them again, bit for bit),
     ``docs`` the encoded metadata (one JSON string or ``None`` per vector, or ``None``)."""
-    parts = [_WRITE.pack(op, ids.shape[0], docs is not None), ids.astype("<i8").tobytes()]
+    head = _WRITE.pack(op, ids.shape[0], docs is not None)
+    parts = [memoryview(head), _bytes_of(np.ascontiguousarray(ids, dtype="<i8"))]
     if x is not None:
-        parts.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        parts.append(_bytes_of(np.ascontiguousarray(x, dtype="<f4")))
     if docs is not None:
-        parts.append(json.dumps(docs).encode("ascii"))
-    return b"".join(parts)
+        parts.append(memoryview(json.dumps(docs).encode("ascii")))
+    return parts
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    return a.data.cast("B")  # C-contiguous (the callers make it so)
 
 
 def decode_write(
