@@ -258,10 +258,11 @@ class WriteLog:
         Measured (one durable single-vector write at a time, 32-d, this 2-core VM):
         4,203 a second appending at the end, 4,801-6,988 into zeros written ahead, SQLite
         in WAL mode 4,112-5,599. Readers stop at the first zero byte where a record would
-        start (a torn tail), and a writer that opens the log cuts them off."""
-        if self._end + size <= self._allocated:
-            return
-        grow = max(_PREALLOCATE, size)
+        start (a torn tail), and a writer that opens the log cuts them off. Not for a
+        record of over 1 MiB: zeros ahead of it would double what it writes."""
+        if self._end + size <= self._allocated or size > _PREALLOCATE // 8:
+            return  # room enough; or a batch, whose growth of the file costs little beside it
+        grow = _PREALLOCATE
         zeros = bytes(min(grow, 1 << 20))
         at = self._allocated
         while at < self._end + grow:
