@@ -52,6 +52,16 @@ def content(path: Path) -> dict[int, tuple[bytes, object]]:
         }
 
 
+def run_threads(target, n: int) -> None:
+    """``target(i)`` on ``n`` threads at once, ``i`` in ``0..n-1``; waits for them all."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+
+
 def expected_after(base: dict[int, tuple[bytes, object]], x: np.ndarray, ids, docs):
     out = dict(base)
     for row, i, d in zip(x, ids, docs, strict=True):
@@ -298,11 +308,7 @@ def test_concurrent_writers_share_fsyncs(tmp_path, monkeypatch):
             row = t * 50 + i
             index.add(x[row : row + 1], ids=[10_000 + row])
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(writer, 8)
     index.close()
     # One each without group commit; how many fewer depends on how fast adds are here.
     assert len(calls) < 400, f"{len(calls)} fsyncs for 400 writes: no group commit"
@@ -329,11 +335,7 @@ def test_a_commit_covers_every_record_appended_before_its_fsync(tmp_path, monkey
         appended.wait(10)  # all eight appended before any commits
         log.commit(ticket)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_threads(writer, 8)
     log.close()
     assert len(calls) == 1 and len(read_log(path)[1]) == 8
 
