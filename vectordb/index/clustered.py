@@ -48,10 +48,11 @@ class ClusteredIndex(Persistent):
     int64 ids and optional metadata; :meth:`add`, :meth:`upsert` and :meth:`delete` change
     the index in place, :meth:`compact` reclaims deleted rows.
 
-    Create one with :meth:`build` or :meth:`open`. Searches are thread-safe, also while a
-    write runs in another thread: a search sees the index before or after a write, never
-    half of it. Writes are serialised. ``use_mmap_storage`` and ``close`` must not run
-    during searches.
+    Create one with :meth:`build`, :meth:`open` or :meth:`create` (empty); an index in a
+    directory logs its writes there (:mod:`vectordb.index.persistence`). Searches are
+    thread-safe, also while a write runs in another thread: a search sees the index before
+    or after a write, never half of it. Writes are serialised. ``use_mmap_storage`` and
+    ``close`` must not run during searches.
     """
 
     def __init__(self, data: IndexData, backend: Backend) -> None:
