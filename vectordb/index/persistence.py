@@ -212,16 +212,14 @@ class Persistent:
         if target.exists() and not (target.is_dir() and not any(target.iterdir())):
             raise StorageError(errno.EEXIST, "exists: open it, or create elsewhere", str(target))
         index = cls(empty_data(dim, parse_metric(metric), p), resolve_backend(backend))
-        index.save(target, progress=False)
-        assert index._binding is not None
-        index._binding.durability = durability
+        index.save(target, progress=False)  # binds it
+        index._bound().durability = durability
         return index
 
     def _replay(self, records: list[LogRecord]) -> int:
         """Apply ``records`` (those past the ``seq`` applied) in order, unlogged; runs of
         adds in one call each (a log of single adds replays in batches). Returns how many."""
-        b = self._binding
-        assert b is not None
+        b = self._bound()
         where = str(b.path / LOG)
         todo = [r for r in records if r.seq > b.seq]
         dim = self._state.quantizer.dim
@@ -263,9 +261,15 @@ class Persistent:
         if log is None:
             return 0
         ticket = log.append(encode_write(op, ids, x, docs) if log.logs else b"")
-        assert self._binding is not None
-        self._binding.seq = log.seq
+        self._bound().seq = log.seq
         return ticket
+
+    def _bound(self) -> Binding:
+        """The binding of an index bound to a directory (``InvalidParameterError`` if not:
+        only the paths that have bound it call this)."""
+        if self._binding is None:
+            raise InvalidParameterError("this index is not bound to a directory")
+        return self._binding
 
     def _commit(self, ticket: int) -> None:
         """Return once the write of ``ticket`` is durable (after the write lock is
@@ -327,8 +331,7 @@ class Persistent:
     def _catch_up(self) -> int:
         """Under the write lock: bring this index to the directory's latest checkpoint and
         log (a full reload if the checkpoint changed). Returns the writes applied."""
-        b = self._binding
-        assert b is not None
+        b = self._bound()
         if fingerprint(b.path) == b.fingerprint:
             return self._replay(read_log(b.path / LOG)[1])
         data, (base, records, end, mark) = _read(b.path, self._state.storage.is_mmap, False, False)
