@@ -85,14 +85,12 @@ def fingerprint(path: Path) -> bytes:
 
 class Binding:
     """What a bound index knows of its directory: ``path``, ``readonly``, ``durability``,
-    the ``seq`` of the last logged write applied, the checkpoint's ``fingerprint``, the
-    log's ``end`` as read, and, once it writes, the lock and the open ``log``."""
+    the ``seq`` of the last logged write applied, the checkpoint's ``fingerprint``, and,
+    once it writes, the lock and the open ``log``."""
 
-    def __init__(
-        self, path: Path, readonly: bool, durability: str, seq: int, mark: bytes, end: int
-    ) -> None:
+    def __init__(self, path: Path, readonly: bool, durability: str, seq: int, mark: bytes) -> None:
         self.path, self.readonly, self.durability = path, readonly, durability
-        self.seq, self.fingerprint, self.end = seq, mark, end
+        self.seq, self.fingerprint = seq, mark
         self.lock_fd: int | None = None
         self.log: WriteLog | None = None
 
@@ -104,16 +102,18 @@ class Binding:
         release_writer(fd)
 
 
-def _read(path: Path, mmap: bool, verify: bool, progress: bool | None) -> tuple[IndexData, Any]:
+def _read(
+    path: Path, mmap: bool, verify: bool, progress: bool | None
+) -> tuple[IndexData, tuple[int, list[LogRecord], bytes]]:
     """The checkpoint in ``path`` and its log, read as one: retried if a checkpoint
-    replaced the directory in between. Returns the data and ``(base_seq, records, end,
+    replaced the directory in between. Returns the data and ``(base_seq, records,
     fingerprint)``."""
     for _ in range(OPEN_ATTEMPTS):
         before = fingerprint(path)
         data = load_index(path, mmap=mmap, verify=verify, progress=progress)
-        base, records, end = read_log(path / LOG)
+        base, records, _ = read_log(path / LOG)
         if fingerprint(path) == before:
-            return data, (base, records, end, before)
+            return data, (base, records, before)
         data.storage.close()
     raise StorageError(errno.EAGAIN, "replaced by checkpoints while opening; retry", str(path))
 
@@ -172,9 +172,9 @@ class Persistent:
             raise InvalidParameterError(f"readonly must be a bool, got {readonly!r}")
         chosen = resolve_backend(backend)
         path = Path(path)
-        data, (base, records, end, mark) = _read(path, mmap, verify, progress)
+        data, (base, records, mark) = _read(path, mmap, verify, progress)
         index = cls(data, chosen)
-        index._binding = Binding(path, readonly, durability, base, mark, end)
+        index._binding = Binding(path, readonly, durability, base, mark)
         try:
             index._replay(records)
         except BaseException:
@@ -248,8 +248,6 @@ class Persistent:
         flush()
         if todo:
             b.seq = todo[-1].seq
-        if records:
-            b.end = records[-1].end
         return len(todo)
 
     def _log(self, op: int, ids: I64, x: F32 | None, docs: list[str | None] | None) -> int:
@@ -334,13 +332,13 @@ class Persistent:
         b = self._bound()
         if fingerprint(b.path) == b.fingerprint:
             return self._replay(read_log(b.path / LOG)[1])
-        data, (base, records, end, mark) = _read(b.path, self._state.storage.is_mmap, False, False)
+        data, (base, records, mark) = _read(b.path, self._state.storage.is_mmap, False, False)
         fresh = type(self)(data, self._state.backend)
         old = self._state
         with self._meta_lock:
             self._state, self._params, self._metadata = fresh._state, fresh._params, fresh._metadata
         old.storage.discard()  # searches still reading the old state keep its mapping
-        b.seq, b.fingerprint, b.end = base, mark, end
+        b.seq, b.fingerprint = base, mark
         return self._replay(records)
 
     def refresh(self) -> int:
@@ -424,8 +422,7 @@ class Persistent:
                 if own and b is not None:
                     self._rebind(b)
                 elif b is None:  # bound to it now (its lock taken by the next write)
-                    end = read_log(target / LOG)[2]
-                    self._binding = Binding(target, False, "fsync", 0, fingerprint(target), end)
+                    self._binding = Binding(target, False, "fsync", 0, fingerprint(target))
 
         job.run = locked_run  # type: ignore[method-assign]
         return job
@@ -435,7 +432,7 @@ class Persistent:
         if b.log is not None:
             b.log.close()
         base, _, end = read_log(b.path / LOG)
-        b.fingerprint, b.end = fingerprint(b.path), end
+        b.fingerprint = fingerprint(b.path)
         b.log = WriteLog.open(b.path / LOG, b.durability, base, b.seq, end)
 
     def snapshot(self) -> IndexData:

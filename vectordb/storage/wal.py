@@ -37,7 +37,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InvalidIndexFileError, InvalidParameterError
@@ -287,10 +287,6 @@ class WriteLog:
     def size(self) -> int:
         """Bytes of the log so far (header included)."""
         return self._end
-
-    def records(self) -> Iterator[LogRecord]:
-        """The sound records written so far (a read of the file)."""
-        return iter(read_log(self.path)[1])
 
     def close(self) -> None:
         """Close the file (records appended are kept). Idempotent."""
