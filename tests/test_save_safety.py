@@ -207,7 +207,9 @@ def _cancel_inside(monkeypatch, name: str, loop, task_box: list) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("step", ["remove_leftovers", "write_rows", "fsync_dir", "install_dir"])
+# extend_rows: a checkpoint appends the added rows to the directory's tail (write_rows is
+# a full save's: test_a_failing_save_...)
+@pytest.mark.parametrize("step", ["remove_leftovers", "extend_rows", "fsync_dir", "install_dir"])
 async def test_a_save_cancelled_at_any_step_leaves_the_old_or_the_new_index(
     data, tmp_path, monkeypatch, step
 ):
@@ -417,14 +419,14 @@ async def test_aclose_during_a_save_waits_for_it(data, tmp_path, monkeypatch):
     path = tmp_path / "idx"
     build(data[:1000]).save(path)
     entered, go = threading.Event(), threading.Event()
-    real = persist.write_rows
+    real = persist.extend_rows  # a checkpoint's one write of vectors: the added rows
 
     def held(*args, **kwargs):
         entered.set()
         go.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(persist, "write_rows", held)
+    monkeypatch.setattr(persist, "extend_rows", held)
     engine = await vdb.AsyncEngine.open(path, mmap=True)
     await engine.add(data[1000:1100], ids=np.arange(1000, 1100))
     saving = asyncio.ensure_future(engine.save(path))

@@ -73,8 +73,9 @@ def test_warm_and_drop_cache_after_a_save_onto_itself_read_the_mapped_file(
         index.save(path)  # the old directory, and every name in it, goes
         if compact:
             assert not mapped.exists()
-        else:
-            assert mapped.stat().st_size == 1200 * DIM * 4  # the new file, not the mapped one
+        else:  # a checkpoint links the unchanged file and puts the added rows in the tail
+            assert inode(mapped) == mapped_inode and mapped.stat().st_size == 1000 * DIM * 4
+            assert (path / "vectors.tail.bin").stat().st_size == 200 * DIM * 4
         assert index.warm(progress=False) == rows * DIM * 4
         seen = fadvised(monkeypatch)
         index.drop_cache()

@@ -21,7 +21,7 @@ from ..errors import AlreadyUsingMmapError, InvalidParameterError, UnknownIdErro
 from ..storage.filters import Filter, check_filter
 from ..storage.idmap import as_ids, one_id
 from ..storage.metadata import MetadataStore, encode_documents
-from ..storage.snapshot import IndexData
+from ..storage.snapshot import IndexData, LivingData
 from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
@@ -55,7 +55,7 @@ class ClusteredIndex(Persistent):
     ``close`` must not run during searches.
     """
 
-    def __init__(self, data: IndexData, backend: Backend) -> None:
+    def __init__(self, data: IndexData | LivingData, backend: Backend) -> None:
         """Internal: use :meth:`build` or :meth:`open`."""
         self._params = dict(data.params)
         self._metadata = data.metadata if data.metadata is not None else MetadataStore()

@@ -44,12 +44,13 @@ from ..storage.format import MANIFEST
 from ..storage.load import OPEN_ATTEMPTS, load_index
 from ..storage.metadata import MetadataStore
 from ..storage.save import SaveJob
-from ..storage.snapshot import IndexData
+from ..storage.snapshot import IndexData, LivingData
 from ..storage.wal import LOG, LogRecord, WriteLog, check_durability, read_log
 from ..storage.writer import lock_writer, release_writer
 from . import update
 from .build import empty_data
 from .calibrate import check_target
+from .checkpoint import OnDisk, living_snapshot, on_disk
 from .records import OP_ADD, OP_UPSERT, decode_write, encode_write
 from .state import IndexState
 
@@ -93,6 +94,8 @@ class Binding:
         self.seq, self.fingerprint = seq, mark
         self.lock_fd: int | None = None
         self.log: WriteLog | None = None
+        #: What the directory holds of this index (``None``: unknown, a checkpoint writes all).
+        self.disk: OnDisk | None = None
 
     def release(self) -> None:
         log, self.log = self.log, None
@@ -104,7 +107,7 @@ class Binding:
 
 def _read(
     path: Path, mmap: bool, verify: bool, progress: bool | None
-) -> tuple[IndexData, tuple[int, list[LogRecord], bytes]]:
+) -> tuple[IndexData | LivingData, tuple[int, list[LogRecord], bytes]]:
     """The checkpoint in ``path`` and its log, read as one: retried if a checkpoint
     replaced the directory in between. Returns the data and ``(base_seq, records,
     fingerprint)``."""
@@ -128,7 +131,7 @@ class Persistent:
     _meta_lock: threading.Lock
     _binding: Binding | None = None
 
-    def __init__(self, data: IndexData, backend: Backend) -> None:  # pragma: no cover
+    def __init__(self, data: IndexData | LivingData, backend: Backend) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def _apply_write(
@@ -175,6 +178,7 @@ class Persistent:
         data, (base, records, mark) = _read(path, mmap, verify, progress)
         index = cls(data, chosen)
         index._binding = Binding(path, readonly, durability, base, mark)
+        index._binding.disk = on_disk(data, index._state, index._metadata)
         try:
             index._replay(records)
         except BaseException:
@@ -339,6 +343,7 @@ class Persistent:
             self._state, self._params, self._metadata = fresh._state, fresh._params, fresh._metadata
         old.storage.discard()  # searches still reading the old state keep its mapping
         b.seq, b.fingerprint = base, mark
+        b.disk = on_disk(data, self._state, self._metadata)
         return self._replay(records)
 
     def refresh(self) -> int:
@@ -406,8 +411,16 @@ class Persistent:
         own = b is not None and _same_dir(target, b.path)
         if own:
             self._writer()  # a checkpoint is a write: the lock, the catch-up
+        taken: list[IndexData | LivingData] = []
+
+        def snapshot() -> IndexData | LivingData:
+            with self._write_lock:
+                data = self._living(b, target) if own and b is not None else self.snapshot()
+                taken.append(data)
+                return data
+
         job = SaveJob(
-            self.snapshot,
+            snapshot,
             target,
             progress,
             stoppable=stoppable,
@@ -418,11 +431,19 @@ class Persistent:
 
         def locked_run() -> None:
             with self._write_lock:
-                run()
+                state = self._state
+                try:
+                    run()
+                except BaseException:
+                    if own and b is not None:
+                        b.disk = None  # the old version or the new: write all next time
+                    raise
                 if own and b is not None:
                     self._rebind(b)
+                    b.disk = on_disk(taken[-1], state, self._metadata)
                 elif b is None:  # bound to it now (its lock taken by the next write)
                     self._binding = Binding(target, False, "fsync", 0, fingerprint(target))
+                    self._binding.disk = on_disk(taken[-1], state, self._metadata)
 
         job.run = locked_run  # type: ignore[method-assign]
         return job
@@ -434,6 +455,10 @@ class Persistent:
         base, _, end = read_log(b.path / LOG)
         b.fingerprint = fingerprint(b.path)
         b.log = WriteLog.open(b.path / LOG, b.durability, base, b.seq, end)
+
+    def _living(self, b: Binding, target: Path) -> LivingData:
+        """Under the write lock: the state as a checkpoint of ``target`` writes it."""
+        return living_snapshot(self._state, self._params, self._metadata, b.disk, target)
 
     def snapshot(self) -> IndexData:
         """The index now as one compact :class:`~vectordb.storage.snapshot.IndexData`

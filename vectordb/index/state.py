@@ -22,7 +22,7 @@ from ..errors import UnknownIdError
 from ..search.candidates import VectorScorer, VectorSelector
 from ..search.pipeline import HostSearcher, Searcher, SearchInputs, SearchRequest
 from ..storage.idmap import IdMap
-from ..storage.snapshot import IndexData
+from ..storage.snapshot import IndexData, LivingData
 from ..storage.vectors import VectorStore
 
 __all__ = ["BOUNDED_RERANK", "EXACT_FILTER_ROWS", "EXACT_RERANK", "IndexState"]
@@ -75,8 +75,10 @@ class IndexState:
         set_(self, "searcher", searcher)
 
     @classmethod
-    def of(cls, data: IndexData, backend: Backend) -> IndexState:
+    def of(cls, data: IndexData | LivingData, backend: Backend) -> IndexState:
         """The first state of an index built or loaded as ``data``."""
+        if isinstance(data, LivingData):
+            return cls._living(data, backend)
         tree, base, ids = data.tree, data.base, data.ids
         has_codes = base.codes is not None
         return cls(
@@ -96,6 +98,31 @@ class IndexState:
             idmap=IdMap.from_rows(ids, np.arange(ids.shape[0], dtype=np.int64)),
             storage=data.storage,
             next_id=int(ids.max(initial=-1)) + 1,
+        )
+
+    @classmethod
+    def _living(cls, data: LivingData, backend: Backend) -> IndexState:
+        """The state a checkpoint saved: its parts, its rows as they lie."""
+        live = data.row_id >= 0
+        rows = np.flatnonzero(live)
+        codes = data.base.codes is not None
+        return cls(
+            quantizer=data.quantizer,
+            metric=data.metric,
+            backend=backend,
+            tree=data.tree,
+            table=(
+                CodeTable.for_tree(data.tree, data.metric, data.quantizer.code_bits)
+                if codes
+                else None
+            ),
+            base=data.base,
+            delta=data.delta,
+            row_id=data.row_id,
+            row_ok=None if bool(live.all()) else live,
+            idmap=IdMap.from_rows(data.row_id, rows),
+            storage=data.storage,
+            next_id=data.next_id,
         )
 
     def replace(self, **changes: Any) -> IndexState:

@@ -100,12 +100,6 @@ def add_to_parts(
     big = bool((sizes > splitter.split_above).any())
     if not big and delta.size <= merge_threshold(base.size, splitter.max_leaf_size):
         return tree, base, delta
-    if splitter is None and delta.size == 0 and (row_ok is None or row_ok[base.all_rows].all()):
-        # Nothing to fold in or leave out (a fresh build, a save with no writes since):
-        # the base as it is, its arrays shared, not copied. A copy would hold a second
-        # set of codes (1.3 GB at 10M x 768) for the length of the save.
-        shared = Part(offsets=base.offsets, rows=None, codes=base.codes, factors=base.factors)
-        return tree, shared, base.all_rows
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
     merged = concat_by_leaf([base, delta], [base.leaf_of_slot, delta.leaf_of_slot], keep)
     tree, merged = split_big_leaves(tree, merged, splitter)

@@ -78,21 +78,31 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def crc32_file(path: Path, progress: Callable[[int], None] | None = None) -> int:
-    """CRC32 of a whole file, read in 8 MiB chunks."""
+def crc32_file(
+    path: Path, progress: Callable[[int], None] | None = None, *, size: int | None = None
+) -> int:
+    """CRC32 of a file's first ``size`` bytes (``None``: all), read in 8 MiB chunks."""
     with open(path, "rb", buffering=0) as fh:
-        return crc32_of(fh, progress)
+        return crc32_of(fh, progress, size)
 
 
-def crc32_of(fh: io.FileIO, progress: Callable[[int], None] | None = None) -> int:
-    """CRC32 of the whole open file ``fh`` (from its start), read in 8 MiB chunks;
-    ``progress(n)`` after each."""
+def crc32_of(
+    fh: io.FileIO, progress: Callable[[int], None] | None = None, size: int | None = None
+) -> int:
+    """CRC32 of the open file ``fh`` from its start, its first ``size`` bytes (``None``:
+    all), read in 8 MiB chunks; ``progress(n)`` after each."""
     crc = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     fh.seek(0)
-    while count := fh.readinto(buf):
+    left = size
+    while left is None or left > 0:
+        count = fh.readinto(view if left is None or left >= _CHUNK else view[:left])
+        if not count:
+            break
         crc = zlib.crc32(view[:count], crc)
+        if left is not None:
+            left -= count
         if progress is not None:
             progress(count)
     return crc

@@ -21,6 +21,22 @@ Layout of a saved index (format version 4; version 3 has 1-bit codes only, and a
       blocks.npy        (bits/64, 64, 64) float32   rotation: blocks       } with rotate=True
       vectors.bin       raw little-endian float32, n * dim * 4 bytes, storage order
 
+A checkpoint (``save()`` of an index onto its own directory) writes version 5, the index
+as it lives, so that the next checkpoint rewrites only what changed (see
+:mod:`vectordb.storage.save`): storage rows in the order they came (deleted ones kept),
+``ids.npy`` over storage rows (``-1``: no live vector there), and besides the files
+above, with ``rows`` storage rows, ``base_slots`` and ``delta_slots`` in the manifest::
+
+      slot_rows.npy     (base_slots,) int64          storage row of every base slot
+      delta_offsets.npy (n_leaves + 1,) int64        slots of each leaf in the delta part
+      delta_rows.npy    (delta_slots,) int64         storage row of every delta slot
+      delta_codes.npy   (code_bits * words, delta_slots) uint64   } with leaf_scan
+      delta_factors.npy (4, delta_slots) float32                  } "codes"
+      vectors.bin       the first rows - tail_rows rows
+      vectors.tail.bin  the other tail_rows rows; the file may be longer (a later
+                        checkpoint appends to it in place): its size and CRC32 in the
+                        manifest are those of the rows it lists
+
 All ``.npy`` files are read with ``allow_pickle=False`` after their header was checked
 against the manifest, so a damaged file cannot trigger a huge allocation.
 
@@ -42,21 +58,27 @@ from .._validation import MAX_BRANCHING, MAX_CODE_BITS, MAX_ITERATIONS
 from ..core.codes import BLOCK, FACTORS, words_for
 from ..core.metrics import Metric
 from ..errors import InvalidIndexFileError
-from .snapshot import IndexData
+from .snapshot import IndexData, LivingData
 
 __all__ = [
+    "BASE_FILES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KNOWN_FILES",
+    "LIVING_VERSION",
     "MANIFEST",
     "MAX_MANIFEST_BYTES",
     "METADATA",
     "NO_ZERO_RUNS",
     "READABLE_VERSIONS",
+    "TAIL",
+    "TREE_FILES",
     "VECTORS",
     "arrays_of",
     "bad_file",
     "expected_arrays",
+    "living_arrays_of",
+    "living_manifest_of",
     "manifest_of",
     "parse_manifest",
     "sign_manifest",
@@ -68,9 +90,12 @@ FORMAT_NAME = "vectordb.ClusteredIndex"
 #: still open (their factors are computed from the vectors at open). An index of 1-bit codes
 #: is still saved as version 3, which earlier releases open.
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: A checkpoint's layout (see the module docstring); older releases refuse it.
+LIVING_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 VECTORS = "vectors.bin"
+TAIL = "vectors.tail.bin"
 METADATA = "metadata.sqlite"
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -89,7 +114,13 @@ KNOWN_FILES = frozenset(
         "ids.npy",
         "perm.npy",
         "blocks.npy",
+        "slot_rows.npy",
+        "delta_offsets.npy",
+        "delta_rows.npy",
+        "delta_codes.npy",
+        "delta_factors.npy",
         VECTORS,
+        TAIL,
         METADATA,
     }
 )
@@ -109,7 +140,17 @@ _REQUIRED_PARAMS = frozenset({"branching_factor"})
 #: Arrays whose valid content never holds two equal zero elements (distinct ids; node 0 is
 #: never a child; leaf numbers and a permutation each appear once), so a hole in one is
 #: damage: a sparse file cannot declare millions of elements without holding them on disk.
-NO_ZERO_RUNS = frozenset({"ids.npy", "children.npy", "leaf_of_node.npy", "perm.npy"})
+NO_ZERO_RUNS = frozenset(
+    {"ids.npy", "children.npy", "leaf_of_node.npy", "perm.npy", "slot_rows.npy", "delta_rows.npy"}
+)
+#: The files of the tree and rotation, and of the base part: a checkpoint links them from
+#: the version it replaces when they did not change.
+TREE_FILES = frozenset(
+    {"centroids.npy", "children.npy", "leaf_of_node.npy", "perm.npy", "blocks.npy"}
+)
+BASE_FILES = frozenset({"leaf_offsets.npy", "codes.npy", "factors.npy", "slot_rows.npy"})
+#: Counts a version 5 manifest adds (see the module docstring).
+_LIVING_COUNTS = ("rows", "tail_rows", "base_slots", "delta_slots", "next_id")
 
 
 def bad_file(path: Path, problem: str) -> InvalidIndexFileError:
@@ -140,12 +181,27 @@ def parse_manifest(raw: bytes, path: Path) -> dict[str, Any]:
         manifest["metric"] = Metric(manifest.get("metric"))
     except ValueError:
         raise bad_file(path, f"unknown metric {manifest.get('metric')!r}") from None
+    if version == LIVING_VERSION:
+        _check_living_counts(manifest, path)
     _check_params(manifest.get("params"), path)
     if version < FORMAT_VERSION and manifest["params"].get("code_bits", 1) != 1:
         bits = manifest["params"]["code_bits"]
         raise bad_file(path, f"params.code_bits is {bits}, but version {version} has 1-bit codes")
     _check_file_entries(manifest.get("files"), path)
     return manifest
+
+
+def _check_living_counts(manifest: dict[str, Any], path: Path) -> None:
+    """A version 5 manifest's counts: integers in range, consistent with each other."""
+    for key in _LIVING_COUNTS:
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+            raise bad_file(path, f"{key!r} must be an integer in [0, 2**63), found {value!r}")
+    rows = manifest["rows"]
+    if manifest["tail_rows"] > rows:
+        raise bad_file(path, f"tail_rows is {manifest['tail_rows']}, more than rows={rows}")
+    if manifest["base_slots"] + manifest["delta_slots"] > rows or manifest["n"] > rows:
+        raise bad_file(path, f"more slots or vectors than rows={rows}")
 
 
 def _json_object(raw: bytes, path: Path) -> dict[str, Any]:
@@ -292,19 +348,30 @@ def expected_arrays(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype[Any], 
     dim, n = manifest["dim"], manifest["n"]
     n_nodes, n_leaves = manifest["n_nodes"], manifest["n_leaves"]
     params = manifest["params"]
+    living = manifest["format_version"] == LIVING_VERSION
+    slots = manifest["base_slots"] if living else n
     bits = words_for(dim) * 64 if params["rotate"] else dim
     expected: dict[str, tuple[type, tuple[int, ...]]] = {
         "leaf_offsets.npy": (np.int64, (n_leaves + 1,)),
         "children.npy": (np.int64, (n_nodes, params["branching_factor"])),
         "leaf_of_node.npy": (np.int64, (n_nodes,)),
         "centroids.npy": (np.float32, (n_nodes, bits)),
-        "ids.npy": (np.int64, (n,)),
+        "ids.npy": (np.int64, (manifest["rows"] if living else n,)),
     }
-    if params["leaf_scan"] == "codes":
-        code_bits = params.get("code_bits", 1)
-        expected["codes.npy"] = (np.uint64, (code_bits * words_for(bits), n))
+    words = params.get("code_bits", 1) * words_for(bits)
+    codes = params["leaf_scan"] == "codes"
+    if living:
+        delta = manifest["delta_slots"]
+        expected["slot_rows.npy"] = (np.int64, (slots,))
+        expected["delta_offsets.npy"] = (np.int64, (n_leaves + 1,))
+        expected["delta_rows.npy"] = (np.int64, (delta,))
+        if codes:
+            expected["delta_codes.npy"] = (np.uint64, (words, delta))
+            expected["delta_factors.npy"] = (np.float32, (FACTORS, delta))
+    if codes:
+        expected["codes.npy"] = (np.uint64, (words, slots))
         if manifest["format_version"] >= 3:
-            expected["factors.npy"] = (np.float32, (FACTORS, n))
+            expected["factors.npy"] = (np.float32, (FACTORS, slots))
         else:
             expected["norms.npy"] = (np.float32, (n,))
             if manifest["metric"] is Metric.IP:
@@ -344,6 +411,55 @@ def manifest_of(data: IndexData, files: dict[str, dict[str, int]]) -> bytes:
             "dim": data.dim,
             "metric": data.metric.value,
             "n": data.n,
+            "n_nodes": data.tree.n_nodes,
+            "n_leaves": data.tree.n_leaves,
+            "params": dict(data.params),
+            "files": files,
+        }
+    )
+
+
+def living_arrays_of(data: LivingData) -> dict[str, npt.NDArray[Any]]:
+    """The ``.npy`` files a checkpoint writes for ``data`` (format version 5): name ->
+    array, as :func:`expected_arrays` expects them."""
+    tree, base, delta, quantizer = data.tree, data.base, data.delta, data.quantizer
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "centroids.npy": tree.centroids,
+        "children.npy": tree.children,
+        "leaf_of_node.npy": tree.leaf_of_node,
+        "leaf_offsets.npy": base.offsets,
+        "slot_rows.npy": base.all_rows,
+        "delta_offsets.npy": delta.offsets,
+        "delta_rows.npy": delta.all_rows,
+        "ids.npy": data.row_id,
+    }
+    if base.codes is not None and base.factors is not None:
+        arrays["codes.npy"] = base.codes
+        arrays["factors.npy"] = base.factors
+    if delta.codes is not None and delta.factors is not None:
+        arrays["delta_codes.npy"] = delta.codes
+        arrays["delta_factors.npy"] = delta.factors
+    if quantizer.perm is not None and quantizer.blocks is not None:
+        arrays["perm.npy"] = quantizer.perm
+        arrays["blocks.npy"] = quantizer.blocks
+    return arrays
+
+
+def living_manifest_of(data: LivingData, files: dict[str, dict[str, int]], tail_rows: int) -> bytes:
+    """The signed version 5 manifest of ``data``, whose files have the sizes and CRC32s
+    ``files`` and whose last ``tail_rows`` storage rows are in the tail file."""
+    return sign_manifest(
+        {
+            "format": FORMAT_NAME,
+            "format_version": LIVING_VERSION,
+            "dim": data.dim,
+            "metric": data.metric.value,
+            "n": data.n,
+            "rows": data.rows,
+            "tail_rows": tail_rows,
+            "base_slots": data.base.size,
+            "delta_slots": data.delta.size,
+            "next_id": data.next_id,
             "n_nodes": data.tree.n_nodes,
             "n_leaves": data.tree.n_leaves,
             "params": dict(data.params),

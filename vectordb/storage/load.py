@@ -35,10 +35,12 @@ from .dirswap import leftovers
 from .dirswap import recover_missing as _recover_missing
 from .files import crc32_file, crc32_of, names_file, storage_error
 from .format import (
+    LIVING_VERSION,
     MANIFEST,
     MAX_MANIFEST_BYTES,
     METADATA,
     NO_ZERO_RUNS,
+    TAIL,
     VECTORS,
     bad_file,
     expected_arrays,
@@ -46,7 +48,8 @@ from .format import (
 )
 from .memory import reading_in_order
 from .metadata import MetadataStore
-from .snapshot import IndexData
+from .snapshot import IndexData, LivingData
+from .structure import check_living, check_no_holes, check_structure
 from .vectors import InMemoryStorage, MmapStorage, VectorStore
 
 log = logging.getLogger("vectordb")
@@ -73,7 +76,8 @@ def _read_manifest(handle: DirHandle) -> bytes:
 
 def _check_size(fh: io.FileIO, path: Path, expected: int) -> None:
     size = os.fstat(fh.fileno()).st_size
-    if size != expected:
+    # A checkpoint's tail may be longer than the rows it lists (see storage.rowfile).
+    if size != expected and not (path.name == TAIL and size > expected):
         raise bad_file(path, f"size is {size} bytes, expected {expected}")
 
 
@@ -113,47 +117,12 @@ def _read_header(fh: io.FileIO, path: Path, dtype: np.dtype[Any], shape: tuple[i
     return offset
 
 
-def _check_no_holes(fh: io.FileIO, path: Path, start: int, itemsize: int) -> None:
-    """Refuse a file with a hole (a range the file system stores no data for: zeros)
-    after ``start`` long enough to hold two whole elements of ``itemsize`` bytes.
-
-    Only for files whose valid content never holds two zero elements (``NO_ZERO_RUNS``);
-    a no-op where the OS cannot report holes.
-    """
-    seek_hole, seek_data = getattr(os, "SEEK_HOLE", None), getattr(os, "SEEK_DATA", None)
-    if seek_hole is None or seek_data is None:
-        return
-    fd = fh.fileno()
-    end = os.fstat(fd).st_size
-    pos = start
+def _crc32(
+    fh: io.FileIO, path: Path, on_bytes: Callable[[int], None] | None, size: int | None = None
+) -> int:
+    """CRC32 of the file's first ``size`` bytes (``None``: all), read from its descriptor."""
     try:
-        while pos < end:
-            hole = os.lseek(fd, pos, seek_hole)
-            if hole >= end:
-                return
-            try:
-                data = min(os.lseek(fd, hole, seek_data), end)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:  # ENXIO: no data after the hole
-                    raise
-                data = end
-            if data - hole >= 3 * itemsize:
-                raise bad_file(
-                    path,
-                    f"sparse: bytes {hole}..{data} are a hole (zeros that were never "
-                    "written), which no valid file of this kind holds",
-                )
-            pos = data
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            return  # this file system cannot say
-        raise storage_error(exc, path) from exc
-
-
-def _crc32(fh: io.FileIO, path: Path, on_bytes: Callable[[int], None] | None) -> int:
-    """CRC32 of the whole file, read from its descriptor."""
-    try:
-        return crc32_of(fh, on_bytes)
+        return crc32_of(fh, on_bytes, size)
     except OSError as exc:
         raise storage_error(exc, path) from exc
 
@@ -180,7 +149,7 @@ def load_index(
     verify: bool,
     progress: bool | None = False,
     recover: bool = True,
-) -> IndexData:
+) -> IndexData | LivingData:
     """Read the index saved in ``directory`` (see ``ClusteredIndex.open`` for the
     arguments); ``recover``: after :func:`recover_missing`.
 
@@ -234,7 +203,9 @@ def _between_renames(directory: Path) -> bool:
         return False
 
 
-def _load_version(handle: DirHandle, mmap: bool, verify: bool, progress: bool | None) -> IndexData:
+def _load_version(
+    handle: DirHandle, mmap: bool, verify: bool, progress: bool | None
+) -> IndexData | LivingData:
     """Read the version of the index that ``handle`` holds (one attempt): every cheap
     check first, for every file, before anything is read or allocated."""
     directory = handle.path
@@ -242,7 +213,9 @@ def _load_version(handle: DirHandle, mmap: bool, verify: bool, progress: bool | 
     manifest = parse_manifest(raw, directory / MANIFEST)
     files = manifest["files"]
     expected = expected_arrays(manifest)
-    names = [*expected, VECTORS] + ([METADATA] if METADATA in files else [])
+    living = manifest["format_version"] == LIVING_VERSION
+    tail = [TAIL] if living and manifest["tail_rows"] else []
+    names = [*expected, VECTORS, *tail] + ([METADATA] if METADATA in files else [])
     for name in names:
         if name not in files:
             raise bad_file(directory / MANIFEST, f"does not list {name}")
@@ -254,16 +227,22 @@ def _load_version(handle: DirHandle, mmap: bool, verify: bool, progress: bool | 
         name: _load(opened[name], directory / name, offsets[name], dtype, shape)
         for name, (dtype, shape) in expected.items()
     }
-    _check_structure(directory, arrays, manifest["n"], manifest["n_nodes"], manifest["n_leaves"])
+    slots = manifest["base_slots"] if living else manifest["n"]
+    check_structure(directory, arrays, slots, manifest["n_nodes"], manifest["n_leaves"])
     ids = arrays["ids.npy"]
-    if np.unique(ids).shape[0] != manifest["n"] or (ids < 0).any():
+    if living:
+        check_living(directory, arrays, manifest)
+        ids = ids[ids >= 0]
+    elif np.unique(ids).shape[0] != manifest["n"] or (ids < 0).any():
         raise bad_file(directory / "ids.npy", "ids must be distinct and >= 0")
     # SQLite opens its file by path, which may name another version by now: the inode
     # check in _load_metadata catches that and the load starts again.
     metadata = _load_metadata(handle, opened[METADATA], ids) if METADATA in files else None
     if _read_manifest(handle) != raw:
         raise FileReplaced(f"{directory / MANIFEST} changed while the index was being opened")
-    storage = _vector_store(directory / VECTORS, opened[VECTORS], manifest, mmap)
+    storage = _vector_store(directory, opened, manifest, mmap)
+    if living:
+        return _living_of(manifest, arrays, storage, metadata)
     return _data_of(manifest, arrays, storage, metadata)
 
 
@@ -284,13 +263,13 @@ def _check_files(
         name: _read_header(opened[name], directory / name, dtype, shape)
         for name, (dtype, shape) in expected.items()
     }
-    n, dim = manifest["n"], manifest["dim"]
-    if files[VECTORS]["size"] != n * dim * 4:
-        raise bad_file(
-            directory / VECTORS, f"size is {files[VECTORS]['size']} bytes, expected {n * dim * 4}"
-        )
+    n, row = _vector_rows(manifest), manifest["dim"] * 4
+    if files[VECTORS]["size"] != n[0] * row or (
+        TAIL in opened and files[TAIL]["size"] != n[1] * row
+    ):
+        raise bad_file(directory / VECTORS, f"sizes must be {n[0]} and {n[1]} rows of {row} bytes")
     for name in NO_ZERO_RUNS & expected.keys():
-        _check_no_holes(opened[name], directory / name, offsets[name], expected[name][0].itemsize)
+        check_no_holes(opened[name], directory / name, offsets[name], expected[name][0].itemsize)
     return offsets
 
 
@@ -304,7 +283,7 @@ def _verify(
     total = sum(files[name]["size"] for name in opened)
     with progress_bar(total, "verifying", unit="B", progress=progress) as bar:
         for name, fh in opened.items():
-            crc = _crc32(fh, directory / name, bar.update)
+            crc = _crc32(fh, directory / name, bar.update, files[name]["size"])
             if crc != files[name]["crc32"]:
                 raise bad_file(
                     directory / name,
@@ -312,14 +291,59 @@ def _verify(
                 )
 
 
-def _vector_store(path: Path, fh: io.FileIO, manifest: dict[str, Any], mmap: bool) -> VectorStore:
-    """The vectors of the checked file ``fh``: mapped from its descriptor (the same file,
-    whatever ``path`` names by now), or read into RAM."""
-    n, dim = manifest["n"], manifest["dim"]
+def _vector_rows(manifest: dict[str, Any]) -> tuple[int, int]:
+    """Rows of ``vectors.bin`` and of ``vectors.tail.bin`` (0 but in version 5)."""
+    if manifest["format_version"] != LIVING_VERSION:
+        return manifest["n"], 0
+    return manifest["rows"] - manifest["tail_rows"], manifest["tail_rows"]
+
+
+def _vector_store(
+    directory: Path, opened: dict[str, io.FileIO], manifest: dict[str, Any], mmap: bool
+) -> VectorStore:
+    """The vectors of the checked files: mapped from their descriptors (the same files,
+    whatever the paths name by now), or read into RAM."""
+    (n, tail), dim = _vector_rows(manifest), manifest["dim"]
+    path, fh = directory / VECTORS, opened[VECTORS]
     if mmap:
-        return MmapStorage(path, n, dim, fd=fh.fileno())
-    vectors = _load(fh, path, 0, np.dtype("<f4"), (n, dim))
+        mapped_tail = (opened[TAIL].fileno(), tail) if tail else None
+        return MmapStorage(path, n, dim, fd=fh.fileno(), tail=mapped_tail)
+    parts = [_load(fh, path, 0, np.dtype("<f4"), (n, dim))]
+    if tail:
+        parts.append(_load(opened[TAIL], directory / TAIL, 0, np.dtype("<f4"), (tail, dim)))
+    vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return InMemoryStorage(vectors.astype(np.float32, copy=False))
+
+
+def _living_of(
+    manifest: dict[str, Any],
+    arrays: dict[str, npt.NDArray[Any]],
+    storage: VectorStore,
+    metadata: MetadataStore | None,
+) -> LivingData:
+    """The checked arrays of a version 5 directory as one :class:`LivingData`."""
+    data = _data_of(manifest, arrays, storage, metadata)
+    slot_rows: I64 | None = arrays["slot_rows.npy"]
+    if np.array_equal(arrays["slot_rows.npy"], np.arange(data.base.size)):
+        slot_rows = None  # slot s is row s: 8 bytes a vector of RAM saved
+    delta = Part(
+        offsets=arrays["delta_offsets.npy"],
+        rows=arrays["delta_rows.npy"],
+        codes=arrays.get("delta_codes.npy"),
+        factors=arrays.get("delta_factors.npy"),
+    )
+    return LivingData(
+        tree=data.tree,
+        base=Part(data.base.offsets, slot_rows, data.base.codes, data.base.factors),
+        delta=delta,
+        quantizer=data.quantizer,
+        row_id=arrays["ids.npy"],
+        storage=storage,
+        metric=data.metric,
+        params=data.params,
+        metadata=metadata,
+        next_id=manifest["next_id"],
+    )
 
 
 def _data_of(
@@ -407,56 +431,6 @@ def _load_metadata(handle: DirHandle, fh: io.FileIO, ids: I64) -> MetadataStore:
     return store
 
 
-def _check_tree(file: Path, children: npt.NDArray[Any], n_nodes: int) -> None:
-    """A tree rooted at node 0: every other node the child of exactly one node, and all
-    reachable from the root. Without it a damaged file could make routing loop forever
-    (a child pointing back up) or visit a leaf twice."""
-    kids = children[children >= 0]
-    if not np.array_equal(np.sort(kids), np.arange(1, n_nodes)):
-        raise bad_file(file, "every node but the root must be the child of exactly one node")
-    reached, level = 1, np.zeros(1, dtype=np.int64)
-    while level.shape[0]:  # visits each node once: every node has one parent, the root none
-        level = children[level].ravel()
-        level = level[level >= 0]
-        reached += level.shape[0]
-    if reached != n_nodes:
-        raise bad_file(file, f"{n_nodes - reached} nodes are not reachable from the root (a cycle)")
-
-
-def _check_structure(
-    directory: Path, arrays: dict[str, npt.NDArray[Any]], n: int, n_nodes: int, n_leaves: int
-) -> None:
-    """Cheap consistency checks so that a damaged tree cannot index out of bounds."""
-    offsets = arrays["leaf_offsets.npy"]
-    if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
-        raise bad_file(directory / "leaf_offsets.npy", f"must rise from 0 to n={n}")
-    children = arrays["children.npy"]
-    if ((children < -1) | (children >= n_nodes)).any():
-        raise bad_file(directory / "children.npy", f"node ids must lie in [-1, {n_nodes})")
-    _check_tree(directory / "children.npy", children, n_nodes)
-    leaf_of_node = arrays["leaf_of_node.npy"]
-    leaves = np.sort(leaf_of_node[leaf_of_node >= 0])
-    if not np.array_equal(leaves, np.arange(n_leaves)):
-        raise bad_file(
-            directory / "leaf_of_node.npy", f"must number leaves 0..{n_leaves - 1} once each"
-        )
-    is_leaf = leaf_of_node >= 0
-    has_children = (children >= 0).any(axis=1)
-    if (is_leaf & has_children).any() or (~is_leaf & ~has_children).any():
-        raise bad_file(directory / "children.npy", "leaves must have no children, inner nodes some")
-    perm = arrays.get("perm.npy")
-    if perm is not None and not np.array_equal(np.sort(perm), np.arange(perm.shape[0])):
-        raise bad_file(directory / "perm.npy", "is not a permutation")
-    if not np.isfinite(arrays["centroids.npy"]).all():
-        raise bad_file(directory / "centroids.npy", "contains NaN or infinite values")
-    if "norms.npy" in arrays and not np.isfinite(arrays["norms.npy"]).all():
-        raise bad_file(directory / "norms.npy", "contains NaN or infinite values")
-    factors = arrays.get("factors.npy")
-    # A factor may overflow to inf for vectors near MAX_NORM; NaN never comes of a build.
-    if factors is not None and (np.isnan(factors).any() or (factors[3] < 0).any()):
-        raise bad_file(directory / "factors.npy", "contains NaN or a negative error bound")
-
-
 def is_complete(directory: Path) -> bool:
     """Whether ``directory`` holds a whole saved index: a valid manifest, and every file it
     lists present with its recorded size and CRC32 (reads every file once)."""
@@ -467,12 +441,17 @@ def is_complete(directory: Path) -> bool:
         return VECTORS in files and all(
             not (directory / name).is_symlink()
             and (directory / name).is_file()
-            and (directory / name).stat().st_size == entry["size"]
-            and crc32_file(directory / name) == entry["crc32"]
+            and _size_fits(name, (directory / name).stat().st_size, entry["size"])
+            and crc32_file(directory / name, size=entry["size"]) == entry["crc32"]
             for name, entry in files.items()
         )
     except (OSError, InvalidIndexFileError):
         return False
+
+
+def _size_fits(name: str, size: int, listed: int) -> bool:
+    """Whether a file of ``size`` bytes can be the one the manifest lists at ``listed``."""
+    return size == listed or (name == TAIL and size > listed)
 
 
 def recover_missing(directory: Path) -> None:

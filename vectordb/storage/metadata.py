@@ -229,6 +229,9 @@ class MetadataStore:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
+        #: Counts the calls that changed the documents: a checkpoint
+        #: links the file of the version it replaces while this has not moved.
+        self.version = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -251,6 +254,7 @@ class MetadataStore:
     def put(self, ids: I64, encoded: Sequence[str | None]) -> None:
         """Set (or, for ``None``, clear) the metadata of ``ids``."""
         with self._lock, self._db:
+            changes = self._db.total_changes
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta (id, doc) VALUES (?, ?)",
                 [(int(i), d) for i, d in zip(ids, encoded, strict=True) if d is not None],
@@ -259,10 +263,13 @@ class MetadataStore:
                 "DELETE FROM meta WHERE id = ?",
                 [(int(i),) for i, d in zip(ids, encoded, strict=True) if d is None],
             )
+            self.version += self._db.total_changes != changes
 
     def delete(self, ids: I64) -> None:
         with self._lock, self._db:
+            changes = self._db.total_changes
             self._db.executemany("DELETE FROM meta WHERE id = ?", [(int(i),) for i in ids])
+            self.version += self._db.total_changes != changes
 
     def get(self, id_: int) -> dict[str, Any] | None:
         with self._lock:

@@ -30,14 +30,28 @@ import numpy as np
 import numpy.typing as npt
 
 from .._progress import log, progress_bar
-from ..errors import StorageError
+from ..errors import StorageError, VectorDBError
 from .dirswap import check_replaceable, install_dir, lock_dir, remove_leftovers, unlock
 from .files import _NEW_FILE_MODE, crc32_file, fsync_dir, storage_error
-from .format import MANIFEST, METADATA, VECTORS, arrays_of, manifest_of
+from .format import (
+    BASE_FILES,
+    LIVING_VERSION,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    METADATA,
+    TAIL,
+    TREE_FILES,
+    VECTORS,
+    arrays_of,
+    living_arrays_of,
+    living_manifest_of,
+    manifest_of,
+    parse_manifest,
+)
 from .load import is_complete
 from .memory import reading_in_order
-from .snapshot import IndexData
-from .vectors import write_rows
+from .rowfile import extend_rows, write_rows
+from .snapshot import IndexData, LivingData, Reuse
 from .wal import LOG, WriteLog
 from .writer import carry_writer, lock_writer, release_writer
 
@@ -89,7 +103,7 @@ class SaveJob:
 
     def __init__(
         self,
-        snapshot: Callable[[], IndexData],
+        snapshot: Callable[[], IndexData | LivingData],
         path: Path,
         progress: bool | None = False,
         *,
@@ -161,26 +175,33 @@ class SaveJob:
             release_writer(taken)
             unlock(lock)
 
-    def _write_and_install(self, data: IndexData, writer: int | None) -> None:
+    def _write_and_install(self, data: IndexData | LivingData, writer: int | None) -> None:
         """Write every file into a new temporary directory, then swap it in for ``path``."""
         tmp = self.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            files = self._write_data(tmp, data)
+            if isinstance(data, LivingData):
+                files, tail_rows = self._write_living(tmp, data)
+                manifest = living_manifest_of(data, files, tail_rows)
+            else:
+                files = self._write_data(tmp, data)
+                manifest = manifest_of(data, files)
             if self._log_seq is not None:
                 WriteLog.create(tmp / LOG, self._log_seq)
             carry_writer(writer, self.path, tmp)
             self._check_stop()
             with open(tmp / MANIFEST, "wb") as fh:
-                fh.write(manifest_of(data, files))
+                fh.write(manifest)
                 fh.flush()
                 os.fsync(fh.fileno())
             if os.name == "posix":
                 # Read-only, so that copying a backup over a live index (which truncates
                 # the mapped file in place: SIGBUS in every reader) fails; `cp -f` and
-                # directory swaps make new files and stay safe.
+                # directory swaps make new files and stay safe. Not the tail: the next
+                # checkpoint appends to it (past the rows this one lists).
                 for name in (*files, MANIFEST):
-                    os.chmod(tmp / name, _NEW_FILE_MODE & ~0o222)
+                    if name != TAIL:
+                        os.chmod(tmp / name, _NEW_FILE_MODE & ~0o222)
             fsync_dir(tmp)
             self._check_stop()
             # From here on the run completes: the new index or the old one stays.
@@ -231,3 +252,109 @@ class SaveJob:
             data.metadata.save(meta)
             files[METADATA] = {"size": meta.stat().st_size, "crc32": crc32_file(meta)}
         return files
+
+    def _write_living(self, tmp: Path, data: LivingData) -> tuple[dict[str, dict[str, int]], int]:
+        """Write a checkpoint (format version 5) of ``data`` into ``tmp``: every file its
+        directory already holds unchanged (``data.reuse``) is hard-linked from there, rows
+        past those on disk are appended to the tail. Returns each file's size and CRC32,
+        and the rows in the tail."""
+        held = _held(data.reuse, self.path)
+        reused = set() if held is None else _unchanged(data.reuse, held)
+        arrays = living_arrays_of(data)
+        row = data.dim * 4
+        files: dict[str, dict[str, int]] = {}
+        total = sum(int(a.nbytes) for n, a in arrays.items() if n not in reused)
+        total += (data.rows - (held.rows if held is not None else 0)) * row
+        with progress_bar(total, "checkpoint", unit="B", progress=self.progress) as bar:
+
+            def done(n: int) -> None:
+                bar.update(n)
+                self._check_stop()
+
+            for name, arr in arrays.items():
+                if name in reused:
+                    os.link(self.path / name, tmp / name)
+                    files[name] = held.files[name]  # type: ignore[union-attr]
+                else:
+                    files[name] = _write_file(tmp, name, arr)
+                    done(int(arr.nbytes))
+            if held is None:
+                with reading_in_order(data.storage):
+                    order = np.arange(data.rows, dtype=np.int64)
+                    crc = write_rows(data.storage.take, order, data.dim, tmp / VECTORS, done)
+                files[VECTORS] = {"size": data.rows * row, "crc32": crc}
+                tail_rows = 0
+            else:
+                os.link(self.path / VECTORS, tmp / VECTORS)
+                files[VECTORS] = held.files[VECTORS]
+                tail_rows = data.rows - held.first_tail
+                if tail_rows:
+                    files[TAIL] = self._extend_tail(tmp, data, held, done)
+            if METADATA in reused:
+                os.link(self.path / METADATA, tmp / METADATA)
+                files[METADATA] = held.files[METADATA]  # type: ignore[union-attr]
+            elif data.metadata is not None:
+                meta = tmp / METADATA
+                data.metadata.save(meta)
+                files[METADATA] = {"size": meta.stat().st_size, "crc32": crc32_file(meta)}
+        return files, tail_rows
+
+    def _extend_tail(
+        self, tmp: Path, data: LivingData, held: _Held, done: Callable[[int], None]
+    ) -> dict[str, int]:
+        """The tail with the rows past those on disk appended (in place: the version it
+        replaces lists only its first rows; see ``rowfile.extend_rows``), linked into
+        ``tmp``; returns its manifest entry."""
+        row = data.dim * 4
+        new = np.arange(held.rows, data.rows, dtype=np.int64)
+        if TAIL in held.files:
+            kept = (held.files[TAIL]["size"], held.files[TAIL]["crc32"])
+            crc = extend_rows(data.storage.take, new, data.dim, self.path / TAIL, kept, done)
+            os.link(self.path / TAIL, tmp / TAIL)
+        else:
+            crc = extend_rows(data.storage.take, new, data.dim, tmp / TAIL, None, done)
+        return {"size": (data.rows - held.first_tail) * row, "crc32": crc}
+
+
+class _Held:
+    """What the directory a checkpoint replaces holds, read from its manifest: the file
+    entries, the storage rows on disk, the first row in the tail, the format version."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.files: dict[str, dict[str, int]] = manifest["files"]
+        self.version: int = manifest["format_version"]
+        if self.version == LIVING_VERSION:
+            self.rows: int = manifest["rows"]
+            self.first_tail: int = manifest["rows"] - manifest["tail_rows"]
+        else:
+            self.rows = self.first_tail = manifest["n"]
+
+
+def _held(reuse: Reuse | None, path: Path) -> _Held | None:
+    """What ``path`` holds, if ``reuse`` says its rows are the snapshot's first rows and
+    its manifest agrees (``None``: write everything)."""
+    if reuse is None or reuse.directory != path:
+        return None
+    try:
+        with open(path / MANIFEST, "rb") as fh:
+            held = _Held(parse_manifest(fh.read(MAX_MANIFEST_BYTES + 1), path / MANIFEST))
+    except (OSError, VectorDBError):
+        return None
+    if held.rows != reuse.rows or held.version < 3 or VECTORS not in held.files:
+        return None
+    return held
+
+
+def _unchanged(reuse: Reuse | None, held: _Held) -> set[str]:
+    """Names of the files to link from the directory: those ``reuse`` says hold what the
+    snapshot holds (the base part only from a version that has factors)."""
+    names: set[str] = set()
+    if reuse is None:
+        return names
+    if reuse.tree:
+        names |= TREE_FILES
+    if reuse.base:
+        names |= BASE_FILES if held.version == LIVING_VERSION else BASE_FILES - {"slot_rows.npy"}
+    if reuse.metadata:
+        names.add(METADATA)
+    return names & held.files.keys()

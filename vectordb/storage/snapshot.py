@@ -1,12 +1,16 @@
-"""``IndexData``: an index as plain arrays, the one thing storage exchanges with the index.
+"""``IndexData`` and ``LivingData``: an index as plain arrays, the one thing storage
+exchanges with the index.
 
-A build and a load produce one; a save writes one (taken by the index's ``snapshot()``).
-Storage never sees the index class, and the index never sees file names.
+A build and a load produce one; a save writes one (taken by the index's ``snapshot()``):
+``IndexData`` is compact (what ``save(path)`` writes), ``LivingData`` is the index as it
+lives (what a checkpoint writes, and a load of one returns). Storage never sees the index
+class, and the index never sees file names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .._types import I64
@@ -17,7 +21,7 @@ from ..core.tree import Tree
 from .metadata import MetadataStore
 from .vectors import VectorStore
 
-__all__ = ["IndexData"]
+__all__ = ["IndexData", "LivingData", "Reuse"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +57,70 @@ class IndexData:
     def n(self) -> int:
         """Number of vectors."""
         return int(self.ids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension d."""
+        return self.quantizer.dim
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """What the directory a checkpoint replaces already holds of it, so that it is linked
+    into the new version instead of written again.
+
+    Attributes
+    ----------
+    directory : the index directory (the checkpoint's target)
+    rows : storage rows ``0..rows-1`` are on disk there, in storage order (its
+        ``vectors.bin``, then its ``vectors.tail.bin``)
+    tree : its tree and rotation files hold this tree
+    base : its base part files hold this base part
+    metadata : its ``metadata.sqlite`` holds these documents
+    """
+
+    directory: Path
+    rows: int
+    tree: bool
+    base: bool
+    metadata: bool
+
+
+@dataclass(frozen=True, eq=False)
+class LivingData:
+    """One index as it lives: two parts over storage rows in the order they came.
+
+    Attributes
+    ----------
+    tree, quantizer, metric, params, metadata : as in :class:`IndexData`
+    base, delta : the parts, each slot naming its storage row (``rows`` set), leaf by leaf
+    row_id : (rows,) int64 id of every storage row, ``-1`` where no live vector is
+    storage : the full vectors, storage rows ``0..rows-1`` at least
+    next_id : the first id an ``add`` without ids assigns
+    reuse : for a checkpoint, what its directory already holds (``None``: write it all)
+    """
+
+    tree: Tree
+    base: Part
+    delta: Part
+    quantizer: Quantizer
+    row_id: I64
+    storage: VectorStore
+    metric: Metric
+    params: dict[str, Any]
+    metadata: MetadataStore | None
+    next_id: int
+    reuse: Reuse | None = None
+
+    @property
+    def rows(self) -> int:
+        """Storage rows the index has used."""
+        return int(self.row_id.shape[0])
+
+    @property
+    def n(self) -> int:
+        """Number of live vectors."""
+        return int((self.row_id >= 0).sum())
 
     @property
     def dim(self) -> int:

@@ -14,7 +14,6 @@ import os
 import threading
 import uuid
 import weakref
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import numpy as np
 from .._progress import log
 from .._types import F32, I64
 from ..errors import IndexClosedError, InvalidIndexFileError, InvalidParameterError, StorageError
-from .files import atomic_write, names_file, storage_error
+from .files import names_file, storage_error
 from .memory import SEARCH_ADVICE, page_cache_room, reading_in_order
+from .rowfile import write_rows, write_vectors
 from .scratch import lock_scratch
 
 __all__ = [
@@ -34,44 +34,7 @@ __all__ = [
     "Warmer",
     "compacted_store",
     "mapped_copy",
-    "write_rows",
-    "write_vectors",
 ]
-
-
-_WRITE_BYTES = 8 << 20
-
-
-def write_rows(
-    take: Callable[[I64], F32],
-    order: I64,
-    dim: int,
-    path: Path,
-    on_bytes: Callable[[int], None] | None = None,
-) -> int:
-    """Write rows ``order`` (read through ``take``) to ``path`` atomically; return the CRC32.
-
-    ``on_bytes(n)`` is called after every chunk of ``n`` bytes written.
-    """
-    rows = max(1, _WRITE_BYTES // max(1, dim * 4))
-    crc = 0
-    with atomic_write(path) as fh:
-        # Held until the file is complete: `vectordb verify` tells a compaction still
-        # writing (its temporary file is named like the working file) from a dead one's.
-        lock_scratch(fh.fileno())
-        for start in range(0, order.shape[0], rows):
-            chunk = np.ascontiguousarray(take(order[start : start + rows]), dtype="<f4").tobytes()
-            crc = zlib.crc32(chunk, crc)
-            fh.write(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return crc
-
-
-def write_vectors(vectors: F32, path: Path, on_bytes: Callable[[int], None] | None = None) -> int:
-    """Write ``vectors`` ``(n, d)`` float32 to ``path`` atomically; return the file's CRC32."""
-    order = np.arange(vectors.shape[0], dtype=np.int64)
-    return write_rows(lambda r: vectors[r[0] : r[-1] + 1], order, vectors.shape[1], path, on_bytes)
 
 
 def _no_rows(dim: int) -> F32:
@@ -163,13 +126,23 @@ class MmapStorage:
     _append_bytes = 0
 
     def __init__(
-        self, path: Path, n: int, dim: int, *, owned: bool = False, fd: int | None = None
+        self,
+        path: Path,
+        n: int,
+        dim: int,
+        *,
+        owned: bool = False,
+        fd: int | None = None,
+        tail: tuple[int, int] | None = None,
     ) -> None:
         """Map ``path`` (``n`` rows of ``dim`` float32). ``owned``: a working file of the
         index's own, removed by :meth:`close`, and ``flock``-ed while open (see
         :func:`.scratch.scratch_in_use`). ``fd``: an open descriptor of ``path`` to map instead of
         opening it again (the loader's, so that the file whose size is checked is the file
         mapped, whatever the path names by now); not closed here (a duplicate is kept).
+        ``tail``: ``(descriptor, rows)`` of a checkpoint's ``vectors.tail.bin``, whose first
+        ``rows`` rows are rows ``n..n+rows-1`` (mapped read-only: the file belongs to the
+        checkpoint; the first :meth:`append` copies them into the append file).
 
         The size is checked with ``fstat`` on the descriptor mapped. Should the file be
         truncated in place while mapped, touching the lost pages raises ``SIGBUS`` (the
@@ -205,6 +178,13 @@ class MmapStorage:
         self._closed = False
         self._append_path: Path | None = None
         self._append: F32 = _no_rows(dim)
+        if tail is not None and tail[1]:
+            # Mapped from its own descriptor (mmap keeps a duplicate): a prefix of a file a
+            # later checkpoint may extend, never change.
+            mapped = mmap.mmap(tail[0], tail[1] * dim * 4, access=mmap.ACCESS_READ)
+            if SEARCH_ADVICE is not None:
+                mapped.madvise(SEARCH_ADVICE)
+            self._append = np.frombuffer(mapped, dtype="<f4").reshape(-1, dim)
 
     def _map(self, fd: int, n: int, dim: int) -> mmap.mmap | None:
         """Map ``n * dim * 4`` bytes of ``fd`` read-only after checking its size there."""
@@ -276,8 +256,7 @@ class MmapStorage:
         first = self.n
         if self._closed:
             raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
-        data = np.ascontiguousarray(x, dtype="<f4").tobytes()
-        if not data:
+        if x.shape[0] == 0:
             return first
         fh = self._append_file
         if fh is None or self._append_path is None:
@@ -289,18 +268,24 @@ class MmapStorage:
             lock_scratch(fh.fileno())
             self._append_path, self._append_file, self._append_bytes = path, fh, 0
         end = self._append_bytes
+        # Rows mapped from a checkpoint's tail go first: one file holds every row past the
+        # mapped file (a copy once per open that appends, linear in the tail).
+        carried = self._append if end == 0 else self._append[:0]
+        step = max(1, (8 << 20) // (4 * self.dim))
         try:
             fh.seek(end)
-            view = memoryview(data)
-            while view:
-                view = view[fh.write(view) :]
-            mapped = mmap.mmap(fh.fileno(), end + len(data), access=mmap.ACCESS_READ)
+            for chunk in [*(carried[i : i + step] for i in range(0, len(carried), step)), x]:
+                view = memoryview(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
+                while view:
+                    view = view[fh.write(view) :]
+            size = end + 4 * self.dim * (len(carried) + x.shape[0])
+            mapped = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)
         except OSError as exc:
             # Drop a partial write: the file holds exactly the rows the index accepted.
             with contextlib.suppress(OSError):
                 fh.truncate(end)
             raise storage_error(exc, self._append_path) from exc
-        self._append_bytes = end + len(data)
+        self._append_bytes = size
         # Searches still holding the old mapping keep it alive until they finish.
         self._append = np.frombuffer(mapped, dtype="<f4").reshape(-1, self.dim)
         return first
