@@ -4,14 +4,16 @@
     python bench/checkpoint_bench.py --n 1000000 --dim 384
 
 A copy of the saved index ``DIR`` (or one built on disk from ``make_clustered`` data) is
-opened with mmap; each round adds ``share`` of its size in new vectors (batches of 1,000,
-durability "fsync"), deletes ``deletes`` of it, and checkpoints. Reported per round: the
-bytes the checkpoint process handed to write calls (``/proc/self/io`` ``wchar``: every
-write, pwrite and SQLite page, whether or not it reached the disk yet), the same as a
-share of the directory's bytes, the files written anew (a new inode) against those linked
-from the version before, and the seconds. Then ``save()`` to another directory (a full,
-compact copy: what every checkpoint wrote before version 5) for comparison, and a reopen
-whose answers must equal the live index's.
+opened with mmap; each round adds ``share`` of its size in new vectors (each near a vector
+drawn from the index, so spread like its data; batches of 1,000, durability "fsync"),
+deletes ``deletes`` of it, and checkpoints. A round whose adds fold the delta into the
+main layout or split a leaf (``codes.npy`` among the new files) writes the codes again.
+Reported per round: the bytes the checkpoint process handed to write calls
+(``/proc/self/io`` ``wchar``: every write, pwrite and SQLite page, whether or not it
+reached the disk yet), the same as a share of the directory's bytes, the files written
+anew (a new inode) against those linked from the version before, and the seconds. Then
+``save()`` to another directory (a full, compact copy: what every checkpoint wrote before
+version 5) for comparison, and a reopen whose answers must equal the live index's.
 """
 
 from __future__ import annotations
@@ -76,14 +78,14 @@ def main() -> None:
             print("| round | bytes written | share of the index | new files | seconds |")
             print("|---|---|---|---|---|")
             rng = np.random.default_rng(7)
-            centres = index.get_vectors(rng.choice(index.ids, 64, replace=False))
             next_id = int(index.ids.max()) + 1
             for r in range(1, args.rounds + 1):
                 m = int(n * args.share)
                 for start in range(0, m, 1000):
                     rows = min(1000, m - start)
-                    noise = rng.standard_normal((rows, dim)).astype(np.float32) * 0.05
-                    x = centres[rng.integers(0, 64, rows)] + noise
+                    # Near vectors drawn from the index: new data spread like the old.
+                    like = index.get_vectors(rng.choice(index.ids, rows, replace=False))
+                    x = like + rng.standard_normal((rows, dim)).astype(np.float32) * 0.01
                     index.add(x, ids=np.arange(next_id, next_id + rows))
                     next_id += rows
                 gone = rng.choice(index.ids, int(n * args.deletes), replace=False)

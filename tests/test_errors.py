@@ -330,7 +330,7 @@ def test_open_with_huge_manifest(damaged):
 @pytest.mark.parametrize(
     "version",
     [
-        5,
+        6,
         0,
         "1",
         None,

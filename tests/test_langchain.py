@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -443,11 +445,36 @@ def test_save_load_round_trip(make_store, embedding, tmp_path, mmap):
     assert len(back.index) == len(store.index) + 1
     assert back.get_by_ids(["id-8"])[0].page_content == "passage 8 about topic 1"
     assert back.get_by_ids(["id-7"])[0].page_content == "replaced"
-    back.save(tmp_path / "store")  # over the mapped original
+    back.save(tmp_path / "store")  # over the mapped original: a checkpoint
     again = VectorDBStore.load(tmp_path / "store", embedding)
     assert again.get_by_ids(["new"])[0].metadata == {"new": True}
     back.close()
     again.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_loaded_stores_writes_survive_a_kill_without_a_save(make_store, embedding, tmp_path):
+    make_store("cosine").save(tmp_path / "store")
+    empty = VectorDBStore(embedding)
+    empty.save(tmp_path / "empty")
+    pid = os.fork()
+    if pid == 0:  # the child writes, then dies without saving or closing
+        try:
+            store = VectorDBStore.load(tmp_path / "store", embedding)
+            store.add_texts(["kept"], [{"k": 1}], ids=["k1"])
+            store.delete(["id-3"])
+            fresh = VectorDBStore.load(tmp_path / "empty", embedding)
+            fresh.add_texts(["first"], ids=["f1"])  # builds the index: saved at once
+            fresh.add_texts(["second"], ids=["f2"])
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    back = VectorDBStore.load(tmp_path / "store", embedding)
+    assert back.get_by_ids(["k1"])[0].metadata == {"k": 1} and not back.get_by_ids(["id-3"])
+    fresh = VectorDBStore.load(tmp_path / "empty", embedding)
+    assert [d.page_content for d in fresh.get_by_ids(["f1", "f2"])] == ["first", "second"]
+    back.close()
+    fresh.close()
 
 
 def test_save_load_empty_and_errors(embedding, tmp_path):
@@ -455,9 +482,13 @@ def test_save_load_empty_and_errors(embedding, tmp_path):
     store.save(tmp_path / "empty")
     back = VectorDBStore.load(tmp_path / "empty", embedding)
     assert back.index is None and back.similarity_search("a") == []
-    back.add_texts(["a"])
+    back.add_texts(["a"])  # the first write builds the index, saved there at once
     assert back.index.metric == "ip" and back.index.params["max_leaf_size"] == 50
+    assert back.index.path == tmp_path / "empty" / "index"
     back.save(tmp_path / "empty")
+    with pytest.raises(vdb.IndexLockedError):  # back writes there: no lost update
+        store.save(tmp_path / "empty")
+    back.close()
     store.save(tmp_path / "empty")  # an empty store replaces a saved one
     assert VectorDBStore.load(tmp_path / "empty", embedding).index is None
     with pytest.raises(vdb.InvalidIndexFileError, match="not a saved vectordb text store"):

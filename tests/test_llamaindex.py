@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import math
 import operator
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -196,6 +198,34 @@ def test_persist_and_reload(embed, tmp_path):
     with pytest.raises(vdb.InvalidParameterError, match="local disk"):
         store.persist(path, fs=Remote())
     store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_persisted_stores_writes_survive_a_kill_without_persist(embed, tmp_path):
+    docs = [Document(text=f"text number {i}", id_=f"d{i}") for i in range(20)]
+    store = VectorDBVectorStore(metric="cosine")
+    context = StorageContext.from_defaults(vector_store=store)
+    VectorStoreIndex.from_documents(docs, storage_context=context, embed_model=embed)
+    path = str(tmp_path / "vs")
+    store.persist(path)
+    store.close()
+    pid = os.fork()
+    if pid == 0:  # the child writes, then dies without persisting or closing
+        try:
+            loaded = VectorDBVectorStore.from_persist_path(path)
+            node = TextNode(text="late", id_="late", embedding=embed.get_text_embedding("late"))
+            loaded.add([node])
+            loaded.delete("d3")
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    back = VectorDBVectorStore.from_persist_path(path)
+    assert len(back.client) == 20  # one added, one document deleted
+    found = back.query(
+        VectorStoreQuery(query_embedding=embed.get_text_embedding("late"), similarity_top_k=1)
+    )
+    assert found.ids == ["late"]
+    back.close()
 
 
 # --------------------------------------------------------------------------- query

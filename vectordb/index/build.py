@@ -171,7 +171,7 @@ def empty_data(dim: int, metric: Metric, params: dict[str, Any]) -> IndexData:
     """An index of no vectors, for ``dim``-d ones (``ClusteredIndex.create``): a tree of
     one leaf (centred on zero), the rotation and code width a build would pick, empty
     codes, ids and storage. Adds route to that leaf, and split it (and later ones) as they
-    pass twice a build's typical leaf size (``index.update.splitter_for``): the tree grows
+    pass twice a build's typical leaf size (``index.split.splitter_for``): the tree grows
     with the data."""
     if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
         raise InvalidParameterError(f"dim must be an int in [1, {MAX_DIM}], got {dim!r}")

@@ -366,6 +366,14 @@ class Persistent:
             if b is not None:
                 b.release()
 
+    def _moved_to(self, path: Path) -> None:
+        """The bound directory was renamed to ``path`` as a whole (a text store swaps its
+        own directory, the index's inside it): the binding follows. Its lock and log are
+        open files, which moved with it; so did everything ``disk`` lists."""
+        with self._write_lock:
+            b = self._bound()
+            b.path, b.fingerprint = path, fingerprint(path)
+
     @property
     def path(self) -> Path | None:
         """The directory this index is bound to (``None``: built in RAM, never saved)."""

@@ -9,8 +9,6 @@ invisible.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +16,6 @@ import numpy as np
 from .._progress import progress_bar
 from .._types import F32, I64, Mask
 from ..core.codes import Quantizer, encode_residuals, origin_of
-from ..core.kmeans import kmeans
 from ..core.metrics import Metric
 from ..core.parts import Part, concat_by_leaf, merge_threshold
 from ..core.tree import Tree
@@ -28,10 +25,10 @@ from ..storage.idmap import MAX_ID, IdMap, check_new_ids
 from ..storage.metadata import MetadataStore
 from ..storage.snapshot import IndexData
 from ..storage.vectors import compacted_store
+from .split import Moved, Splitter, split_big_leaves, split_in_delta, splitter_for
 from .state import IndexState
 
 __all__ = [
-    "Splitter",
     "add_to_parts",
     "added",
     "compacted",
@@ -39,8 +36,6 @@ __all__ = [
     "deleted",
     "encode_part",
     "snapshot",
-    "split_big_leaves",
-    "splitter_for",
 ]
 
 
@@ -66,104 +61,32 @@ def encode_part(
     return Part(offsets=offsets, rows=rows, codes=codes, factors=factors)
 
 
-@dataclass(frozen=True)
-class Splitter:
-    """What splitting a leaf needs: the tree's space, k-means settings, the vectors."""
-
-    quantizer: Quantizer
-    metric: Metric
-    take: Callable[[I64], F32]
-    max_leaf_size: int
-    split_above: int
-    branching_factor: int
-    max_iterations: int
-    seed: int
-
-
 def add_to_parts(
     tree: Tree,
     base: Part,
     delta: Part,
     new: Part,
     new_leaves: I64,
+    live_sizes: I64,
     row_ok: Mask | None,
     splitter: Splitter,
-) -> tuple[Tree, Part, Part]:
-    """New ``(tree, base, delta)`` with ``new`` (rows on ``new_leaves``) added.
+) -> tuple[Tree, Part, Part, Moved | None]:
+    """New ``(tree, base, delta)`` with ``new`` (rows on ``new_leaves``) added, and the
+    rows a split moved (``live_sizes``: live vectors per leaf before the add).
 
     The delta is re-sorted by leaf (cost: the delta's size). When it outgrows
-    ``merge_threshold``, or a leaf grows past ``split_above``, the delta is folded
-    into the base (dropping rows without ``row_ok``) and such leaves are split.
+    ``merge_threshold``, it is folded into the base (dropping rows without ``row_ok``) and
+    leaves past ``split_above`` are split there; else such leaves are split into the delta
+    (``split.split_in_delta``: the base's arrays stay as they are).
     """
     delta = concat_by_leaf([delta, new], [delta.leaf_of_slot, new_leaves])
-    sizes = np.diff(base.offsets) + np.diff(delta.offsets)
-    big = bool((sizes > splitter.split_above).any())
-    if not big and delta.size <= merge_threshold(base.size, splitter.max_leaf_size):
-        return tree, base, delta
+    if delta.size <= merge_threshold(base.size, splitter.max_leaf_size):
+        sizes = live_sizes + np.bincount(new_leaves, minlength=live_sizes.shape[0])
+        return split_in_delta(tree, base, delta, sizes, row_ok, splitter)
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
     merged = concat_by_leaf([base, delta], [base.leaf_of_slot, delta.leaf_of_slot], keep)
     tree, merged = split_big_leaves(tree, merged, splitter)
-    return tree, merged, merged.empty_like(tree.n_leaves)
-
-
-def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, Part]:
-    """Split every leaf of ``part`` (leaf-sorted) holding over ``split_above`` slots.
-
-    Each such leaf becomes an inner node whose children come from k-means on its vectors
-    (in the rotated space, like the tree), and its slots are re-coded against their new
-    leaf's centroid. Only those leaves are touched: no global rebuild. Leaves k-means
-    cannot split (identical vectors) stay as they are.
-    """
-    sizes = np.diff(part.offsets)
-    big = np.flatnonzero(sizes > splitter.split_above)
-    if big.size == 0:
-        return tree, part
-    centroids = [tree.centroids]
-    children = [tree.children.copy()]
-    leaf_of_node = [tree.leaf_of_node.copy()]
-    n_nodes, n_leaves = tree.n_nodes, tree.n_leaves
-    slot_leaf = part.leaf_of_slot
-    codes = None if part.codes is None else part.codes.copy()
-    factors = None if part.factors is None else part.factors.copy()
-    leaf_nodes = tree.leaf_nodes
-    for leaf in big:
-        a, b = int(part.offsets[leaf]), int(part.offsets[leaf + 1])
-        node = int(leaf_nodes[leaf])
-        rotated = splitter.quantizer.rotate(splitter.take(part.row_range(a, b)))
-        rng = np.random.default_rng([splitter.seed, node, n_nodes])
-        # Children about the size leaves were built at (split_above / 2), not a full fan-out
-        # of tiny leaves that `probes` would then cover too little of.
-        k = min(splitter.branching_factor, max(2, -(-(b - a) * 2 // splitter.split_above)))
-        _, labels = kmeans(rotated, k, max_iterations=splitter.max_iterations, rng=rng)
-        groups = [j for j in range(k) if (labels == j).any()]
-        if len(groups) < 2:
-            continue
-        means = np.stack([rotated[labels == j].mean(axis=0) for j in groups]).astype(np.float32)
-        new_nodes = np.arange(n_nodes, n_nodes + len(groups))
-        new_leaves = np.concatenate([[leaf], np.arange(n_leaves, n_leaves + len(groups) - 1)])
-        children[0][node, : len(groups)] = new_nodes
-        leaf_of_node[0][node] = -1
-        centroids.append(means)
-        children.append(np.full((len(groups), tree.children.shape[1]), -1, dtype=np.int64))
-        leaf_of_node.append(new_leaves.astype(np.int64))
-        index_of = np.full(k, -1, dtype=np.int64)
-        index_of[groups] = np.arange(len(groups))
-        local = index_of[labels]
-        slot_leaf = slot_leaf.copy()
-        slot_leaf[a:b] = new_leaves[local]
-        if codes is not None and factors is not None:
-            codes[:, a:b], factors[:, a:b] = encode_residuals(
-                splitter.quantizer, rotated, means[local], splitter.metric, origin_of(tree)
-            )
-        n_nodes += len(groups)
-        n_leaves += len(groups) - 1
-    new_tree = Tree(
-        centroids=np.ascontiguousarray(np.concatenate(centroids), dtype=np.float32),
-        children=np.concatenate(children),
-        leaf_of_node=np.concatenate(leaf_of_node),
-    )
-    recoded = Part(offsets=part.offsets, rows=part.all_rows, codes=codes, factors=factors)
-    return new_tree, concat_by_leaf([recoded], [slot_leaf], n_leaves=n_leaves)
+    return tree, merged, merged.empty_like(tree.n_leaves), None
 
 
 def compacted(
@@ -193,27 +116,6 @@ def compacted(
         factors=merged.factors,
     )
     return tree, renumbered, order
-
-
-def splitter_for(st: IndexState, params: dict[str, Any]) -> Splitter:
-    """The splitter of an index with build parameters ``params``, reading ``st``'s vectors."""
-    most = int(params["max_leaf_size"])
-    built = int(params.get("leaf_target", most))
-    return Splitter(
-        quantizer=st.quantizer,
-        metric=st.metric,
-        take=st.storage.take,
-        max_leaf_size=most,
-        # Twice the leaf size the build made (at most 2 * max_leaf_size): k-means splits
-        # leave leaves far below max_leaf_size, and letting them all double before a
-        # split halves the share of the index that `probes` leaves cover. At least a
-        # third of max_leaf_size (about what large builds make): an index built from a
-        # handful of vectors and grown by adds must not split into leaves of two.
-        split_above=2 * min(most, max(built, most // 3, 1)),
-        branching_factor=params["branching_factor"],
-        max_iterations=params["max_iterations"],
-        seed=params["seed"],
-    )
 
 
 def added(
@@ -248,8 +150,21 @@ def added(
         )
         row_ok[replaced] = False
     splitter = splitter_for(st, params)
-    tree, base, delta = add_to_parts(st.tree, st.base, st.delta, part, leaves, row_ok, splitter)
+    tree, base, delta, moved = add_to_parts(
+        st.tree, st.base, st.delta, part, leaves, st.live_sizes, row_ok, splitter
+    )
     row_id = np.concatenate([st.row_id, np.full(first - st.row_id.shape[0], -1, np.int64), new_ids])
+    idmap = st.idmap.without(new_ids[old_rows >= 0]).with_added(row_id, rows)
+    if moved is not None:  # a split moved vectors to new rows: the old ones are tombstones
+        gap = np.full(int(moved.new[0]) - row_id.shape[0], -1, np.int64)
+        moved_ids = row_id[moved.old]
+        row_id = np.concatenate([row_id, gap, moved_ids])
+        ok = np.ones(row_id.shape[0], dtype=bool)
+        if row_ok is not None:
+            ok[: row_ok.shape[0]] = row_ok
+        ok[moved.old] = False
+        row_ok = ok
+        idmap = idmap.without(moved_ids).with_added(row_id, moved.new)
     new_state = st.replace(
         tree=tree,
         table=st.table_for(tree),
@@ -257,7 +172,7 @@ def added(
         delta=delta,
         row_id=row_id,
         row_ok=row_ok,
-        idmap=st.idmap.without(new_ids[old_rows >= 0]).with_added(row_id, rows),
+        idmap=idmap,
         next_id=max(st.next_id, int(new_ids.max()) + 1),
     )
     return new_state, new_ids

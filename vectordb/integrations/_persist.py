@@ -7,6 +7,12 @@ swaps it in as :mod:`vectordb.storage.save` swaps an index directory (same flock
 cleanup), so a crash leaves the old store or the new one, never one's ``store.json`` with
 the other's index. :func:`read_info` checks every key of ``store.json``.
 
+The index of a store opened from (or saved to) its directory is bound to ``index/``
+(:mod:`vectordb.index.persistence`): every write is in its log, durable when the call
+returns, and a save onto the same store is the index's checkpoint and a new
+``store.json`` (:func:`checkpoint_store`), not a new directory. A save over a store whose
+index another writer holds is refused (``IndexLockedError``), never a lost update.
+
 ``store.json`` is written last, so a temporary directory that holds a valid one (and, when
 it says so, a complete ``index/``) is a committed store. Where the swap takes two renames
 and a crash comes between them, the next save, or the next open of the missing path
@@ -40,8 +46,17 @@ from ..storage.dirswap import (
 )
 from ..storage.files import atomic_write, storage_error
 from ..storage.load import is_complete
+from ..storage.writer import lock_writer, release_writer
 
-__all__ = ["INDEX_DIR", "STORE_FILE", "open_index", "read_info", "recover_missing", "save_store"]
+__all__ = [
+    "INDEX_DIR",
+    "STORE_FILE",
+    "checkpoint_store",
+    "open_index",
+    "read_info",
+    "recover_missing",
+    "save_store",
+]
 
 STORE_FILE = "store.json"
 INDEX_DIR = "index"
@@ -85,23 +100,51 @@ def save_store(
         raise storage_error(exc, getattr(exc, "filename", None) or root) from exc
     lock = lock_dir(parent)
     tmp = parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
+    unbound = index is not None and index.path is None
+    writer = None
     try:
         remove_leftovers(parent, root.name, _complete_store)
+        if (root / INDEX_DIR / "manifest.json").is_file():
+            writer = lock_writer(root / INDEX_DIR)  # its writer's log would go with it
         tmp.mkdir()
         if index is not None:
+            # Binds an unbound index there; one bound to another store stays bound to it.
             index.save(tmp / INDEX_DIR, progress=False)
-            index.detach()  # the store's own swap moves that directory: it is not the index's
         with atomic_write(tmp / STORE_FILE) as fh:  # fsyncs the file and ``tmp``
             fh.write(json.dumps(info, indent=1).encode("utf-8"))
         install_dir(tmp, root, parent)
     except BaseException as exc:
+        if unbound and index is not None:
+            index.detach()  # bound to the directory just removed
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, StorageError):
             raise storage_error(exc, getattr(exc, "filename", None) or root) from exc
         raise
     finally:
+        release_writer(writer)
         unlock(lock)
+    if unbound and index is not None:
+        index._moved_to(root / INDEX_DIR)  # the store moved the directory it was saved in
+
+
+def checkpoint_store(
+    path: str | os.PathLike[str], info: Mapping[str, Any], index: ClusteredIndex
+) -> None:
+    """Save the store ``path`` whose index is bound to ``path/index``: the index's
+    checkpoint (its log folded in), then ``store.json`` anew (atomically) if ``info``
+    changed. A crash between the two leaves the checkpoint with the old ``store.json``,
+    which still describes it."""
+    root = Path(os.path.abspath(path))
+    index.checkpoint(progress=False)
+    info = {"format": FORMAT, "version": VERSION, **info, "has_index": True}
+    try:
+        if json.loads((root / STORE_FILE).read_text(encoding="utf-8")) == info:
+            return
+    except (OSError, ValueError):
+        pass
+    with atomic_write(root / STORE_FILE) as fh:
+        fh.write(json.dumps(info, indent=1).encode("utf-8"))
 
 
 def read_info(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
@@ -179,10 +222,7 @@ def open_index(
     Raises ``InvalidIndexFileError`` if the index's metric is not ``metric`` (the one of
     ``store.json``), or an id lacks its string id, or a string id is stored twice.
     """
-    index = ClusteredIndex.open(Path(path) / INDEX_DIR, mmap=mmap)
-    # The store saves the whole directory (texts and index) as one: its writes persist
-    # with the store's save, not in the index's own log.
-    index.detach()
+    index = ClusteredIndex.open(Path(path) / INDEX_DIR, mmap=mmap)  # bound: writes logged
     ints: dict[str, int] = {}
     sids: dict[int, str] = {}
     try:

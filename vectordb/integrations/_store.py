@@ -40,7 +40,7 @@ from ..index.calibrate import check_target
 from ..index.clustered import ClusteredIndex
 from ..storage.filters import Filter
 from ._engines import LoopEngines
-from ._persist import STORE_FILE, open_index, read_info, save_store
+from ._persist import INDEX_DIR, STORE_FILE, checkpoint_store, open_index, read_info, save_store
 from ._records import ID_KEY, RESERVED_KEYS, TEXT_KEY, Record, check_ids, record, stored
 
 __all__ = ["ID_KEY", "RESERVED_KEYS", "TEXT_KEY", "Record", "TextIndex"]
@@ -105,6 +105,9 @@ class TextIndex:
             check_target(options["target_recall"])
         self.build_options = options
         self._index: ClusteredIndex | None = None
+        #: The store directory this store was loaded from or saved to, while its index is
+        #: bound there (or not built yet): the first build is saved there at once.
+        self._home: Path | None = None
         self._ints: dict[str, int] = {}
         self._sids: dict[int, str] = {}
         self._next_int = 0
@@ -195,9 +198,14 @@ class TextIndex:
         with self._build_lock:  # not ``_lock``, which the event loop's thread takes too
             if self._index is not None:
                 return False
-            self._index = ClusteredIndex.build(
+            index = ClusteredIndex.build(
                 x, ids=ints, metadata=docs, metric=self.metric, progress=False, **self.build_options
             )
+            if self._home is not None:
+                # A store with a directory keeps every write: this one, and the index bound
+                # there for those after it.
+                save_store(self._home, self._info(), index)
+            self._index = index
             return True
 
     def upsert(
@@ -436,11 +444,24 @@ class TextIndex:
         self.close()
 
     # ------------------------------------------------------------------ files
+    def _info(self) -> dict[str, Any]:
+        info = {"kind": self.kind, **{key: getattr(self, key) for key in _SAVED}}
+        return info | {"metric": self.metric.value}
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save to the directory ``path``, replacing a store saved there (see
-        :func:`~vectordb.integrations._persist.save_store`: one atomic swap)."""
-        info = {"kind": self.kind, **{key: getattr(self, key) for key in _SAVED}}
-        save_store(path, info | {"metric": self.metric.value}, self._index)
+        :func:`~vectordb.integrations._persist.save_store`: one atomic swap). Onto the
+        store this one was loaded from or saved to, it is the index's checkpoint
+        (:func:`~vectordb.integrations._persist.checkpoint_store`). Afterwards the store's
+        writes are durable in ``path`` when they return, unless its index is bound to
+        another store's directory (loaded from there), where they stay durable."""
+        index, target = self._index, Path(path)
+        if index is not None and index.path is not None and _same(index.path, target / INDEX_DIR):
+            checkpoint_store(target, self._info(), index)
+        else:
+            save_store(target, self._info(), index)
+        if index is None or _same(index.path, target / INDEX_DIR):
+            self._home = target
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, kind: str, mmap: bool = True) -> TextIndex:
@@ -459,4 +480,15 @@ class TextIndex:
             index, store._ints, store._sids = open_index(path, store.metric, ID_KEY, mmap=mmap)
             store._next_int = int(index.ids.max(initial=-1)) + 1
             store._index = index
+        store._home = Path(path)
         return store
+
+
+def _same(a: Path | None, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one directory (``False`` for ``None``)."""
+    if a is None:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)

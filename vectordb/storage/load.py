@@ -263,11 +263,14 @@ def _check_files(
         name: _read_header(opened[name], directory / name, dtype, shape)
         for name, (dtype, shape) in expected.items()
     }
-    n, row = _vector_rows(manifest), manifest["dim"] * 4
-    if files[VECTORS]["size"] != n[0] * row or (
-        TAIL in opened and files[TAIL]["size"] != n[1] * row
-    ):
-        raise bad_file(directory / VECTORS, f"sizes must be {n[0]} and {n[1]} rows of {row} bytes")
+    rows, dim = _vector_rows(manifest), manifest["dim"]
+    for name, n in zip((VECTORS, TAIL), rows, strict=True):
+        if name in opened and files[name]["size"] != n * dim * 4:
+            raise bad_file(
+                directory / name,
+                f"size is {files[name]['size']} bytes, expected {n * dim * 4} "
+                f"({n} rows x dim={dim} x 4 bytes of float32)",
+            )
     for name in NO_ZERO_RUNS & expected.keys():
         check_no_holes(opened[name], directory / name, offsets[name], expected[name][0].itemsize)
     return offsets
