@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.codes import Quantizer
 from ..core.parts import Part
 from ..core.tree import Tree
 from ..storage.metadata import MetadataStore
@@ -28,10 +29,12 @@ __all__ = ["OnDisk", "living_snapshot", "on_disk"]
 @dataclass(frozen=True, eq=False)
 class OnDisk:
     """What the bound directory holds: storage rows ``0..rows-1`` of ``storage`` (in
-    storage order), ``tree``, ``base`` and the documents of ``metadata`` at ``version``."""
+    storage order), ``quantizer``'s rotation, ``tree``, ``base`` and the documents of
+    ``metadata`` at ``version``."""
 
     storage: VectorStore
     rows: int
+    quantizer: Quantizer
     tree: Tree
     base: Part
     metadata: MetadataStore
@@ -52,7 +55,7 @@ def on_disk(data: IndexData | LivingData, st: IndexState, metadata: MetadataStor
             return None
     else:
         rows = data.rows
-    return OnDisk(st.storage, rows, st.tree, st.base, metadata, metadata.version)
+    return OnDisk(st.storage, rows, st.quantizer, st.tree, st.base, metadata, metadata.version)
 
 
 def living_snapshot(
@@ -70,6 +73,7 @@ def living_snapshot(
         reuse = Reuse(
             directory=directory,
             rows=disk.rows,
+            rotation=disk.quantizer is st.quantizer,
             tree=disk.tree is st.tree,
             base=disk.base is st.base,
             metadata=same_docs,

@@ -28,7 +28,14 @@ from ..core.parts import Part, concat_by_leaf
 from ..core.tree import Tree
 from .state import IndexState
 
-__all__ = ["Moved", "Splitter", "split_big_leaves", "split_in_delta", "splitter_for"]
+__all__ = [
+    "Moved",
+    "Splitter",
+    "split_big_leaves",
+    "split_in_delta",
+    "split_limits",
+    "splitter_for",
+]
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,20 @@ def splitter_for(st: IndexState, params: dict[str, Any]) -> Splitter:
     )
 
 
-def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, Part]:
-    """Split every leaf of ``part`` (leaf-sorted) holding over ``split_above`` slots.
+def split_limits(base: Part, splitter: Splitter) -> I64:
+    """(n_leaves,) int64: the size past which each leaf splits. Twice its slots in the
+    main layout (its size at the last fold or build), at least ``split_above`` and at most
+    ``2 * max_leaf_size``: a leaf splits when adds doubled it, and a build's large leaves
+    do not all split at the first add (a refined tree holds leaves past ``split_above``)."""
+    doubled = 2 * np.diff(base.offsets)
+    return np.clip(doubled, splitter.split_above, 2 * splitter.max_leaf_size)
+
+
+def split_big_leaves(
+    tree: Tree, part: Part, splitter: Splitter, limits: I64 | None = None
+) -> tuple[Tree, Part]:
+    """Split every leaf of ``part`` (leaf-sorted) holding over ``limits`` ``(n_leaves,)``
+    int64 slots (``None``: ``split_above``).
 
     Each such leaf becomes an inner node whose children come from k-means on its vectors
     (in the rotated space, like the tree), and its slots are re-coded against their new
@@ -78,7 +97,7 @@ def split_big_leaves(tree: Tree, part: Part, splitter: Splitter) -> tuple[Tree, 
     cannot split (identical vectors) stay as they are.
     """
     sizes = np.diff(part.offsets)
-    big = np.flatnonzero(sizes > splitter.split_above)
+    big = np.flatnonzero(sizes > (splitter.split_above if limits is None else limits))
     if big.size == 0:
         return tree, part
     centroids = [tree.centroids]
@@ -166,12 +185,12 @@ def split_in_delta(
     row_ok: Mask | None,
     splitter: Splitter,
 ) -> tuple[Tree, Part, Part, Moved | None]:
-    """Split every leaf with over ``split_above`` live vectors (``live_sizes``
-    ``(n_leaves,)`` int64) without changing the base's codes, factors or rows (see the
+    """Split every leaf with more live vectors (``live_sizes`` ``(n_leaves,)`` int64) than
+    its :func:`split_limits` without changing the base's codes, factors or rows (see the
     module docstring). Returns the tree, the base (its offsets extended over the new
     leaves, its arrays the same objects), the delta, and the moved rows (``None``: no
     leaf split). Appends the moved vectors through ``splitter.append``."""
-    big = np.flatnonzero(live_sizes > splitter.split_above)
+    big = np.flatnonzero(live_sizes > split_limits(base, splitter))
     if big.size == 0:
         return tree, base, delta, None
     centroids, children = [tree.centroids], [tree.children.copy()]

@@ -25,7 +25,14 @@ from ..storage.idmap import MAX_ID, IdMap, check_new_ids
 from ..storage.metadata import MetadataStore
 from ..storage.snapshot import IndexData
 from ..storage.vectors import compacted_store
-from .split import Moved, Splitter, split_big_leaves, split_in_delta, splitter_for
+from .split import (
+    Moved,
+    Splitter,
+    split_big_leaves,
+    split_in_delta,
+    split_limits,
+    splitter_for,
+)
 from .state import IndexState
 
 __all__ = [
@@ -76,16 +83,17 @@ def add_to_parts(
 
     The delta is re-sorted by leaf (cost: the delta's size). When it outgrows
     ``merge_threshold``, it is folded into the base (dropping rows without ``row_ok``) and
-    leaves past ``split_above`` are split there; else such leaves are split into the delta
-    (``split.split_in_delta``: the base's arrays stay as they are).
+    leaves past their ``split.split_limits`` are split there; else such leaves are split
+    into the delta (``split.split_in_delta``: the base's arrays stay as they are).
     """
     delta = concat_by_leaf([delta, new], [delta.leaf_of_slot, new_leaves])
     if delta.size <= merge_threshold(base.size, splitter.max_leaf_size):
         sizes = live_sizes + np.bincount(new_leaves, minlength=live_sizes.shape[0])
         return split_in_delta(tree, base, delta, sizes, row_ok, splitter)
+    limits = split_limits(base, splitter)
     keep = None if row_ok is None else [row_ok[base.all_rows], row_ok[delta.all_rows]]
     merged = concat_by_leaf([base, delta], [base.leaf_of_slot, delta.leaf_of_slot], keep)
-    tree, merged = split_big_leaves(tree, merged, splitter)
+    tree, merged = split_big_leaves(tree, merged, splitter, limits)
     return tree, merged, merged.empty_like(tree.n_leaves), None
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "METADATA",
     "NO_ZERO_RUNS",
     "READABLE_VERSIONS",
+    "ROTATION_FILES",
     "TAIL",
     "TREE_FILES",
     "VECTORS",
@@ -143,11 +144,10 @@ _REQUIRED_PARAMS = frozenset({"branching_factor"})
 NO_ZERO_RUNS = frozenset(
     {"ids.npy", "children.npy", "leaf_of_node.npy", "perm.npy", "slot_rows.npy", "delta_rows.npy"}
 )
-#: The files of the tree and rotation, and of the base part: a checkpoint links them from
-#: the version it replaces when they did not change.
-TREE_FILES = frozenset(
-    {"centroids.npy", "children.npy", "leaf_of_node.npy", "perm.npy", "blocks.npy"}
-)
+#: The files of the tree, of the rotation, and of the base part: a checkpoint links them
+#: from the version it replaces when they did not change.
+TREE_FILES = frozenset({"centroids.npy", "children.npy", "leaf_of_node.npy"})
+ROTATION_FILES = frozenset({"perm.npy", "blocks.npy"})
 BASE_FILES = frozenset({"leaf_offsets.npy", "codes.npy", "factors.npy", "slot_rows.npy"})
 #: Counts a version 5 manifest adds (see the module docstring).
 _LIVING_COUNTS = ("rows", "tail_rows", "base_slots", "delta_slots", "next_id")

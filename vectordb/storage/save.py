@@ -39,6 +39,7 @@ from .format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     METADATA,
+    ROTATION_FILES,
     TAIL,
     TREE_FILES,
     VECTORS,
@@ -351,6 +352,8 @@ def _unchanged(reuse: Reuse | None, held: _Held) -> set[str]:
     names: set[str] = set()
     if reuse is None:
         return names
+    if reuse.rotation:
+        names |= ROTATION_FILES
     if reuse.tree:
         names |= TREE_FILES
     if reuse.base:

@@ -74,13 +74,15 @@ class Reuse:
     directory : the index directory (the checkpoint's target)
     rows : storage rows ``0..rows-1`` are on disk there, in storage order (its
         ``vectors.bin``, then its ``vectors.tail.bin``)
-    tree : its tree and rotation files hold this tree
+    rotation : its rotation files hold this rotation
+    tree : its tree files hold this tree
     base : its base part files hold this base part
     metadata : its ``metadata.sqlite`` holds these documents
     """
 
     directory: Path
     rows: int
+    rotation: bool
     tree: bool
     base: bool
     metadata: bool
