@@ -77,12 +77,14 @@ def splitter_for(st: IndexState, params: dict[str, Any]) -> Splitter:
 
 
 def split_limits(base: Part, splitter: Splitter) -> I64:
-    """(n_leaves,) int64: the size past which each leaf splits. Twice its slots in the
-    main layout (its size at the last fold or build), at least ``split_above`` and at most
-    ``2 * max_leaf_size``: a leaf splits when adds doubled it, and a build's large leaves
-    do not all split at the first add (a refined tree holds leaves past ``split_above``)."""
+    """(n_leaves,) int64: the size past which each leaf splits. ``split_above``, or for a
+    leaf that held more at the last fold or build (its slots in the main layout), twice
+    that, up to ``max_leaf_size``: a build's leaves past ``split_above`` (a refined tree
+    holds some) split once adds grew them to ``max_leaf_size``, not all at the first add,
+    and no leaf grows past what a build allows."""
     doubled = 2 * np.diff(base.offsets)
-    return np.clip(doubled, splitter.split_above, 2 * splitter.max_leaf_size)
+    most = max(splitter.split_above, splitter.max_leaf_size)
+    return np.clip(doubled, splitter.split_above, most)
 
 
 def split_big_leaves(
