@@ -243,7 +243,7 @@ class ShardedEngine:
 
     def actors(self) -> list[list[Any]]:
         """Per shard, its live replicas' handles (Ray ``ActorHandle``; in process, the
-        ``ShardServer``), the writer first."""
+        ``LocalReplica``), the writer first."""
         return [g.handles() for g in self._groups]
 
     # ------------------------------------------------------------------ search

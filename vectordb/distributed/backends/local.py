@@ -25,7 +25,12 @@ class LocalReplica:
         self._dead = False
 
     @property
-    def handle(self) -> ShardServer:
+    def handle(self) -> LocalReplica:
+        """The replica itself (``engine.actors()`` in process): ``kill()`` plays its death."""
+        return self
+
+    @property
+    def server(self) -> ShardServer:
         return self._server
 
     async def call(self, method: str, *args: Any, timeout: float) -> Any:
@@ -42,6 +47,7 @@ class LocalReplica:
         return result
 
     async def kill(self) -> None:
+        """Mark the replica dead (its calls raise ``ReplicaDied``) and close its engine."""
         if not self._dead:
             self._dead = True
             with contextlib.suppress(Exception):
