@@ -19,6 +19,7 @@ built-in exceptions keeps working::
     ├── EngineOverloadedError                         too many queued queries (overload="raise")
     ├── BackendUnavailableError                       backend="cupy" but CuPy or a GPU is missing
     ├── InvalidIndexFileError                         a saved index is missing, damaged or foreign
+    ├── ShardUnavailableError                         no replica of a shard answered in time
     └── StorageError               (also OSError)     reading or writing a file failed
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidVectorsError",
     "ReadOnlyIndexError",
+    "ShardUnavailableError",
     "StorageError",
     "UnknownIdError",
     "VectorDBError",
@@ -106,6 +108,22 @@ class InvalidIndexFileError(VectorDBError):
 
     The message names the file and what was expected versus found.
     """
+
+
+class ShardUnavailableError(VectorDBError):
+    """No replica of a shard of a sharded index (:mod:`vectordb.distributed`) answered
+    within ``shard_timeout``: all failed, were killed past their restarts, or hung.
+
+    ``shard`` is the shard's number; the message names it and the last failure.
+    """
+
+    def __init__(self, shard: int, reason: str) -> None:
+        super().__init__(f"shard {shard} is unavailable: {reason}")
+        self.shard = shard
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ShardUnavailableError], tuple[int, str]]:
+        return (type(self), (self.shard, self.reason))
 
 
 class StorageError(VectorDBError, OSError):
