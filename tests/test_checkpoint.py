@@ -100,6 +100,33 @@ def test_a_checkpoint_writes_the_new_rows_and_links_what_did_not_change(tmp_path
     assert code == 0
 
 
+def test_a_leaf_split_between_checkpoints_leaves_the_main_layouts_files_linked(tmp_path):
+    path = saved(tmp_path, 1000)
+    rng = np.random.default_rng(4)
+    with vdb.ClusteredIndex.open(path) as index:
+        leaves = index._state.tree.n_leaves
+        before = inodes(path)
+        # Many vectors near one stored vector: its leaf outgrows its limit and splits.
+        near = index.get_vectors([17]) + 0.01 * rng.standard_normal((150, DIM)).astype(np.float32)
+        index.add(near.astype(np.float32), ids=np.arange(10_000, 10_150))  # < the fold
+        assert index._state.tree.n_leaves > leaves, "no leaf split"
+        index.checkpoint()
+        after = inodes(path)
+        assert all(after[n] == before[n] for n in ("codes.npy", "factors.npy", "vectors.bin"))
+        assert after["centroids.npy"] != before["centroids.npy"]
+        q = np.concatenate([near[:20], vectors(20, 3)])
+        live = index.search_batch(q, 10, probes=10_000, rerank_factor=1000)  # near-duplicates
+        ids = np.sort(index.ids)
+        x = index.get_vectors(ids)
+    with vdb.ClusteredIndex.open(path, verify=True) as again:
+        got = again.search_batch(q, 10, probes=10_000, rerank_factor=1000)
+        assert np.array_equal(got[0], live[0])
+        # Against brute force, ties tolerated: the same distances at every rank.
+        exact = np.sort(((q[:, None, :] - x[None, :, :]) ** 2).sum(-1), axis=1)[:, :10]
+        np.testing.assert_allclose(got[1], exact, rtol=1e-3, atol=1e-4)
+        np.testing.assert_array_equal(again.get_vectors(ids), x)
+
+
 def test_compact_is_what_rewrites_the_vector_file(tmp_path):
     path = saved(tmp_path, 600)
     with vdb.ClusteredIndex.open(path) as index:

@@ -25,6 +25,9 @@ from .state import IndexState
 
 __all__ = ["OnDisk", "living_snapshot", "on_disk"]
 
+#: The base part's per-slot arrays (its offsets are compared apart).
+_BASE_ARRAYS = ("rows", "codes", "factors")
+
 
 @dataclass(frozen=True, eq=False)
 class OnDisk:
@@ -75,7 +78,9 @@ def living_snapshot(
             rows=disk.rows,
             rotation=disk.quantizer is st.quantizer,
             tree=disk.tree is st.tree,
-            base=disk.base is st.base,
+            # A split extends the base's offsets over new leaves, its arrays the same.
+            base=all(getattr(disk.base, f) is getattr(st.base, f) for f in _BASE_ARRAYS),
+            offsets=disk.base.offsets is st.base.offsets,
             metadata=same_docs,
         )
     row_id = st.row_id

@@ -148,7 +148,7 @@ NO_ZERO_RUNS = frozenset(
 #: from the version it replaces when they did not change.
 TREE_FILES = frozenset({"centroids.npy", "children.npy", "leaf_of_node.npy"})
 ROTATION_FILES = frozenset({"perm.npy", "blocks.npy"})
-BASE_FILES = frozenset({"leaf_offsets.npy", "codes.npy", "factors.npy", "slot_rows.npy"})
+BASE_FILES = frozenset({"codes.npy", "factors.npy", "slot_rows.npy"})
 #: Counts a version 5 manifest adds (see the module docstring).
 _LIVING_COUNTS = ("rows", "tail_rows", "base_slots", "delta_slots", "next_id")
 

@@ -358,6 +358,8 @@ def _unchanged(reuse: Reuse | None, held: _Held) -> set[str]:
         names |= TREE_FILES
     if reuse.base:
         names |= BASE_FILES if held.version == LIVING_VERSION else BASE_FILES - {"slot_rows.npy"}
+    if reuse.offsets:
+        names.add("leaf_offsets.npy")
     if reuse.metadata:
         names.add(METADATA)
     return names & held.files.keys()

@@ -76,7 +76,8 @@ class Reuse:
         ``vectors.bin``, then its ``vectors.tail.bin``)
     rotation : its rotation files hold this rotation
     tree : its tree files hold this tree
-    base : its base part files hold this base part
+    base : its base part files hold this base part's rows, codes and factors
+    offsets : ... and its leaf offsets
     metadata : its ``metadata.sqlite`` holds these documents
     """
 
@@ -85,6 +86,7 @@ class Reuse:
     rotation: bool
     tree: bool
     base: bool
+    offsets: bool
     metadata: bool
 
 
