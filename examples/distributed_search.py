@@ -1,6 +1,6 @@
 """A sharded index served by Ray actors, behind the same ``await search`` as AsyncEngine.
 
-    pip install 'vectordb[ray]'
+    pip install 'vectordb-embedded[ray]'
     python examples/distributed_search.py [--n 50000] [--dim 128] [--shards 4] [--local-threads]
 
 Builds a kmeans-placed sharded index over synthetic embeddings, starts a local Ray
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     use_ray = not args.local_threads and importlib.util.find_spec("ray") is not None
     if not use_ray and not args.local_threads:
-        print("Ray is not installed (pip install 'vectordb[ray]'): running the shards in process")
+        print("Ray is not installed (pip install 'vectordb-embedded[ray]'): shards in process")
     with tempfile.TemporaryDirectory() as tmp:
         if use_ray:
             import ray

@@ -1,6 +1,6 @@
 """Retrieval for a RAG chain with LangChain on vectordb, offline.
 
-    pip install 'vectordb[langchain]'
+    pip install 'vectordb-embedded[langchain]'
     python examples/langchain_rag.py
 
 Stores a few passages with metadata, retrieves context for a question (plain, filtered,

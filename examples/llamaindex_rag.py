@@ -1,6 +1,6 @@
 """Retrieval for a RAG query engine with LlamaIndex on vectordb, offline.
 
-    pip install 'vectordb[llamaindex]'
+    pip install 'vectordb-embedded[llamaindex]'
     python examples/llamaindex_rag.py
 
 Indexes a few documents into a VectorDBVectorStore through VectorStoreIndex, retrieves

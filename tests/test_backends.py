@@ -295,7 +295,7 @@ def no_cupy(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("simulate", "cause"),
     [
-        (no_cupy, "CuPy is not installed; pip install 'vectordb[gpu-cuda12]'"),
+        (no_cupy, "CuPy is not installed; pip install 'vectordb-embedded[gpu-cuda12]'"),
         (lambda mp: fake_cupy(mp, devices=0), "no CUDA device found"),
         (lambda mp: fake_cupy(mp, compile_error=True), "failed to compile or run"),
     ],

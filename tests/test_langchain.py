@@ -522,7 +522,7 @@ def test_frameworks_load_only_when_used_and_missing_ones_name_the_extra():
     )
     loaded, message = out.stdout.strip().split("\n")
     assert loaded == "[]"
-    assert "pip install 'vectordb[langchain]'" in message
+    assert "pip install 'vectordb-embedded[langchain]'" in message
 
 
 def test_example_runs_offline():

@@ -531,7 +531,7 @@ def test_frameworks_load_only_when_used():
         "except ImportError as exc:\n    print(exc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "pip install 'vectordb[llamaindex]'" in out.stdout
+    assert "pip install 'vectordb-embedded[llamaindex]'" in out.stdout
 
 
 def test_example_runs_offline():

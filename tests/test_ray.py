@@ -3,7 +3,7 @@
 Few and small (2 cores): Ray and in-process shards give the same answers; writes, save and
 reopen; a SIGKILLed actor mid-query (the same answer, after failover or a restart); an
 actor killed for good with no replica (the typed error, bounded by ``shard_timeout``).
-Skipped without Ray (``pip install 'vectordb[ray]'``).
+Skipped without Ray (``pip install 'vectordb-embedded[ray]'``).
 """
 
 from __future__ import annotations

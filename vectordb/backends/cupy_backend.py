@@ -81,8 +81,8 @@ def probe() -> tuple[Any, str | None]:
         cupy = _import_cupy()
     except ImportError:
         return None, (
-            "CuPy is not installed; pip install 'vectordb[gpu-cuda12]' (CUDA 12) or "
-            "'vectordb[gpu-cuda13]' (CUDA 13)"
+            "CuPy is not installed; pip install 'vectordb-embedded[gpu-cuda12]' (CUDA 12) or "
+            "'vectordb-embedded[gpu-cuda13]' (CUDA 13)"
         )
     except Exception as exc:  # a broken CuPy install raises all sorts
         return None, f"CuPy failed to import ({type(exc).__name__}: {exc})"

@@ -6,7 +6,7 @@ same ``await search`` as :class:`~vectordb.AsyncEngine`.
 >>> async with await ShardedEngine.open("my_sharded", replicas=2) as engine:  # doctest: +SKIP
 ...     ids, dists = await engine.search(query, k=10)
 
-Ray (``pip install 'vectordb[ray]'``) is imported only when a Ray backend is opened;
+Ray (``pip install 'vectordb-embedded[ray]'``) is imported only when a Ray backend is opened;
 ``address="local-threads"`` needs none. See ``docs/distributed.md``.
 """
 

@@ -1,10 +1,10 @@
 """Adapters to RAG frameworks, each behind an optional extra and imported only when used.
 
 ``vectordb.integrations.langchain``
-    ``VectorDBStore``, a LangChain ``VectorStore`` (``pip install 'vectordb[langchain]'``).
+    ``VectorDBStore``, a LangChain ``VectorStore`` (``pip install 'vectordb-embedded[langchain]'``).
 ``vectordb.integrations.llamaindex``
     ``VectorDBVectorStore``, a LlamaIndex ``BasePydanticVectorStore``
-    (``pip install 'vectordb[llamaindex]'``).
+    (``pip install 'vectordb-embedded[llamaindex]'``).
 
 Importing this package imports neither framework.
 """

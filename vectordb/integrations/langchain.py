@@ -1,6 +1,6 @@
 """LangChain adapter: :class:`VectorDBStore`, a ``langchain_core`` ``VectorStore``.
 
-Install with ``pip install 'vectordb[langchain]'``::
+Install with ``pip install 'vectordb-embedded[langchain]'``::
 
     from vectordb.integrations.langchain import VectorDBStore
 
@@ -39,7 +39,7 @@ try:
     from langchain_core.vectorstores.utils import maximal_marginal_relevance
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "vectordb.integrations.langchain needs langchain-core: pip install 'vectordb[langchain]'"
+        "vectordb.integrations.langchain needs langchain-core: pip install 'vectordb-embedded[langchain]'"
     ) from exc
 
 __all__ = ["VectorDBStore"]

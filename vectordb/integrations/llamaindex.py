@@ -1,6 +1,6 @@
 """LlamaIndex adapter: :class:`VectorDBVectorStore`, a ``BasePydanticVectorStore``.
 
-Install with ``pip install 'vectordb[llamaindex]'``::
+Install with ``pip install 'vectordb-embedded[llamaindex]'``::
 
     from llama_index.core import StorageContext, VectorStoreIndex
     from vectordb.integrations.llamaindex import VectorDBVectorStore
@@ -47,7 +47,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "vectordb.integrations.llamaindex needs llama-index-core: "
-        "pip install 'vectordb[llamaindex]'"
+        "pip install 'vectordb-embedded[llamaindex]'"
     ) from exc
 
 __all__ = ["VectorDBVectorStore", "to_vectordb_filter"]

@@ -28,7 +28,7 @@ def ray_module() -> Any:
         import ray
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"Ray is not installed ({exc}); pip install 'vectordb[ray]', "
+            f"Ray is not installed ({exc}); pip install 'vectordb-embedded[ray]', "
             "or use address='local-threads'"
         ) from None
     return ray
