@@ -2,9 +2,9 @@
 
 Long steps (build, save, verifying checksums, warming the page cache, compaction) report
 progress through :func:`progress_bar`. A bar is drawn with tqdm when tqdm is installed
-(``pip install 'vectordb-embedded[progress]'``), ``progress`` is not ``False`` and standard error is a
-terminal; otherwise nothing is drawn. The library never prints: everything else goes to
-the standard ``logging`` logger ``"vectordb"``.
+(``pip install 'vectordb-embedded[progress]'``), ``progress`` is not ``False`` and
+standard error is a terminal; otherwise nothing is drawn. The library never prints:
+everything else goes to the standard ``logging`` logger ``"vectordb"``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ try:
     from langchain_core.vectorstores.utils import maximal_marginal_relevance
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "vectordb.integrations.langchain needs langchain-core: pip install 'vectordb-embedded[langchain]'"
+        "vectordb.integrations.langchain needs langchain-core: "
+        "pip install 'vectordb-embedded[langchain]'"
     ) from exc
 
 __all__ = ["VectorDBStore"]
