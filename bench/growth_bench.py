@@ -42,8 +42,9 @@ def main() -> None:
         index.add(x[s : s + 1000], ids=np.arange(s, min(s + 1000, len(x))))
     rate = (len(x) - args.start) / (time.perf_counter() - t)
     state = index._state  # the tree and storage rows: no public accessor reports them
+    got = recall(index, q, truth)
     print(
-        f"{args.start:,} -> {len(x):,}: adds {rate:,.0f}/s, recall@10 {recall(index, q, truth):.3f},"
+        f"{args.start:,} -> {len(x):,}: adds {rate:,.0f}/s, recall@10 {got:.3f},"
         f" leaves {state.tree.n_leaves}, storage rows {state.row_id.shape[0]:,}"
     )
     index.compact()
