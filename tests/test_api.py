@@ -47,7 +47,7 @@ def test_every_module_all_is_resolvable(module):
 
 
 def test_version_matches_the_installed_distribution():
-    assert vdb.__version__ == importlib.metadata.version("vectordb")
+    assert vdb.__version__ == importlib.metadata.version("vectordb-embedded")
 
 
 # --------------------------------------------------------------------------- errors
