@@ -326,6 +326,51 @@ async def test_bad_search_and_open_parameters(built, data):
             await e.add(np.zeros((2, 7), np.float32))
 
 
+@pytest.mark.asyncio
+async def test_replica_options_reach_each_replica_and_its_restart(built, data, monkeypatch):
+    """Per-replica placement (``replica_options``): checked at open, each replica's own
+    options handed to the backend, and the same again when the replica is restarted."""
+    from vectordb.distributed import engine as engine_module
+    from vectordb.distributed.backends.local import LocalBackend
+
+    path = built / "hash"
+    for bad, fragment in (
+        ({"replica_options": {"resources": {}}}, "callable"),
+        ({"replica_options": lambda s, r: None}, r"replica_options\(0, 0\)"),
+        ({"replica_options": lambda s, r: {}}, "not local-threads"),
+    ):
+        with pytest.raises(vdb.InvalidParameterError, match=fragment):
+            await ShardedEngine.open(path, address=LOCAL, **bad)
+
+    seen: list[tuple[str, bool, dict]] = []
+
+    class Recording(LocalBackend):
+        async def start(self, path, *, writer, options, timeout, actor_options=None):
+            seen.append((Path(path).name, writer, dict(actor_options or {})))
+            return await super().start(path, writer=writer, options=options, timeout=timeout)
+
+    monkeypatch.setattr(engine_module, "_backend", lambda *args: Recording())
+    _, q = data
+    async with await ShardedEngine.open(
+        path,
+        address="ray-stand-in",
+        replicas=2,
+        replica_options=lambda s, r: {"resources": {f"node_{(s + r) % 2}": 0.01}},
+    ) as e:
+        assert sorted(seen) == sorted(
+            (f"shard-{s:04d}", r == 0, {"resources": {f"node_{(s + r) % 2}": 0.01}})
+            for s in range(4)
+            for r in range(2)
+        )
+        seen.clear()
+        await e.actors()[1][1].kill()
+        for _ in range(3):  # round robin: the dead one is asked, then restarted
+            await e.search(q[0], K)
+        while len(e.actors()[1]) < 2:
+            await asyncio.sleep(0.01)
+        assert seen == [("shard-0001", False, {"resources": {"node_0": 0.01}})]
+
+
 # --------------------------------------------------------------------------- writes
 
 

@@ -6,7 +6,7 @@ import asyncio
 import errno
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast, overload
@@ -38,16 +38,41 @@ __all__ = ["ShardedEngine"]
 LOCAL = "local-threads"
 
 
-def _backend(address: str | None, actor_options: Mapping[str, Any] | None) -> Backend:
+def _backend(
+    address: str | None,
+    actor_options: Mapping[str, Any] | None,
+    replica_options: Callable[[int, int], Mapping[str, Any]] | None = None,
+) -> Backend:
     if address == LOCAL:
-        if actor_options:
-            raise InvalidParameterError("actor_options are for Ray actors, not local-threads")
+        if actor_options or replica_options is not None:
+            raise InvalidParameterError(
+                "actor_options and replica_options are for Ray actors, not local-threads"
+            )
         return LocalBackend()
     if address is not None and not isinstance(address, str):
         raise InvalidParameterError(f"address must be a str or None, got {address!r}")
     from .backends.ray_actors import RayBackend  # imports ray: only when asked for
 
     return RayBackend(address, dict(actor_options or {}))
+
+
+def _per_replica(
+    replica_options: Callable[[int, int], Mapping[str, Any]] | None, shards: int, replicas: int
+) -> list[list[dict[str, Any]]]:
+    """``replica_options(shard, replica)`` for every replica, checked (``{}`` without it)."""
+    if replica_options is not None and not callable(replica_options):
+        raise InvalidParameterError(
+            f"replica_options must be a callable (shard, replica) -> dict, got {replica_options!r}"
+        )
+    table = [[replica_options(s, r) if replica_options else {} for r in range(replicas)]
+             for s in range(shards)]  # fmt: skip
+    for s, row in enumerate(table):
+        for r, got in enumerate(row):
+            if not isinstance(got, Mapping):
+                raise InvalidParameterError(
+                    f"replica_options({s}, {r}) must return a mapping of Ray options, got {got!r}"
+                )
+    return [[dict(got) for got in row] for row in table]
 
 
 def _seconds(name: str, value: Any) -> float:
@@ -109,6 +134,7 @@ class ShardedEngine:
         max_batch_size: int = 256,
         max_wait: float = 0.0005,
         actor_options: Mapping[str, Any] | None = None,
+        replica_options: Callable[[int, int], Mapping[str, Any]] | None = None,
     ) -> ShardedEngine:
         """Open the sharded index in ``path`` and start ``replicas`` replicas per shard.
 
@@ -134,6 +160,11 @@ class ShardedEngine:
         max_batch_size, max_wait : the caller-side batching (queries, seconds >= 0).
         actor_options : Ray ``.options()`` for the actors (``num_cpus``, ``resources``,
             ``scheduling_strategy``, ...).
+        replica_options : callable ``(shard, replica) -> dict``, optional
+            Ray ``.options()`` for one replica (replica 0 is the writer), merged over
+            ``actor_options``; a restarted replica gets the same. For placement, e.g. one
+            shard's replicas on different nodes (``resources``, or
+            ``NodeAffinitySchedulingStrategy(node_id, soft=True)``).
 
         ``InvalidIndexFileError`` for a damaged manifest or shards that disagree with it,
         ``ShardUnavailableError`` if a shard's replicas do not start within ``shard_timeout``,
@@ -157,7 +188,8 @@ class ShardedEngine:
         root = Path(path)
         layout = await asyncio.to_thread(read_layout, root)
         route = check_route(layout, route)
-        chosen = _backend(address, actor_options)
+        per_replica = _per_replica(replica_options, layout.shards, replicas)
+        chosen = _backend(address, actor_options, replica_options)
         options = {"backend": backend, "mmap": mmap, "max_workers": max_workers}
         groups = [
             ShardGroup(
@@ -168,6 +200,7 @@ class ShardedEngine:
                 max_restarts=max_restarts,
                 timeout=timeout,
                 options=options,
+                actor_options=per_replica[s],
             )
             for s in range(layout.shards)
         ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class _Slot:
     restarting: asyncio.Task[None] | None = None
     last_error: str = "not started"
     pid: int = field(default=-1)
+    actor_options: dict[str, Any] = field(default_factory=dict)  # this replica's own
 
 
 class ShardGroup:
@@ -51,11 +53,16 @@ class ShardGroup:
         max_restarts: int,
         timeout: float,
         options: dict[str, Any],
+        actor_options: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
+        """``actor_options[i]``: replica ``i``'s own backend options (Ray ``.options()``)."""
         self.shard = shard
         self._path, self._backend, self._options = path, backend, options
         self._timeout, self._max_restarts = timeout, max_restarts
-        self._slots = [_Slot(i, writer=i == 0) for i in range(replicas)]
+        own = list(actor_options) if actor_options is not None else [{}] * replicas
+        if len(own) != replicas:
+            raise ValueError(f"{len(own)} actor_options for {replicas} replicas")
+        self._slots = [_Slot(i, writer=i == 0, actor_options=dict(own[i])) for i in range(replicas)]
         self._next = 0
         self._closed = False
         self._writes = 0  # writes the writer has acknowledged (see _start_slot)
@@ -78,7 +85,11 @@ class ShardGroup:
         seen = self._writes
         try:
             replica, info = await self._backend.start(
-                self._path, writer=slot.writer, options=self._options, timeout=self._timeout
+                self._path,
+                writer=slot.writer,
+                options=self._options,
+                timeout=self._timeout,
+                actor_options=slot.actor_options,
             )
         except (ReplicaDied, asyncio.TimeoutError) as exc:
             why = f"replica {slot.number} did not start: {exc!r}"

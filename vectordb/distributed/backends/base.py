@@ -9,6 +9,7 @@ raised as they are, never retried.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 __all__ = ["Backend", "Replica", "ReplicaDied"]
@@ -46,8 +47,15 @@ class Backend(Protocol):
         ...
 
     async def start(
-        self, path: str, *, writer: bool, options: dict[str, Any], timeout: float
+        self,
+        path: str,
+        *,
+        writer: bool,
+        options: dict[str, Any],
+        timeout: float,
+        actor_options: Mapping[str, Any] | None = None,
     ) -> tuple[Replica, Any]:
         """Start a replica serving ``path`` and wait (at most ``timeout`` seconds) until it
-        has opened it; returns it with its ``ShardServer.start()`` info."""
+        has opened it; returns it with its ``ShardServer.start()`` info. ``actor_options``:
+        this replica's own placement options (Ray ``.options()``), over the backend's."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 from ..server import ShardServer
@@ -63,7 +64,13 @@ class LocalBackend:
         return value
 
     async def start(
-        self, path: str, *, writer: bool, options: dict[str, Any], timeout: float
+        self,
+        path: str,
+        *,
+        writer: bool,
+        options: dict[str, Any],
+        timeout: float,
+        actor_options: Mapping[str, Any] | None = None,  # placement: nothing to place here
     ) -> tuple[LocalReplica, Any]:
         server = ShardServer(path, writer=writer, **options)
         try:

@@ -5,7 +5,8 @@ event loop). Actors are started with Ray's own restarts and task retries off
 (``max_restarts=0``, ``max_task_retries=0``): the sharded engine restarts replicas itself,
 with every wait bounded by its ``shard_timeout``, since Ray's retries can wait forever for
 a node that is gone (ray-project/ray#15045). Replicas are spread over nodes
-(``scheduling_strategy="SPREAD"``) unless ``actor_options`` say otherwise.
+(``scheduling_strategy="SPREAD"``) unless ``actor_options`` say otherwise; a replica's
+own options (the engine's ``replica_options``) go over those.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from ...errors import BackendUnavailableError, VectorDBError
@@ -113,9 +115,16 @@ class RayBackend:
         return ray_module().put(value)
 
     async def start(
-        self, path: str, *, writer: bool, options: dict[str, Any], timeout: float
+        self,
+        path: str,
+        *,
+        writer: bool,
+        options: dict[str, Any],
+        timeout: float,
+        actor_options: Mapping[str, Any] | None = None,
     ) -> tuple[RayReplica, Any]:
-        actor = _actor_class().options(**self._options).remote(path, writer=writer, **options)
+        ray_options = {**self._options, **(actor_options or {})}
+        actor = _actor_class().options(**ray_options).remote(path, writer=writer, **options)
         replica = RayReplica(actor)
         try:
             info = await replica.call("start", timeout=timeout)
