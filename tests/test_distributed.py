@@ -423,8 +423,12 @@ async def test_a_killed_replica_fails_over_and_restarts(built, data):
         for _ in range(3):  # round robin: every replica is asked
             got = await e.search_batch(q, K)
             np.testing.assert_array_equal(got[0], want[0])
-        while min(len(a) for a in e.actors()) < 2:
-            await asyncio.sleep(0.01)
+
+        async def restarted() -> None:
+            while min(len(a) for a in e.actors()) < 2:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(restarted(), 60)  # a failed restart fails, never hangs
 
 
 @pytest.mark.asyncio
