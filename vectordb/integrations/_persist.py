@@ -136,15 +136,23 @@ def checkpoint_store(
     changed. A crash between the two leaves the checkpoint with the old ``store.json``,
     which still describes it."""
     root = Path(os.path.abspath(path))
-    index.checkpoint(progress=False)
+    if root.is_symlink():
+        root = root.resolve()
     info = {"format": FORMAT, "version": VERSION, **info, "has_index": True}
+    lock = lock_dir(root.parent)
     try:
-        if json.loads((root / STORE_FILE).read_text(encoding="utf-8")) == info:
-            return
-    except (OSError, ValueError):
-        pass
-    with atomic_write(root / STORE_FILE) as fh:
-        fh.write(json.dumps(info, indent=1).encode("utf-8"))
+        # What a store swap that crashed left beside it (as save_store removes it).
+        remove_leftovers(root.parent, root.name, _complete_store)
+        index.checkpoint(progress=False)
+        try:
+            if json.loads((root / STORE_FILE).read_text(encoding="utf-8")) == info:
+                return
+        except (OSError, ValueError):
+            pass
+        with atomic_write(root / STORE_FILE) as fh:
+            fh.write(json.dumps(info, indent=1).encode("utf-8"))
+    finally:
+        unlock(lock)
 
 
 def read_info(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
