@@ -32,6 +32,7 @@ from .errors import (
     VectorDBError,
 )
 from .index.clustered import ClusteredIndex
+from .index.hit import Hit
 from .synthetic import make_clustered
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __all__ = [
     "EngineOverloadedError",
     "EngineState",
     "EngineStats",
+    "Hit",
     "IndexClosedError",
     "IndexLockedError",
     "InvalidIndexFileError",

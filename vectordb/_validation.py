@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,12 @@ __all__ = [
     "as_query_matrix",
     "build_params",
     "check_k",
+    "check_text_field",
     "positive_int",
 ]
 
+#: A metadata field indexed for text search (``build(text_field=...)``).
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: Largest branching factor and number of Lloyd iterations a build accepts.
 MAX_BRANCHING = 4096
 MAX_ITERATIONS = 1000
@@ -121,8 +125,10 @@ def build_params(
     rotate: Any,
     leaf_scan: Any,
     code_bits: Any = "auto",
+    text_field: Any = None,
 ) -> dict[str, Any]:
-    """Checked build parameters of ``ClusteredIndex.build``, as its ``params`` dict."""
+    """Checked build parameters of ``ClusteredIndex.build``, as its ``params`` dict
+    (``text_field`` only when given)."""
     branching_factor = positive_int("branching_factor", branching_factor)
     if not 2 <= branching_factor <= MAX_BRANCHING:
         raise InvalidParameterError(
@@ -149,7 +155,9 @@ def build_params(
         raise InvalidParameterError(
             f"code_bits must be 'auto' or an integer from 1 to {MAX_CODE_BITS}, got {code_bits!r}"
         )
+    text = {} if check_text_field(text_field) is None else {"text_field": text_field}
     return {
+        **text,
         "branching_factor": branching_factor,
         "max_leaf_size": positive_int("max_leaf_size", max_leaf_size),
         "max_iterations": positive_int("max_iterations", max_iterations),
@@ -158,3 +166,16 @@ def build_params(
         "leaf_scan": leaf_scan,
         "code_bits": code_bits if code_bits == "auto" else int(code_bits),
     }
+
+
+def check_text_field(field: Any) -> str | None:
+    """``field`` (``None``, or an identifier of at most 64 ASCII letters, digits and ``_``,
+    not starting with a digit: it is written into SQL); ``InvalidParameterError`` otherwise."""
+    if field is None:
+        return None
+    if not isinstance(field, str) or not _FIELD.fullmatch(field):
+        raise InvalidParameterError(
+            "text_field must be None or a name of ASCII letters, digits and '_' (at most 64,"
+            f" not starting with a digit), got {field!r}"
+        )
+    return field

@@ -17,12 +17,14 @@ from .._types import F32, I64
 from .._validation import as_query_matrix, positive_int
 from ..errors import EngineClosedError, InvalidParameterError
 from ..index.clustered import ClusteredIndex
+from ..index.hit import Hit
 from ..storage.filters import Filter
 from .batcher import MicroBatcher
 from .keys import BatchKey
-from .lifecycle import EngineState, Lifecycle
+from .lifecycle import EngineState, Lifecycle, close_unclaimed
 from .stats import EngineStats, StatsRecorder
 from .waiting import check_timeout, finish, within
+from .warming import warm_steps
 from .writes import AddGroups, start_write
 
 __all__ = ["AsyncEngine", "EngineState"]
@@ -107,11 +109,8 @@ class AsyncEngine:
         self._max_workers = positive_int("max_workers", max_workers)
         self._max_batch_size = positive_int("max_batch_size", max_batch_size)
         self._max_pending = positive_int("max_pending", max_pending)
-        if (
-            isinstance(max_wait, bool)
-            or not isinstance(max_wait, (int, float))
-            or not (0 <= max_wait <= 1)
-        ):
+        seconds = isinstance(max_wait, (int, float)) and not isinstance(max_wait, bool)
+        if not seconds or not 0 <= max_wait <= 1:
             raise InvalidParameterError(f"max_wait must be seconds in [0, 1], got {max_wait!r}")
         self._max_wait = float(max_wait)
         if overload not in ("wait", "raise"):
@@ -182,7 +181,7 @@ class AsyncEngine:
             try:
                 index = await asyncio.shield(opening)
             except asyncio.CancelledError:
-                opening.add_done_callback(_close_unclaimed)  # nobody will use that index
+                opening.add_done_callback(close_unclaimed)  # nobody will use that index
                 raise
         finally:
             executor.shutdown(wait=False)
@@ -412,10 +411,32 @@ class AsyncEngine:
         """:meth:`ClusteredIndex.get_metadata` on the executor."""
         return await self.run(self._index.get_metadata, id_)
 
+    async def query(
+        self,
+        vector: Any = None,
+        text: Any = None,
+        k: int = 10,
+        filter: Filter | None = None,
+        **params: Any,
+    ) -> list[Hit]:
+        """:meth:`ClusteredIndex.query` on the executor (not micro-batched)."""
+        return await self.run(partial(self._index.query, vector, text, k, filter, **params))
+
+    async def query_batch(
+        self,
+        vectors: Any = None,
+        texts: Sequence[str] | None = None,
+        k: int = 10,
+        filter: Filter | None = None,
+        **params: Any,
+    ) -> list[list[Hit]]:
+        """:meth:`ClusteredIndex.query_batch` on the executor."""
+        return await self.run(partial(self._index.query_batch, vectors, texts, k, filter, **params))
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the engine's executor, for other work on the index that may page
-        in the mapped vectors or take a while; :meth:`aclose` waits for it. Raises
-        ``EngineClosedError`` once the engine is closed."""
+        """``fn(*args)`` on the engine's executor, for other work on the index that may page in
+        the mapped vectors or take a while; :meth:`aclose` waits for it (``EngineClosedError``
+        once closed)."""
         with self._life.operation():
             return await self._call(fn, *args)
 
@@ -472,28 +493,8 @@ class AsyncEngine:
             raise
 
     async def warm(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Page the memory-mapped vector file into the page cache; return bytes read.
-
-        The steps of ``ClusteredIndex.warmer`` (a kernel hint, then the file read in
-        chunks), each awaited on the executor. ``progress(done, total)`` is called on the
-        loop after each chunk. A no-op (returns 0) when the vectors are in RAM. Reads the
-        file mapped (by a descriptor of it), whatever ``index.mmap_path`` names by now (a
-        checkpoint puts another file there; ``compact``, none)."""
+        """Page the mapped vector file into the page cache; return bytes read (0 in RAM): the
+        steps of ``ClusteredIndex.warmer``, each awaited on the executor, ``progress(done,
+        total)`` on the loop after each chunk (:func:`~vectordb.engine.warming.warm_steps`)."""
         with self._life.operation():
-            warmer = self._index.warmer()
-            if warmer is None:
-                return 0
-            # Closed on the loop: instant for a regular file, and a cancellation (even a
-            # second one) cannot skip it.
-            with warmer:
-                await self._call(warmer.advise)
-                while await self._call(warmer.step):
-                    if progress is not None:
-                        progress(warmer.done, warmer.total)
-            return warmer.done
-
-
-def _close_unclaimed(opening: asyncio.Future[ClusteredIndex]) -> None:
-    """Close an index opened for a caller that was cancelled meanwhile."""
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
+            return await warm_steps(self._index.warmer(), self._call, progress)

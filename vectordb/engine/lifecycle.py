@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import enum
 from collections.abc import Iterator
+from typing import Any
 
 from ..errors import EngineClosedError, InvalidParameterError
 
-__all__ = ["EngineState", "Lifecycle"]
+__all__ = ["EngineState", "Lifecycle", "close_unclaimed"]
 
 
 class EngineState(enum.Enum):
@@ -65,3 +66,10 @@ class Lifecycle:
         while self._active:
             self._idle = asyncio.Event()
             await self._idle.wait()
+
+
+def close_unclaimed(opening: asyncio.Future[Any]) -> None:
+    """Close an index (anything with ``close()``) opened for a caller that was cancelled
+    meanwhile: ``opening``'s done callback."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +27,10 @@ from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
 from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
+from .hit import Hit
 from .ondisk import BuildInput, build_into
 from .persistence import Persistent
+from .query import run_query
 from .records import OP_ADD, OP_DELETE, OP_UPSERT
 from .state import IndexState
 
@@ -62,6 +65,8 @@ class ClusteredIndex(Persistent):
         self._write_lock = threading.RLock()
         self._meta_lock = threading.Lock()  # see _state_and_matches
         self._state = IndexState.of(data, backend)
+        if (field := self._params.get("text_field")) is not None:
+            self._metadata.enable_text(field)
         calibrate_into(self._params, self._state, if_stale=True)  # built, or saved without
 
     @classmethod
@@ -84,6 +89,7 @@ class ClusteredIndex(Persistent):
         progress: bool | None = None,
         path: str | os.PathLike[str] | None = None,
         memory_limit: int | None = None,
+        text_field: str | None = None,
     ) -> ClusteredIndex:
         """Build an index over ``vectors``, and calibrate its search defaults (see
         :mod:`vectordb.index.calibrate`). With ``path``, straight into that directory holding
@@ -93,7 +99,7 @@ class ClusteredIndex(Persistent):
         Raises ``InvalidVectorsError`` for empty, ragged, non-numeric or non-finite vectors
         (and zero rows with cosine), ``InvalidParameterError`` for any parameter out of
         range or an unknown metric, ``BackendUnavailableError`` for ``backend="cupy"``
-        where CuPy or a CUDA device cannot be used.
+        without CuPy or a CUDA device, or ``text_field`` without SQLite's FTS5.
 
         Parameters
         ----------
@@ -103,7 +109,7 @@ class ClusteredIndex(Persistent):
         ids : array-like of n distinct integers >= 0, optional
             External ids (int64); default ``0..n-1``.
         metadata : sequence of n dicts (or None), optional
-            JSON-serialisable metadata per vector, for ``filter=`` in searches.
+            JSON-serialisable metadata per vector, for ``filter=`` and ``query``'s hits.
         branching_factor, max_leaf_size : int, >= 2 and >= 1
             Children of every inner tree node; a node of more vectors is split again.
         metric : {"l2", "cosine", "ip"} or Metric
@@ -112,30 +118,29 @@ class ClusteredIndex(Persistent):
         max_iterations, seed : int, >= 1 and >= 0
             Lloyd iterations of every k-means split; builds are deterministic for a seed.
         rotate : bool
-            Rotate vectors randomly (a permutation and 64 x 64 orthogonal blocks, ``256 * d``
-            bytes) before taking code bits. Keep it on: uneven coordinates rank badly without.
+            Rotate vectors randomly (a permutation, 64 x 64 orthogonal blocks: ``256 * d`` B)
+            before taking code bits. Keep it on: uneven coordinates rank badly without.
         leaf_scan : {"auto", "codes", "vectors"}
-            How probed leaves are ranked before the rerank: ``codes``, RaBitQ codes in RAM
-            (``code_bits * d/8 + 16`` bytes per vector); ``vectors``, exact distances on the
-            full vectors (read from the file in mmap mode). ``auto``: ``codes``.
+            How probed leaves are ranked before the rerank: ``codes`` (``auto``), RaBitQ codes
+            in RAM (``code_bits * d/8 + 16`` bytes per vector); ``vectors``, exact distances
+            on the full vectors (read from the file in mmap mode).
         code_bits : {"auto", 1, 2, 3, 4}
-            Bits a coordinate of a code takes: 1 ranks well from about 128 dimensions up;
-            below, where it cannot, more (extended RaBitQ codes). ``auto``: 1 from 128
-            dimensions up, else 4.
+            Bits a coordinate of a code takes: 1 ranks well from about 128 dimensions up,
+            below more (extended RaBitQ codes). ``auto``: 1 from 128 dimensions up, else 4.
         target_recall : float in (0, 1]
             The recall@10 that searches without ``probes`` aim at (saved with the index).
         backend : {"auto", "numpy", "numba", "cupy"}
             Where batches are searched: ``auto``, CuPy on a usable CUDA GPU, else numba,
-            else NumPy (:mod:`vectordb.backends`). numba and CuPy give NumPy's neighbours up
-            to ties within float32 rounding of the distances.
+            else NumPy (:mod:`vectordb.backends`); the same neighbours up to float32 ties.
         progress : bool, optional
             Progress bars on a terminal (needs tqdm); ``False`` never.
+        text_field : str, optional
+            A metadata field (a string) indexed for ``query(text=...)`` (BM25, SQLite FTS5).
         """
         metric = parse_metric(metric)
         chosen = resolve_backend(backend)
-        p = build_params(
-            branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan, code_bits
-        )
+        opts = (branching_factor, max_leaf_size, max_iterations, seed, rotate, leaf_scan)
+        p = build_params(*opts, code_bits, text_field)
         p["target_recall"] = check_target(target_recall)
         if path is not None:
             given = BuildInput(vectors, ids, metadata, metric, p)
@@ -152,11 +157,9 @@ class ClusteredIndex(Persistent):
     def __contains__(self, id_: object) -> bool:
         """Whether a live vector has id ``id_``. Anything that cannot be an id (not an int,
         a bool, a float, negative, beyond int64) is not in the index: ``False``, no error."""
-        try:
-            value = one_id(id_)
-        except InvalidParameterError:
-            return False
-        return value is not None and self._state.has(value)
+        with contextlib.suppress(InvalidParameterError):
+            return (value := one_id(id_)) is not None and self._state.has(value)
+        return False
 
     @property
     def ids(self) -> I64:
@@ -217,10 +220,9 @@ class ClusteredIndex(Persistent):
 
     def __repr__(self) -> str:
         where = f"mmap={str(self.mmap_path)!r}" if self.is_using_mmap else "in RAM"
-        return (
-            f"ClusteredIndex(n={len(self)}, dim={self.dim}, metric={self.metric.value!r}, "
-            f"leaves={self.n_leaves}, vectors {where})"
-        )
+        n, metric = len(self), self.metric.value
+        leaves = self.n_leaves
+        return f"ClusteredIndex({n=}, dim={self.dim}, {metric=}, {leaves=}, vectors {where})"
 
     def memory_usage_bytes(self) -> int:
         """Bytes of process memory held by the index: tree, codes and their factors, ids,
@@ -293,6 +295,34 @@ class ClusteredIndex(Persistent):
         with ThreadPoolExecutor(parts, thread_name_prefix="vectordb-search") as pool:
             found = list(pool.map(run, np.array_split(q, parts)))
         return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+    def query(
+        self,
+        vector: Any = None,
+        text: Any = None,
+        k: int = 10,
+        filter: Filter | None = None,
+        **search_params: Any,
+    ) -> list[Hit]:
+        """The ``k`` best :class:`~vectordb.Hit` s (id, distance, score, metadata), best first,
+        for a ``vector`` ``(d,)``, a ``text`` (needs ``text_field``) or both (hybrid; scores
+        and ``search_params``, e.g. ``fusion="rrf"``: :mod:`vectordb.index.query`)."""
+        q = None if vector is None else as_query_matrix(vector, self.dim, single=True)
+        texts = None if text is None else [text]
+        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)[0]
+
+    def query_batch(
+        self,
+        vectors: Any = None,
+        texts: Sequence[str] | None = None,
+        k: int = 10,
+        filter: Filter | None = None,
+        **search_params: Any,
+    ) -> list[list[Hit]]:
+        """:meth:`query` for each row of ``vectors`` ``(nq, d)`` and/or each of ``texts``
+        (as many), one metadata read for all."""
+        q = None if vectors is None else as_query_matrix(vectors, self.dim, single=False)
+        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
 
     def _searcher(
         self, k: Any, probes: Any, rerank_factor: Any, filt: Any, target: Any
@@ -395,11 +425,9 @@ class ClusteredIndex(Persistent):
     def compact(self, *, progress: bool | None = None) -> None:
         """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
         split leaves that grew past twice their size at build (at most ``2 * max_leaf_size``).
-
         In RAM the vectors are copied; in mmap mode a new vector file is written beside the
         mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
-        the index directory). Searches may run meanwhile. ``progress``: as for :meth:`save`.
-        """
+        the index directory). Searches may run meanwhile. ``progress``: as for :meth:`save`."""
         with self._write_lock:
             self._writer()  # it writes a file into the bound directory: the writer's
             st = self._state
@@ -410,8 +438,7 @@ class ClusteredIndex(Persistent):
     def get_metadata(self, id_: int) -> dict[str, Any] | None:
         """The metadata of ``id_`` (``None`` if it has none). ``UnknownIdError`` if no live
         vector has this id (any int); ``InvalidParameterError`` if ``id_`` is not an int."""
-        value = one_id(id_)
-        if value is None or not self._state.has(value):
+        if (value := one_id(id_)) is None or not self._state.has(value):
             raise UnknownIdError(f"id {id_!r} is not in the index")
         return self._metadata.get(value)
 
@@ -459,8 +486,8 @@ class ClusteredIndex(Persistent):
             return storage.warm(bar.update)
 
     def warmer(self) -> Warmer | None:
-        """The steps of :meth:`warm` (``None`` in RAM): a read of the mapped file, chunk by
-        chunk, for callers that run each step elsewhere (the async engine's executor)."""
+        """The steps of :meth:`warm` (``None`` in RAM), a read of the mapped file chunk by chunk,
+        for callers that run each step elsewhere (the async engine's executor)."""
         return st.warmer() if isinstance(st := self._state.storage, MmapStorage) else None
 
     def drop_cache(self) -> None:

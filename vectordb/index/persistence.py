@@ -65,6 +65,7 @@ _BUILD_OPTIONS = (
     "rotate",
     "leaf_scan",
     "code_bits",
+    "text_field",
     "target_recall",
 )
 P = TypeVar("P", bound="Persistent")

@@ -54,10 +54,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._validation import MAX_BRANCHING, MAX_CODE_BITS, MAX_ITERATIONS
+from .._validation import MAX_BRANCHING, MAX_CODE_BITS, MAX_ITERATIONS, check_text_field
 from ..core.codes import BLOCK, FACTORS, words_for
 from ..core.metrics import Metric
-from ..errors import InvalidIndexFileError
+from ..errors import InvalidIndexFileError, InvalidParameterError
 from .snapshot import IndexData, LivingData
 
 __all__ = [
@@ -245,6 +245,10 @@ def _check_params(params: Any, path: Path) -> None:
     target = params.get("target_recall")
     if target is not None and not _is_fraction(target, open_below=True):
         raise bad_file(path, f"params.target_recall must be a number in (0, 1], found {target!r}")
+    try:
+        check_text_field(params.get("text_field"))
+    except InvalidParameterError as exc:
+        raise bad_file(path, f"params.{exc}") from None
     _check_calibration(params.get("calibration"), path)
 
 

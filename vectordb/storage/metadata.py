@@ -44,10 +44,11 @@ from typing import Any
 
 import numpy as np
 
-from .._types import I64
+from .._types import F64, I64
 from ..errors import InvalidIndexFileError, InvalidParameterError, StorageError
 from .files import storage_error
 from .filters import Filter, compile_filter
+from .fulltext import INSERT, REMOVE, create_fulltext, match_query, search_sql
 
 __all__ = ["MAX_DEPTH", "MAX_DOC_BYTES", "MetadataStore", "encode_documents"]
 
@@ -223,12 +224,15 @@ class _Budget:
 
 
 class MetadataStore:
-    """id -> JSON object, in an in-memory SQLite database. Thread-safe."""
+    """id -> JSON object, in an in-memory SQLite database. Thread-safe. :meth:`enable_text`
+    indexes one string field for BM25 text search (:mod:`vectordb.storage.fulltext`)."""
 
     def __init__(self) -> None:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
+        #: The field indexed for text search, or ``None``.
+        self.text_field: str | None = None
         #: Counts the calls that changed the documents: a checkpoint
         #: links the file of the version it replaces while this has not moved.
         self.version = 0
@@ -251,10 +255,19 @@ class MetadataStore:
         docstring for what a document may hold; ``InvalidParameterError`` otherwise)."""
         return [_check_doc(d) for d in docs]
 
+    def enable_text(self, field: str) -> None:
+        """Index ``field`` of every document, now and after every write, for
+        :meth:`text_search`. ``BackendUnavailableError`` without FTS5."""
+        with self._lock:
+            if self.text_field is None:
+                create_fulltext(self._db, field)
+                self.text_field = field
+
     def put(self, ids: I64, encoded: Sequence[str | None]) -> None:
         """Set (or, for ``None``, clear) the metadata of ``ids``."""
         with self._lock, self._db:
             changes = self._db.total_changes
+            keys = self._unindex(ids)
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta (id, doc) VALUES (?, ?)",
                 [(int(i), d) for i, d in zip(ids, encoded, strict=True) if d is not None],
@@ -263,13 +276,56 @@ class MetadataStore:
                 "DELETE FROM meta WHERE id = ?",
                 [(int(i),) for i, d in zip(ids, encoded, strict=True) if d is None],
             )
+            if keys is not None:
+                self._db.execute(INSERT, (keys,))
             self.version += self._db.total_changes != changes
 
     def delete(self, ids: I64) -> None:
         with self._lock, self._db:
             changes = self._db.total_changes
+            self._unindex(ids)
             self._db.executemany("DELETE FROM meta WHERE id = ?", [(int(i),) for i in ids])
             self.version += self._db.total_changes != changes
+
+    def _unindex(self, ids: I64) -> str | None:
+        """With text search, remove ``ids`` from it (before their documents change; in the
+        caller's transaction) and return them as the JSON array that :data:`INSERT` takes."""
+        if self.text_field is None:
+            return None
+        keys = json.dumps([int(i) for i in ids])
+        self._db.execute(REMOVE, (keys,))
+        return keys
+
+    def get_many(self, ids: Sequence[int] | I64) -> list[dict[str, Any] | None]:
+        """The documents of ``ids`` (``None`` where one has none), in order, read in one
+        query whatever their number."""
+        keys = [int(i) for i in ids]
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, doc FROM meta WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(keys),),
+            ).fetchall()
+        found = {int(i): doc for i, doc in rows}
+        return [None if (d := found.get(i)) is None else dict(json.loads(d)) for i in keys]
+
+    def text_search(self, text: Any, n: int, filt: Filter | None = None) -> tuple[I64, F64]:
+        """The ``m <= n`` documents matching ``filt`` that best match ``text`` (any words of
+        it) by BM25, best first: ids ``(m,)`` int64, scores ``(m,)`` float64 (``-bm25()``,
+        higher better). ``InvalidParameterError`` without :meth:`enable_text`."""
+        if self.text_field is None:
+            raise InvalidParameterError("this index has no text_field: text search needs one")
+        if (query := match_query(text)) is None:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        where, params = "", []
+        if callable(filt):
+            where = "fts.rowid IN (SELECT value FROM json_each(?))"
+            params = [json.dumps(self.matching(filt).tolist())]
+        elif filt is not None:
+            where, params = compile_filter(filt)
+        with self._lock:
+            rows = self._db.execute(search_sql(where), (query, *params, n)).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        return ids, -np.array([r[1] for r in rows], dtype=np.float64)
 
     def get(self, id_: int) -> dict[str, Any] | None:
         with self._lock:
@@ -292,6 +348,7 @@ class MetadataStore:
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def copy(self) -> MetadataStore:
+        """The documents, without text search (a copy is saved; an index enables it)."""
         out = MetadataStore()
         with self._lock:
             self._db.backup(out._db)

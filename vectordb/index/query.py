@@ -1,0 +1,150 @@
+"""``ClusteredIndex.query``: hits that carry their documents, by vector, text or both.
+
+A vector query ranks by the index's ``search`` (``Hit.score = -distance``); a text query
+by BM25 over the index's ``text_field`` (:mod:`vectordb.storage.fulltext`; ``Hit.score``
+the BM25 score, ``distance`` ``None``); a hybrid query (both) runs each side for
+:func:`depth` ``(k) = max(4 * k, 50)`` results, so that the fusion sees each side's top
+candidates beyond its own top ``k``, and fuses them (:mod:`vectordb.core.fusion`):
+``fusion="rrf"`` (default; constant 60) or ``fusion="weighted"`` with ``alpha`` in
+``[0, 1]`` (the vector side's weight, default 0.5). A hybrid hit's ``distance`` is its
+vector distance when the vector side found it, else ``None``. A ``filter`` restricts
+both sides. The documents of all the hits of a call (a batch too) are read in one query
+of the metadata store. Fewer than ``k`` hits when fewer match (no padding).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._types import F32, F64, I64
+from .._validation import check_k
+from ..core.fusion import rrf, weighted
+from ..errors import InvalidParameterError
+from ..storage.filters import Filter, check_filter
+from ..storage.metadata import MetadataStore
+from .hit import Hit
+
+__all__ = [
+    "DEPTH_FACTOR",
+    "MIN_DEPTH",
+    "depth",
+    "hits_of",
+    "query_options",
+    "run_query",
+    "text_hits",
+]
+
+#: A hybrid query fetches ``max(DEPTH_FACTOR * k, MIN_DEPTH)`` results of each side.
+DEPTH_FACTOR = 4
+MIN_DEPTH = 50
+_SEARCH = ("probes", "rerank_factor", "target_recall")
+#: One side's ranking: ids ``(m,)`` int64, scores ``(m,)`` float64 (higher better) and the
+#: vector distances ``(m,)`` float32 (``None`` for text).
+Ranked = tuple[I64, F64, F32 | None]
+
+
+def depth(k: int) -> int:
+    """Results fetched from each side of a hybrid query of ``k``."""
+    return max(DEPTH_FACTOR * k, MIN_DEPTH)
+
+
+def query_options(params: Mapping[str, Any]) -> tuple[str, float, list[Any]]:
+    """``(fusion, alpha, [probes, rerank_factor, target_recall])`` of ``query``'s keyword
+    parameters, checked (those of ``search`` are checked by it)."""
+    unknown = sorted(set(params) - {"fusion", "alpha", *_SEARCH})
+    if unknown:
+        raise InvalidParameterError(f"unknown query parameters: {unknown}")
+    fusion = params.get("fusion", "rrf")
+    if fusion not in ("rrf", "weighted"):
+        raise InvalidParameterError(f"fusion must be 'rrf' or 'weighted', got {fusion!r}")
+    alpha = params.get("alpha", 0.5)
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= float(alpha) <= 1:
+        raise InvalidParameterError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return str(fusion), float(alpha), [params.get(name) for name in _SEARCH]
+
+
+def text_hits(
+    metadata: MetadataStore, texts: Any, n: int, filt: Filter | None
+) -> list[tuple[I64, F64]]:
+    """The ``n`` best BM25 matches of each of ``texts`` (a sequence of ``str``)."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InvalidParameterError("texts must be a list of str")
+    return [metadata.text_search(t, n, filt) for t in texts]
+
+
+def _fused(vector: Ranked | None, text: Ranked | None, k: int, how: str, alpha: float) -> Ranked:
+    if vector is None or text is None:
+        side = vector if vector is not None else text
+        if side is None:
+            raise InvalidParameterError("query needs a vector, a text or both")
+        return side[0][:k], side[1][:k], None if side[2] is None else side[2][:k]
+    if how == "rrf":
+        ids, scores = rrf([vector[0], text[0]], k)
+    else:
+        ids, scores = weighted((vector[0], vector[1]), (text[0], text[1]), alpha, k)
+    dist = vector[2] if vector[2] is not None else np.full(vector[0].shape, np.nan, np.float32)
+    where = {id_: d for id_, d in zip(vector[0].tolist(), dist.tolist(), strict=True)}
+    dists = np.array([where.get(i, np.nan) for i in ids.tolist()], dtype=np.float32)
+    return ids, scores, dists
+
+
+def hits_of(
+    metadata: MetadataStore,
+    vectors: tuple[I64, F32] | None,
+    texts: list[tuple[I64, F64]] | None,
+    k: int,
+    fusion: str = "rrf",
+    alpha: float = 0.5,
+) -> list[list[Hit]]:
+    """One list of hits per query, best first: from ``vectors`` (``search_batch``'s
+    ``(nq, n)`` ids and distances, padded with ``-1``), ``texts`` (one ``text_search`` per
+    query) or both (fused), cut to ``k``; the documents read in one query."""
+    nq = vectors[0].shape[0] if vectors is not None else len(texts or ())
+    if vectors is not None and texts is not None and len(texts) != nq:
+        raise InvalidParameterError(f"got {nq} vectors but {len(texts)} texts")
+    ranked: list[Ranked] = []
+    for i in range(nq):
+        v: Ranked | None = None
+        if vectors is not None:
+            keep = vectors[0][i] >= 0
+            d = vectors[1][i][keep]
+            v = (vectors[0][i][keep], 0.0 - d.astype(np.float64), d)
+        t: Ranked | None = None if texts is None else (*texts[i], None)
+        ranked.append(_fused(v, t, k, fusion, alpha))
+    docs = iter(metadata.get_many([i for r in ranked for i in r[0].tolist()]))
+    out: list[list[Hit]] = []
+    for ids, scores, ds in ranked:
+        dists = [None] * len(ids) if ds is None else [None if x != x else x for x in ds.tolist()]
+        out.append(
+            [
+                Hit(id_, d, score, next(docs))
+                for id_, score, d in zip(ids.tolist(), scores.tolist(), dists, strict=True)
+            ]
+        )
+    return out
+
+
+def run_query(
+    searcher: Callable[..., Callable[[F32], tuple[I64, F32]]],
+    metadata: MetadataStore,
+    q: F32 | None,
+    texts: Any,
+    k: Any,
+    filt: Any,
+    params: Mapping[str, Any],
+) -> list[list[Hit]]:
+    """``query_batch`` of an index: ``searcher(k, probes, rerank_factor, filter,
+    target_recall)`` its search of query rows ``q`` ``(nq, d)`` float32, ``metadata`` its
+    documents; ``texts`` a list of ``str`` (or ``None``)."""
+    fusion, alpha, options = query_options(params)
+    k, filt = check_k(k), check_filter(filt)
+    if q is None and texts is None:
+        raise InvalidParameterError("query needs a vector, a text or both")
+    n = depth(k) if q is not None and texts is not None else k
+    found = None if q is None else searcher(n, *options[:2], filt, options[2])(q)
+    matched = None if texts is None else text_hits(metadata, texts, n, filt)
+    return hits_of(metadata, found, matched, k, fusion, alpha)
