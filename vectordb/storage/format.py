@@ -55,8 +55,10 @@ import numpy as np
 import numpy.typing as npt
 
 from .._validation import MAX_BRANCHING, MAX_CODE_BITS, MAX_ITERATIONS, check_text_field
-from ..core.codes import BLOCK, FACTORS, words_for
+from ..core.codes import BLOCK, FACTORS, Quantizer, words_for
 from ..core.metrics import Metric
+from ..core.parts import Part
+from ..core.tree import Tree
 from ..errors import InvalidIndexFileError, InvalidParameterError
 from .snapshot import IndexData, LivingData
 
@@ -386,16 +388,13 @@ def expected_arrays(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype[Any], 
     return {name: (np.dtype(dt), shape) for name, (dt, shape) in expected.items()}
 
 
-def arrays_of(data: IndexData) -> dict[str, npt.NDArray[Any]]:
-    """The ``.npy`` files a save writes for ``data`` (compact: slot ``i`` is row ``i``):
-    name -> array, as :func:`expected_arrays` expects them."""
-    tree, base, quantizer = data.tree, data.base, data.quantizer
+def _common_arrays(tree: Tree, base: Part, quantizer: Quantizer) -> dict[str, npt.NDArray[Any]]:
+    """The tree's, the rotation's and the main layout's files, in both layouts."""
     arrays: dict[str, npt.NDArray[Any]] = {
         "centroids.npy": tree.centroids,
         "children.npy": tree.children,
         "leaf_of_node.npy": tree.leaf_of_node,
         "leaf_offsets.npy": base.offsets,
-        "ids.npy": data.ids,
     }
     if base.codes is not None and base.factors is not None:
         arrays["codes.npy"] = base.codes
@@ -404,6 +403,12 @@ def arrays_of(data: IndexData) -> dict[str, npt.NDArray[Any]]:
         arrays["perm.npy"] = quantizer.perm
         arrays["blocks.npy"] = quantizer.blocks
     return arrays
+
+
+def arrays_of(data: IndexData) -> dict[str, npt.NDArray[Any]]:
+    """The ``.npy`` files a save writes for ``data`` (compact: slot ``i`` is row ``i``):
+    name -> array, as :func:`expected_arrays` expects them."""
+    return {**_common_arrays(data.tree, data.base, data.quantizer), "ids.npy": data.ids}
 
 
 def manifest_of(data: IndexData, files: dict[str, dict[str, int]]) -> bytes:
@@ -426,26 +431,15 @@ def manifest_of(data: IndexData, files: dict[str, dict[str, int]]) -> bytes:
 def living_arrays_of(data: LivingData) -> dict[str, npt.NDArray[Any]]:
     """The ``.npy`` files a checkpoint writes for ``data`` (format version 5): name ->
     array, as :func:`expected_arrays` expects them."""
-    tree, base, delta, quantizer = data.tree, data.base, data.delta, data.quantizer
-    arrays: dict[str, npt.NDArray[Any]] = {
-        "centroids.npy": tree.centroids,
-        "children.npy": tree.children,
-        "leaf_of_node.npy": tree.leaf_of_node,
-        "leaf_offsets.npy": base.offsets,
-        "slot_rows.npy": base.all_rows,
-        "delta_offsets.npy": delta.offsets,
-        "delta_rows.npy": delta.all_rows,
-        "ids.npy": data.row_id,
-    }
-    if base.codes is not None and base.factors is not None:
-        arrays["codes.npy"] = base.codes
-        arrays["factors.npy"] = base.factors
+    base, delta = data.base, data.delta
+    arrays = _common_arrays(data.tree, base, data.quantizer)
+    arrays["slot_rows.npy"] = base.all_rows
+    arrays["delta_offsets.npy"] = delta.offsets
+    arrays["delta_rows.npy"] = delta.all_rows
+    arrays["ids.npy"] = data.row_id
     if delta.codes is not None and delta.factors is not None:
         arrays["delta_codes.npy"] = delta.codes
         arrays["delta_factors.npy"] = delta.factors
-    if quantizer.perm is not None and quantizer.blocks is not None:
-        arrays["perm.npy"] = quantizer.perm
-        arrays["blocks.npy"] = quantizer.blocks
     return arrays
 
 
