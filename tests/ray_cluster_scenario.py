@@ -82,18 +82,24 @@ async def _placement(engine: Any, raylets: dict[int, str]) -> list[list[str]]:
     ]
 
 
-async def _alive(handles: list[Any]) -> int:
-    """How many of ``handles`` still answer a ping (each asked for at most 30 s)."""
+async def _alive(handles: list[Any], grace: float = 15.0) -> int:
+    """How many of ``handles`` still answer a ping (each asked for at most 30 s), asked
+    again until none does or ``grace`` seconds passed: ``ray.kill`` returns before the
+    actor is gone, so one killed a moment ago may answer once more."""
     import ray
 
-    alive = 0
-    for h in handles:
-        try:
-            await _bounded(h.ping.remote(), 30)
-            alive += 1
-        except ray.exceptions.RayActorError:
-            pass
-    return alive
+    deadline = time.monotonic() + grace
+    while True:
+        alive = 0
+        for h in handles:
+            try:
+                await _bounded(h.ping.remote(), 30)
+                alive += 1
+            except ray.exceptions.RayActorError:
+                pass
+        if alive == 0 or time.monotonic() > deadline:
+            return alive
+        await asyncio.sleep(0.5)
 
 
 def _alive_in_gcs() -> int | None:
