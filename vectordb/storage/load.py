@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = ["OPEN_ATTEMPTS", "is_complete", "load_index", "manifest_path", "recov
 #: How many times an open starts again when another process replaced the directory under
 #: it; then it gives up with ``StorageError`` (``errno.EAGAIN``).
 OPEN_ATTEMPTS = 8
+_HEADER_LOCK = threading.Lock()
 
 
 def _read_manifest(handle: DirHandle) -> bytes:
@@ -89,10 +91,15 @@ def _read_header(fh: io.FileIO, path: Path, dtype: np.dtype[Any], shape: tuple[i
             version = np.lib.format.read_magic(fh)
             if version not in ((1, 0), (2, 0)):
                 raise ValueError(f"unsupported .npy format version {version}")
-            if version == (1, 0):
-                header = np.lib.format.read_array_header_1_0(fh)
-            else:
-                header = np.lib.format.read_array_header_2_0(fh)
+            # One parse at a time: NumPy parses the header with ast.literal_eval, and
+            # CPython's AST recursion counter is not thread-safe (gh-106905): opens on
+            # several threads at once raised "SystemError: AST constructor recursion
+            # depth mismatch" (seen in CI, shards opened in parallel).
+            with _HEADER_LOCK:
+                if version == (1, 0):
+                    header = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    header = np.lib.format.read_array_header_2_0(fh)
         except OSError:
             raise
         except Exception as exc:
