@@ -40,6 +40,7 @@ from .._validation import build_params
 from ..backends import Backend, resolve_backend
 from ..core.metrics import Metric, parse_metric
 from ..errors import InvalidParameterError, ReadOnlyIndexError, StorageError
+from ..storage.files import same_dir
 from ..storage.format import MANIFEST
 from ..storage.load import OPEN_ATTEMPTS, load_index
 from ..storage.metadata import MetadataStore
@@ -417,7 +418,7 @@ class Persistent:
         if path is None and b is None:
             raise InvalidParameterError("save() needs a path: this index is not bound to one")
         target = Path(path) if path is not None else b.path  # type: ignore[union-attr]
-        own = b is not None and _same_dir(target, b.path)
+        own = b is not None and same_dir(target, b.path)
         if own:
             self._writer()  # a checkpoint is a write: the lock, the catch-up
         taken: list[IndexData | LivingData] = []
@@ -489,10 +490,3 @@ class Persistent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _same_dir(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)

@@ -38,6 +38,7 @@ from ..engine import AsyncEngine
 from ..errors import InvalidIndexFileError, InvalidParameterError, UnknownIdError
 from ..index.calibrate import check_target
 from ..index.clustered import ClusteredIndex
+from ..storage.files import same_dir
 from ..storage.filters import Filter
 from ._engines import LoopEngines
 from ._persist import INDEX_DIR, STORE_FILE, checkpoint_store, open_index, read_info, save_store
@@ -456,11 +457,15 @@ class TextIndex:
         writes are durable in ``path`` when they return, unless its index is bound to
         another store's directory (loaded from there), where they stay durable."""
         index, target = self._index, Path(path)
-        if index is not None and index.path is not None and _same(index.path, target / INDEX_DIR):
+        if (
+            index is not None
+            and index.path is not None
+            and same_dir(index.path, target / INDEX_DIR)
+        ):
             checkpoint_store(target, self._info(), index)
         else:
             save_store(target, self._info(), index)
-        if index is None or _same(index.path, target / INDEX_DIR):
+        if index is None or (index.path is not None and same_dir(index.path, target / INDEX_DIR)):
             self._home = target
 
     @classmethod
@@ -482,13 +487,3 @@ class TextIndex:
             store._index = index
         store._home = Path(path)
         return store
-
-
-def _same(a: Path | None, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one directory (``False`` for ``None``)."""
-    if a is None:
-        return False
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)

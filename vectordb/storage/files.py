@@ -18,7 +18,15 @@ from typing import BinaryIO
 
 from ..errors import StorageError
 
-__all__ = ["atomic_write", "crc32_file", "crc32_of", "fsync_dir", "names_file", "storage_error"]
+__all__ = [
+    "atomic_write",
+    "crc32_file",
+    "crc32_of",
+    "fsync_dir",
+    "names_file",
+    "same_dir",
+    "storage_error",
+]
 
 _CHUNK = 8 << 20
 
@@ -115,3 +123,12 @@ def names_file(path: Path, fd: int) -> bool:
     except OSError:
         return False
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def same_dir(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one directory (compared as paths where either is
+    missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
