@@ -406,7 +406,7 @@ def test_bad_input_is_refused_and_leaves_no_trace(embedding):
         wide.add_texts(["wider"], ids=["wide"])
     assert [d.id for d in store.similarity_search("a", k=10)] == ["ok"]
     assert store.get_by_ids(["new", "wide", "x"]) == []
-    assert store._core._ints == {"ok": 0}
+    assert store._core._ids.ints == {"ok": 0}
     with pytest.raises(vdb.InvalidParameterError, match="build options"):
         VectorDBStore(embedding, max_leaf=3)
     with pytest.raises(vdb.InvalidParameterError, match="max_leaf_size"):
@@ -420,7 +420,7 @@ def test_from_documents_and_repr(embedding):
     store = VectorDBStore.from_documents(docs, embedding, metric="ip")
     assert store.get_by_ids(["d1"]) == [docs[0]]
     assert len(store.index) == 2 and store.index.metric == "ip"
-    assert repr(store) == "VectorDBStore(n=2, metric='ip')"
+    assert repr(store) == "VectorDBStore(n=2, metric='ip', retrieval_mode='vector')"
     assert store.embeddings is embedding
 
 
@@ -547,7 +547,7 @@ def assert_consistent(store):
     core, index = store._core, store.index
     for i in index.ids.tolist():
         sid = index.get_metadata(i)["_sid"]
-        assert core._ints[sid] == i and core._sids[i] == sid
+        assert core._ids.ints[sid] == i and core._ids.sids[i] == sid
     found = [d.id for d in store.similarity_search("x", k=max(len(index), 1))]
     assert len(found) == len(set(found)) == len(index)
     assert sorted(d.id for d in store.get_by_ids(found)) == sorted(found)
@@ -581,9 +581,9 @@ def test_deleted_ids_are_forgotten_once_they_outnumber_live_ones():
     vectors = np.random.default_rng(0).standard_normal((n, 8))
     core.upsert(vectors, [f"t{i}" for i in range(n)], ids=[f"t{i}" for i in range(n)])
     core.delete([f"t{i}" for i in range(n - 10)])
-    assert len(core._ints) == len(core._sids) == 10
+    assert len(core._ids.ints) == len(core._ids.sids) == 10
     core.upsert(vectors[:1], ["back"], ids=["t0"])  # a forgotten id comes back: a new int
-    assert core._ints["t0"] == n and sorted(r.id for r in core.get()) == sorted(
+    assert core._ids.ints["t0"] == n and sorted(r.id for r in core.get()) == sorted(
         ["t0", *(f"t{i}" for i in range(n - 10, n))]
     )
     core.close()
@@ -666,16 +666,16 @@ def test_mmr_racing_a_delete(make_store, embedding, monkeypatch, run):
     store = make_store()
     query = embedding.embed_query("a question on topic 5")
     order = [d.id for d in store.similarity_search_by_vector(query, k=20)]
-    index, get_metadata = store.index, store.index.get_metadata
-    first = store._core._ints[order[0]]
+    index, get_metadata_many = store.index, store.index.get_metadata_many
+    first = store._core._ids.ints[order[0]]
 
-    def read_then_delete(i):
-        doc = get_metadata(i)
-        if i == first:  # the delete lands between the search and the vector read
+    def read_then_delete(ids, **kwargs):
+        docs = get_metadata_many(ids, **kwargs)
+        if first in ids.tolist():  # the delete lands between the search and the vector read
             store._core.delete([order[0]])
-        return doc
+        return docs
 
-    monkeypatch.setattr(index, "get_metadata", read_then_delete)
+    monkeypatch.setattr(index, "get_metadata_many", read_then_delete)
     args = (query, 5, 20, 1.0)  # lambda 1: plain similarity order
     if run == "sync":
         got = store.max_marginal_relevance_search_by_vector(*args)

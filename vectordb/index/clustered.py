@@ -27,10 +27,9 @@ from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
 from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
-from .hit import Hit
 from .ondisk import BuildInput, build_into
 from .persistence import Persistent
-from .query import run_query
+from .query import Querying
 from .records import OP_ADD, OP_DELETE, OP_UPSERT
 from .state import IndexState
 
@@ -42,7 +41,7 @@ _MIN_QUERIES_PER_THREAD = 64
 Documents = Sequence[Mapping[str, Any] | None] | None
 
 
-class ClusteredIndex(Persistent):
+class ClusteredIndex(Querying, Persistent):
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
     A hierarchical k-means tree routes each query to a few leaves; RaBitQ codes of the
@@ -296,34 +295,6 @@ class ClusteredIndex(Persistent):
             found = list(pool.map(run, np.array_split(q, parts)))
         return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
-    def query(
-        self,
-        vector: Any = None,
-        text: Any = None,
-        k: int = 10,
-        filter: Filter | None = None,
-        **search_params: Any,
-    ) -> list[Hit]:
-        """The ``k`` best :class:`~vectordb.Hit` s (id, distance, score, metadata), best first,
-        for a ``vector`` ``(d,)``, a ``text`` (needs ``text_field``) or both (hybrid; scores
-        and ``search_params``, e.g. ``fusion="rrf"``: :mod:`vectordb.index.query`)."""
-        q = None if vector is None else as_query_matrix(vector, self.dim, single=True)
-        texts = None if text is None else [text]
-        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)[0]
-
-    def query_batch(
-        self,
-        vectors: Any = None,
-        texts: Sequence[str] | None = None,
-        k: int = 10,
-        filter: Filter | None = None,
-        **search_params: Any,
-    ) -> list[list[Hit]]:
-        """:meth:`query` for each row of ``vectors`` ``(nq, d)`` and/or each of ``texts``
-        (as many), one metadata read for all."""
-        q = None if vectors is None else as_query_matrix(vectors, self.dim, single=False)
-        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
-
     def _searcher(
         self, k: Any, probes: Any, rerank_factor: Any, filt: Any, target: Any
     ) -> Callable[[F32], tuple[I64, F32]]:
@@ -441,6 +412,17 @@ class ClusteredIndex(Persistent):
         if (value := one_id(id_)) is None or not self._state.has(value):
             raise UnknownIdError(f"id {id_!r} is not in the index")
         return self._metadata.get(value)
+
+    def get_metadata_many(
+        self, ids: Any, *, missing_ok: bool = False
+    ) -> list[dict[str, Any] | None]:
+        """The metadata of each of ``ids`` (``(n,)`` ints), in order, read in one query of
+        the metadata store: ``None`` where a vector has none. ``UnknownIdError`` if an id
+        is not in the index, or, with ``missing_ok``, ``None`` for it too."""
+        wanted = as_ids(ids)
+        live = self._state.rows_of(wanted, missing_ok=missing_ok) >= 0
+        docs = self._metadata.get_many(wanted)
+        return [doc if ok else None for doc, ok in zip(docs, live.tolist(), strict=True)]
 
     def ids_matching(self, filter: Filter) -> I64:
         """Ids ``(m,)`` int64, ascending, of the vectors whose metadata matches ``filter``

@@ -340,6 +340,9 @@ class Persistent:
             return self._replay(read_log(b.path / LOG)[1])
         data, (base, records, mark) = _read(b.path, self._state.storage.is_mmap, False, False)
         fresh = type(self)(data, self._state.backend)
+        if (field := self._metadata.text_field) is not None and fresh._metadata.text_field is None:
+            fresh._metadata.enable_text(field)  # by index_text, in no checkpoint yet
+            fresh._params["text_field"] = field
         old = self._state
         with self._meta_lock:
             self._state, self._params, self._metadata = fresh._state, fresh._params, fresh._metadata

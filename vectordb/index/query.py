@@ -10,18 +10,22 @@ candidates beyond its own top ``k``, and fuses them (:mod:`vectordb.core.fusion`
 vector distance when the vector side found it, else ``None``. A ``filter`` restricts
 both sides. The documents of all the hits of a call (a batch too) are read in one query
 of the metadata store. Fewer than ``k`` hits when fewer match (no padding).
+
+:class:`Querying` gives ``ClusteredIndex`` these methods, and :meth:`Querying.index_text`,
+which turns text search on for an index built without ``text_field``.
 """
 
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._types import F32, F64, I64
-from .._validation import check_k
+from .._validation import as_query_matrix, check_k, check_text_field
 from ..core.fusion import rrf, weighted
 from ..errors import InvalidParameterError
 from ..storage.filters import Filter, check_filter
@@ -31,6 +35,7 @@ from .hit import Hit
 __all__ = [
     "DEPTH_FACTOR",
     "MIN_DEPTH",
+    "Querying",
     "depth",
     "hits_of",
     "query_options",
@@ -148,3 +153,76 @@ def run_query(
     found = None if q is None else searcher(n, *options[:2], filt, options[2])(q)
     matched = None if texts is None else text_hits(metadata, texts, n, filt)
     return hits_of(metadata, found, matched, k, fusion, alpha)
+
+
+class Querying:
+    """``query``, ``query_batch`` and ``index_text`` of ``ClusteredIndex``."""
+
+    _params: dict[str, Any]
+    _metadata: MetadataStore
+    _write_lock: threading.RLock
+
+    if TYPE_CHECKING:
+
+        @property
+        def dim(self) -> int: ...
+
+        def _searcher(
+            self, k: Any, probes: Any, rerank_factor: Any, filt: Any, target: Any
+        ) -> Callable[[F32], tuple[I64, F32]]: ...
+
+    def query(
+        self,
+        vector: Any = None,
+        text: Any = None,
+        k: int = 10,
+        filter: Filter | None = None,
+        **search_params: Any,
+    ) -> list[Hit]:
+        """The ``k`` best :class:`~vectordb.Hit` s (id, distance, score, metadata), best first,
+        for a ``vector`` ``(d,)``, a ``text`` (needs ``text_field``) or both (hybrid; scores
+        and ``search_params``, e.g. ``fusion="rrf"``: :mod:`vectordb.index.query`)."""
+        q = None if vector is None else as_query_matrix(vector, self.dim, single=True)
+        texts = None if text is None else [text]
+        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)[0]
+
+    def query_batch(
+        self,
+        vectors: Any = None,
+        texts: Sequence[str] | None = None,
+        k: int = 10,
+        filter: Filter | None = None,
+        **search_params: Any,
+    ) -> list[list[Hit]]:
+        """:meth:`query` for each row of ``vectors`` ``(nq, d)`` and/or each of ``texts``
+        (as many), one metadata read for all."""
+        q = None if vectors is None else as_query_matrix(vectors, self.dim, single=False)
+        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
+
+    @property
+    def text_field(self) -> str | None:
+        """The metadata field indexed for text queries (``None``: no text search)."""
+        return self._metadata.text_field
+
+    def index_text(self, field: str) -> None:
+        """Index the string ``field`` of every document for ``query(text=...)``, as
+        ``build(text_field=field)`` does: for an index built or saved without one.
+
+        It takes about a second per 100,000 short documents (SQLite FTS5). Idempotent for
+        the field already indexed; ``InvalidParameterError`` for another one (or a name
+        that is not one of ASCII letters, digits and ``_``), ``BackendUnavailableError``
+        without FTS5. The field joins the index's parameters, which the next ``save`` or
+        checkpoint writes; until then a reopened index has no text search, so a program
+        that opens an index made without it calls this after every ``open``.
+        """
+        checked = check_text_field(field)
+        if checked is None:
+            raise InvalidParameterError("index_text needs a field name, got None")
+        with self._write_lock:
+            current = self._metadata.text_field
+            if current is not None and current != checked:
+                raise InvalidParameterError(
+                    f"the index already searches the text of {current!r}; one field per index"
+                )
+            self._metadata.enable_text(checked)
+            self._params["text_field"] = checked

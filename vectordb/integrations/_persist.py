@@ -223,24 +223,23 @@ def recover_missing(path: str | os.PathLike[str]) -> None:
 
 def open_index(
     path: str | os.PathLike[str], metric: Metric, id_key: str, *, mmap: bool
-) -> tuple[ClusteredIndex, dict[str, int], dict[int, str]]:
-    """Open the index of the store directory ``path``; return it and the string <-> int id
-    maps, rebuilt from the string ids in its metadata under ``id_key``.
+) -> tuple[ClusteredIndex, dict[str, int]]:
+    """Open the index of the store directory ``path``; return it and its string ids' ints,
+    rebuilt from the string ids in its metadata under ``id_key``.
 
     Raises ``InvalidIndexFileError`` if the index's metric is not ``metric`` (the one of
     ``store.json``), or an id lacks its string id, or a string id is stored twice.
     """
     index = ClusteredIndex.open(Path(path) / INDEX_DIR, mmap=mmap)  # bound: writes logged
     ints: dict[str, int] = {}
-    sids: dict[int, str] = {}
     try:
         if index.metric is not metric:
             raise InvalidIndexFileError(
                 f"{path}: the index's metric is {index.metric.value!r}, "
                 f"{STORE_FILE} says {metric.value!r}"
             )
-        for i in index.ids.tolist():
-            doc = index.get_metadata(i)
+        ids = index.ids
+        for i, doc in zip(ids.tolist(), index.get_metadata_many(ids), strict=True):
             sid = None if doc is None else doc.get(id_key)
             if not isinstance(sid, str):
                 raise InvalidIndexFileError(f"{path}: id {i} of the index has no {id_key!r}")
@@ -248,8 +247,8 @@ def open_index(
                 raise InvalidIndexFileError(
                     f"{path}: string id {sid!r} is stored twice (ids {ints[sid]} and {i})"
                 )
-            ints[sid], sids[i] = i, sid
+            ints[sid] = i
     except BaseException:
         index.close()
         raise
-    return index, ints, sids
+    return index, ints

@@ -9,11 +9,21 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from ..errors import InvalidParameterError
+from ..storage.filters import Filter
 
-__all__ = ["ID_KEY", "RESERVED_KEYS", "TEXT_KEY", "Record", "check_ids", "record", "stored"]
+__all__ = [
+    "ID_KEY",
+    "RESERVED_KEYS",
+    "TEXT_KEY",
+    "Record",
+    "check_ids",
+    "record",
+    "stored",
+    "user_filter",
+]
 
 TEXT_KEY = "_text"
 ID_KEY = "_sid"
@@ -23,19 +33,23 @@ RESERVED_KEYS = frozenset({TEXT_KEY, ID_KEY})
 @dataclass(frozen=True)
 class Record:
     """A stored text: string ``id``, ``text``, user ``metadata`` (no reserved keys), all
-    ``stored`` metadata, vectordb ``distance`` to the query (NaN outside searches)."""
+    ``stored`` metadata, vectordb ``distance`` to the query vector (NaN outside searches,
+    and for a text the vector side did not find) and the ``score`` that ranked it (higher
+    is better: ``-distance``, BM25 or fused; see :class:`vectordb.Hit`; NaN outside
+    searches)."""
 
     id: str
     text: str
     metadata: dict[str, Any]
     stored: dict[str, Any]
     distance: float = math.nan
+    score: float = math.nan
 
 
-def record(doc: dict[str, Any], distance: float = math.nan) -> Record:
+def record(doc: dict[str, Any], distance: float = math.nan, score: float = math.nan) -> Record:
     """The record of the stored metadata ``doc``."""
     user = {k: v for k, v in doc.items() if k not in RESERVED_KEYS}
-    return Record(str(doc[ID_KEY]), str(doc.get(TEXT_KEY, "")), user, doc, distance)
+    return Record(str(doc[ID_KEY]), str(doc.get(TEXT_KEY, "")), user, doc, distance, score)
 
 
 def check_ids(ids: object) -> None:
@@ -79,3 +93,16 @@ def stored(
             raise InvalidParameterError(f"metadata keys {clash} are reserved by vectordb")
         docs.append({**(meta or {}), TEXT_KEY: text, ID_KEY: sid})
     return sids, docs
+
+
+@overload
+def user_filter(filter: Filter) -> Filter: ...
+@overload
+def user_filter(filter: None) -> None: ...
+def user_filter(filter: Filter | None) -> Filter | None:
+    """A filter on stored metadata from the user's: a predicate sees the user's metadata
+    only (no reserved keys); a dict filter names the user's keys as they are stored."""
+    if filter is None or not callable(filter):
+        return filter
+    user = filter
+    return lambda doc: bool(user(record(doc).metadata))

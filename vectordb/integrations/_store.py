@@ -1,14 +1,15 @@
 """Shared core of the LangChain and LlamaIndex adapters: texts under string ids.
 
 A :class:`TextIndex` holds a :class:`~vectordb.ClusteredIndex`, built at the first write (a
-build needs data; until then searches find nothing). Each new string id gets the next int64
-id and keeps it when deleted: written again, it comes back under the same int, so however a
-delete and an upsert of one id interleave, at most one document carries it. A string id
-whose int is not in the index is absent; every read checks the index. Deleted ids leave the
-maps only once they far outnumber the live ones, with no write in flight (:meth:`_prune`).
-Text, string id and user metadata form the vectordb metadata of the id,
-``{"_text": text, "_sid": string id, **user_metadata}``: dict filters apply to the user's
-keys as they are, and the maps are rebuilt from it when a saved store is opened.
+build needs data; until then searches find nothing), its string ids under int64 ones
+(:mod:`vectordb.integrations._idmap`). Text, string id and user metadata form the vectordb
+metadata of the id, ``{"_text": text, "_sid": string id, **user_metadata}``: dict filters
+apply to the user's keys as they are, and the maps are rebuilt from it when a saved store
+is opened.
+
+Queries (:meth:`TextIndex.query`) rank by vector, by text (BM25 over ``_text``: the index
+of every store, new or loaded, indexes it with :meth:`ClusteredIndex.index_text`) or both
+(hybrid, fused: :mod:`vectordb.index.query`).
 
 Async methods are served by one :class:`~vectordb.AsyncEngine` per event loop (an engine
 belongs to its loop), made lazily once the index exists; the index object is never replaced
@@ -27,32 +28,46 @@ import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
 from .._types import F32, I64
-from .._validation import as_matrix, build_params, check_k, positive_int
+from .._validation import as_matrix, build_params, positive_int
 from ..core.metrics import Metric, parse_metric
 from ..engine import AsyncEngine
-from ..errors import InvalidIndexFileError, InvalidParameterError, UnknownIdError
+from ..errors import (
+    InvalidIndexFileError,
+    InvalidParameterError,
+    UnknownIdError,
+)
 from ..index.calibrate import check_target
 from ..index.clustered import ClusteredIndex
 from ..storage.files import same_dir
 from ..storage.filters import Filter
 from ._engines import LoopEngines
+from ._idmap import StringIds
 from ._persist import INDEX_DIR, STORE_FILE, checkpoint_store, open_index, read_info, save_store
-from ._records import ID_KEY, RESERVED_KEYS, TEXT_KEY, Record, check_ids, record, stored
+from ._queries import index_texts, query_args, records_of, text_ready, vector_args, vector_only
+from ._records import (
+    ID_KEY,
+    RESERVED_KEYS,
+    TEXT_KEY,
+    Record,
+    check_ids,
+    record,
+    stored,
+    user_filter,
+)
 
 __all__ = ["ID_KEY", "RESERVED_KEYS", "TEXT_KEY", "Record", "TextIndex"]
 
 
-#: Deleted ids the maps may keep beyond twice the live ones (see ``TextIndex._prune``).
-_PRUNE_SLACK = 1024
 #: Constructor parameters saved in ``store.json``.
 _SAVED = ("metric", "probes", "rerank_factor", "build_options")
-#: Build parameters a store passes on (``backend`` too): those ``build_params`` checks.
-_BUILD_OPTIONS = tuple(inspect.signature(build_params).parameters)
+#: Build parameters a store passes on (``backend`` too): those ``build_params`` checks but
+#: ``text_field``, which is always ``_text``.
+_BUILD_OPTIONS = tuple(p for p in inspect.signature(build_params).parameters if p != "text_field")
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
@@ -75,7 +90,8 @@ class TextIndex:
     build_options : dict, optional
         For :meth:`ClusteredIndex.build` at the first write: ``branching_factor``,
         ``max_leaf_size``, ``max_iterations``, ``seed``, ``rotate``, ``leaf_scan``,
-        ``code_bits``, ``target_recall``, ``backend``.
+        ``code_bits``, ``target_recall``, ``backend`` (not ``text_field``: a store
+        searches its texts).
     """
 
     def __init__(
@@ -97,7 +113,7 @@ class TextIndex:
         if unknown:
             raise InvalidParameterError(
                 f"unknown build options {unknown}; use {', '.join(_BUILD_OPTIONS)}, "
-                "target_recall, backend"
+                "target_recall, backend (a store's text search is always over its texts)"
             )
         # Checked now rather than at the first write, far from the mistake.
         defaults = inspect.signature(ClusteredIndex.build).parameters
@@ -109,11 +125,7 @@ class TextIndex:
         #: The store directory this store was loaded from or saved to, while its index is
         #: bound there (or not built yet): the first build is saved there at once.
         self._home: Path | None = None
-        self._ints: dict[str, int] = {}
-        self._sids: dict[int, str] = {}
-        self._next_int = 0
-        self._writing = 0  # writes that took ints from the maps and are not done
-        self._lock = threading.Lock()  # the maps and ``_writing``
+        self._ids = StringIds()
         self._build_lock = threading.Lock()  # the first build: seconds, on a thread
         self._loops = LoopEngines()
         self._tasks: set[asyncio.Future[None]] = set()  # writes whose callers may be gone
@@ -158,50 +170,28 @@ class TextIndex:
         x = as_matrix(vectors, "embeddings", None if self._index is None else self._index.dim)
         if x.shape[0] != len(texts):
             raise InvalidParameterError(f"got {x.shape[0]} embeddings for {len(texts)} texts")
-        with self._lock:
-            for sid in sids:
-                if sid not in self._ints:
-                    self._ints[sid], self._sids[self._next_int] = self._next_int, sid
-                    self._next_int += 1
-            ints = np.asarray([self._ints[s] for s in sids], dtype=np.int64)
-            self._writing += 1
+        ints = self._ids.take(sids)
         return x, sids, ints, docs
 
     def _written(self, failed: I64 | None = None) -> None:
-        """End a write; forget the ints of a ``failed`` one that the index lacks, unless
-        another write is in flight (it may hold them)."""
-        with self._lock:
-            self._writing -= 1
-            if failed is not None and not self._writing:
-                for i in failed.tolist():
-                    if (self._index is None or i not in self._index) and i in self._sids:
-                        del self._ints[self._sids.pop(i)]
+        """End a write (see :meth:`StringIds.done`)."""
+        self._ids.done(self._index, failed)
 
     def _prune(self) -> None:
-        """Forget deleted string ids once they outnumber twice the live ones (plus some).
-
-        Only with no write in flight: one may hold the int of a deleted id, to land after
-        the pruning, which would leave a document the maps do not know.
-        """
-        index = self._index
-        if index is None:
-            return
-        with self._lock:
-            if self._writing or len(self._sids) <= 2 * len(index) + _PRUNE_SLACK:
-                return
-            self._sids = {i: self._sids[i] for i in index.ids.tolist() if i in self._sids}
-            self._ints = {sid: i for i, sid in self._sids.items()}
+        if self._index is not None:
+            self._ids.prune(self._index)
 
     def _build_if_empty(self, x: F32, ints: I64, docs: list[dict[str, Any]]) -> bool:
         """Build the index from this first write; ``False`` if it exists already."""
         if self._index is not None:
             return False
-        with self._build_lock:  # not ``_lock``, which the event loop's thread takes too
+        with self._build_lock:  # not the id maps' lock, which the event loop's thread takes
             if self._index is not None:
                 return False
             index = ClusteredIndex.build(
                 x, ids=ints, metadata=docs, metric=self.metric, progress=False, **self.build_options
             )
+            index_texts(index)
             if self._home is not None:
                 # A store with a directory keeps every write: this one, and the index bound
                 # there for those after it.
@@ -289,51 +279,32 @@ class TextIndex:
         return count
 
     # ------------------------------------------------------------------ reads
-    def _known(self, sids: Iterable[str]) -> I64:
-        """The ints of the mapped ones among ``sids``, in order; deleted ones too."""
-        with self._lock:
-            found = [self._ints[s] for s in sids if isinstance(s, str) and s in self._ints]
-        return np.asarray(found, dtype=np.int64)
-
-    @overload
-    def _filter(self, filter: Filter) -> Filter: ...
-    @overload
-    def _filter(self, filter: None) -> None: ...
-    def _filter(self, filter: Filter | None) -> Filter | None:
-        """A predicate sees the user's metadata only (no reserved keys)."""
-        if filter is None or not callable(filter):
-            return filter
-        user_filter = filter
-        return lambda doc: bool(user_filter(record(doc).metadata))
-
     def _pick(self, index: ClusteredIndex, ids: Iterable[str] | None, found: I64 | None) -> I64:
         """The ints of ``ids`` (``None``: all) among ``found`` (``None``: no restriction)."""
-        ints = index.ids if ids is None else self._known(ids)
+        ints = index.ids if ids is None else self._ids.known(ids)
         return ints if found is None else ints[np.isin(ints, found)]
 
     def _select(self, ids: Iterable[str] | None, where: Filter | None) -> I64:
         index = self._require()
-        found = None if where is None else index.ids_matching(self._filter(where))
+        found = None if where is None else index.ids_matching(user_filter(where))
         return self._pick(index, ids, found)
 
     async def _aselect(self, ids: Iterable[str] | None, where: Filter | None) -> I64:
         index = self._require()
         engine = self._engine()
-        found = None if where is None else await engine.ids_matching(self._filter(where))
+        found = None if where is None else await engine.ids_matching(user_filter(where))
         return self._pick(index, ids, found)
 
     def _read(self, ints: I64, dists: F32 | None) -> tuple[list[int], list[Record]]:
-        """The ints among ``ints`` in the index, and their records (with ``dists``)."""
-        index, kept, records = self._require(), [], []
+        """The ints among ``ints`` in the index, and their records (with ``dists``): the
+        documents read in one query."""
         dists = np.full(ints.shape, np.nan, np.float32) if dists is None else dists
-        for i, dist in zip(ints.tolist(), dists.tolist(), strict=True):
-            try:
-                doc = index.get_metadata(i)
-            except UnknownIdError:  # deleted, maybe since the search
-                continue
+        docs = self._require().get_metadata_many(ints, missing_ok=True)  # gone: None
+        kept, records = [], []
+        for i, dist, doc in zip(ints.tolist(), dists.tolist(), docs, strict=True):
             if doc is not None:
                 kept.append(i)
-                records.append(record(doc, dist))
+                records.append(record(doc, dist, -dist))
         return kept, records
 
     def _records(self, ints: I64, dists: F32 | None = None) -> list[Record]:
@@ -368,46 +339,49 @@ class TextIndex:
             self._require(), self._records, await self._aselect(ids, where)
         )
 
-    def _search_args(self, query: Any, k: int, options: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(options) - {"filter", "probes", "rerank_factor"})
-        if unknown:
-            raise InvalidParameterError(f"unknown search options {unknown}")
-        return {
-            "query": query,
-            "k": check_k(k),
-            "probes": self.probes,
-            "rerank_factor": self.rerank_factor,
-            **{key: value for key, value in options.items() if value is not None},
-            "filter": self._filter(options.get("filter")),
-        }
-
-    def search(self, query: Any, k: int, **options: Any) -> list[Record]:
-        """The ``k`` nearest texts to ``query`` (``(d,)`` floats), closest first.
+    def query(self, vector: Any, text: str | None, k: int, **options: Any) -> list[Record]:
+        """The ``k`` best texts for an embedding ``vector`` (``(d,)`` floats), a ``text`` or
+        both (hybrid), best first, with their ``score`` (higher is better) and vector
+        ``distance`` (NaN where the vector side did not find it).
 
         ``options``: ``probes``, ``rerank_factor`` (None: the store's), ``filter`` (a
         vectordb dict filter on the user's keys, or a callable taking the user's metadata
-        dict). Fewer than ``k`` records when fewer match; none while the store is empty.
+        dict), and for hybrid queries ``fusion`` (``"rrf"`` or ``"weighted"``) and
+        ``alpha`` (:mod:`vectordb.index.query`). Fewer than ``k`` records when fewer match;
+        none while the store is empty.
         """
-        args = self._search_args(query, k, options)
+        args = query_args(vector, text, k, options, self.probes, self.rerank_factor)
         if self._index is None:
             return []
-        found, dists = self._index.search(**args)
-        return self._records(found[found >= 0], dists[found >= 0])
+        text_ready(self._index, args)
+        return records_of(self._index.query(**args))
 
-    async def asearch(self, query: Any, k: int, **options: Any) -> list[Record]:
-        """:meth:`search` through the loop's engine (batched with concurrent searches)."""
-        args = self._search_args(query, k, options)
+    async def aquery(self, vector: Any, text: str | None, k: int, **options: Any) -> list[Record]:
+        """:meth:`query` through the loop's engine; a vector query is batched with
+        concurrent searches."""
+        args = query_args(vector, text, k, options, self.probes, self.rerank_factor)
         if self._index is None:
             return []
-        found, dists = await self._engine().search(**args)
+        if text is not None:
+            await self._loops.call(self._index, text_ready, self._index, args)
+            return records_of(await self._engine().query(**args))
+        found, dists = await self._engine().search(**vector_only(args))
         return await self._loops.call(
             self._require(), self._records, found[found >= 0], dists[found >= 0]
         )
 
+    def search(self, query: Any, k: int, **options: Any) -> list[Record]:
+        """The ``k`` nearest texts to the embedding ``query``: :meth:`query` by vector."""
+        return self.query(query, None, k, **options)
+
+    async def asearch(self, query: Any, k: int, **options: Any) -> list[Record]:
+        """:meth:`search` through the loop's engine (batched with concurrent searches)."""
+        return await self.aquery(query, None, k, **options)
+
     def search_vectors(self, query: Any, k: int, **options: Any) -> tuple[list[Record], F32]:
         """:meth:`search`, and the stored vectors ``(n, d)`` float32 of the records, row for
         row (unit length with cosine). A record deleted during the call is in neither."""
-        args = self._search_args(query, k, options)
+        args = vector_args(query, k, options, self.probes, self.rerank_factor)
         if self._index is None:
             return [], np.empty((0, 0), np.float32)
         found, dists = self._index.search(**args)
@@ -415,7 +389,7 @@ class TextIndex:
 
     async def asearch_vectors(self, query: Any, k: int, **options: Any) -> tuple[list[Record], F32]:
         """:meth:`search_vectors` through the loop's engine."""
-        args = self._search_args(query, k, options)
+        args = vector_args(query, k, options, self.probes, self.rerank_factor)
         if self._index is None:
             return [], np.empty((0, 0), np.float32)
         found, dists = await self._engine().search(**args)
@@ -482,8 +456,8 @@ class TextIndex:
         except InvalidParameterError as exc:
             raise InvalidIndexFileError(f"{Path(path) / STORE_FILE}: {exc}") from None
         if info["has_index"]:
-            index, store._ints, store._sids = open_index(path, store.metric, ID_KEY, mmap=mmap)
-            store._next_int = int(index.ids.max(initial=-1)) + 1
-            store._index = index
+            index, ints = open_index(path, store.metric, ID_KEY, mmap=mmap)
+            store._ids = StringIds(ints)
+            store._index = index_texts(index)
         store._home = Path(path)
         return store

@@ -7,7 +7,9 @@ Install with ``pip install 'vectordb-embedded[langchain]'``::
     store = VectorDBStore(embeddings)  # any langchain_core Embeddings
     store.add_texts(["cats purr", "dogs bark"], metadatas=[{"pet": "cat"}, {"pet": "dog"}])
     store.similarity_search("kitten", k=1, filter={"pet": "cat"})
+    store.similarity_search("purr", k=1, retrieval_mode="hybrid")  # keywords + vectors
     store.as_retriever(search_type="mmr").invoke("pets")
+    store.as_retriever(search_type="hybrid").invoke("barking dogs")
     store.save("my_store")
     store = VectorDBStore.load("my_store", embeddings)
 
@@ -17,13 +19,21 @@ values, filterable with vectordb's dict filters or a callable on the metadata di
 :mod:`vectordb.core.metrics`); relevance scores are in [0, 1] (see
 :meth:`VectorDBStore._select_relevance_score_fn`). Async methods are served by
 :class:`vectordb.AsyncEngine`, which batches concurrent searches.
+
+Retrieval modes (the store's ``retrieval_mode``, or any search's ``retrieval_mode=``, or a
+retriever's ``search_type``): ``"vector"`` (nearest embeddings), ``"text"`` (BM25 over the
+texts, SQLite FTS5; the query is not embedded) and ``"hybrid"`` (both lists fused by
+reciprocal rank, or ``fusion="weighted"`` with ``alpha``, the vector side's weight; see
+:mod:`vectordb.index.query`). With ``"text"`` and ``"hybrid"``,
+``similarity_search_with_score`` returns the score that ranked a document (BM25 or
+fused, higher is better) instead of a distance.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,9 +43,13 @@ from ..index.clustered import ClusteredIndex
 from ._store import Record, TextIndex
 
 try:
+    from langchain_core.callbacks import (
+        AsyncCallbackManagerForRetrieverRun,
+        CallbackManagerForRetrieverRun,
+    )
     from langchain_core.documents import Document
     from langchain_core.embeddings import Embeddings
-    from langchain_core.vectorstores import VectorStore
+    from langchain_core.vectorstores import VectorStore, VectorStoreRetriever
     from langchain_core.vectorstores.utils import maximal_marginal_relevance
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -43,9 +57,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'vectordb-embedded[langchain]'"
     ) from exc
 
-__all__ = ["VectorDBStore"]
+__all__ = ["RETRIEVAL_MODES", "VectorDBRetriever", "VectorDBStore"]
 
 _KIND = "langchain"
+#: What ``retrieval_mode`` takes.
+RETRIEVAL_MODES = ("vector", "text", "hybrid")
+
+
+def _mode(mode: Any) -> str:
+    if mode not in RETRIEVAL_MODES:
+        raise InvalidParameterError(
+            f"retrieval_mode must be one of {RETRIEVAL_MODES}, got {mode!r}"
+        )
+    return str(mode)
 
 
 #: Arguments of LangChain's own callers that change nothing here: ``index()`` passes
@@ -76,6 +100,10 @@ class VectorDBStore(VectorStore):
         vectordb's distance: ``1 - cos``, squared Euclidean, ``-dot``.
     probes, rerank_factor : int, >= 1, optional
         Search defaults; every search method also takes them as keyword arguments.
+    retrieval_mode : {"vector", "text", "hybrid"}
+        How ``similarity_search`` and its twins rank (see the module docstring); each
+        takes ``retrieval_mode=`` too, and hybrid ones ``fusion=`` and ``alpha=``.
+        Searches by vector and MMR rank by vector.
     **build_options
         Passed to :meth:`ClusteredIndex.build` when the first texts arrive
         (``max_leaf_size``, ``branching_factor``, ``seed``, ``backend``, ...).
@@ -94,9 +122,11 @@ class VectorDBStore(VectorStore):
         metric: str | Metric = "cosine",
         probes: int | None = None,
         rerank_factor: int | None = None,
+        retrieval_mode: str = "vector",
         **build_options: Any,
     ) -> None:
         self._embedding = embedding
+        self.retrieval_mode = _mode(retrieval_mode)
         self._core = TextIndex(_KIND, metric, probes, rerank_factor, build_options)
 
     @property
@@ -111,7 +141,10 @@ class VectorDBStore(VectorStore):
 
     def __repr__(self) -> str:
         n = 0 if self.index is None else len(self.index)
-        return f"VectorDBStore(n={n}, metric={self._core.metric.value!r})"
+        return (
+            f"VectorDBStore(n={n}, metric={self._core.metric.value!r},"
+            f" retrieval_mode={self.retrieval_mode!r})"
+        )
 
     # ------------------------------------------------------------------ writes
     def add_texts(
@@ -193,17 +226,67 @@ class VectorDBStore(VectorStore):
     def similarity_search_with_score(
         self, query: str, k: int = 4, **kwargs: Any
     ) -> list[tuple[Document, float]]:
-        """Embed ``query``; the ``k`` nearest documents and their distances (smaller is
-        closer)."""
-        vector = self._embedding.embed_query(query)
-        return self.similarity_search_with_score_by_vector(vector, k, **kwargs)
+        """The ``k`` best documents for ``query``, best first, with their vectordb distances
+        (smaller is closer) or, by text or hybrid, their scores (higher is better).
+
+        Takes ``retrieval_mode`` (the store's by default), ``filter``, ``probes``,
+        ``rerank_factor``, and for hybrid ``fusion`` and ``alpha``."""
+        mode = _mode(kwargs.pop("retrieval_mode", self.retrieval_mode))
+        if mode == "vector":
+            vector = self._embedding.embed_query(query)
+            return self.similarity_search_with_score_by_vector(vector, k, **kwargs)
+        both = self._embedding.embed_query(query) if mode == "hybrid" else None
+        return [(_document(r), r.score) for r in self._core.query(both, query, k, **kwargs)]
 
     async def asimilarity_search_with_score(
         self, query: str, k: int = 4, **kwargs: Any
     ) -> list[tuple[Document, float]]:
         """:meth:`similarity_search_with_score` with ``aembed_query`` and the engine."""
-        vector = await self._embedding.aembed_query(query)
-        return await self.asimilarity_search_with_score_by_vector(vector, k, **kwargs)
+        mode = _mode(kwargs.pop("retrieval_mode", self.retrieval_mode))
+        if mode == "vector":
+            vector = await self._embedding.aembed_query(query)
+            return await self.asimilarity_search_with_score_by_vector(vector, k, **kwargs)
+        both = await self._embedding.aembed_query(query) if mode == "hybrid" else None
+        records = await self._core.aquery(both, query, k, **kwargs)
+        return [(_document(r), r.score) for r in records]
+
+    def _similarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        self._vector_only(kwargs, "relevance scores (in [0, 1])")
+        return super()._similarity_search_with_relevance_scores(query, k, **kwargs)
+
+    async def _asimilarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        self._vector_only(kwargs, "relevance scores (in [0, 1])")
+        return await super()._asimilarity_search_with_relevance_scores(query, k, **kwargs)
+
+    def _vector_only(self, kwargs: dict[str, Any], what: str, default: str | None = None) -> None:
+        """Take ``retrieval_mode`` out of ``kwargs``; ``InvalidParameterError`` unless it is
+        ``"vector"`` (when absent: ``default``, else the store's)."""
+        mode = _mode(kwargs.pop("retrieval_mode", default or self.retrieval_mode))
+        if mode != "vector":
+            raise InvalidParameterError(f"{what} rank by vector; got retrieval_mode={mode!r}")
+
+    def search(self, query: str, search_type: str, **kwargs: Any) -> list[Document]:
+        """``search_type``: LangChain's, and ``"hybrid"`` or ``"text"`` (a retrieval mode)."""
+        if search_type in ("hybrid", "text"):
+            return self.similarity_search(query, retrieval_mode=search_type, **kwargs)
+        return super().search(query, search_type, **kwargs)
+
+    async def asearch(self, query: str, search_type: str, **kwargs: Any) -> list[Document]:
+        """:meth:`search` through the async engine."""
+        if search_type in ("hybrid", "text"):
+            return await self.asimilarity_search(query, retrieval_mode=search_type, **kwargs)
+        return await super().asearch(query, search_type, **kwargs)
+
+    def as_retriever(self, **kwargs: Any) -> VectorDBRetriever:
+        """A :class:`VectorDBRetriever`: LangChain's ``search_type`` values and
+        ``"hybrid"``, ``"text"``; ``search_kwargs`` go to the search (``k``, ``filter``,
+        ``retrieval_mode``, ``fusion``, ...)."""
+        tags = kwargs.pop("tags", None) or [*self._get_retriever_tags()]
+        return VectorDBRetriever(vectorstore=self, tags=tags, **kwargs)
 
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         """The ``k`` documents nearest to ``query``, closest first."""
@@ -245,6 +328,7 @@ class VectorDBStore(VectorStore):
     ) -> list[Document]:
         """``k`` documents picked by maximal marginal relevance among the ``fetch_k``
         nearest (langchain_core's ``maximal_marginal_relevance`` on the stored vectors)."""
+        self._vector_only(kwargs, "MMR searches", "vector")
         records, vectors = self._core.search_vectors(embedding, max(k, fetch_k), **kwargs)
         return self._mmr(embedding, records, vectors, k, lambda_mult)
 
@@ -257,6 +341,7 @@ class VectorDBStore(VectorStore):
         **kwargs: Any,
     ) -> list[Document]:
         """:meth:`max_marginal_relevance_search_by_vector` through the async engine."""
+        self._vector_only(kwargs, "MMR searches", "vector")
         records, vectors = await self._core.asearch_vectors(embedding, max(k, fetch_k), **kwargs)
         return self._mmr(embedding, records, vectors, k, lambda_mult)
 
@@ -339,10 +424,17 @@ class VectorDBStore(VectorStore):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], embedding: Embeddings, *, mmap: bool = True
+        cls,
+        path: str | os.PathLike[str],
+        embedding: Embeddings,
+        *,
+        mmap: bool = True,
+        retrieval_mode: str = "vector",
     ) -> VectorDBStore:
-        """Open a store saved by :meth:`save`; ``mmap``: map the vectors from the file."""
-        store = cls(embedding)
+        """Open a store saved by :meth:`save`; ``mmap``: map the vectors from the file.
+        Its texts are indexed for text search (FTS5) as it opens: about a second per
+        100,000 short texts."""
+        store = cls(embedding, retrieval_mode=retrieval_mode)
         store._core = TextIndex.load(path, kind=_KIND, mmap=mmap)
         return store
 
@@ -354,3 +446,32 @@ class VectorDBStore(VectorStore):
     async def aclose(self) -> None:
         """Close from the running event loop (its engine finishes queued work first)."""
         await self._core.aclose()
+
+
+class VectorDBRetriever(VectorStoreRetriever):
+    """LangChain's ``VectorStoreRetriever`` with the ``search_type`` values ``"hybrid"``
+    and ``"text"`` (retrieval modes of :class:`VectorDBStore`)."""
+
+    allowed_search_types: ClassVar[Collection[str]] = (
+        "similarity",
+        "similarity_score_threshold",
+        "mmr",
+        "hybrid",
+        "text",
+    )
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        if self.search_type in ("hybrid", "text"):
+            args = self.search_kwargs | kwargs | {"retrieval_mode": self.search_type}
+            return self.vectorstore.similarity_search(query, **args)
+        return super()._get_relevant_documents(query, run_manager=run_manager, **kwargs)
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        if self.search_type in ("hybrid", "text"):
+            args = self.search_kwargs | kwargs | {"retrieval_mode": self.search_type}
+            return await self.vectorstore.asimilarity_search(query, **args)
+        return await super()._aget_relevant_documents(query, run_manager=run_manager, **kwargs)

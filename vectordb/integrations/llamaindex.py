@@ -16,6 +16,17 @@ Nodes keep their ids; their text and metadata are stored with the vector (the st
 ``stores_text``), the metadata at top level so that ``MetadataFilters`` apply. Query
 similarities are "higher is closer": the cosine for ``metric="cosine"``, the dot product
 for ``"ip"``, ``1 - euclidean / sqrt(2)`` for ``"l2"``.
+
+Query modes: ``DEFAULT`` (by embedding), ``TEXT_SEARCH`` and ``SPARSE`` (BM25 over the
+nodes' texts, SQLite FTS5; ``query_str``, ``sparse_top_k`` or ``similarity_top_k``
+results) and ``HYBRID`` (both, fused by reciprocal rank, or with ``alpha`` by weight, the
+vector side's, LlamaIndex's convention; ``hybrid_top_k`` or ``similarity_top_k``
+results)::
+
+    index.as_retriever(vector_store_query_mode="hybrid", similarity_top_k=5).retrieve("GIL")
+
+By text or hybrid, the similarities are the scores that ranked the nodes (BM25 or fused,
+higher is better; see :class:`vectordb.Hit`).
 """
 
 from __future__ import annotations
@@ -28,7 +39,6 @@ from typing import Any
 from ..core.metrics import Metric
 from ..errors import InvalidParameterError
 from ..index.clustered import ClusteredIndex
-from ..storage.filters import Filter
 from ._store import ID_KEY, Record, TextIndex
 
 try:
@@ -53,6 +63,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["VectorDBVectorStore", "to_vectordb_filter"]
 
 _KIND = "llamaindex"
+#: The query modes served by text alone (no embedding), and all those served.
+_TEXT_ONLY = frozenset({VectorStoreQueryMode.TEXT_SEARCH, VectorStoreQueryMode.SPARSE})
+_MODES = _TEXT_ONLY | {VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.HYBRID}
 #: Where LlamaIndex keeps a node's source document id (``node_to_metadata_dict``).
 _REF_DOC_KEY = "ref_doc_id"
 _OPERATORS = {
@@ -262,38 +275,56 @@ class VectorDBVectorStore(BasePydanticVectorStore):
         """:meth:`get_nodes` through the async engine."""
         return [_node(r) for r in await self._core.aget(node_ids, to_vectordb_filter(filters))]
 
-    def _query_args(self, query: VectorStoreQuery, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if query.mode is not VectorStoreQueryMode.DEFAULT:
+    def _query_args(
+        self, query: VectorStoreQuery, kwargs: dict[str, Any]
+    ) -> tuple[Any, str | None, int, dict[str, Any]]:
+        """The embedding, text, k and options of the store's query for ``query``."""
+        mode = query.mode
+        if mode not in _MODES:
             raise InvalidParameterError(
-                f"query mode {query.mode.value!r} is not supported; use 'default'"
+                f"query mode {mode.value!r} is not supported; use one of"
+                f" {sorted(m.value for m in _MODES)}"
             )
-        if query.query_embedding is None:
-            raise InvalidParameterError("the query has no query_embedding")
-        where: Filter | None = to_vectordb_filter(
-            query.filters, node_ids=query.node_ids, doc_ids=query.doc_ids
-        )
-        return {
-            "query": query.query_embedding,
-            "k": query.similarity_top_k,
-            "filter": where,
-            **kwargs,
+        vector, text, k = query.query_embedding, query.query_str, query.similarity_top_k
+        if mode is VectorStoreQueryMode.DEFAULT:
+            text = None
+        elif mode is VectorStoreQueryMode.HYBRID:
+            k = query.hybrid_top_k or k
+        else:
+            vector, k = None, query.sparse_top_k or k
+        if mode is not VectorStoreQueryMode.DEFAULT and not text:
+            raise InvalidParameterError(f"a {mode.value!r} query needs its query_str")
+        if mode not in _TEXT_ONLY and vector is None:
+            raise InvalidParameterError(f"a {mode.value!r} query needs its query_embedding")
+        options: dict[str, Any] = {
+            "filter": to_vectordb_filter(
+                query.filters, node_ids=query.node_ids, doc_ids=query.doc_ids
+            )
         }
+        if mode is VectorStoreQueryMode.HYBRID and query.alpha is not None:
+            options |= {"fusion": "weighted", "alpha": query.alpha}
+        return vector, text, k, options | kwargs
 
-    def _result(self, records: list[Record]) -> VectorStoreQueryResult:
+    def _result(self, records: list[Record], by_vector: bool) -> VectorStoreQueryResult:
         return VectorStoreQueryResult(
             nodes=[_node(r) for r in records],
-            similarities=[self._core.similarity(r.distance) for r in records],
+            similarities=[
+                self._core.similarity(r.distance) if by_vector else r.score for r in records
+            ],
             ids=[r.id for r in records],
         )
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
-        """The ``similarity_top_k`` nodes nearest to ``query.query_embedding`` that match
-        ``filters`` (and ``node_ids``, ``doc_ids``), most similar first."""
-        return self._result(self._core.search(**self._query_args(query, kwargs)))
+        """The best nodes for ``query`` (see the module docstring for its modes) that match
+        ``filters`` (and ``node_ids``, ``doc_ids``), best first. ``kwargs``: ``probes``,
+        ``rerank_factor``, ``fusion``, ``alpha`` (a retriever's ``vector_store_kwargs``)."""
+        vector, text, k, options = self._query_args(query, kwargs)
+        return self._result(self._core.query(vector, text, k, **options), text is None)
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         """:meth:`query` through the async engine (batched with concurrent queries)."""
-        return self._result(await self._core.asearch(**self._query_args(query, kwargs)))
+        vector, text, k, options = self._query_args(query, kwargs)
+        return self._result(await self._core.aquery(vector, text, k, **options), text is None)
 
     # ------------------------------------------------------------------ files
     def persist(self, persist_path: str, fs: Any = None) -> None:
