@@ -44,6 +44,9 @@ def main() -> None:
         print(f"{score:.2f}  [{doc.metadata['topic']}] {doc.page_content}")
     diverse = store.max_marginal_relevance_search(question, k=3, fetch_k=5)
     print("MMR:", [d.page_content[:30] for d in diverse])
+    # Keywords count too: BM25 over the texts, fused with the vector ranking.
+    hybrid = store.as_retriever(search_type="hybrid", search_kwargs={"k": 2})
+    print("hybrid:", [d.page_content[:30] for d in hybrid.invoke("prompt template")])
 
     async def ask() -> None:  # async twins run on vectordb's AsyncEngine
         found = await asyncio.gather(*(store.asimilarity_search(t, k=1) for t, _ in PASSAGES))
