@@ -248,6 +248,12 @@ def test_llamaindex_text_and_hybrid_modes_equal_the_index(llama):
     index = store.client
     query = "zebra golf"
     vector = embed._vector(query)
+
+    def hybrid_query(**fields):
+        return VectorStoreQuery(
+            query_embedding=vector, query_str=query, mode=VectorStoreQueryMode.HYBRID, **fields
+        )
+
     text = store.query(
         VectorStoreQuery(query_str=query, mode=VectorStoreQueryMode.TEXT_SEARCH, similarity_top_k=5)
     )
@@ -260,48 +266,16 @@ def test_llamaindex_text_and_hybrid_modes_equal_the_index(llama):
         )
     )
     assert sparse.ids == sids(index.query(text=query, k=7))
-    hybrid = store.query(
-        VectorStoreQuery(
-            query_embedding=vector,
-            query_str=query,
-            mode=VectorStoreQueryMode.HYBRID,
-            similarity_top_k=4,
-            hybrid_top_k=6,
-        )
-    )
+    hybrid = store.query(hybrid_query(similarity_top_k=4, hybrid_top_k=6))
     want = index.query(vector, text=query, k=6)
     assert hybrid.ids == sids(want)
     np.testing.assert_allclose(hybrid.similarities, [h.score for h in want])
-    weighted = store.query(
-        VectorStoreQuery(
-            query_embedding=vector,
-            query_str=query,
-            mode=VectorStoreQueryMode.HYBRID,
-            similarity_top_k=6,
-            alpha=0.3,
-        )
-    )
+    weighted = store.query(hybrid_query(similarity_top_k=6, alpha=0.3))
     assert weighted.ids == sids(index.query(vector, text=query, k=6, fusion="weighted", alpha=0.3))
-    filtered = store.query(
-        VectorStoreQuery(
-            query_embedding=vector,
-            query_str=query,
-            mode=VectorStoreQueryMode.HYBRID,
-            similarity_top_k=20,
-            filters=MetadataFilters(filters=[MetadataFilter(key="i", value=100, operator=">=")]),
-        )
-    )
+    at_least = MetadataFilters(filters=[MetadataFilter(key="i", value=100, operator=">=")])
+    filtered = store.query(hybrid_query(similarity_top_k=20, filters=at_least))
     assert filtered.ids and all(n.metadata["i"] >= 100 for n in filtered.nodes)
-    asynced = asyncio.run(
-        store.aquery(
-            VectorStoreQuery(
-                query_embedding=vector,
-                query_str=query,
-                mode=VectorStoreQueryMode.HYBRID,
-                similarity_top_k=6,
-            )
-        )
-    )
+    asynced = asyncio.run(store.aquery(hybrid_query(similarity_top_k=6)))
     assert asynced.ids == sids(index.query(vector, text=query, k=6))
 
 
