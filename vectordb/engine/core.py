@@ -17,11 +17,11 @@ from .._types import F32, I64
 from .._validation import as_query_matrix, positive_int
 from ..errors import EngineClosedError, InvalidParameterError
 from ..index.clustered import ClusteredIndex
-from ..index.hit import Hit
 from ..storage.filters import Filter
 from .batcher import MicroBatcher
 from .keys import BatchKey
 from .lifecycle import EngineState, Lifecycle, close_unclaimed
+from .queries import Queries
 from .stats import EngineStats, StatsRecorder
 from .waiting import check_timeout, finish, within
 from .warming import warm_steps
@@ -34,7 +34,7 @@ T = TypeVar("T")
 _WARM_CHUNK = 16 << 20
 
 
-class AsyncEngine:
+class AsyncEngine(Queries):
     """Serve a :class:`ClusteredIndex` to many coroutines at once.
 
     Concurrent :meth:`search` calls are gathered into batches (up to ``max_batch_size``
@@ -410,28 +410,6 @@ class AsyncEngine:
     async def get_metadata(self, id_: int) -> dict[str, Any] | None:
         """:meth:`ClusteredIndex.get_metadata` on the executor."""
         return await self.run(self._index.get_metadata, id_)
-
-    async def query(
-        self,
-        vector: Any = None,
-        text: Any = None,
-        k: int = 10,
-        filter: Filter | None = None,
-        **params: Any,
-    ) -> list[Hit]:
-        """:meth:`ClusteredIndex.query` on the executor (not micro-batched)."""
-        return await self.run(partial(self._index.query, vector, text, k, filter, **params))
-
-    async def query_batch(
-        self,
-        vectors: Any = None,
-        texts: Sequence[str] | None = None,
-        k: int = 10,
-        filter: Filter | None = None,
-        **params: Any,
-    ) -> list[list[Hit]]:
-        """:meth:`ClusteredIndex.query_batch` on the executor."""
-        return await self.run(partial(self._index.query_batch, vectors, texts, k, filter, **params))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the engine's executor, for other work on the index that may page in

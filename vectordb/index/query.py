@@ -37,10 +37,12 @@ __all__ = [
     "MIN_DEPTH",
     "Querying",
     "depth",
+    "finish_query",
     "hits_of",
     "query_options",
     "run_query",
     "text_hits",
+    "vector_depth",
 ]
 
 #: A hybrid query fetches ``max(DEPTH_FACTOR * k, MIN_DEPTH)`` results of each side.
@@ -149,8 +151,30 @@ def run_query(
     k, filt = check_k(k), check_filter(filt)
     if q is None and texts is None:
         raise InvalidParameterError("query needs a vector, a text or both")
-    n = depth(k) if q is not None and texts is not None else k
+    n = vector_depth(k, texts is not None)
     found = None if q is None else searcher(n, *options[:2], filt, options[2])(q)
+    return finish_query(metadata, found, texts, k, filt, fusion, alpha)
+
+
+def vector_depth(k: int, with_text: bool) -> int:
+    """How many results the vector side of a query of ``k`` fetches."""
+    return depth(k) if with_text else k
+
+
+def finish_query(
+    metadata: MetadataStore,
+    found: tuple[I64, F32] | None,
+    texts: Any,
+    k: int,
+    filt: Filter | None,
+    fusion: str = "rrf",
+    alpha: float = 0.5,
+) -> list[list[Hit]]:
+    """The hits of queries whose vector side is ``found`` (``search_batch``'s ``(nq, n)``
+    arrays, ``n = vector_depth(k, ...)``; ``None``: no vector) and whose texts are
+    ``texts`` (``None``: none): the text side run, fused, the documents read. ``k`` and
+    ``filt`` checked."""
+    n = vector_depth(k, found is not None and texts is not None)
     matched = None if texts is None else text_hits(metadata, texts, n, filt)
     return hits_of(metadata, found, matched, k, fusion, alpha)
 
@@ -198,6 +222,13 @@ class Querying:
         (as many), one metadata read for all."""
         q = None if vectors is None else as_query_matrix(vectors, self.dim, single=False)
         return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
+
+    def _finish_query(
+        self, found: tuple[I64, F32] | None, texts: Any, k: int, filt: Filter | None, params: Any
+    ) -> list[list[Hit]]:
+        """:func:`finish_query` on this index's documents (for ``AsyncEngine.query``, whose
+        vector side is its batched search); ``params``: :func:`query_options`'s."""
+        return finish_query(self._metadata, found, texts, k, filt, params[0], params[1])
 
     @property
     def text_field(self) -> str | None:
