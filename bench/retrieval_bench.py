@@ -132,8 +132,8 @@ def ranks(ranked: list[list[int]], relevant: list[int]) -> list[int]:
 METHODS = {
     "vector": dict(side="vector"),
     "text (BM25)": dict(side="text"),
-    "hybrid, rrf (default)": dict(side="both"),
-    "hybrid, weighted alpha 0.5 (default alpha)": dict(side="both", fusion="weighted"),
+    "hybrid, rrf": dict(side="both", fusion="rrf"),
+    "hybrid, weighted alpha 0.5 (default)": dict(side="both"),
     "hybrid, weighted alpha 0.3 (sweep)": dict(side="both", fusion="weighted", alpha=0.3),
     "hybrid, weighted alpha 0.7 (sweep)": dict(side="both", fusion="weighted", alpha=0.7),
 }

@@ -62,7 +62,7 @@ def main() -> None:
     retriever = index.as_retriever(similarity_top_k=2, filters=recent, embed_model=embed)
     for hit in retriever.retrieve(question):
         print(f"{hit.score:.2f}  [{hit.node.metadata['year']}] {hit.node.get_content()}")
-    # Keywords count too: BM25 over the node texts, fused with the vector ranking (RRF).
+    # Keywords count too: BM25 over the node texts, fused with the vector ranking.
     hybrid = index.as_retriever(
         vector_store_query_mode="hybrid", similarity_top_k=2, embed_model=embed
     )

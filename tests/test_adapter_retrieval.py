@@ -78,7 +78,7 @@ def test_hybrid_is_the_fusion_of_exact_vector_and_text_lists(store, embedding):
     index, k = store.index, 10
     for query in ["zebra", "note 3 alpha", "golf hotel india"]:
         got = store.similarity_search_with_score(
-            query, k=k, retrieval_mode="hybrid", **exact(index, depth(k))
+            query, k=k, retrieval_mode="hybrid", fusion="rrf", **exact(index, depth(k))
         )
         x = index.get_vectors(index.ids)
         q = np.asarray(embedding.embed_query(query), dtype=np.float64)

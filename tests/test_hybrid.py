@@ -49,7 +49,7 @@ def test_hybrid_rrf_is_the_fusion_of_both_sides(built, filt):
     for ranked in (ids[ids >= 0].tolist(), text):
         for r, i in enumerate(ranked, 1):
             want[i] = want.get(i, 0) + 1 / (60 + r)
-    hits = index.query(x[11], text="cherry kettle", k=k, filter=filt)
+    hits = index.query(x[11], text="cherry kettle", k=k, filter=filt, fusion="rrf")
     assert [h.score for h in hits] == pytest.approx(sorted(want.values(), reverse=True)[:k])
     assert all(want[h.id] == pytest.approx(h.score) for h in hits)
     near = set(index.search(x[11], n, filter=filt)[0].tolist())
@@ -57,6 +57,28 @@ def test_hybrid_rrf_is_the_fusion_of_both_sides(built, filt):
         assert (h.distance is None) == (h.id not in near)
         if filt:
             assert h.metadata["g"] == 2
+
+
+@pytest.mark.parametrize("filt", [None, {"g": 1}])
+def test_hybrid_default_is_weighted_half_and_half(built, filt):
+    index, x, _ = built
+    k, n = 10, depth(10)
+    ids, dists = index.search(x[4], n, filter=filt)
+    vec = dict(
+        zip(ids[ids >= 0].tolist(), (-dists[ids >= 0].astype(np.float64)).tolist(), strict=True)
+    )
+    txt = {h.id: h.score for h in index.query(text="apple delta", k=n, filter=filt)}
+    want = {}
+    for side in (vec, txt):
+        low, high = min(side.values()), max(side.values())
+        for i, s in side.items():
+            want[i] = want.get(i, 0) + 0.5 * ((s - low) / (high - low) if high > low else 1.0)
+    hits = index.query(x[4], text="apple delta", k=k, filter=filt)
+    assert hits == index.query(
+        x[4], text="apple delta", k=k, filter=filt, fusion="weighted", alpha=0.5
+    )
+    assert [h.score for h in hits] == pytest.approx(sorted(want.values(), reverse=True)[:k])
+    assert all(want[h.id] == pytest.approx(h.score) for h in hits)
 
 
 def test_weighted_alpha_ends_are_each_side_alone(built):

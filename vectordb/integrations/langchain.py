@@ -22,9 +22,9 @@ values, filterable with vectordb's dict filters or a callable on the metadata di
 
 Retrieval modes (the store's ``retrieval_mode``, or any search's ``retrieval_mode=``, or a
 retriever's ``search_type``): ``"vector"`` (nearest embeddings), ``"text"`` (BM25 over the
-texts, SQLite FTS5; the query is not embedded) and ``"hybrid"`` (both lists fused by
-reciprocal rank, or ``fusion="weighted"`` with ``alpha``, the vector side's weight; see
-:mod:`vectordb.index.query`). With ``"text"`` and ``"hybrid"``,
+texts, SQLite FTS5; the query is not embedded) and ``"hybrid"`` (both lists fused, by
+default weighted with ``alpha``, the vector side's weight, 0.5; ``fusion="rrf"`` for
+reciprocal rank; see :mod:`vectordb.index.query`). With ``"text"`` and ``"hybrid"``,
 ``similarity_search_with_score`` returns the score that ranked a document (BM25 or
 fused, higher is better) instead of a distance.
 """

@@ -19,9 +19,9 @@ for ``"ip"``, ``1 - euclidean / sqrt(2)`` for ``"l2"``.
 
 Query modes: ``DEFAULT`` (by embedding), ``TEXT_SEARCH`` and ``SPARSE`` (BM25 over the
 nodes' texts, SQLite FTS5; ``query_str``, ``sparse_top_k`` or ``similarity_top_k``
-results) and ``HYBRID`` (both, fused by reciprocal rank, or with ``alpha`` by weight, the
-vector side's, LlamaIndex's convention; ``hybrid_top_k`` or ``similarity_top_k``
-results)::
+results) and ``HYBRID`` (both, fused with ``alpha`` as the vector side's weight,
+LlamaIndex's convention, 0.5 when unset; ``vector_store_kwargs={"fusion": "rrf"}`` for
+reciprocal rank; ``hybrid_top_k`` or ``similarity_top_k`` results)::
 
     index.as_retriever(vector_store_query_mode="hybrid", similarity_top_k=5).retrieve("GIL")
 
@@ -302,7 +302,7 @@ class VectorDBVectorStore(BasePydanticVectorStore):
             )
         }
         if mode is VectorStoreQueryMode.HYBRID and query.alpha is not None:
-            options |= {"fusion": "weighted", "alpha": query.alpha}
+            options["alpha"] = query.alpha
         return vector, text, k, options | kwargs
 
     def _result(self, records: list[Record], by_vector: bool) -> VectorStoreQueryResult:
