@@ -25,15 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procio import wchar
 
 import vectordb as vdb
-
-
-def _wchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise RuntimeError("no wchar in /proc/self/io")
 
 
 def _files(path: Path) -> dict[str, tuple[int, int]]:
@@ -42,11 +36,11 @@ def _files(path: Path) -> dict[str, tuple[int, int]]:
 
 def _measure(index: vdb.ClusteredIndex, path: Path) -> tuple[int, float, list[str]]:
     before = _files(path)
-    written = _wchar()
+    written = wchar()
     t = time.perf_counter()
     index.checkpoint()
     seconds = time.perf_counter() - t
-    written = _wchar() - written
+    written = wchar() - written
     after = _files(path)
     new = sorted(n for n in after if before.get(n, (0, 0))[0] != after[n][0])
     return written, seconds, new
@@ -98,13 +92,13 @@ def main() -> None:
                 )
             q = rng.standard_normal((200, dim)).astype(np.float32)
             live = index.search_batch(q, 10)
-            written = _wchar()
+            written = wchar()
             t = time.perf_counter()
             index.save(root / "copy")
             took = time.perf_counter() - t
             print(
                 f"\nsave() to another directory (full, compact): "
-                f"{(_wchar() - written) / 1e6:,.1f} MB in {took:.2f} s"
+                f"{(wchar() - written) / 1e6:,.1f} MB in {took:.2f} s"
             )
         t = time.perf_counter()
         with vdb.ClusteredIndex.open(path, mmap=True) as again:

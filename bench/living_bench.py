@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procio import wchar
 
 import vectordb as vdb
 
@@ -54,14 +55,6 @@ def qps_recall(index: vdb.ClusteredIndex, q: np.ndarray, truth: np.ndarray, **kw
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir())
-
-
-def _wchar() -> int:
-    """Bytes this process has handed to write calls (``/proc/self/io``)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise RuntimeError("no wchar in /proc/self/io")
 
 
 async def _concurrent_adds(path: Path, durability: str, x: np.ndarray, first: int) -> tuple:
@@ -250,11 +243,11 @@ def durable(args: argparse.Namespace) -> None:
         built.detach()
         with vdb.ClusteredIndex.open(path) as index:
             index.add(extra[: args.n // 100], ids=np.arange(3 * 10**7, 3 * 10**7 + args.n // 100))
-            written = _wchar()
+            written = wchar()
             t = time.perf_counter()
             index.checkpoint()
             seconds = time.perf_counter() - t
-            written = _wchar() - written
+            written = wchar() - written
         size = _dir_bytes(path)
         print(
             f"\ncheckpoint after 1% new vectors: wrote {written / 1e6:,.1f} MB"
