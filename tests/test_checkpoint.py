@@ -161,6 +161,28 @@ def test_a_tail_longer_than_listed_is_a_crashed_checkpoints_and_is_overwritten(t
     assert [got[i] for i in range(900, 910)] == [r.tobytes() for r in x]
 
 
+def test_warm_reads_the_tail_and_the_rows_added_since(tmp_path):
+    path = saved(tmp_path, 500)
+    with vdb.ClusteredIndex.open(path) as index:
+        index.add(vectors(30, 5), ids=np.arange(900, 930))
+        index.checkpoint()
+    row = DIM * 4
+    with vdb.ClusteredIndex.open(path) as index:
+        assert index.warm() == 530 * row  # vectors.bin, then the tail's 30 rows
+        index.add(vectors(7, 6), ids=np.arange(930, 937))  # the tail copied, then 7 more
+        assert index.warm() == 537 * row
+        seen = []
+
+        async def engine_warm():
+            async with vdb.AsyncEngine(index) as engine:
+                return await engine.warm(progress=lambda done, total: seen.append((done, total)))
+
+        import asyncio
+
+        assert asyncio.run(engine_warm()) == 537 * row
+        assert seen[-1] == (537 * row, 537 * row)
+
+
 def test_metadata_is_linked_while_unchanged(tmp_path):
     path = tmp_path / "idx"
     docs = [{"i": i} for i in range(400)]

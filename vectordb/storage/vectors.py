@@ -26,6 +26,7 @@ from .files import names_file, storage_error
 from .memory import SEARCH_ADVICE, page_cache_room, reading_in_order
 from .rowfile import write_rows, write_vectors
 from .scratch import lock_scratch
+from .warmer import Warmer
 
 __all__ = [
     "InMemoryStorage",
@@ -309,10 +310,10 @@ class MmapStorage:
                 raise storage_error(exc, self.path) from exc
 
     def warmer(self) -> Warmer:
-        """A :class:`Warmer` of the mapped file (``IndexClosedError`` once closed)."""
+        """A :class:`Warmer` of the mapped rows (``IndexClosedError`` once closed)."""
         if self._closed:
             raise IndexClosedError(f"the memory-mapped vectors of {self.path} were closed")
-        room, size = page_cache_room(), self._n_base * self.dim * 4
+        room, size = page_cache_room(), self.n * self.dim * 4
         if room is not None and size > room:
             log.warning(
                 "%s: %.1f GB of vectors, more than the %.1f GB the page cache can hold here: "
@@ -321,13 +322,14 @@ class MmapStorage:
                 size / 1e9,
                 room / 1e9,
             )
-        return Warmer(self)
+        return Warmer(self.path, self.mapped_fd(), self._append, self.advise)
 
     def warm(self, on_bytes: Callable[[int], None] | None = None) -> int:
-        """Read the mapped file once, sequentially, so its pages are in the page cache.
+        """Read the mapped file once, sequentially, then the rows mapped past it (a
+        checkpoint's tail, rows added since the open), so their pages are in the page cache.
 
         The steps of a :class:`Warmer`, in a row; ``on_bytes(n)`` after every chunk.
-        Returns the bytes read (the mapped file's size).
+        Returns the bytes read (the file's size plus ``4 * d`` per row past it).
         """
         with self.warmer() as warmer:
             warmer.advise()
@@ -403,56 +405,6 @@ class MmapStorage:
         with self._file_lock:
             self._file = None
             self._release()  # releases the flock of an owned file
-
-
-class Warmer:
-    """One sequential read of a store's mapped file, in steps, to fill the page cache.
-
-    :meth:`MmapStorage.warm` runs the steps in a row; the async engine awaits each on its
-    executor. Made on any thread without disk access (it duplicates the mapped file's
-    descriptor: the file the store reads, whatever its path names by now); close it.
-    """
-
-    #: Bytes read per :meth:`step`.
-    CHUNK = 16 << 20
-
-    def __init__(self, storage: MmapStorage) -> None:
-        self.path = storage.path
-        self._storage = storage
-        self._fd = storage.mapped_fd()
-        try:
-            self.total = os.fstat(self._fd).st_size
-        except OSError as exc:
-            os.close(self._fd)
-            raise storage_error(exc, self.path) from exc
-        self.done = 0
-
-    def advise(self) -> None:
-        """Hint the kernel to read the whole mapping ahead (``MADV_WILLNEED``)."""
-        if hasattr(mmap, "MADV_WILLNEED"):
-            self._storage.advise(mmap.MADV_WILLNEED)
-
-    def step(self) -> int:
-        """Read the next chunk; return its size (0 once the whole file was read)."""
-        try:
-            # pread: a descriptor's duplicates share one offset; concurrent warms don't.
-            n = len(os.pread(self._fd, self.CHUNK, self.done))
-        except OSError as exc:
-            raise storage_error(exc, self.path) from exc
-        self.done += n
-        return n
-
-    def close(self) -> None:
-        """Close the descriptor (instant for a regular file); idempotent."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> Warmer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 #: Where an index keeps its full vectors.
