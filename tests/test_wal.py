@@ -391,6 +391,25 @@ def test_a_second_writer_is_refused_at_once_and_a_reader_refreshes(tmp_path):
     assert len(content(path)) == 302
 
 
+def test_the_first_write_reads_the_log_once(tmp_path, monkeypatch):
+    path = saved(tmp_path)
+    with vdb.ClusteredIndex.open(path) as index:
+        index.add(vectors(3, 1), ids=[900, 901, 902])
+    import vectordb.index.persistence as persistence
+
+    reads = []
+    real = persistence.read_log
+    monkeypatch.setattr(persistence, "read_log", lambda p: reads.append(p) or real(p))
+    with vdb.ClusteredIndex.open(path) as index:
+        assert len(reads) == 1  # the open
+        index.add(vectors(1, 2), ids=[903])  # catches up and opens the log: one more read
+        assert len(reads) == 2
+        index.add(vectors(1, 3), ids=[904])
+        assert len(reads) == 2
+    with vdb.ClusteredIndex.open(path, readonly=True) as reader:
+        assert sorted(reader.ids.tolist())[-5:] == [900, 901, 902, 903, 904]
+
+
 def test_two_index_objects_in_one_process_take_turns(tmp_path):
     path = saved(tmp_path)
     a, b = vdb.ClusteredIndex.open(path), vdb.ClusteredIndex.open(path)

@@ -109,16 +109,16 @@ class Binding:
 
 def _read(
     path: Path, mmap: bool, verify: bool, progress: bool | None
-) -> tuple[IndexData | LivingData, tuple[int, list[LogRecord], bytes]]:
+) -> tuple[IndexData | LivingData, tuple[int, list[LogRecord], int, bytes]]:
     """The checkpoint in ``path`` and its log, read as one: retried if a checkpoint
     replaced the directory in between. Returns the data and ``(base_seq, records,
-    fingerprint)``."""
+    good_end, fingerprint)``."""
     for _ in range(OPEN_ATTEMPTS):
         before = fingerprint(path)
         data = load_index(path, mmap=mmap, verify=verify, progress=progress)
-        base, records, _ = read_log(path / LOG)
+        base, records, end = read_log(path / LOG)
         if fingerprint(path) == before:
-            return data, (base, records, before)
+            return data, (base, records, end, before)
         data.storage.close()
     raise StorageError(errno.EAGAIN, "replaced by checkpoints while opening; retry", str(path))
 
@@ -177,7 +177,7 @@ class Persistent:
             raise InvalidParameterError(f"readonly must be a bool, got {readonly!r}")
         chosen = resolve_backend(backend)
         path = Path(path)
-        data, (base, records, mark) = _read(path, mmap, verify, progress)
+        data, (base, records, _, mark) = _read(path, mmap, verify, progress)
         index = cls(data, chosen)
         index._binding = Binding(path, readonly, durability, base, mark)
         index._binding.disk = on_disk(data, index._state, index._metadata)
@@ -323,8 +323,7 @@ class Persistent:
         if b.log is None:
             fd = lock_writer(b.path)
             try:
-                self._catch_up()
-                base, _, end = read_log(b.path / LOG)
+                _, (base, end) = self._catch_up_log()  # the log as read: one read
                 b.log = WriteLog.open(b.path / LOG, b.durability, base, b.seq, end)
             except BaseException:
                 release_writer(fd)
@@ -335,10 +334,15 @@ class Persistent:
     def _catch_up(self) -> int:
         """Under the write lock: bring this index to the directory's latest checkpoint and
         log (a full reload if the checkpoint changed). Returns the writes applied."""
+        return self._catch_up_log()[0]
+
+    def _catch_up_log(self) -> tuple[int, tuple[int, int]]:
+        """:meth:`_catch_up`, and the ``(base_seq, good_end)`` of the log it read."""
         b = self._bound()
         if fingerprint(b.path) == b.fingerprint:
-            return self._replay(read_log(b.path / LOG)[1])
-        data, (base, records, mark) = _read(b.path, self._state.storage.is_mmap, False, False)
+            base, records, end = read_log(b.path / LOG)
+            return self._replay(records), (base, end)
+        data, (base, records, end, mark) = _read(b.path, self._state.storage.is_mmap, False, False)
         fresh = type(self)(data, self._state.backend)
         if (field := self._metadata.text_field) is not None and fresh._metadata.text_field is None:
             fresh._metadata.enable_text(field)  # by index_text, in no checkpoint yet
@@ -349,7 +353,7 @@ class Persistent:
         old.storage.discard()  # searches still reading the old state keep its mapping
         b.seq, b.fingerprint = base, mark
         b.disk = on_disk(data, self._state, self._metadata)
-        return self._replay(records)
+        return self._replay(records), (base, end)
 
     def refresh(self) -> int:
         """Show what the directory's writer made durable since this index read it (a new
