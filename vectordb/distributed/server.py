@@ -104,8 +104,7 @@ class ShardServer:
     async def contains(self, ids: I64) -> np.ndarray:
         """``(n,)`` bool: whether each id is live here."""
         engine = self._open()
-        index = engine.index
-        return await engine.run(lambda: np.isin(ids, index.ids))
+        return await engine.run(engine.index.contains, ids)
 
     async def get_vectors(self, ids: I64) -> F32:
         return await self._open().get_vectors(ids)
@@ -119,8 +118,7 @@ class ShardServer:
 
     async def refresh(self) -> int:
         """Catch up with the writer's durable writes (0 for the writer itself)."""
-        engine = self._open()
-        return await engine.run(engine.index.refresh)
+        return await self._open().refresh()
 
     async def ping(self) -> int:
         """The process id: cheap, and a liveness check."""

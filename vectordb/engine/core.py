@@ -407,6 +407,12 @@ class AsyncEngine(Queries):
         """:meth:`ClusteredIndex.compact` on the executor."""
         await self._write(self._index.compact, progress=False)
 
+    async def refresh(self) -> int:
+        """:meth:`ClusteredIndex.refresh` on the executor, in turn with the engine's writes:
+        a read-only engine shows what the directory's writer made durable since; returns
+        the writes applied."""
+        return await self._write(self._index.refresh)
+
     async def get_metadata(self, id_: int) -> dict[str, Any] | None:
         """:meth:`ClusteredIndex.get_metadata` on the executor."""
         return await self.run(self._index.get_metadata, id_)

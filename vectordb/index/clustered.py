@@ -160,6 +160,11 @@ class ClusteredIndex(Querying, Persistent):
             return (value := one_id(id_)) is not None and self._state.has(value)
         return False
 
+    def contains(self, ids: Any) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """``(n,)`` bool: whether a live vector has each of ``ids`` (``(n,)`` ints; a
+        lookup each, not a scan). ``InvalidParameterError`` for what cannot be an id."""
+        return self._state.rows_of(as_ids(ids), missing_ok=True) >= 0
+
     @property
     def ids(self) -> I64:
         """(n,) int64 ids of the live vectors, ascending (a copy)."""

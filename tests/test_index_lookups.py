@@ -1,5 +1,6 @@
-"""``ClusteredIndex.index_text`` (text search turned on after the build) and
-``get_metadata_many`` (the documents of many ids in one read)."""
+"""What an application built on the index looks up: ``ClusteredIndex.index_text`` (text
+search turned on after the build), ``get_metadata_many`` (the documents of many ids in one
+read), ``contains`` (many ids at once) and ``AsyncEngine.refresh`` (a reader catching up)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,42 @@ def test_get_metadata_many_in_order_with_missing_ids():
         index.get_metadata_many([1.5])
     with pytest.raises(vdb.InvalidParameterError):
         index.get_metadata_many([-1])
+
+
+def test_contains_many_ids():
+    x, _ = corpus(60)
+    index = vdb.ClusteredIndex.build(x, ids=np.arange(100, 160))
+    index.delete([105])
+    got = index.contains([100, 105, 159, 160, 0, 2**63 - 1])
+    assert got.dtype == np.bool_ and got.tolist() == [True, False, True, False, False, False]
+    assert index.contains([]).tolist() == []
+    for bad in ([-1], [1.5], [True], "7"):
+        with pytest.raises(vdb.InvalidParameterError):
+            index.contains(bad)
+
+
+def test_a_read_only_engine_refreshes_in_turn(tmp_path):
+    import asyncio
+
+    x, docs = corpus(300)
+    vdb.ClusteredIndex.build(x, metadata=docs, text_field="body").save(tmp_path / "i")
+
+    async def main():
+        with vdb.ClusteredIndex.open(tmp_path / "i") as writer:
+            reader = await vdb.AsyncEngine.open(tmp_path / "i", readonly=True)
+            async with reader:
+                writer.add(x[:2] + 5, ids=[5000, 5001], metadata=[{"body": "zucchini"}] * 2)
+                assert (await reader.search(x[0] + 5, 1))[0][0] != 5000
+                assert await reader.refresh() == 1
+                assert (await reader.search(x[0] + 5, 1))[0][0] == 5000
+                assert [h.id for h in await reader.query(text="zucchini")] in (
+                    [5000, 5001],
+                    [5001, 5000],
+                )
+                assert await reader.refresh() == 0
+                with pytest.raises(vdb.ReadOnlyIndexError):
+                    await reader.add(x[:1])
+            async with vdb.AsyncEngine(writer) as own:
+                assert await own.refresh() == 0  # the writer itself: nothing to catch up
+
+    asyncio.run(main())
