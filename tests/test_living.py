@@ -402,3 +402,56 @@ def test_a_filtered_search_sees_metadata_and_vectors_of_one_moment(pool):
     writer.join()
     assert ids[0] == 7
     assert dists[0] < 1e-3  # id 7's new vector, the one that carries the new tag
+
+
+@pytest.mark.parametrize("mode", ["ram", "mmap", "bound"])
+def test_writes_compact_once_dead_rows_match_live_ones(pool, mode, tmp_path, monkeypatch):
+    from vectordb.index import update
+
+    monkeypatch.setattr(update, "AUTO_COMPACT_MIN_DEAD", 64)
+    rng = np.random.default_rng(11)
+    start = 400
+    index = vdb.ClusteredIndex.build(pool[:start], max_leaf_size=60)
+    if mode == "mmap":
+        index.use_mmap_storage(tmp_path / "v.f32")
+    elif mode == "bound":
+        index.save(tmp_path / "idx")  # binds it: every write below is logged
+    compactions = []
+    real = index.compact
+    monkeypatch.setattr(index, "compact", lambda **kw: compactions.append(1) or real(**kw))
+    live = {i: pool[i] for i in range(start)}
+    queries = pool[-10:] + 0.01
+    for step in range(40):
+        some = rng.choice(np.array(sorted(live)), size=60, replace=False)
+        if step % 4 == 3:
+            index.delete(some[:20])
+            for i in some[:20]:
+                del live[int(i)]
+        else:  # the same ids again and again: a chatbot's memory rewriting its records
+            x = pool[rng.integers(start, len(pool) - 10, size=60)]
+            index.upsert(x, some)
+            live.update({int(i): v for i, v in zip(some, x, strict=True)})
+        dead = index._state.storage.n - len(index)
+        assert dead < max(len(index), 64)
+        if step % 10 == 9:
+            assert_exact(index, live, queries)
+    assert len(compactions) >= 5
+    assert sorted(index.ids.tolist()) == sorted(live)
+    if mode == "bound":  # what the log holds, read by another index, without a checkpoint
+        with vdb.ClusteredIndex.open(tmp_path / "idx", readonly=True, verify=True) as other:
+            assert_exact(other, live, queries)
+        index.checkpoint()
+        with vdb.ClusteredIndex.open(tmp_path / "idx", readonly=True, verify=True) as other:
+            assert_exact(other, live, queries)
+    index.close()
+
+
+def test_auto_compact_can_be_turned_off(pool):
+    index = vdb.ClusteredIndex.build(pool[:300])
+    index.auto_compact = False
+    for _ in range(20):
+        index.upsert(pool[:300] + 0.5, np.arange(300))
+    assert index._state.storage.n == 300 * 21
+    index.auto_compact = True
+    index.delete([0])
+    assert index._state.storage.n == 299

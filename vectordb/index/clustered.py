@@ -55,7 +55,13 @@ class ClusteredIndex(Querying, Persistent):
     thread-safe, also while a write runs in another thread: a search sees the index before
     or after a write, never half of it. Writes are serialised. ``use_mmap_storage`` and
     ``close`` must not run during searches.
+
+    ``auto_compact`` (default ``True``; set it on an index): a write compacts once storage
+    holds as many dead rows as live ones, so that storage stays within twice the index.
     """
+
+    #: Whether writes compact on their own (see the class docstring).
+    auto_compact: bool = True
 
     def __init__(self, data: IndexData | LivingData, backend: Backend) -> None:
         """Internal: use :meth:`build` or :meth:`open`."""
@@ -371,6 +377,8 @@ class ClusteredIndex(Querying, Persistent):
                 self._state = new_state
             calibrate_into(self._params, new_state, if_stale=True)
         self._commit(ticket)
+        if logged:
+            self._compact_if_wasteful()
         return new_ids
 
     def delete(self, ids: Any, *, missing_ok: bool = False) -> int:
@@ -396,11 +404,18 @@ class ClusteredIndex(Querying, Persistent):
                 self._metadata.delete(st.row_id[rows])
                 self._state = new_state
         self._commit(ticket)
+        if logged:
+            self._compact_if_wasteful()
         return int(rows.size)
+
+    def _compact_if_wasteful(self) -> None:
+        if self.auto_compact and update.wasteful(self._state):
+            self.compact(progress=False)
 
     def compact(self, *, progress: bool | None = None) -> None:
         """Rewrite storage without deleted rows, leaf by leaf, fold added vectors in, and
         split leaves that grew past twice their size at build (at most ``2 * max_leaf_size``).
+        A write runs it itself once dead rows are as many as live ones (``auto_compact``).
         In RAM the vectors are copied; in mmap mode a new vector file is written beside the
         mapped one (removed again by :meth:`close`; the next :meth:`save` makes it part of
         the index directory). Searches may run meanwhile. ``progress``: as for :meth:`save`."""

@@ -36,6 +36,7 @@ from .split import (
 from .state import IndexState
 
 __all__ = [
+    "AUTO_COMPACT_MIN_DEAD",
     "add_to_parts",
     "added",
     "compacted",
@@ -43,7 +44,11 @@ __all__ = [
     "deleted",
     "encode_part",
     "snapshot",
+    "wasteful",
 ]
+
+#: The fewest dead rows that make storage :func:`wasteful`.
+AUTO_COMPACT_MIN_DEAD = 4096
 
 
 def encode_part(
@@ -203,6 +208,15 @@ def deleted(st: IndexState, rows: I64) -> IndexState:
     row_ok = np.ones(st.row_id.shape[0], bool) if st.row_ok is None else st.row_ok.copy()
     row_ok[rows] = False
     return st.replace(row_ok=row_ok, idmap=st.idmap.without(st.row_id[rows]))
+
+
+def wasteful(st: IndexState) -> bool:
+    """Whether storage holds as many dead rows (deleted, replaced, or moved by a split) as
+    live ones, and at least :data:`AUTO_COMPACT_MIN_DEAD`: what a write compacts
+    (``ClusteredIndex.auto_compact``), so that storage stays within twice the live vectors
+    (plus that many), at a cost of O(1) rows rewritten per row written."""
+    live = len(st.idmap)
+    return st.storage.n - live >= max(live, AUTO_COMPACT_MIN_DEAD)
 
 
 def compacted_state(
