@@ -41,14 +41,15 @@ def brute(docs: dict[int, dict], filt: dict) -> list[int]:
                     return False
                 continue
             for op, want in cond.items():
-                if v is None and op != "$nin":
-                    return False
-                if not {
-                    "$in": lambda: v in want,
-                    "$nin": lambda: v not in want,
-                    "$lt": lambda: v < want,
-                    "$gte": lambda: v >= want,
-                }[op]():
+                if op == "$nin":
+                    held = v not in want
+                elif op == "$in":
+                    held = v in want
+                elif op == "$lt":
+                    held = v is not None and v < want
+                else:
+                    held = v is not None and v >= want
+                if not held:
                     return False
         return True
 
@@ -167,18 +168,20 @@ def test_a_readonly_index_refreshed_sees_the_writers_changes(tmp_path):
     docs = docs_of(200)
     vdb.ClusteredIndex.build(x, metadata=[docs[i] for i in range(200)]).save(tmp_path / "ix")
     filt = {"g": 0}
-    with vdb.ClusteredIndex.open(tmp_path / "ix") as writer:
-        with vdb.ClusteredIndex.open(tmp_path / "ix", readonly=True) as reader:
-            assert reader.ids_matching(filt).tolist() == brute(docs, filt)
-            docs[1] = {"g": 0, "i": 1}
-            writer.upsert(x[1:2], ids=[1], metadata=[docs[1]])  # logged
-            assert reader.refresh() == 1
-            assert reader.ids_matching(filt).tolist() == brute(docs, filt)
-            docs[2] = {"g": 0, "i": 2}
-            writer.upsert(x[2:3], ids=[2], metadata=[docs[2]])
-            writer.checkpoint()  # read in full: a new store
-            reader.refresh()
-            assert reader.ids_matching(filt).tolist() == brute(docs, filt)
+    with (
+        vdb.ClusteredIndex.open(tmp_path / "ix") as writer,
+        vdb.ClusteredIndex.open(tmp_path / "ix", readonly=True) as reader,
+    ):
+        assert reader.ids_matching(filt).tolist() == brute(docs, filt)
+        docs[1] = {"g": 0, "i": 1}
+        writer.upsert(x[1:2], ids=[1], metadata=[docs[1]])  # logged
+        assert reader.refresh() == 1
+        assert reader.ids_matching(filt).tolist() == brute(docs, filt)
+        docs[2] = {"g": 0, "i": 2}
+        writer.upsert(x[2:3], ids=[2], metadata=[docs[2]])
+        writer.checkpoint()  # read in full: a new store
+        reader.refresh()
+        assert reader.ids_matching(filt).tolist() == brute(docs, filt)
 
 
 def test_searching_threads_beside_a_writer_see_whole_writes():
@@ -263,7 +266,9 @@ def test_common_words_left_out_rank_as_the_full_query(pruning):
         np.testing.assert_allclose(scores, [s for _, s in full[:10]], rtol=1e-4)
         # ties in BM25 come in any order: the same documents above the last score
         last = scores[-1] * (1 + 1e-4)
-        assert {i for i, s in zip(ids, scores) if s > last} == {i for i, s in full if s > last}
+        assert {i for i, s in zip(ids, scores, strict=True) if s > last} == {
+            i for i, s in full if s > last
+        }
 
 
 def test_pruned_text_never_returns_a_document_without_a_query_word(pruning):
@@ -301,3 +306,20 @@ def test_small_indexes_are_never_pruned():
     store = text_store(texts)  # fewer than MIN_COMMON_DOCS documents
     ids, _ = store.text_search("the is rare2", 500)
     assert sorted(ids.tolist()) == sorted(i for i, _ in full_bm25(texts, "the is rare2"))
+
+
+@pytest.mark.parametrize("g", [{"$in": [0, 2]}, 1])
+def test_repeated_filtered_searches_equal_the_uncached_path(g):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    docs = docs_of(3000)
+    index = vdb.ClusteredIndex.build(x, metadata=[docs[i] for i in range(3000)], max_leaf_size=100)
+    want = {"$in": lambda v: v in g["$in"]} if isinstance(g, dict) else None
+    uncached = (lambda d: want["$in"](d["g"])) if want else (lambda d: d["g"] == g)
+    for q in x[:5]:
+        first = index.search(q, 10, filter={"g": g})
+        again = index.search(q, 10, filter={"g": g})  # cached matches, remembered rows
+        called = index.search(q, 10, filter=uncached)  # a callable: never cached
+        for got in (again, called):
+            np.testing.assert_array_equal(got[0], first[0])
+            np.testing.assert_array_equal(got[1], first[1])
