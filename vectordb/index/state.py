@@ -61,6 +61,8 @@ class IndexState:
     next_id: int
     live_sizes: I64 = field(init=False)
     searcher: Searcher = field(init=False)
+    #: The last read-only ``matching`` searched and what it gave: see :meth:`_filtered`.
+    _memo: tuple[Any, ...] = field(init=False, default=(), repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: derived fields are set once, here
@@ -172,6 +174,25 @@ class IndexState:
             raise UnknownIdError(f"ids not in the index: {ids[rows < 0][:5].tolist()}")
         return rows
 
+    def _filtered(self, matching: I64, masked: bool = False) -> tuple[I64, Any]:
+        """Sorted live rows ``(m,)`` int64 of the ids ``matching``, and with ``masked``
+        :meth:`only` of them (else ``None``), all read-only. The last answer is kept for a
+        read-only ``matching``: a cached filter's matches, the same array for every
+        search until the documents change, so repeated filtered searches skip this work."""
+        memo = self._memo
+        if memo and memo[0] is matching and (memo[2] is not None or not masked):
+            return memo[1], memo[2]
+        rows = memo[1] if memo and memo[0] is matching else self.live_rows_of(matching)
+        rows.setflags(write=False)
+        mask = None
+        if masked:
+            mask = self.only(rows)
+            mask[0].setflags(write=False)
+            mask[1].setflags(write=False)
+        if not matching.flags.writeable:
+            object.__setattr__(self, "_memo", (matching, rows, mask))  # one tuple: atomic
+        return rows, mask
+
     def only(self, rows: I64) -> tuple[Mask, I64]:
         """A row mask ``(n_rows,)`` bool true at ``rows`` alone, and the leaf sizes under it."""
         row_ok = np.zeros(self.row_id.shape[0], dtype=bool)
@@ -214,12 +235,14 @@ class IndexState:
             rerank_factor = BOUNDED_RERANK if self.table is not None else EXACT_RERANK
         candidates = k * rerank_factor
         if matching is not None or allowed == 0:  # (an emptied index has no row to read)
-            rows = self.live_rows_of(matching) if matching is not None else np.empty(0, np.int64)
+            if matching is None:
+                return self.searcher.rerank(q, np.empty((q.shape[0], 0), np.int64), k)
+            rows = self._filtered(matching)[0]
             allowed = int(rows.shape[0])
             if allowed <= max(EXACT_FILTER_ROWS, candidates):
                 cand = np.broadcast_to(rows, (q.shape[0], allowed))
                 return self.searcher.rerank(q, np.ascontiguousarray(cand), k)
-            row_ok, sizes = self.only(rows)
+            row_ok, sizes = self._filtered(matching, masked=True)[1]
             # A selective filter leaves fewer matches per leaf: probe more leaves for them.
             probes = min(self.tree.n_nodes, probes * min(8, -(-len(self.idmap) // allowed)))
         request = SearchRequest(

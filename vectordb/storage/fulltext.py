@@ -15,6 +15,7 @@ string is not indexed.
 
 User text never reaches FTS5's query syntax: :func:`match_query` keeps its words
 (``\\w+``), at most :data:`MAX_QUERY_TOKENS` distinct ones, each a quoted string, OR-ed.
+The store searches fewer: :mod:`vectordb.storage.commonwords` leaves out the common ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = [
     "REMOVE",
     "create_fulltext",
     "match_query",
+    "match_words",
+    "query_words",
     "require_fts5",
     "search_sql",
 ]
@@ -82,10 +85,9 @@ def create_fulltext(db: sqlite3.Connection, field: str) -> None:
         db.execute("INSERT INTO temp.fts (fts) VALUES ('rebuild')")
 
 
-def match_query(text: Any) -> str | None:
-    """A safe FTS5 query for the user's ``text``: its distinct words (the first
-    :data:`MAX_QUERY_TOKENS`), each quoted, OR-ed; ``None`` when it has no word (it matches
-    nothing). ``InvalidParameterError`` unless ``text`` is a ``str``."""
+def query_words(text: Any) -> list[str]:
+    """The distinct words (``\\w+``, lowercased) of the user's ``text``, the first
+    :data:`MAX_QUERY_TOKENS`, in order. ``InvalidParameterError`` unless it is a ``str``."""
     if not isinstance(text, str):
         raise InvalidParameterError(f"text must be a str, got {type(text).__name__}")
     words: dict[str, None] = {}
@@ -93,9 +95,20 @@ def match_query(text: Any) -> str | None:
         words.setdefault(m.group().lower(), None)
         if len(words) == MAX_QUERY_TOKENS:
             break
+    return list(words)
+
+
+def match_words(words: list[str]) -> str | None:
+    """A safe FTS5 query of ``words``: each quoted, OR-ed; ``None`` for none (it matches
+    nothing)."""
     if not words:
         return None
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+def match_query(text: Any) -> str | None:
+    """:func:`match_words` of :func:`query_words` (all the words, none left out)."""
+    return match_words(query_words(text))
 
 
 def search_sql(where: str) -> str:

@@ -31,7 +31,6 @@ anything else raises ``InvalidIndexFileError`` naming the file.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -45,10 +44,13 @@ from typing import Any
 import numpy as np
 
 from .._types import F64, I64
-from ..errors import InvalidIndexFileError, InvalidParameterError, StorageError
+from ..errors import InvalidIndexFileError, InvalidParameterError
+from .commonwords import CommonWords, create_scratch
 from .files import storage_error
+from .filtercache import FilterCache, filter_key
 from .filters import Filter, compile_filter
-from .fulltext import INSERT, REMOVE, create_fulltext, match_query, search_sql
+from .fulltext import INSERT, REMOVE, create_fulltext, match_words, query_words, search_sql
+from .sqlite_errors import sqlite_storage_error
 
 __all__ = ["MAX_DEPTH", "MAX_DOC_BYTES", "MetadataStore", "encode_documents"]
 
@@ -59,10 +61,7 @@ MAX_DOC_BYTES = 16 << 20
 #: The one schema object a metadata file may hold, as SQLite records its SQL.
 _SCHEMA = "CREATE TABLE meta (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-#: SQLite result codes (``sqlite3`` names them from Python 3.11 on): SQLITE_FULL, and
-#: SQLITE_PERM, SQLITE_READONLY, SQLITE_AUTH; and the SQLITE_LIMIT_LENGTH limit.
-_SQLITE_FULL = 13
-_SQLITE_DENIED = (3, 8, 23)
+#: The SQLITE_LIMIT_LENGTH limit (``sqlite3`` names it from Python 3.11 on).
 _SQLITE_LIMIT_LENGTH = 0
 #: Progress-handler granularity (SQLite VM steps) and the budget of a load: saved files
 #: need about 5 steps a byte for all the checks; a hostile one is cut off.
@@ -186,28 +185,6 @@ def _text_depth(text: bytes) -> int:
     return deepest
 
 
-def _sqlite_storage_error(exc: sqlite3.Error, path: Path) -> StorageError:
-    """A ``StorageError`` for an SQLite failure while writing ``path``. SQLite does not
-    pass on the OS's errno: disk full is its own code (or, as a bare I/O error, a full
-    file system); permission codes map to ``EACCES``; the rest is ``EIO``."""
-    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
-    primary = code & 0xFF if isinstance(code, int) else None
-    message = str(exc)
-    if primary == _SQLITE_FULL or "disk is full" in message:
-        number = errno.ENOSPC
-    elif primary in _SQLITE_DENIED:
-        number = errno.EACCES
-    else:
-        number = errno.EIO
-        try:
-            fs = os.statvfs(path.parent)
-            if fs.f_bavail * fs.f_frsize < 1 << 20:
-                number = errno.ENOSPC
-        except OSError:
-            pass
-    return StorageError(number, f"{os.strerror(number)} (SQLite: {message})", str(path))
-
-
 class _Budget:
     """A progress handler that stops SQLite once ``steps`` VM steps have run."""
 
@@ -225,7 +202,9 @@ class _Budget:
 
 class MetadataStore:
     """id -> JSON object, in an in-memory SQLite database. Thread-safe. :meth:`enable_text`
-    indexes one string field for BM25 text search (:mod:`vectordb.storage.fulltext`)."""
+    indexes one string field for BM25 text search (:mod:`vectordb.storage.fulltext`).
+    A dict filter's matches are kept until the documents change
+    (:mod:`vectordb.storage.filtercache`)."""
 
     def __init__(self) -> None:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
@@ -233,9 +212,12 @@ class MetadataStore:
         self._lock = threading.Lock()
         #: The field indexed for text search, or ``None``.
         self.text_field: str | None = None
-        #: Counts the calls that changed the documents: a checkpoint
-        #: links the file of the version it replaces while this has not moved.
+        #: Counts the calls that changed the documents: a checkpoint links the file of
+        #: the version it replaces, and a filter's cached matches answer, while this
+        #: has not moved.
         self.version = 0
+        self._filters = FilterCache()
+        self._words: CommonWords | None = None
 
     def __len__(self) -> int:
         with self._lock:
@@ -261,6 +243,8 @@ class MetadataStore:
         with self._lock:
             if self.text_field is None:
                 create_fulltext(self._db, field)
+                create_scratch(self._db)
+                self._words = CommonWords(self._db)
                 self.text_field = field
 
     def put(self, ids: I64, encoded: Sequence[str | None]) -> None:
@@ -309,13 +293,13 @@ class MetadataStore:
         return [None if (d := found.get(i)) is None else dict(json.loads(d)) for i in keys]
 
     def text_search(self, text: Any, n: int, filt: Filter | None = None) -> tuple[I64, F64]:
-        """The ``m <= n`` documents matching ``filt`` that best match ``text`` (any words of
-        it) by BM25, best first: ids ``(m,)`` int64, scores ``(m,)`` float64 (``-bm25()``,
-        higher better). ``InvalidParameterError`` without :meth:`enable_text`."""
-        if self.text_field is None:
+        """The ``m <= n`` documents matching ``filt`` that best match ``text`` (any of its
+        words but the common ones: :mod:`vectordb.storage.commonwords`) by BM25, best
+        first: ids ``(m,)`` int64, scores ``(m,)`` float64 (``-bm25()``, higher better).
+        ``InvalidParameterError`` without :meth:`enable_text`."""
+        if self._words is None:
             raise InvalidParameterError("this index has no text_field: text search needs one")
-        if (query := match_query(text)) is None:
-            return np.empty(0, np.int64), np.empty(0, np.float64)
+        words = query_words(text)
         where, params = "", []
         if callable(filt):
             where = "fts.rowid IN (SELECT value FROM json_each(?))"
@@ -323,7 +307,12 @@ class MetadataStore:
         elif filt is not None:
             where, params = compile_filter(filt)
         with self._lock:
-            rows = self._db.execute(search_sql(where), (query, *params, n)).fetchall()
+            query = match_words(self._words.kept(words, self.version)) if words else None
+            rows = (
+                []
+                if query is None
+                else self._db.execute(search_sql(where), (query, *params, n)).fetchall()
+            )
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         return ids, -np.array([r[1] for r in rows], dtype=np.float64)
 
@@ -339,13 +328,18 @@ class MetadataStore:
             yield int(id_), json.loads(doc)
 
     def matching(self, filt: Filter) -> I64:
-        """Ids whose metadata satisfies ``filt``, as ``(m,)`` int64 (unsorted)."""
+        """Ids whose metadata satisfies ``filt``, as ``(m,)`` int64 (unsorted; read-only for
+        a dict filter, whose answer is cached until the documents change)."""
         if callable(filt):
             return np.fromiter((i for i, doc in self.items() if filt(doc)), dtype=np.int64)
         where, params = compile_filter(filt)
+        key = filter_key(where, params)
         with self._lock:
+            if (ids := self._filters.get(key, self.version)) is not None:
+                return ids
             rows = self._db.execute(f"SELECT id FROM meta WHERE {where}", params).fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            return self._filters.put(key, self.version, found)
 
     def copy(self) -> MetadataStore:
         """The documents, without text search (a copy is saved; an index enables it)."""
@@ -380,7 +374,7 @@ class MetadataStore:
                     with contextlib.suppress(OSError):
                         leftover.unlink()
             if isinstance(exc, sqlite3.Error):
-                raise _sqlite_storage_error(exc, path) from exc
+                raise sqlite_storage_error(exc, path) from exc
             raise storage_error(exc, path) from exc
 
     @classmethod
