@@ -36,7 +36,7 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
 
-__all__ = ["COMMON_FRACTION", "MIN_COMMON_DOCS", "CommonWords"]
+__all__ = ["COMMON_FRACTION", "MIN_COMMON_DOCS", "CommonWords", "create_scratch"]
 
 #: A word in more than this fraction of the indexed documents (and in more than
 #: MIN_COMMON_DOCS of them) is left out of the match.
