@@ -299,3 +299,23 @@ def test_llamaindex_retriever_hybrid_and_errors(llama):
         store.query(VectorStoreQuery(query_str="x", mode=VectorStoreQueryMode.HYBRID))
     with pytest.raises(vdb.InvalidParameterError, match="mode 'svm'"):
         store.query(VectorStoreQuery(query_embedding=vector, mode=VectorStoreQueryMode.SVM))
+
+
+def test_fusion_options_are_checked_in_every_mode_and_relevance_scores_rank_by_vector(
+    store, embedding
+):
+    for mode in ("vector", "text", "hybrid"):
+        with pytest.raises(vdb.InvalidParameterError, match="fusion"):
+            store.similarity_search("x", retrieval_mode=mode, fusion="bogus")
+        with pytest.raises(vdb.InvalidParameterError, match="alpha"):
+            store.similarity_search("x", retrieval_mode=mode, alpha="x")
+    hybrid = VectorDBStore.from_texts(texts_of(50), embedding, retrieval_mode="hybrid")
+    scored = hybrid.similarity_search_with_relevance_scores("note 3", k=3)
+    by_vector = hybrid.similarity_search("note 3", k=3, retrieval_mode="vector")
+    assert [d.id for d, _ in scored] == [d.id for d in by_vector]
+    assert all(0 <= s <= 1 for _, s in scored)
+    threshold = hybrid.as_retriever(
+        search_type="similarity_score_threshold", search_kwargs={"score_threshold": 0.0, "k": 3}
+    )
+    assert [d.id for d in threshold.invoke("note 3")] == [d.id for d in by_vector]
+    hybrid.close()

@@ -85,3 +85,59 @@ def test_bad_queries_raise_vectordb_errors(built, call, words):
                 await call(engine, x)
 
     asyncio.run(main())
+
+
+def test_a_close_waits_for_queries_in_flight(built):
+    index, x = built
+
+    async def main():
+        engine = vdb.AsyncEngine(index, max_wait=0.05, inline=False)
+        calls = [asyncio.ensure_future(engine.query(x[i], text="apple", k=5)) for i in range(4)]
+        await asyncio.sleep(0)  # submitted: in the batcher's queue
+        await engine.aclose()
+        return await asyncio.gather(*calls)
+
+    got = asyncio.run(main())
+    assert got == [index.query(x[i], text="apple", k=5) for i in range(4)]
+
+
+def test_a_hit_deleted_before_its_document_is_read_is_left_out(built, monkeypatch):
+    _, x = built
+    rng = np.random.default_rng(9)
+    docs = [{"text": " ".join(rng.choice(WORDS, 3)), "g": i % 3} for i in range(300)]
+    index = vdb.ClusteredIndex.build(x[:300], metadata=docs, text_field="text")
+    want = index.query(x[7], text=docs[7]["text"], k=5)
+    assert want[0].id == 7
+    real = index._metadata.get_many
+
+    def delete_then_read(ids):
+        index.delete([7], missing_ok=True)  # lands between the search and the read
+        return real(ids)
+
+    monkeypatch.setattr(index._metadata, "get_many", delete_then_read)
+    got = index.query(x[7], text=docs[7]["text"], k=5)
+    assert [h.id for h in got] == [h.id for h in want[1:]]
+    assert all(h.metadata is not None for h in got)
+
+
+def test_a_callable_filter_runs_once_per_batch(built):
+    index, x = built
+    calls = []
+
+    def keep(doc):
+        calls.append(1)
+        return doc["g"] == 1
+
+    texts = ["apple", "grape", "harbor", "echo"]
+    got = index.query_batch(x[:4], texts, k=5, filter=keep)
+    assert all(h.metadata["g"] == 1 for hits in got for h in hits)
+    assert len(calls) == 2 * len(index)  # the vector side's pass, and the text side's
+
+
+def test_search_parameters_are_checked_for_text_queries_and_the_hybrid_depth_is_capped(built):
+    index, x = built
+    for bad in ({"probes": -5}, {"rerank_factor": "x"}, {"target_recall": 7}):
+        with pytest.raises(vdb.InvalidParameterError):
+            index.query(text="apple", **bad)
+    big = 1 << 20  # MAX_K: the hybrid depth 4 * k is capped, not an error
+    assert len(index.query(x[0], text="apple", k=big)) >= len(index.query(text="apple", k=big))

@@ -131,3 +131,14 @@ def test_a_read_only_engine_refreshes_in_turn(tmp_path):
                 assert await own.refresh() == 0  # the writer itself: nothing to catch up
 
     asyncio.run(main())
+
+
+def test_many_id_calls_refuse_one_id_and_bad_flags():
+    x, docs = corpus(30)
+    index = vdb.ClusteredIndex.build(x, metadata=docs)
+    for call in (index.get_metadata_many, index.contains):
+        for bad in (3, np.int64(3), np.array(3), [[1, 2], [3]], ["a"]):
+            with pytest.raises(vdb.InvalidParameterError):
+                call(bad)
+    with pytest.raises(vdb.InvalidParameterError, match="missing_ok"):
+        index.get_metadata_many([1], missing_ok="no")

@@ -19,8 +19,9 @@ from .._validation import as_query_matrix, check_k
 from ..errors import InvalidParameterError
 from ..index.clustered import ClusteredIndex
 from ..index.hit import Hit
-from ..index.query import query_options, vector_depth
+from ..index.query import check_texts, query_options, vector_depth
 from ..storage.filters import Filter, check_filter
+from .lifecycle import Lifecycle
 
 __all__ = ["Queries"]
 
@@ -31,6 +32,7 @@ class Queries:
     """The query methods of ``AsyncEngine``."""
 
     _index: ClusteredIndex
+    _life: Lifecycle
 
     if TYPE_CHECKING:
 
@@ -47,6 +49,8 @@ class Queries:
         ) -> tuple[I64, F32]: ...
 
         async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+        async def _call(self, fn: Callable[..., T], *args: Any) -> T: ...
 
     async def query(
         self,
@@ -84,18 +88,19 @@ class Queries:
     ) -> list[list[Hit]]:
         fusion, alpha, (probes, rerank_factor, target) = query_options(params)
         k, filt = check_k(k), check_filter(filter)
-        if texts is not None and (isinstance(texts, str) or not isinstance(texts, Sequence)):
-            raise InvalidParameterError("texts must be a list of str")
-        ids, dists = await self.search_batch(
-            vectors,
-            vector_depth(k, texts is not None),
-            probes,
-            rerank_factor,
-            filter=filt,
-            target_recall=target,
-        )
-        if texts is not None and len(texts) != ids.shape[0]:
-            raise InvalidParameterError(f"got {ids.shape[0]} vectors but {len(texts)} texts")
-        return await self.run(
-            self._index._finish_query, (ids, dists), texts, k, filt, (fusion, alpha)
-        )
+        q = as_query_matrix(vectors, self._index.dim, single=False)
+        if texts is not None:
+            check_texts(texts, q.shape[0])
+        # One operation from the search to the documents' read: a close waits for it all.
+        with self._life.operation():
+            ids, dists = await self.search_batch(
+                q,
+                vector_depth(k, texts is not None),
+                probes,
+                rerank_factor,
+                filter=filt,
+                target_recall=target,
+            )
+            return await self._call(
+                self._index._finish_query, (ids, dists), texts, k, filt, (fusion, alpha)
+            )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -18,15 +17,16 @@ from .._types import F32, I64
 from .._validation import as_matrix, as_query_matrix, build_params, check_k, positive_int
 from ..backends import Backend, resolve_backend
 from ..core.metrics import Metric, parse_metric, prepare
-from ..errors import AlreadyUsingMmapError, InvalidParameterError, UnknownIdError
+from ..errors import AlreadyUsingMmapError, InvalidParameterError
 from ..storage.filters import Filter, check_filter
-from ..storage.idmap import as_ids, one_id
+from ..storage.idmap import as_ids
 from ..storage.metadata import MetadataStore, encode_documents
 from ..storage.snapshot import IndexData, LivingData
 from ..storage.vectors import MmapStorage, Warmer, mapped_copy
 from . import update
 from .build import build_data
 from .calibrate import DEFAULT_TARGET, calibrate_into, check_target, settings
+from .lookups import Lookups
 from .ondisk import BuildInput, build_into
 from .persistence import Persistent
 from .query import Querying
@@ -41,7 +41,7 @@ _MIN_QUERIES_PER_THREAD = 64
 Documents = Sequence[Mapping[str, Any] | None] | None
 
 
-class ClusteredIndex(Querying, Persistent):
+class ClusteredIndex(Lookups, Querying, Persistent):
     """Approximate nearest-neighbour index over float32 vectors, that can grow and shrink.
 
     A hierarchical k-means tree routes each query to a few leaves; RaBitQ codes of the
@@ -158,23 +158,6 @@ class ClusteredIndex(Querying, Persistent):
     def __len__(self) -> int:
         """Number of live vectors."""
         return len(self._state.idmap)
-
-    def __contains__(self, id_: object) -> bool:
-        """Whether a live vector has id ``id_``. Anything that cannot be an id (not an int,
-        a bool, a float, negative, beyond int64) is not in the index: ``False``, no error."""
-        with contextlib.suppress(InvalidParameterError):
-            return (value := one_id(id_)) is not None and self._state.has(value)
-        return False
-
-    def contains(self, ids: Any) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        """``(n,)`` bool: whether a live vector has each of ``ids`` (``(n,)`` ints; a
-        lookup each, not a scan). ``InvalidParameterError`` for what cannot be an id."""
-        return self._state.rows_of(as_ids(ids), missing_ok=True) >= 0
-
-    @property
-    def ids(self) -> I64:
-        """(n,) int64 ids of the live vectors, ascending (a copy)."""
-        return self._state.idmap.items()[0].copy()
 
     @property
     def dim(self) -> int:
@@ -425,43 +408,6 @@ class ClusteredIndex(Querying, Persistent):
             self._state = update.compacted_state(st, self._params, progress)
             st.storage.discard()  # searches still reading the old storage keep its mapping
             calibrate_into(self._params, self._state)
-
-    def get_metadata(self, id_: int) -> dict[str, Any] | None:
-        """The metadata of ``id_`` (``None`` if it has none). ``UnknownIdError`` if no live
-        vector has this id (any int); ``InvalidParameterError`` if ``id_`` is not an int."""
-        if (value := one_id(id_)) is None or not self._state.has(value):
-            raise UnknownIdError(f"id {id_!r} is not in the index")
-        return self._metadata.get(value)
-
-    def get_metadata_many(
-        self, ids: Any, *, missing_ok: bool = False
-    ) -> list[dict[str, Any] | None]:
-        """The metadata of each of ``ids`` (``(n,)`` ints), in order, read in one query of
-        the metadata store: ``None`` where a vector has none. ``UnknownIdError`` if an id
-        is not in the index, or, with ``missing_ok``, ``None`` for it too."""
-        wanted = as_ids(ids)
-        live = self._state.rows_of(wanted, missing_ok=missing_ok) >= 0
-        docs = self._metadata.get_many(wanted)
-        return [doc if ok else None for doc, ok in zip(docs, live.tolist(), strict=True)]
-
-    def ids_matching(self, filter: Filter) -> I64:
-        """Ids ``(m,)`` int64, ascending, of the vectors whose metadata matches ``filter``
-        (a dict of conditions or a predicate, as for ``search(filter=...)``; see
-        :mod:`vectordb.storage.filters`). Vectors without metadata match no dict filter."""
-        filt = check_filter(filter)
-        if filt is None:
-            raise InvalidParameterError("ids_matching needs a filter (a dict or a callable)")
-        return np.sort(self._metadata.matching(filt))
-
-    def get_vectors(self, ids: Any) -> F32:
-        """The stored vectors of ``ids``: ``(n,)`` ints in, ``(n, d)`` float32 out, in order;
-        with ``metric="cosine"`` normalised to unit length. Unknown ids raise
-        ``UnknownIdError``. In mmap mode the rows are read from the file (page faults)."""
-        st = self._state
-        rows = st.rows_of(as_ids(ids))
-        if rows.size == 0:
-            return np.empty((0, self.dim), np.float32)
-        return np.ascontiguousarray(st.storage.take(rows), dtype=np.float32)
 
     def use_mmap_storage(
         self, path: str | os.PathLike[str], *, progress: bool | None = None

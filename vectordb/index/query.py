@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._types import F32, F64, I64
-from .._validation import as_query_matrix, check_k, check_text_field
+from .._validation import MAX_K, as_query_matrix, check_k, check_text_field
 from ..core.fusion import rrf, weighted
 from ..errors import InvalidParameterError
 from ..storage.filters import Filter, check_filter
@@ -40,6 +40,7 @@ __all__ = [
     "DEPTH_FACTOR",
     "MIN_DEPTH",
     "Querying",
+    "check_texts",
     "depth",
     "finish_query",
     "hits_of",
@@ -61,8 +62,8 @@ Ranked = tuple[I64, F64, F32 | None]
 
 
 def depth(k: int) -> int:
-    """Results fetched from each side of a hybrid query of ``k``."""
-    return max(DEPTH_FACTOR * k, MIN_DEPTH)
+    """Results fetched from each side of a hybrid query of ``k`` (at most ``MAX_K``)."""
+    return min(max(DEPTH_FACTOR * k, MIN_DEPTH), MAX_K)
 
 
 def query_options(params: Mapping[str, Any]) -> tuple[str, float, list[Any]]:
@@ -83,10 +84,20 @@ def query_options(params: Mapping[str, Any]) -> tuple[str, float, list[Any]]:
 def text_hits(
     metadata: MetadataStore, texts: Any, n: int, filt: Filter | None
 ) -> list[tuple[I64, F64]]:
-    """The ``n`` best BM25 matches of each of ``texts`` (a sequence of ``str``)."""
+    """The ``n`` best BM25 matches of each of ``texts`` (a sequence of ``str``); a callable
+    filter is run once for them all."""
+    check_texts(texts)
+    ids = metadata.matching(filt) if callable(filt) else None
+    return [metadata.text_search(t, n, None if ids is not None else filt, ids=ids) for t in texts]
+
+
+def check_texts(texts: Any, rows: int | None = None) -> None:
+    """``InvalidParameterError`` unless ``texts`` is a sequence of texts (as many as
+    ``rows`` query vectors, if given)."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise InvalidParameterError("texts must be a list of str")
-    return [metadata.text_search(t, n, filt) for t in texts]
+    if rows is not None and len(texts) != rows:
+        raise InvalidParameterError(f"got {rows} vectors but {len(texts)} texts")
 
 
 def _fused(vector: Ranked | None, text: Ranked | None, k: int, how: str, alpha: float) -> Ranked:
@@ -157,8 +168,14 @@ def run_query(
     k, filt = check_k(k), check_filter(filt)
     if q is None and texts is None:
         raise InvalidParameterError("query needs a vector, a text or both")
+    if texts is not None:
+        check_texts(texts, None if q is None else q.shape[0])
     n = vector_depth(k, texts is not None)
-    found = None if q is None else searcher(n, *options[:2], filt, options[2])(q)
+    if q is None:  # the search parameters checked all the same (no filter: no matching)
+        searcher(n, *options[:2], None, options[2])
+        found = None
+    else:
+        found = searcher(n, *options[:2], filt, options[2])(q)
     return finish_query(metadata, found, texts, k, filt, fusion, alpha)
 
 
@@ -197,6 +214,8 @@ class Querying:
         @property
         def dim(self) -> int: ...
 
+        def __contains__(self, id_: object) -> bool: ...
+
         def _searcher(
             self, k: Any, probes: Any, rerank_factor: Any, filt: Any, target: Any
         ) -> Callable[[F32], tuple[I64, F32]]: ...
@@ -214,7 +233,8 @@ class Querying:
         and ``search_params``, e.g. ``fusion="rrf"``: :mod:`vectordb.index.query`)."""
         q = None if vector is None else as_query_matrix(vector, self.dim, single=True)
         texts = None if text is None else [text]
-        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)[0]
+        found = run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
+        return self._live(found)[0]
 
     def query_batch(
         self,
@@ -227,14 +247,22 @@ class Querying:
         """:meth:`query` for each row of ``vectors`` ``(nq, d)`` and/or each of ``texts``
         (as many), one metadata read for all."""
         q = None if vectors is None else as_query_matrix(vectors, self.dim, single=False)
-        return run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
+        found = run_query(self._searcher, self._metadata, q, texts, k, filter, search_params)
+        return self._live(found)
 
     def _finish_query(
         self, found: tuple[I64, F32] | None, texts: Any, k: int, filt: Filter | None, params: Any
     ) -> list[list[Hit]]:
         """:func:`finish_query` on this index's documents (for ``AsyncEngine.query``, whose
         vector side is its batched search); ``params``: :func:`query_options`'s."""
-        return finish_query(self._metadata, found, texts, k, filt, params[0], params[1])
+        return self._live(finish_query(self._metadata, found, texts, k, filt, *params))
+
+    def _live(self, hits: list[list[Hit]]) -> list[list[Hit]]:
+        """``hits`` without those deleted since their search (no document read, and no
+        longer in the index): a hit always names a live vector."""
+        if all(h.metadata is not None for one in hits for h in one):
+            return hits
+        return [[h for h in one if h.metadata is not None or h.id in self] for one in hits]
 
     @property
     def text_field(self) -> str | None:

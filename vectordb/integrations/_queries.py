@@ -12,6 +12,7 @@ from .._validation import check_k
 from ..errors import BackendUnavailableError, InvalidParameterError
 from ..index.clustered import ClusteredIndex
 from ..index.hit import Hit
+from ..index.query import query_options
 from ._records import TEXT_KEY, Record, record, user_filter
 
 __all__ = [
@@ -64,8 +65,9 @@ def query_args(
     if text is not None and not isinstance(text, str):
         raise InvalidParameterError(f"the query text must be a str, got {type(text).__name__}")
     given = {key: value for key, value in options.items() if value is not None}
+    query_options({key: given[key] for key in ("fusion", "alpha") if key in given})
     if text is None or vector is None:
-        given.pop("fusion", None), given.pop("alpha", None)  # nothing to fuse
+        given.pop("fusion", None), given.pop("alpha", None)  # checked, but nothing to fuse
     return {
         "vector": vector,
         "text": text,

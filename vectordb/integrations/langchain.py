@@ -103,7 +103,8 @@ class VectorDBStore(VectorStore):
     retrieval_mode : {"vector", "text", "hybrid"}
         How ``similarity_search`` and its twins rank (see the module docstring); each
         takes ``retrieval_mode=`` too, and hybrid ones ``fusion=`` and ``alpha=``.
-        Searches by vector and MMR rank by vector.
+        Searches by vector, relevance scores (``similarity_score_threshold``) and MMR
+        rank by vector, whatever the store's mode.
     **build_options
         Passed to :meth:`ClusteredIndex.build` when the first texts arrive
         (``max_leaf_size``, ``branching_factor``, ``seed``, ``backend``, ...).
@@ -253,14 +254,18 @@ class VectorDBStore(VectorStore):
     def _similarity_search_with_relevance_scores(
         self, query: str, k: int = 4, **kwargs: Any
     ) -> list[tuple[Document, float]]:
-        self._vector_only(kwargs, "relevance scores (in [0, 1])")
-        return super()._similarity_search_with_relevance_scores(query, k, **kwargs)
+        self._vector_only(kwargs, "relevance scores (in [0, 1])", "vector")
+        return super()._similarity_search_with_relevance_scores(
+            query, k, retrieval_mode="vector", **kwargs
+        )
 
     async def _asimilarity_search_with_relevance_scores(
         self, query: str, k: int = 4, **kwargs: Any
     ) -> list[tuple[Document, float]]:
-        self._vector_only(kwargs, "relevance scores (in [0, 1])")
-        return await super()._asimilarity_search_with_relevance_scores(query, k, **kwargs)
+        self._vector_only(kwargs, "relevance scores (in [0, 1])", "vector")
+        return await super()._asimilarity_search_with_relevance_scores(
+            query, k, retrieval_mode="vector", **kwargs
+        )
 
     def _vector_only(self, kwargs: dict[str, Any], what: str, default: str | None = None) -> None:
         """Take ``retrieval_mode`` out of ``kwargs``; ``InvalidParameterError`` unless it is

@@ -292,19 +292,24 @@ class MetadataStore:
         found = {int(i): doc for i, doc in rows}
         return [None if (d := found.get(i)) is None else dict(json.loads(d)) for i in keys]
 
-    def text_search(self, text: Any, n: int, filt: Filter | None = None) -> tuple[I64, F64]:
-        """The ``m <= n`` documents matching ``filt`` that best match ``text`` (any of its
-        words but the common ones: :mod:`vectordb.storage.commonwords`) by BM25, best
-        first: ids ``(m,)`` int64, scores ``(m,)`` float64 (``-bm25()``, higher better).
-        ``InvalidParameterError`` without :meth:`enable_text`."""
+    def text_search(
+        self, text: Any, n: int, filt: Filter | None = None, *, ids: I64 | None = None
+    ) -> tuple[I64, F64]:
+        """The ``m <= n`` documents matching ``filt`` (and among ``ids`` ``(k,)`` int64, if
+        given) that best match ``text`` (any of its words but the common ones:
+        :mod:`vectordb.storage.commonwords`) by BM25, best first: ids ``(m,)`` int64,
+        scores ``(m,)`` float64 (``-bm25()``, higher better). ``InvalidParameterError``
+        without :meth:`enable_text`."""
         if self._words is None:
             raise InvalidParameterError("this index has no text_field: text search needs one")
         words = query_words(text)
         where, params = "", []
-        if callable(filt):
+        if callable(filt) and ids is None:
+            ids = self.matching(filt)
+        if ids is not None:
             where = "fts.rowid IN (SELECT value FROM json_each(?))"
-            params = [json.dumps(self.matching(filt).tolist())]
-        elif filt is not None:
+            params = [json.dumps(ids.tolist())]
+        elif filt is not None and not callable(filt):
             where, params = compile_filter(filt)
         with self._lock:
             query = match_words(self._words.kept(words, self.version)) if words else None
