@@ -369,6 +369,35 @@ def glossary_quality(python: str | None = None) -> list[str]:
             out.append(f"| {k} | {len(sel)} | " + " | ".join(cells) + " |")
         out += ["", "terms by outcome (rank in top 10, 0 = missed; vector / text / rrf):", ""]
         out += outcomes(terms, *(found[m] for m in names[:3]))
+        if extra:
+            out += ["", *short_query_cost(index, qv, terms)]
+    return out
+
+
+def short_query_cost(index, qv: np.ndarray, terms: list[str]) -> list[str]:
+    """Median us of one query (default parameters, one thread) by the glossary's terms:
+    short keyword queries, unlike the sentences of :func:`cost`."""
+    f = {"source": "pydocs"}  # all but the definitions
+    pairs = list(zip(qv, terms, strict=True))
+    index.query(qv[0], text=terms[0], k=10, filter=f)  # the filter's matches cached
+    rows = {
+        "vector": lambda p: index.query(p[0], k=10),
+        "text": lambda p: index.query(text=p[1], k=10),
+        "hybrid": lambda p: index.query(p[0], text=p[1], k=10),
+        "vector, filtered": lambda p: index.query(p[0], k=10, filter=f),
+        "hybrid, filtered": lambda p: index.query(p[0], text=p[1], k=10, filter=f),
+    }
+    got = {name: median_us(fn, pairs * 3) for name, fn in rows.items()}
+    out = [
+        f"Cost of the {len(terms)} terms as queries over these documents (medians of 3 passes,"
+        ' one thread; filter `{"source": "pydocs"}`, all but the definitions, cached):',
+        "",
+        "| query (k = 10) | median us | vs its vector query |",
+        "|---|---|---|",
+    ]
+    for name, us in got.items():
+        base = got["vector, filtered" if "filtered" in name else "vector"]
+        out.append(f"| {name} | {us:.0f} | {us / base:.2f}x |")
     return out
 
 
