@@ -271,6 +271,29 @@ def test_common_words_left_out_rank_as_the_full_query(pruning):
         }
 
 
+def test_common_words_rank_what_the_rare_words_find(pruning):
+    rng = np.random.default_rng(8)
+    texts = []
+    for i in range(600):  # "alpha" in ~30%, "beta" in ~25% (1 or 2 times): common, not clamped
+        words = [f"w{int(x)}" for x in rng.integers(0, 3000, 5)]
+        words += ["alpha"] * (rng.random() < 0.3)
+        words += ["beta"] * (int(rng.integers(1, 3)) if rng.random() < 0.25 else 0)
+        words += [f"rare{i % 40}"] if i % 3 == 0 else []
+        texts.append(" ".join(rng.permutation(words)))
+    store = text_store(texts)
+    kinds = set()
+    for query in ["alpha rare3", "beta alpha rare7 rare11", "rare5 beta"]:
+        ids, scores = store.text_search(query, 50)
+        rare = {w for w in query.split() if w.startswith("rare")}
+        full = [(i, sc) for i, sc in full_bm25(texts, query) if rare & set(texts[i].split())]
+        assert sorted(ids.tolist()) == sorted(i for i, _ in full[:50])
+        want = dict(full)
+        np.testing.assert_allclose(scores, [want[i] for i in ids.tolist()], rtol=1e-6)
+        assert list(scores) == sorted(scores, reverse=True)
+        kinds |= {bool({"alpha", "beta"} & set(texts[i].split())) for i in ids.tolist()}
+    assert kinds == {True, False}  # found with a common word and without one
+
+
 def test_pruned_text_never_returns_a_document_without_a_query_word(pruning):
     texts = text_corpus()
     store = text_store(texts)

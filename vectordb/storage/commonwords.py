@@ -1,4 +1,5 @@
-"""Common words left out of a text query's match: what keeps BM25 over OR-ed words cheap.
+"""Common words of a text query: they rank the documents the rare words find, and find
+none themselves. What keeps BM25 over OR-ed words cheap.
 
 A text query's words are OR-ed (:func:`vectordb.storage.fulltext.match_query`), and FTS5
 scores every document that matches any of them before its ``ORDER BY rank LIMIT``: a
@@ -8,26 +9,23 @@ sentence's "the", "a", "is" match most documents, and the query costs a scan of 
 The rule
 --------
 A word is *common* when its document frequency ``df`` (the documents holding its stem)
-exceeds both :data:`COMMON_FRACTION` of the indexed documents and :data:`MIN_COMMON_DOCS`.
-Common words are left out of the match, unless that leaves no word: then only the
-rarest of them is searched. Words that no document holds are left out too (they change
-no score). So the documents scanned are those of the rare words, at most
-``max(COMMON_FRACTION * n, MIN_COMMON_DOCS)`` per word, and a small index (fewer than
-:data:`MIN_COMMON_DOCS` documents) is never pruned.
+exceeds both :data:`COMMON_FRACTION` of the indexed documents and :data:`MIN_COMMON_DOCS`;
+the others are *rare*. As Lucene's ``CommonTermsQuery`` does, the documents searched are
+those that hold a rare word, and they are ranked by BM25 over every word, the common ones
+too (:func:`vectordb.storage.fulltext.match_common_terms`: ``rare AND common`` plus ``rare
+NOT common``, whose merged ranks are those of the whole query, as both score all its
+words). FTS5 seeks the common words' document lists at the rare words' matches instead of
+reading them all. If every word is common, the rarest is taken as rare. Words that no
+document holds are left out (they change no score). A small index (fewer than
+:data:`MIN_COMMON_DOCS` documents) is never split.
 
-This is what Lucene's ``CommonTermsQuery`` does with its high-frequency terms, less their
-scoring of the rare words' matches (FTS5 would need a scan of each common word's documents
-to weigh it, the cost this avoids). The ranking changes little where it matters: BM25's
-IDF ``log((n - df + 0.5) / (df + 0.5))`` of a word in 5% of the documents is 2.9, against
-9-11 for the rare words that make a match specific, and FTS5 clamps it to ~0 above half;
-a document that matched only common words, and that BM25 would have ranked low, is no
-longer found.
-
-Why 5%: on the labelled glossary set among 110,000 sentences
-(``bench/results/2026-12-02-retrieval``), text recall@10 and the hybrid rows are those of
-the full query at 5% and 20%, and fall at 2% (0.094 against 0.102) and 1% (0.062); on the
-110,000 sentences' own sentence queries the text side then takes ~12 ms, against ~90 ms
-with every word and ~2 ms at 1%.
+What changes: a document that holds only common words is not found (BM25 ranks it low:
+the IDF ``log((n - df + 0.5) / (df + 0.5))`` of a word in 2% of the documents is 3.9,
+against 9-11 for the rare words that make a match specific). Measured on 110,000
+sentences (``bench/results/2026-12-02-retrieval``): the top 10 of their own sentence
+queries overlap the full query's by 0.99, at ~15 ms against ~90 ms; leaving the common
+words out altogether instead was faster (~2 ms at 1%) but changed the ranking (overlap
+0.44) and lost text recall on the labelled glossary set (0.062 against 0.102).
 
 A word is a FTS5 phrase of one or more tokens (``is_open`` is ``is`` then ``open``); its
 ``df`` is taken as that of its rarest token (it can match no more documents than that).
@@ -45,8 +43,8 @@ from collections.abc import Sequence
 __all__ = ["COMMON_FRACTION", "MIN_COMMON_DOCS", "CommonWords", "create_scratch"]
 
 #: A word in more than this fraction of the indexed documents (and in more than
-#: MIN_COMMON_DOCS of them) is left out of the match.
-COMMON_FRACTION = 0.05
+#: MIN_COMMON_DOCS of them) is common: it ranks documents, finds none.
+COMMON_FRACTION = 0.02
 #: No word in at most this many documents is left out (scanning them is cheap).
 MIN_COMMON_DOCS = 1000
 #: Words whose stems are remembered (the stemmer is a pure function of the word).
@@ -80,8 +78,13 @@ class CommonWords:
         self._version = -1
 
     def kept(self, words: Sequence[str], version: int) -> list[str]:
+        """The rare ones of ``words``: :meth:`split`'s first list."""
+        return self.split(words, version)[0]
+
+    def split(self, words: Sequence[str], version: int) -> tuple[list[str], list[str]]:
         """The ``words`` (lowercase, as :func:`~vectordb.storage.fulltext.query_words`
-        returns them) to search, in their order; ``version`` the documents' change count
+        returns them) that some document holds, as ``(rare, common)``, each in their order
+        (``rare`` empty only if ``common`` is); ``version`` the documents' change count
         (:attr:`MetadataStore.version`), which keys the document frequencies."""
         if version != self._version:
             self._df.clear()
@@ -92,19 +95,19 @@ class CommonWords:
         limit = max(COMMON_FRACTION * self._docs, MIN_COMMON_DOCS)
         stems = self._stemmed(words)
         df = self._frequencies({s for ss in stems for s in ss})
-        rarest: list[tuple[int, str]] = []
+        common: list[tuple[int, str]] = []
         out = []
         for word, ss in zip(words, stems, strict=True):
             n = min((df[s] for s in ss), default=0)
             if n == 0:
                 continue  # matches nothing
             if n > limit:
-                rarest.append((n, word))
+                common.append((n, word))
             else:
                 out.append(word)
-        if not out and rarest:
-            out.append(min(rarest)[1])
-        return out
+        if not out and common:
+            out.append(min(common)[1])
+        return out, [w for _, w in common if w not in out]
 
     def _stemmed(self, words: Sequence[str]) -> list[tuple[str, ...]]:
         """The tokens of each word, in order (none for one of separators only)."""

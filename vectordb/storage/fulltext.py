@@ -32,6 +32,7 @@ __all__ = [
     "MAX_QUERY_TOKENS",
     "REMOVE",
     "create_fulltext",
+    "match_common_terms",
     "match_query",
     "match_words",
     "query_words",
@@ -104,6 +105,18 @@ def match_words(words: list[str]) -> str | None:
     if not words:
         return None
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+def match_common_terms(rare: list[str], common: list[str]) -> list[str]:
+    """Safe FTS5 queries that find the documents holding a ``rare`` word, scored by BM25
+    over every word, ``common`` ones too (Lucene's ``CommonTermsQuery``): those that hold
+    a common word (``rare AND common``: FTS5 seeks the common words' lists at the rare
+    matches, never scans them) and those that hold none (``rare NOT common``, where the
+    common words add 0). One query without common words; none without rare ones."""
+    r, c = match_words(rare), match_words(common)
+    if r is None:
+        return []
+    return [r] if c is None else [f"({r}) AND ({c})", f"({r}) NOT ({c})"]
 
 
 def match_query(text: Any) -> str | None:

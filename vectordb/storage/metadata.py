@@ -49,7 +49,7 @@ from .commonwords import CommonWords, create_scratch
 from .files import storage_error
 from .filtercache import FilterCache, filter_key
 from .filters import Filter, compile_filter
-from .fulltext import INSERT, REMOVE, create_fulltext, match_words, query_words, search_sql
+from .fulltext import INSERT, REMOVE, create_fulltext, match_common_terms, query_words, search_sql
 from .sqlite_errors import sqlite_storage_error
 
 __all__ = ["MAX_DEPTH", "MAX_DOC_BYTES", "MetadataStore", "encode_documents"]
@@ -312,12 +312,11 @@ class MetadataStore:
         elif filt is not None and not callable(filt):
             where, params = compile_filter(filt)
         with self._lock:
-            query = match_words(self._words.kept(words, self.version)) if words else None
-            rows = (
-                []
-                if query is None
-                else self._db.execute(search_sql(where), (query, *params, n)).fetchall()
-            )
+            rare, common = self._words.split(words, self.version) if words else ([], [])
+            rows = []
+            for query in match_common_terms(rare, common):
+                rows += self._db.execute(search_sql(where), (query, *params, n)).fetchall()
+        rows = sorted(rows, key=lambda r: r[1])[:n]  # two disjoint lists: merged by rank
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         return ids, -np.array([r[1] for r in rows], dtype=np.float64)
 
