@@ -77,10 +77,6 @@ class CommonWords:
         self._docs = 0
         self._version = -1
 
-    def kept(self, words: Sequence[str], version: int) -> list[str]:
-        """The rare ones of ``words``: :meth:`split`'s first list."""
-        return self.split(words, version)[0]
-
     def split(self, words: Sequence[str], version: int) -> tuple[list[str], list[str]]:
         """The ``words`` (lowercase, as :func:`~vectordb.storage.fulltext.query_words`
         returns them) that some document holds, as ``(rare, common)``, each in their order
